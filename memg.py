@@ -1,0 +1,1855 @@
+#!/usr/bin/env python3
+"""memg: a memcached-compatible in-memory key-value server in one Python file.
+
+memg speaks memcached's text protocol (the classic commands and the meta commands)
+closely enough that memcached's clients cannot tell the difference.  It needs only
+the Python standard library.  Run it with ``python memg.py`` and point any memcached
+client at 127.0.0.1:11211; ``python memg.py -h`` lists the options.
+
+The file reads top to bottom in the order data flows:
+
+1. settings      -- what the command line and ``Server(**settings)`` can change
+2. the store     -- items, expiry, memory accounting and the LRU, behind one lock
+3. the protocol  -- one handler per command, found through a table
+4. the connection -- one thread per client: read, dispatch, batch the replies
+5. the server    -- accept loop, connection limit, background sweep, signals
+6. the command line
+"""
+
+import base64
+import binascii
+import collections
+import dataclasses
+import io
+import os
+import re
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Optional
+
+__version__ = "0.1.0"
+# What ``version`` and ``stats`` report: the memcached release whose protocol memg
+# follows, tagged so that people can tell the servers apart.
+VERSION = "1.6.21-memg-" + __version__
+
+KB = 1024
+MB = 1024 * KB
+
+
+# --------------------------------------------------------------------------
+# 1. Settings
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Settings:
+    """Everything a user can choose; the command line fills in the same fields."""
+
+    host: str = "127.0.0.1"           # -l; memcached listens everywhere, memg on loopback
+    port: int = 11211                  # -p; 0 picks a free port
+    udp_port: int = 0                  # -U; UDP is not served, so only 0 is accepted
+    unix_socket: Optional[str] = None  # -s; replaces TCP, as in memcached
+    unix_mask: int = 0o700             # -a
+    memory_limit: int = 64 * MB        # -m, in bytes here
+    evict: bool = True                 # -M turns eviction off: full means an error
+    max_connections: int = 1024        # -c
+    item_size_max: int = 1 * MB        # -I
+    threads: int = 4                   # -t; reported only: each client has its own thread
+    verbose: int = 0                   # -v, -vv
+    enable_shutdown: bool = False      # -A
+    use_cas: bool = True               # -C turns CAS off
+    flush_enabled: bool = True         # -F turns flush_all off
+    dump_enabled: bool = True          # -X turns stats cachedump off
+    backlog: int = 1024                # -b
+    idle_timeout: int = 0              # -o idle_timeout=N; 0 means never
+    user: Optional[str] = None         # -u; privileges are dropped after binding
+    pid_file: Optional[str] = None     # -P
+    single: bool = False               # --single: serve one connection, then exit
+
+    def __post_init__(self):
+        if self.udp_port:
+            raise ValueError("UDP is not supported: -U must be 0")
+        if self.item_size_max < 1 * KB:
+            raise ValueError("item size limit (-I) must be at least 1k")
+        if self.item_size_max > self.memory_limit // 2:
+            raise ValueError("item size limit (-I) must be at most half the memory limit (-m)")
+        if self.max_connections < 1:
+            raise ValueError("connection limit (-c) must be at least 1")
+
+
+# --------------------------------------------------------------------------
+# 2. The store: items, expiry, memory accounting, LRU
+# --------------------------------------------------------------------------
+
+KEY_MAX_LENGTH = 250
+# Relative expiry times may not exceed 30 days; larger numbers are Unix times.
+MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
+# What memcached adds to key and value when it checks the -I limit (its item header,
+# CAS and terminators), so that the largest storable value is the same in both.
+ITEM_HEADER_SIZE = 48 + 8 + 1 + 2
+# What Python spends on an item beyond the bytes of its key and value: the Item
+# object, two bytes objects, the CAS int and the LRU's dict entry and link.  Measured
+# with tests/test_memory.py (resident memory growth per stored item).
+ITEM_OVERHEAD = 300
+
+# Outcomes of store operations; the protocol turns them into reply lines.
+STORED, NOT_STORED, EXISTS, NOT_FOUND = "STORED", "NOT_STORED", "EXISTS", "NOT_FOUND"
+TOO_LARGE, NO_MEMORY, NON_NUMERIC = "TOO_LARGE", "NO_MEMORY", "NON_NUMERIC"
+
+# Storage modes, as memcached's NREAD_* values.
+SET, ADD, REPLACE, APPEND, PREPEND, CAS = "set", "add", "replace", "append", "prepend", "cas"
+
+# Counters the store keeps under its lock; ``stats`` shows them, ``stats reset`` zeroes
+# them.
+STORE_COUNTERS = (
+    "cmd_get", "cmd_set", "cmd_flush", "cmd_touch",
+    "get_hits", "get_misses", "get_expired", "get_flushed",
+    "delete_misses", "delete_hits", "incr_misses", "incr_hits", "decr_misses", "decr_hits",
+    "cas_misses", "cas_hits", "cas_badval", "touch_hits", "touch_misses",
+    "store_too_large", "store_no_memory",
+    "total_items", "evictions", "reclaimed", "expired_unfetched", "evicted_unfetched",
+)
+
+
+class Item:
+    """One stored value.  ``value``, ``flags`` and ``cas`` never change once the item
+    is linked (a modification links a new Item), so a reader that got an Item from the
+    store may use them without the lock."""
+
+    __slots__ = ("value", "flags", "exptime", "cas", "atime", "fetched", "stale", "won")
+
+    def __init__(self, value, flags, exptime, cas, atime):
+        self.value = value
+        self.flags = flags
+        self.exptime = exptime   # absolute time.time(); 0 never expires
+        self.cas = cas
+        self.atime = atime       # last access, for LRU statistics and meta 'l'
+        self.fetched = False     # read since stored (meta 'h', expired_unfetched)
+        self.stale = False       # marked by 'md I': served with X until replaced
+        self.won = False         # a client holds the recache token (meta W/Z)
+
+
+def item_cost(key, value):
+    """Bytes an item is charged against the memory limit."""
+    return len(key) + len(value) + ITEM_OVERHEAD
+
+
+class Store:
+    """The cache: a dict in LRU order, a memory budget, CAS uniques and counters.
+
+    Every public method takes the one lock, so each command is atomic whatever the
+    interpreter (free-threaded CPython included).  Nothing here knows about sockets
+    or the wire format; ``clock`` can be replaced in tests to move time.
+    """
+
+    def __init__(self, memory_limit=64 * MB, item_size_max=1 * MB, evict=True,
+                 use_cas=True, clock=time.time):
+        self.memory_limit = memory_limit
+        self.item_size_max = item_size_max
+        self.evict = evict
+        self.use_cas = use_cas
+        self.clock = clock
+        self.started = clock()
+        self.lock = threading.Lock()
+        self.items = collections.OrderedDict()   # key -> Item, least recently used first
+        self.bytes = 0
+        self.last_cas = 0
+        self.flush_deadline = 0                  # a delayed flush_all takes effect then
+        self.counters = dict.fromkeys(STORE_COUNTERS, 0)
+        self._sweep_keys = []                    # keys still to visit in this sweep
+
+    # -- time ---------------------------------------------------------------
+
+    def expiry(self, exptime, now):
+        """Turn a protocol exptime into an absolute time (0: never; past: expired)."""
+        if exptime == 0:
+            return 0
+        if exptime < 0:
+            return -1
+        if exptime > MAX_RELATIVE_EXPTIME:
+            # An absolute Unix time; one before the server started is already past.
+            return exptime if exptime > self.started else -1
+        return now + exptime
+
+    def ttl(self, item, now):
+        """Seconds an item has left, -1 for never (meta 't')."""
+        if item.exptime == 0:
+            return -1
+        return max(0, int(item.exptime - now + 0.999))
+
+    # -- internals: the caller holds the lock ---------------------------------
+
+    def _next_cas(self):
+        if not self.use_cas:
+            return 0
+        self.last_cas += 1
+        return self.last_cas
+
+    def _find(self, key, now):
+        """The live item under key, or None; drops it if it has expired."""
+        if self.flush_deadline and now >= self.flush_deadline:
+            self._clear()
+        item = self.items.get(key)
+        if item is not None and item.exptime and item.exptime <= now:
+            self._unlink(key, item)
+            self.counters["get_expired"] += 1
+            if not item.fetched:
+                self.counters["expired_unfetched"] += 1
+            return None
+        return item
+
+    def _bump(self, key, item, now):
+        item.atime = now
+        item.fetched = True
+        self.items.move_to_end(key)
+
+    def _unlink(self, key, item):
+        del self.items[key]
+        self.bytes -= item_cost(key, item.value)
+
+    def _link(self, key, item, old=None):
+        """Store item under key, replacing old; False when memory is exhausted."""
+        cost = item_cost(key, item.value)
+        freed = item_cost(key, old.value) if old is not None else 0
+        if self.bytes + cost - freed > self.memory_limit and not self._make_room(cost - freed):
+            return False
+        if old is not None:
+            self._unlink(key, old)
+        self.items[key] = item
+        self.bytes += cost
+        self.counters["total_items"] += 1
+        return True
+
+    def _make_room(self, needed):
+        """Free memory from the LRU tail: expired items first, then (if allowed) any."""
+        items = self.items
+        now = self.clock()
+        while items and self.bytes + needed > self.memory_limit:
+            key, item = next(iter(items.items()))
+            dead = item.exptime and item.exptime <= now
+            if not dead and not self.evict:
+                return False
+            self._unlink(key, item)
+            if dead:
+                self.counters["reclaimed"] += 1
+            else:
+                self.counters["evictions"] += 1
+                if not item.fetched:
+                    self.counters["evicted_unfetched"] += 1
+        return self.bytes + needed <= self.memory_limit
+
+    def _clear(self):
+        self.items = collections.OrderedDict()
+        self.bytes = 0
+        self.flush_deadline = 0
+        self._sweep_keys = []
+
+    def too_large(self, key, nbytes):
+        """Whether a value of nbytes exceeds the item size limit (-I), as memcached
+        counts it."""
+        return len(key) + nbytes + ITEM_HEADER_SIZE > self.item_size_max
+
+    # -- retrieval ------------------------------------------------------------
+
+    def get(self, key, exptime=None, bump=True):
+        """The item under key, or None.  With exptime, also sets its expiry (touch)."""
+        with self.lock:
+            now = self.clock()
+            item = self._find(key, now)
+            counters = self.counters
+            if exptime is None:
+                counters["cmd_get"] += 1
+                counters["get_hits" if item else "get_misses"] += 1
+            else:
+                counters["cmd_touch"] += 1
+                counters["touch_hits" if item else "touch_misses"] += 1
+            if item is not None:
+                if exptime is not None:
+                    item.exptime = self.expiry(exptime, now)
+                if bump:
+                    self._bump(key, item, now)
+            return item
+
+    # -- storage --------------------------------------------------------------
+
+    def store(self, mode, key, value, flags=0, exptime=0, cas=0, new_cas=0,
+              invalidate=False, vivify=None):
+        """Run one storage command; returns (outcome, item stored or None).
+
+        mode is SET, ADD, REPLACE, APPEND, PREPEND or CAS.  cas, when not 0, must
+        match the item's (CAS mode; append and prepend check it too).  new_cas
+        replaces the generated CAS unique (meta E).  invalidate lets an older cas
+        store a stale item (meta I).  vivify, an exptime, lets append and prepend
+        create a missing item (meta N).
+        """
+        with self.lock:
+            now = self.clock()
+            counters = self.counters
+            counters["cmd_set"] += 1
+            old = self._find(key, now)
+            stale = False
+            if old is None:
+                if mode == CAS:
+                    counters["cas_misses"] += 1
+                    return NOT_FOUND, None
+                if mode in (REPLACE, APPEND, PREPEND) and vivify is None:
+                    return NOT_STORED, None
+                if vivify is not None and mode in (APPEND, PREPEND):
+                    exptime = vivify
+                expires = self.expiry(exptime, now)
+            else:
+                if mode == ADD:
+                    self._bump(key, old, now)
+                    return NOT_STORED, None
+                if mode == CAS:
+                    if cas == old.cas:
+                        counters["cas_hits"] += 1
+                    elif invalidate and cas < old.cas:
+                        counters["cas_hits"] += 1
+                        stale = True
+                    else:
+                        counters["cas_badval"] += 1
+                        return EXISTS, None
+                    expires = old.exptime if stale else self.expiry(exptime, now)
+                elif mode in (APPEND, PREPEND):
+                    if cas and cas != old.cas:
+                        return EXISTS, None
+                    value = old.value + value if mode == APPEND else value + old.value
+                    flags, expires = old.flags, old.exptime
+                else:
+                    expires = self.expiry(exptime, now)
+            item = Item(value, flags, expires, new_cas or self._next_cas(), now)
+            if stale:
+                item.stale, item.won = True, old.won
+            if not self._link(key, item, old):
+                counters["store_no_memory"] += 1
+                return NO_MEMORY, None
+            return STORED, item
+
+    def refuse(self, mode, key, outcome):
+        """Count a storage command refused before its data was stored (too large,
+        out of memory) and, for set, drop the old value: a failed set must not leave
+        stale data readable."""
+        with self.lock:
+            self.counters["store_too_large" if outcome == TOO_LARGE else "store_no_memory"] += 1
+            if mode == SET:
+                old = self.items.get(key)
+                if old is not None:
+                    self._unlink(key, old)
+
+    def delete(self, key, cas=0):
+        """Remove key: STORED (deleted), NOT_FOUND, or EXISTS when cas does not match."""
+        with self.lock:
+            item = self._find(key, self.clock())
+            if item is None or (cas and cas != item.cas):
+                self.counters["delete_misses"] += 1
+                return NOT_FOUND if item is None else EXISTS
+            self._unlink(key, item)
+            self.counters["delete_hits"] += 1
+            return STORED
+
+    def invalidate(self, key, cas=0, exptime=None, new_cas=0, drop_value=False):
+        """Meta delete's I and x: mark the item stale (new CAS, optionally a new
+        expiry) or empty its value, instead of removing it."""
+        with self.lock:
+            now = self.clock()
+            item = self._find(key, now)
+            if item is None or (cas and cas != item.cas):
+                self.counters["delete_misses"] += 1
+                return NOT_FOUND if item is None else EXISTS
+            value = b"" if drop_value else item.value
+            new = Item(value, item.flags, item.exptime, new_cas or self._next_cas(), now)
+            if exptime is not None:
+                new.exptime = self.expiry(exptime, now)
+            new.stale = not drop_value or item.stale
+            self._link(key, new, item)
+            return STORED
+
+    def arithmetic(self, key, delta, incr=True, cas=0, vivify=None, initial=0,
+                   new_cas=0, exptime=None):
+        """incr/decr: returns (outcome, item).  The value must be a decimal 64-bit
+        unsigned number; incr wraps at 2**64, decr stops at 0.  A shorter result
+        is padded with spaces to the old length, as memcached does in place.  Meta
+        arithmetic adds a CAS check, creation on a miss (vivify, an exptime, with
+        initial) and a new expiry (exptime)."""
+        with self.lock:
+            now = self.clock()
+            counters = self.counters
+            item = self._find(key, now)
+            if item is None:
+                if vivify is None:
+                    counters["incr_misses" if incr else "decr_misses"] += 1
+                    return NOT_FOUND, None
+                new = Item(b"%d" % initial, 0, self.expiry(vivify, now),
+                           new_cas or self._next_cas(), now)
+                if not self._link(key, new):
+                    counters["store_no_memory"] += 1
+                    return NO_MEMORY, None
+                return STORED, new
+            if cas and cas != item.cas:
+                return EXISTS, None
+            number = parse_stored_number(item.value)
+            if number is None:
+                return NON_NUMERIC, None
+            if incr:
+                number = (number + delta) & 0xFFFFFFFFFFFFFFFF
+            else:
+                number = max(0, number - delta)
+            counters["incr_hits" if incr else "decr_hits"] += 1
+            digits = b"%d" % number
+            if len(digits) < len(item.value):
+                digits = digits.ljust(len(item.value))
+            expires = item.exptime if exptime is None else self.expiry(exptime, now)
+            new = Item(digits, item.flags, expires, new_cas or self._next_cas(), now)
+            new.fetched = item.fetched
+            if not self._link(key, new, item):
+                counters["store_no_memory"] += 1
+                return NO_MEMORY, None
+            self.items.move_to_end(key)
+            return STORED, new
+
+    # -- meta get ---------------------------------------------------------------
+
+    def meta_get(self, key, exptime=None, bump=True, vivify=None, recache=None):
+        """mg's item semantics.  Returns None on a miss, else (item, view): view holds
+        what mg reports as it was before this request -- (hit_before, last_access,
+        ttl_left, won, token_already_sent, stale) -- because mg's h and l flags
+        describe the item before the command touched it."""
+        with self.lock:
+            now = self.clock()
+            counters = self.counters
+            item = self._find(key, now)
+            created = False
+            if item is None and vivify is not None:
+                item = Item(b"", 0, self.expiry(vivify, now), self._next_cas(), now)
+                created = self._link(key, item)
+                if not created:
+                    item = None
+            touched = exptime is not None
+            counters["cmd_touch" if touched else "cmd_get"] += 1
+            if item is None:
+                counters["touch_misses" if touched else "get_misses"] += 1
+                return None
+            counters["touch_hits" if touched else "get_hits"] += 1
+            hit_before, last_access = item.fetched, item.atime
+            if touched:
+                item.exptime = self.expiry(exptime, now)
+            token_sent = item.won
+            won = created
+            if (recache is not None and not created and not token_sent and item.exptime
+                    and item.exptime < self.expiry(recache, now)):
+                won = True
+            if item.stale and not token_sent:
+                won = True
+            if won:
+                item.won = True
+            view = (hit_before, int(now - last_access), self.ttl(item, now), won,
+                    token_sent, item.stale)
+            if bump:
+                self._bump(key, item, now)
+            return item, view
+
+    # -- whole-cache operations -------------------------------------------------------
+
+    def flush(self, delay=0):
+        """Invalidate every item now, or at delay (an exptime) if it is positive."""
+        with self.lock:
+            self.counters["cmd_flush"] += 1
+            now = self.clock()
+            deadline = self.expiry(delay, now) if delay > 0 else 0
+            if deadline > now:
+                self.flush_deadline = deadline
+            else:
+                self._clear()
+
+    def set_memory_limit(self, limit):
+        """cache_memlimit: change the budget, evicting down to it if needed."""
+        with self.lock:
+            self.memory_limit = limit
+            self._make_room(0)
+
+    def sweep(self, budget=10000):
+        """Drop up to budget expired items, walking the keys a slice at a time so
+        that the lock is never held for long.  The server calls this every second."""
+        with self.lock:
+            now = self.clock()
+            if self.flush_deadline and now >= self.flush_deadline:
+                self._clear()
+            if not self._sweep_keys:
+                self._sweep_keys = list(self.items)
+            batch = self._sweep_keys[-budget:]
+            del self._sweep_keys[-budget:]
+            for key in batch:
+                item = self.items.get(key)
+                if item is not None and item.exptime and item.exptime <= now:
+                    self._unlink(key, item)
+                    self.counters["reclaimed"] += 1
+                    if not item.fetched:
+                        self.counters["expired_unfetched"] += 1
+
+    def reset_counters(self):
+        with self.lock:
+            for name in ("total_items", "evictions", "reclaimed") + STORE_COUNTERS:
+                self.counters[name] = 0
+
+    def snapshot(self):
+        """Counters and sizes for ``stats``, read consistently."""
+        with self.lock:
+            now = self.clock()
+            oldest = next(iter(self.items.values()), None)
+            return dict(self.counters, curr_items=len(self.items), bytes=self.bytes,
+                        limit_maxbytes=self.memory_limit,
+                        oldest_age=int(now - oldest.atime) if oldest else 0)
+
+    def dump(self, limit):
+        """(key, value size, exptime) of up to limit items, most recent first
+        (``stats cachedump``)."""
+        with self.lock:
+            found = []
+            for key in reversed(self.items):
+                if limit and len(found) >= limit:
+                    break
+                item = self.items[key]
+                found.append((key, len(item.value), int(item.exptime)))
+            return found
+
+
+def parse_stored_number(value):
+    """The number an incr/decr may work on: decimal digits, optionally surrounded by
+    spaces (memcached pads shortened numbers), at most 20 digits and below 2**64."""
+    digits = value.strip(b" ")
+    if not digits.isdigit() or len(value) > 22:
+        return None
+    number = int(digits)
+    return number if number <= 0xFFFFFFFFFFFFFFFF else None
+
+
+# --------------------------------------------------------------------------
+# 3. The protocol
+# --------------------------------------------------------------------------
+
+# A command line longer than this with no newline closes the connection, except for
+# get and gets, whose key lists may run up to GET_LINE_LIMIT (as memcached).
+LINE_LIMIT = 2048
+GET_LINE_LIMIT = 1 * MB
+# Values are read in slices of this size, so that a claimed length is never
+# allocated before the bytes arrive.
+READ_CHUNK = 64 * KB
+# Meta commands: at most this many tokens, opaque tokens at most this long.
+META_MAX_TOKENS = 19
+META_OPAQUE_MAX = 32
+
+# Error replies, named once.
+ERROR = b"ERROR\r\n"
+BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
+BAD_CHUNK = b"CLIENT_ERROR bad data chunk\r\n"
+BAD_EXPTIME = b"CLIENT_ERROR invalid exptime argument\r\n"
+BAD_DELTA = b"CLIENT_ERROR invalid numeric delta argument\r\n"
+NOT_NUMBER = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+TOO_LARGE_REPLY = b"SERVER_ERROR object too large for cache\r\n"
+NO_MEMORY_REPLY = b"SERVER_ERROR out of memory storing object\r\n"
+BAD_META_FLAG = b"CLIENT_ERROR invalid or duplicate flag\r\n"
+DELETE_USAGE = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n"
+TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
+
+REPLIES = {STORED: b"STORED\r\n", NOT_STORED: b"NOT_STORED\r\n", EXISTS: b"EXISTS\r\n",
+           NOT_FOUND: b"NOT_FOUND\r\n", TOO_LARGE: TOO_LARGE_REPLY,
+           NO_MEMORY: NO_MEMORY_REPLY}
+META_CODES = {STORED: b"HD", NOT_STORED: b"NS", EXISTS: b"EX", NOT_FOUND: b"NF"}
+
+_CONTROL = re.compile(rb"[\x00-\x20\x7f]")
+_NUMBER = re.compile(rb"[\t\n\v\f\r ]*([+-]?)([0-9]+)\Z")
+U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _strtoull(token):
+    """memcached's safe_strtoull: a decimal, optionally signed; a minus sign is
+    accepted only where C's strtoull would not turn it into a huge number."""
+    if token.isdigit():
+        number = int(token)
+        return number if number <= U64 else None
+    match = _NUMBER.match(token)
+    if match is None:
+        return None
+    number = int(match.group(2))
+    if number > U64:
+        return None
+    if match.group(1) == b"-":
+        number = -number & U64
+        if number > U64 >> 1:
+            return None
+    return number
+
+
+def parse_uint32(token):
+    """memcached's safe_strtoul into 32 bits (client flags)."""
+    number = _strtoull(token)
+    return None if number is None else number & 0xFFFFFFFF
+
+
+def parse_uint64(token):
+    """A CAS unique, delta or initial value."""
+    return _strtoull(token)
+
+
+def parse_int32(token):
+    """memcached's safe_strtol: a signed 32-bit decimal (exptime, lengths)."""
+    if token.isdigit():
+        number = int(token)
+    else:
+        match = _NUMBER.match(token)
+        if match is None:
+            return None
+        number = int(match.group(1) + match.group(2))
+    if not -0x80000000 <= number <= 0x7FFFFFFF:
+        return None
+    return number
+
+
+def bad_key(key):
+    """Keys are at most 250 bytes, without spaces or control characters."""
+    return len(key) > KEY_MAX_LENGTH or _CONTROL.search(key) is not None
+
+
+class MetaFlags:
+    """The flags of one meta command, parsed the way memcached parses them: one
+    token per flag, its first character naming it, the rest its argument."""
+
+    NUMERIC = {"N": parse_int32, "T": parse_int32, "R": parse_int32, "F": parse_uint32,
+               "C": parse_uint64, "E": parse_uint64, "J": parse_uint64, "D": parse_uint64}
+    ERRORS = {"J": b"CLIENT_ERROR invalid numeric initial value\r\n",
+              "D": b"CLIENT_ERROR invalid numeric delta value\r\n"}
+    KNOWN = set("bcfhklqstuvxOPLNTRFCEJDMI")
+
+    def __init__(self, tokens):
+        self.tokens = tokens       # in request order, for the reply's echo
+        self.values = {}
+        self.error = None
+        for token in tokens:
+            flag = chr(token[0])
+            if flag in self.values or token[0] >= 127:
+                self.error = b"CLIENT_ERROR duplicate flag\r\n"
+                return
+            if flag not in self.KNOWN:
+                self.error = b"CLIENT_ERROR invalid flag\r\n"
+                return
+            argument = token[1:]
+            if flag in self.NUMERIC:
+                argument = self.NUMERIC[flag](argument)
+                if argument is None:
+                    self.error = self.error or self.ERRORS.get(
+                        flag, b"CLIENT_ERROR bad token in command line format\r\n")
+            elif flag == "M" and len(token) != 2:
+                self.error = self.error or b"CLIENT_ERROR incorrect length for M token\r\n"
+            self.values[flag] = argument
+
+    def __contains__(self, flag):
+        return flag in self.values
+
+    def get(self, flag, default=None):
+        return self.values.get(flag, default)
+
+    def echo(self, key, binary):
+        """The O (opaque) and k (key) flags, echoed in request order."""
+        out = b""
+        for token in self.tokens:
+            if token[:1] == b"O":
+                out += b" " + token
+            elif token == b"k":
+                out += b" k" + (base64.b64encode(key) + b" b" if binary else key)
+        return out
+
+
+class Protocol:
+    """memcached's text protocol for one client.
+
+    ``rfile`` is anything with ``readline(limit)`` and ``read(n)`` (a socket's
+    buffered reader, or io.BytesIO in tests); replies collect in ``self.out`` until
+    the connection sends them.  ``process()`` handles one command and returns False
+    when the connection should close.
+    """
+
+    def __init__(self, server, rfile, name="-"):
+        self.server = server
+        self.store = server.store
+        self.settings = server.settings
+        self.rfile = rfile
+        self.name = name          # how -vv logs name this client
+        self.out = []
+        self.noreply = False
+        self.bytes_read = 0
+
+    # -- output -------------------------------------------------------------
+
+    def reply(self, data):
+        """Queue one reply, unless the command asked for none (noreply)."""
+        if self.noreply:
+            self.noreply = False
+            return
+        self.out.append(data)
+        if self.settings.verbose > 1:
+            self.log(">", data)
+
+    def error(self, data):
+        """Queue an error that noreply does not hide (meta commands' errors)."""
+        self.noreply = False
+        self.reply(data)
+
+    def log(self, direction, data):
+        line = data.split(b"\r\n", 1)[0].decode("latin-1")
+        print("%s%s %s" % (direction, self.name, line), file=sys.stderr, flush=True)
+
+    def take_output(self):
+        out, self.out = self.out, []
+        return b"".join(out)
+
+    # -- input --------------------------------------------------------------
+
+    def read_line(self):
+        """The next command line without its terminator; None at EOF or when the line
+        is too long to be a command (memcached closes the connection then)."""
+        line = self.rfile.readline(LINE_LIMIT + 2)
+        if line[-1:] != b"\n":
+            if len(line) < LINE_LIMIT + 2:
+                return None                      # EOF, perhaps mid-line
+            start = line.lstrip(b" ")
+            if len(line) - len(start) > 100 or not start.startswith((b"get ", b"gets ")):
+                return None
+            line += self.rfile.readline(GET_LINE_LIMIT - len(line))
+            if line[-1:] != b"\n":
+                return None
+        self.bytes_read += len(line)
+        # As memcached: strip "\r\n" or "\n", but a lone "\r\n" keeps its "\r".
+        return line[:-2] if line[-2:-1] == b"\r" and len(line) > 2 else line[:-1]
+
+    def read_value(self, nbytes):
+        """The data block of a storage command, checked for its "\\r\\n"; returns
+        None when the connection ended first, False when the terminator is wrong."""
+        if nbytes + 2 <= READ_CHUNK:
+            data = self.rfile.read(nbytes + 2)
+        else:
+            parts, remaining = [], nbytes + 2
+            while remaining:
+                part = self.rfile.read(min(remaining, READ_CHUNK))
+                if not part:
+                    break
+                parts.append(part)
+                remaining -= len(part)
+            data = b"".join(parts)
+        self.bytes_read += len(data)
+        if len(data) < nbytes + 2:
+            return None
+        if data[-2:] != b"\r\n":
+            return False
+        return data[:-2]
+
+    def swallow(self, nbytes):
+        """Discard nbytes of input (the data of a refused storage command)."""
+        while nbytes > 0:
+            part = self.rfile.read(min(nbytes, READ_CHUNK))
+            if not part:
+                return False
+            self.bytes_read += len(part)
+            nbytes -= len(part)
+        return True
+
+    # -- dispatch -------------------------------------------------------------
+
+    def process(self):
+        """Read and run one command.  Returns False when the connection should close."""
+        line = self.read_line()
+        if line is None:
+            return False
+        if self.settings.verbose > 1:
+            self.log("<", line)
+        self.noreply = False
+        tokens = line.split(b" ")
+        if b"" in tokens:
+            tokens = [token for token in tokens if token]
+        if not tokens or len(tokens[0]) < 2:
+            self.reply(ERROR)
+            return True
+        entry = self.COMMANDS.get(tokens[0])
+        if entry is None:
+            return self.unknown(tokens)
+        handler, fewest, most = entry[:3]
+        if not fewest <= len(tokens) <= most:
+            self.reply(ERROR)
+            return True
+        return handler(self, tokens, *entry[3:]) is not False
+
+    def unknown(self, tokens):
+        """ERROR, except that a request that looks like HTTP closes the connection
+        (as memcached: a browser tricked into talking to the port gets nothing).
+        memcached only gets this far for words outside its first-letter branches."""
+        first = tokens[0][:1]
+        if tokens[-1].startswith(b"HTTP/") and first not in b"gsacidt" and not (
+                first == b"m" and len(tokens[0]) == 2):
+            return False
+        self.reply(ERROR)
+        return True
+
+    def check_noreply(self, tokens):
+        """memcached's set_noreply_maybe: a last token of "noreply" silences the
+        reply, errors included."""
+        self.noreply = tokens[-1] == b"noreply"
+
+    # -- retrieval: get gets gat gats -------------------------------------------
+
+    def retrieve(self, tokens, with_cas, touch):
+        keys = tokens[1:]
+        exptime = None
+        if touch:
+            exptime = parse_int32(tokens[1])
+            if exptime is None:
+                self.reply(BAD_EXPTIME)
+                return
+            keys = tokens[2:]
+        get, out = self.store.get, []
+        for key in keys:
+            if bad_key(key):
+                self.reply(BAD_FORMAT)
+                return
+            item = get(key, exptime)
+            if item is not None:
+                if with_cas:
+                    out.append(b"VALUE %s %d %d %d\r\n%s\r\n" % (
+                        key, item.flags, len(item.value), item.cas, item.value))
+                else:
+                    out.append(b"VALUE %s %d %d\r\n%s\r\n" % (
+                        key, item.flags, len(item.value), item.value))
+        out.append(b"END\r\n")
+        self.reply(b"".join(out))
+
+    # -- storage: set add replace append prepend cas ------------------------------------
+
+    def update(self, tokens, mode):
+        self.check_noreply(tokens)
+        key = tokens[1]
+        flags = parse_uint32(tokens[2])
+        exptime = parse_int32(tokens[3])
+        nbytes = parse_int32(tokens[4])
+        cas = parse_uint64(tokens[5]) if mode == CAS else 0
+        if (bad_key(key) or flags is None or exptime is None or nbytes is None
+                or cas is None or nbytes < 0):
+            self.reply(BAD_FORMAT)
+            return
+        if self.store.too_large(key, nbytes):
+            self.store.refuse(mode, key, TOO_LARGE)
+            self.reply(TOO_LARGE_REPLY)
+            return self.swallow(nbytes + 2)
+        value = self.read_value(nbytes)
+        if value is None:
+            return False
+        if value is False:
+            self.reply(BAD_CHUNK)
+            return
+        outcome, _ = self.store.store(mode, key, value, flags, exptime, cas)
+        self.reply(REPLIES[outcome])
+
+    # -- delete, incr, decr, touch -------------------------------------------------
+
+    def delete(self, tokens):
+        if len(tokens) > 2:
+            hold_is_zero = tokens[2] == b"0"
+            self.check_noreply(tokens)
+            if not ((len(tokens) == 3 and (hold_is_zero or self.noreply))
+                    or (len(tokens) == 4 and hold_is_zero and self.noreply)):
+                self.reply(DELETE_USAGE)
+                return
+        if bad_key(tokens[1]):
+            self.reply(BAD_FORMAT)
+            return
+        found = self.store.delete(tokens[1]) == STORED
+        self.reply(b"DELETED\r\n" if found else b"NOT_FOUND\r\n")
+
+    def arithmetic(self, tokens, incr):
+        self.check_noreply(tokens)
+        if bad_key(tokens[1]):
+            self.reply(BAD_FORMAT)
+            return
+        delta = parse_uint64(tokens[2])
+        if delta is None:
+            self.reply(BAD_DELTA)
+            return
+        outcome, item = self.store.arithmetic(tokens[1], delta, incr)
+        if outcome == STORED:
+            self.reply(item.value.rstrip(b" ") + b"\r\n")
+        elif outcome == NON_NUMERIC:
+            self.reply(NOT_NUMBER)
+        elif outcome == NO_MEMORY:
+            self.reply(b"SERVER_ERROR out of memory\r\n")
+        else:
+            self.reply(b"NOT_FOUND\r\n")
+
+    def touch(self, tokens):
+        self.check_noreply(tokens)
+        if bad_key(tokens[1]):
+            self.reply(BAD_FORMAT)
+            return
+        exptime = parse_int32(tokens[2])
+        if exptime is None:
+            self.reply(BAD_EXPTIME)
+            return
+        found = self.store.get(tokens[1], exptime) is not None
+        self.reply(b"TOUCHED\r\n" if found else b"NOT_FOUND\r\n")
+
+    # -- meta commands: mg ms md ma mn me ---------------------------------------------
+
+    def meta_key(self, tokens, flag_start, flag_error=None):
+        """The key and flags of a meta command, or None after replying with the error
+        (flag_error, if given, replaces the message for any bad flag, as md and ma do)."""
+        key = tokens[1]
+        if len(key) > KEY_MAX_LENGTH:
+            self.error(BAD_FORMAT)
+            return None
+        if len(tokens) > META_MAX_TOKENS:
+            self.error(b"CLIENT_ERROR options flags too long\r\n")
+            return None
+        flags = MetaFlags(tokens[flag_start:])
+        if flags.error and flag_error:
+            flags.error = flag_error
+        if flags.error is None and "b" in flags:
+            try:
+                key = base64.b64decode(key, validate=True)
+            except (binascii.Error, ValueError):
+                flags.error = b"CLIENT_ERROR error decoding key\r\n"
+        if flags.error is None and (not key or bad_key(key) and "b" not in flags):
+            flags.error = BAD_FORMAT
+        for token in flags.tokens:
+            if token[:1] == b"O" and len(token) > META_OPAQUE_MAX:
+                flags.error = flags.error or b"CLIENT_ERROR opaque token too long\r\n"
+        if flags.error:
+            self.error(flags.error)
+            return None
+        self.noreply = "q" in flags
+        return key, flags
+
+    def meta_get(self, tokens):
+        parsed = self.meta_key(tokens, 2)
+        if parsed is None:
+            return
+        key, flags = parsed
+        binary = "b" in flags
+        found = self.store.meta_get(key, flags.get("T"), "u" not in flags,
+                                    flags.get("N"), flags.get("R"))
+        if found is None:
+            self.reply(b"EN" + flags.echo(key, binary) + b"\r\n")
+            return
+        self.noreply = False     # q hides only the miss
+        item, (hit_before, last_access, ttl, won, token_sent, stale) = found
+        head = b"VA %d" % len(item.value) if "v" in flags else b"HD"
+        parts = [head]
+        for token in flags.tokens:
+            flag = token[:1]
+            if flag == b"s":
+                parts.append(b" s%d" % len(item.value))
+            elif flag == b"t":
+                parts.append(b" t%d" % ttl)
+            elif flag == b"c":
+                parts.append(b" c%d" % item.cas)
+            elif flag == b"f":
+                parts.append(b" f%d" % item.flags)
+            elif flag == b"l":
+                parts.append(b" l%d" % last_access)
+            elif flag == b"h":
+                parts.append(b" h1" if hit_before else b" h0")
+            elif flag == b"O":
+                parts.append(b" " + token)
+            elif flag == b"k":
+                parts.append(b" k" + (base64.b64encode(key) + b" b" if binary else key))
+        if token_sent:
+            parts.append(b" Z")
+        if stale:
+            parts.append(b" X")
+        if won:
+            parts.append(b" W")
+        parts.append(b"\r\n")
+        if "v" in flags:
+            parts.append(item.value + b"\r\n")
+        self.reply(b"".join(parts))
+
+    META_MODES = {None: SET, "S": SET, "E": ADD, "A": APPEND, "P": PREPEND, "R": REPLACE}
+
+    def meta_set(self, tokens):
+        if len(tokens) == 2:
+            self.error(BAD_FORMAT)
+            return
+        nbytes = parse_int32(tokens[2])
+        if nbytes is None or nbytes < 0 or len(tokens[1]) > KEY_MAX_LENGTH:
+            self.error(BAD_FORMAT)
+            return
+        if len(tokens) > META_MAX_TOKENS:
+            self.error(b"CLIENT_ERROR options flags too long\r\n")
+            return
+        parsed = self.meta_key(tokens, 3)
+        mode = None
+        if parsed is not None:
+            key, flags = parsed
+            mode = self.META_MODES.get(flags.get("M") and chr(flags.get("M")[0]), None)
+            if "M" in flags and mode is None:
+                self.error(b"CLIENT_ERROR invalid mode for ms M token\r\n")
+            elif self.store.too_large(key, nbytes):
+                self.store.refuse(mode, key, TOO_LARGE)
+                self.error(TOO_LARGE_REPLY)
+                mode = None
+        if mode is None:
+            return self.swallow(nbytes + 2)
+        value = self.read_value(nbytes)
+        if value is None:
+            return False
+        if value is False:
+            self.error(BAD_CHUNK)
+            return
+        cas = flags.get("C") or 0
+        if cas and mode in (SET, REPLACE):
+            mode = CAS
+        outcome, item = self.store.store(
+            mode, key, value, flags.get("F") or 0, flags.get("T") or 0, cas,
+            flags.get("E") or 0, "I" in flags, flags.get("N"))
+        if outcome in (TOO_LARGE, NO_MEMORY):
+            self.error(REPLIES[outcome])
+            return
+        if outcome != STORED:
+            self.noreply = False
+        reply = META_CODES[outcome] + flags.echo(key, "b" in flags)
+        if "c" in flags:
+            reply += b" c%d" % (item.cas if item else 0)
+        self.reply(reply + b"\r\n")
+
+    def meta_delete(self, tokens):
+        parsed = self.meta_key(tokens, 2, BAD_META_FLAG)
+        if parsed is None:
+            return
+        key, flags = parsed
+        if "I" in flags or "x" in flags:
+            outcome = self.store.invalidate(key, flags.get("C") or 0, flags.get("T"),
+                                            flags.get("E") or 0, "x" in flags)
+        else:
+            outcome = self.store.delete(key, flags.get("C") or 0)
+        if outcome != STORED:
+            self.noreply = False
+        self.reply(META_CODES[outcome] + flags.echo(key, "b" in flags) + b"\r\n")
+
+    def meta_arithmetic(self, tokens):
+        parsed = self.meta_key(tokens, 2, BAD_META_FLAG)
+        if parsed is None:
+            return
+        key, flags = parsed
+        mode = flags.get("M")
+        if mode is not None and mode not in (b"I", b"+", b"D", b"-"):
+            self.error(b"CLIENT_ERROR invalid mode for ma M token\r\n")
+            return
+        incr = mode not in (b"D", b"-")
+        delta = flags.get("D")
+        outcome, item = self.store.arithmetic(
+            key, 1 if delta is None else delta, incr, flags.get("C") or 0,
+            flags.get("N"), flags.get("J") or 0, flags.get("E") or 0, flags.get("T"))
+        if outcome == NON_NUMERIC:
+            self.error(NOT_NUMBER)
+            return
+        if outcome == NO_MEMORY:
+            self.error(b"SERVER_ERROR out of memory\r\n")
+            return
+        if item is None:
+            self.noreply = False
+            self.reply(META_CODES[outcome] + flags.echo(key, "b" in flags) + b"\r\n")
+            return
+        number = item.value.rstrip(b" ")
+        parts = [b"VA %d" % len(number) if "v" in flags else b"HD"]
+        now = self.store.clock()
+        for token in flags.tokens:
+            flag = token[:1]
+            if flag == b"c":
+                parts.append(b" c%d" % item.cas)
+            elif flag == b"t":
+                parts.append(b" t%d" % self.store.ttl(item, now))
+            elif flag in b"Ok" and flag:
+                parts.append(flags.echo(key, "b" in flags) if flag == b"k" else b" " + token)
+        parts.append(b"\r\n")
+        if "v" in flags:
+            parts.append(number + b"\r\n")
+        self.reply(b"".join(parts))
+
+    def meta_noop(self, tokens):
+        self.reply(b"MN\r\n")
+
+    def meta_debug(self, tokens):
+        key = tokens[1]
+        binary = len(tokens) > 2 and tokens[2] == b"b"
+        if binary:
+            try:
+                key = base64.b64decode(key, validate=True)
+            except (binascii.Error, ValueError):
+                key = b""
+        if not key or len(tokens[1]) > KEY_MAX_LENGTH:
+            self.reply(BAD_FORMAT)
+            return
+        item = self.store.get(key, bump=False)
+        if item is None:
+            self.reply(b"EN\r\n")
+            return
+        now = self.store.clock()
+        self.reply(b"ME %s exp=%d la=%d cas=%d fetch=%s cls=1 size=%d\r\n" % (
+            base64.b64encode(key) if binary else key, self.store.ttl(item, now),
+            int(now - item.atime), item.cas, b"yes" if item.fetched else b"no",
+            item_cost(key, item.value)))
+
+    # -- everything else -----------------------------------------------------------
+
+    def flush_all(self, tokens):
+        self.check_noreply(tokens)
+        if not self.settings.flush_enabled:
+            self.reply(b"CLIENT_ERROR flush_all not allowed\r\n")
+            return
+        delay = 0
+        if len(tokens) != (2 if self.noreply else 1):
+            delay = parse_int32(tokens[1])
+            if delay is None:
+                self.reply(BAD_EXPTIME)
+                return
+        self.store.flush(delay)
+        self.reply(b"OK\r\n")
+
+    def version(self, tokens):
+        self.reply(b"VERSION %s\r\n" % VERSION.encode())
+
+    def verbosity(self, tokens):
+        self.check_noreply(tokens)
+        level = parse_uint32(tokens[1])
+        if level is None:
+            self.reply(BAD_FORMAT)
+            return
+        self.settings.verbose = min(level, 2)
+        self.reply(b"OK\r\n")
+
+    def cache_memlimit(self, tokens):
+        self.check_noreply(tokens)
+        megabytes = parse_uint32(tokens[1])
+        if megabytes is None:
+            self.reply(ERROR)
+        elif megabytes < 8:
+            self.reply(b"MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n")
+        elif megabytes > 1000000000:
+            self.reply(b"MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\n")
+        else:
+            self.store.set_memory_limit(megabytes * MB)
+            self.reply(b"OK\r\n")
+
+    def quit(self, tokens):
+        return False
+
+    def shutdown(self, tokens):
+        if not self.settings.enable_shutdown:
+            self.reply(b"ERROR: shutdown not enabled\r\n")
+            return
+        if len(tokens) == 1 or (len(tokens) == 2 and tokens[1] == b"graceful"):
+            self.server.request_stop()
+            return False
+        self.reply(b"CLIENT_ERROR invalid shutdown mode\r\n")
+
+    def stats(self, tokens):
+        sub = tokens[1] if len(tokens) > 1 else None
+        if sub == b"reset":
+            self.server.reset_stats()
+            self.reply(b"RESET\r\n")
+            return
+        if sub == b"detail":
+            self.reply(b"CLIENT_ERROR usage: stats detail on|off|dump\r\n")
+            return
+        if sub == b"cachedump":
+            self.stats_cachedump(tokens)
+            return
+        report = self.STATS.get(sub)
+        if report is None:
+            self.reply(ERROR)
+            return
+        lines = [b"STAT %s %s\r\n" % (name.encode(), str(value).encode())
+                 for name, value in report(self.server)]
+        lines.append(b"END\r\n")
+        self.reply(b"".join(lines))
+
+    def stats_cachedump(self, tokens):
+        if not self.settings.dump_enabled:
+            self.reply(b"CLIENT_ERROR stats cachedump not allowed\r\n")
+            return
+        if len(tokens) < 4:
+            self.reply(b"CLIENT_ERROR bad command line\r\n")
+            return
+        slab, limit = parse_uint32(tokens[2]), parse_uint32(tokens[3])
+        if slab is None or limit is None:
+            self.reply(BAD_FORMAT)
+            return
+        lines = [] if slab != 1 else [
+            b"ITEM %s [%d b; %d s]\r\n" % (key, size, exptime)
+            for key, size, exptime in self.store.dump(limit)]
+        self.reply(b"".join(lines) + b"END\r\n")
+
+    # The command table: word -> (handler, fewest tokens, most tokens, switches...).
+    # Commands that differ by a switch share a handler, as in memcached's proto_text.c.
+    ANY = 1 << 30
+    COMMANDS = {
+        b"get": (retrieve, 2, ANY, False, False),
+        b"gets": (retrieve, 2, ANY, True, False),
+        b"gat": (retrieve, 2, ANY, False, True),
+        b"gats": (retrieve, 2, ANY, True, True),
+        b"set": (update, 5, 6, SET),
+        b"add": (update, 5, 6, ADD),
+        b"replace": (update, 5, 6, REPLACE),
+        b"append": (update, 5, 6, APPEND),
+        b"prepend": (update, 5, 6, PREPEND),
+        b"cas": (update, 6, 7, CAS),
+        b"delete": (delete, 2, 4),
+        b"incr": (arithmetic, 3, 4, True),
+        b"decr": (arithmetic, 3, 4, False),
+        b"touch": (touch, 3, 4),
+        b"mg": (meta_get, 2, ANY),
+        b"ms": (meta_set, 2, ANY),
+        b"md": (meta_delete, 2, ANY),
+        b"ma": (meta_arithmetic, 2, ANY),
+        b"mn": (meta_noop, 1, ANY),
+        b"me": (meta_debug, 2, ANY),
+        b"flush_all": (flush_all, 1, 3),
+        b"version": (version, 1, ANY),
+        b"verbosity": (verbosity, 2, 3),
+        b"cache_memlimit": (cache_memlimit, 2, 3),
+        b"stats": (stats, 1, ANY),
+        b"quit": (quit, 1, ANY),
+        b"shutdown": (shutdown, 1, ANY),
+    }
+    # ``stats <sub>`` reports, each a function of the server returning (name, value)s.
+    STATS = {
+        None: lambda server: server.general_stats(),
+        b"settings": lambda server: server.settings_stats(),
+        b"items": lambda server: server.item_stats(),
+        b"slabs": lambda server: server.slab_stats(),
+        b"conns": lambda server: server.connection_stats(),
+        b"sizes": lambda server: [("sizes_status", "disabled")],
+    }
+
+
+# --------------------------------------------------------------------------
+# 4. The connection: one thread per client
+# --------------------------------------------------------------------------
+
+class _FlushingSocketIO(socket.SocketIO):
+    """A socket's raw reader that sends the queued replies before it blocks for more
+    input, so the replies to commands that arrived together leave in one send."""
+
+    def __init__(self, sock, connection):
+        super().__init__(sock, "rb")
+        self.connection = connection
+
+    def readinto(self, buffer):
+        self.connection.flush()
+        return super().readinto(buffer)
+
+
+class Connection:
+    """One client connection, served by the thread that calls ``handle()``."""
+
+    def __init__(self, server, sock, address):
+        self.server = server
+        self.sock = sock
+        self.address = address
+        self.fileno = sock.fileno()
+        self.started = time.time()
+        self.bytes_written = 0
+        rfile = io.BufferedReader(_FlushingSocketIO(sock, self), READ_CHUNK)
+        self.protocol = Protocol(server, rfile, name=str(self.fileno))
+
+    def flush(self):
+        data = self.protocol.take_output() if self.protocol.out else b""
+        if data:
+            self.sock.sendall(data)
+            self.bytes_written += len(data)
+
+    def handle(self):
+        try:
+            if self.server.settings.idle_timeout:
+                self.sock.settimeout(self.server.settings.idle_timeout)
+            try:
+                while self.protocol.process():
+                    pass
+                self.flush()
+            except socket.timeout:
+                self.server.count("idle_kicks")
+            except OSError:
+                pass             # reset by the peer, or closed by stop(): nothing to say
+        finally:
+            self.close()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------
+# 5. The server
+# --------------------------------------------------------------------------
+
+def parse_listen(spec, port):
+    """-l: a comma-separated list of host, host:port or [ipv6]:port."""
+    addresses = []
+    for part in spec.split(","):
+        part = part.strip()
+        host, _, rest = part.rpartition("]") if part.startswith("[") else ("", "", part)
+        if host:
+            host = host[1:]
+            port_text = rest[1:] if rest.startswith(":") else ""
+        elif rest.count(":") == 1:
+            host, port_text = rest.split(":")
+        else:
+            host, port_text = rest, ""
+        addresses.append((host, int(port_text) if port_text else port))
+    return addresses
+
+
+class Server:
+    """A memg server: ``Server(port=0).start()`` serves from background threads,
+    ``serve_forever()`` from the calling thread; ``stop()`` ends both.  Every
+    setting of the command line is a keyword argument (see Settings)."""
+
+    def __init__(self, host="127.0.0.1", port=11211, **settings):
+        self.settings = Settings(host=host, port=port, **settings)
+        s = self.settings
+        self.store = Store(s.memory_limit, s.item_size_max, s.evict, s.use_cas)
+        self.started = time.time()
+        self.lock = threading.Lock()             # guards connections and counters
+        self.connections = {}                    # Connection -> thread
+        self.counters = dict.fromkeys(
+            ("total_connections", "rejected_connections", "idle_kicks",
+             "closed_bytes_read", "closed_bytes_written"), 0)
+        self.listeners = []
+        self.stopping = threading.Event()
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._threads = []
+
+    # -- life cycle -------------------------------------------------------------
+
+    @property
+    def address(self):
+        """The (host, port) actually bound (a path for a Unix socket)."""
+        return self.listeners[0].getsockname()[:2] if self.listeners else None
+
+    def bind(self):
+        s = self.settings
+        if s.unix_socket:
+            if os.path.exists(s.unix_socket):
+                os.unlink(s.unix_socket)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(s.unix_socket)
+            os.chmod(s.unix_socket, s.unix_mask)
+            self.listeners.append(listener)
+        else:
+            for host, port in parse_listen(s.host, s.port):
+                family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+                listener = socket.socket(family, kind, proto)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(sockaddr)
+                self.listeners.append(listener)
+        for listener in self.listeners:
+            listener.listen(s.backlog)
+
+    def start(self):
+        """Bind and serve from background threads; returns self."""
+        self.bind()
+        for target in (self.serve, self.sweep):
+            thread = threading.Thread(target=target, name="memg-" + target.__name__,
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def serve_forever(self):
+        """Bind (if not yet bound) and serve from this thread until stopped."""
+        if not self.listeners:
+            self.bind()
+        sweeper = threading.Thread(target=self.sweep, name="memg-sweep", daemon=True)
+        sweeper.start()
+        self._threads.append(sweeper)
+        self.serve()
+
+    def request_stop(self):
+        """Ask the accept loop to end; safe from signal handlers and other threads."""
+        self.stopping.set()
+        try:
+            self._wakeup_w.send(b"x")
+        except OSError:
+            pass
+
+    def stop(self, timeout=2.0):
+        """Stop accepting, close every connection, join the threads, free the port."""
+        self.request_stop()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+        self.close_connections(timeout)
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []
+        if self.settings.unix_socket and os.path.exists(self.settings.unix_socket):
+            os.unlink(self.settings.unix_socket)
+
+    def close_connections(self, timeout):
+        with self.lock:
+            connections = list(self.connections.items())
+        for connection, _ in connections:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for _, thread in connections:
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    # -- accepting ---------------------------------------------------------------
+
+    def serve(self):
+        """The accept loop: one thread per client, up to the connection limit."""
+        with selectors.DefaultSelector() as selector:
+            for listener in self.listeners:
+                selector.register(listener, selectors.EVENT_READ)
+            selector.register(self._wakeup_r, selectors.EVENT_READ)
+            while not self.stopping.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is self._wakeup_r or self.stopping.is_set():
+                        continue
+                    try:
+                        sock, address = key.fileobj.accept()
+                    except OSError:
+                        continue         # the client gave up before we accepted
+                    if self.accept(sock, address) and self.settings.single:
+                        return
+
+    def accept(self, sock, address):
+        """Admit one client (or refuse it, over the limit); True if it was served
+        here, in --single mode."""
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = Connection(self, sock, address)
+        with self.lock:
+            if len(self.connections) >= self.settings.max_connections:
+                self.counters["rejected_connections"] += 1
+                refused = True
+            else:
+                refused = False
+                self.counters["total_connections"] += 1
+                self.connections[connection] = None
+        if refused:
+            try:
+                sock.sendall(TOO_MANY_CONNECTIONS)
+            except OSError:
+                pass
+            sock.close()
+            return False
+        if self.settings.single:
+            # In the calling thread, so that a profiler there sees the work.
+            self.run_connection(connection)
+            return True
+        thread = threading.Thread(target=self.run_connection, args=(connection,),
+                                  name="memg-conn-%d" % connection.fileno, daemon=True)
+        with self.lock:
+            self.connections[connection] = thread
+        thread.start()
+        return False
+
+    def run_connection(self, connection):
+        if self.settings.verbose > 1:
+            print("<%d new client connection" % connection.fileno, file=sys.stderr)
+        try:
+            connection.handle()
+        finally:
+            with self.lock:
+                del self.connections[connection]
+                self.counters["closed_bytes_read"] += connection.protocol.bytes_read
+                self.counters["closed_bytes_written"] += connection.bytes_written
+            if self.settings.verbose > 1:
+                print("<%d connection closed." % connection.fileno, file=sys.stderr)
+
+    def sweep(self):
+        """Background expiry: reclaim dead items a slice at a time, once a second."""
+        while not self.stopping.wait(1.0):
+            self.store.sweep()
+
+    def count(self, name):
+        with self.lock:
+            self.counters[name] += 1
+
+    # -- statistics -----------------------------------------------------------
+
+    def reset_stats(self):
+        self.store.reset_counters()
+        with self.lock:
+            for name in self.counters:
+                self.counters[name] = 0
+            for connection in self.connections:
+                connection.protocol.bytes_read = 0
+                connection.bytes_written = 0
+
+    def general_stats(self):
+        """``stats``: memcached's general statistics, in memcached's order, for the
+        ones that mean something here."""
+        now = time.time()
+        store = self.store.snapshot()
+        with self.lock:
+            counters = dict(self.counters)
+            live = list(self.connections)
+        bytes_read = counters["closed_bytes_read"] + sum(c.protocol.bytes_read for c in live)
+        bytes_written = counters["closed_bytes_written"] + sum(c.bytes_written for c in live)
+        usage = _rusage()
+        return [
+            ("pid", os.getpid()),
+            ("uptime", int(now - self.started)),
+            ("time", int(now)),
+            ("version", VERSION),
+            ("libevent", "none"),
+            ("pointer_size", 64 if sys.maxsize > 2 ** 32 else 32),
+            ("rusage_user", "%.6f" % usage[0]),
+            ("rusage_system", "%.6f" % usage[1]),
+            ("max_connections", self.settings.max_connections),
+            ("curr_connections", len(live)),
+            ("total_connections", counters["total_connections"]),
+            ("rejected_connections", counters["rejected_connections"]),
+            ("connection_structures", len(live)),
+            ("cmd_get", store["cmd_get"]),
+            ("cmd_set", store["cmd_set"]),
+            ("cmd_flush", store["cmd_flush"]),
+            ("cmd_touch", store["cmd_touch"]),
+            ("get_hits", store["get_hits"]),
+            ("get_misses", store["get_misses"]),
+            ("get_expired", store["get_expired"]),
+            ("get_flushed", store["get_flushed"]),
+            ("delete_misses", store["delete_misses"]),
+            ("delete_hits", store["delete_hits"]),
+            ("incr_misses", store["incr_misses"]),
+            ("incr_hits", store["incr_hits"]),
+            ("decr_misses", store["decr_misses"]),
+            ("decr_hits", store["decr_hits"]),
+            ("cas_misses", store["cas_misses"]),
+            ("cas_hits", store["cas_hits"]),
+            ("cas_badval", store["cas_badval"]),
+            ("touch_hits", store["touch_hits"]),
+            ("touch_misses", store["touch_misses"]),
+            ("store_too_large", store["store_too_large"]),
+            ("store_no_memory", store["store_no_memory"]),
+            ("auth_cmds", 0),
+            ("auth_errors", 0),
+            ("idle_kicks", counters["idle_kicks"]),
+            ("bytes_read", bytes_read),
+            ("bytes_written", bytes_written),
+            ("limit_maxbytes", store["limit_maxbytes"]),
+            ("accepting_conns", 1),
+            ("threads", self.settings.threads),
+            ("conn_yields", 0),
+            ("bytes", store["bytes"]),
+            ("curr_items", store["curr_items"]),
+            ("total_items", store["total_items"]),
+            ("expired_unfetched", store["expired_unfetched"]),
+            ("evicted_unfetched", store["evicted_unfetched"]),
+            ("evictions", store["evictions"]),
+            ("reclaimed", store["reclaimed"]),
+        ]
+
+    def settings_stats(self):
+        """``stats settings``, with memcached's names."""
+        s = self.settings
+        return [
+            ("maxbytes", self.store.memory_limit),
+            ("maxconns", s.max_connections),
+            ("tcpport", 0 if s.unix_socket else (self.address or (0, s.port))[1]),
+            ("udpport", s.udp_port),
+            ("inter", s.host),
+            ("verbosity", s.verbose),
+            ("oldest", 0),
+            ("evictions", "on" if s.evict else "off"),
+            ("domain_socket", s.unix_socket or "NULL"),
+            ("umask", "%o" % s.unix_mask),
+            ("shutdown_command", "yes" if s.enable_shutdown else "no"),
+            ("num_threads", s.threads),
+            ("cas_enabled", "yes" if s.use_cas else "no"),
+            ("tcp_backlog", s.backlog),
+            ("binding_protocol", "ascii"),
+            ("auth_enabled_sasl", "no"),
+            ("auth_enabled_ascii", "no"),
+            ("item_size_max", s.item_size_max),
+            ("flush_enabled", "yes" if s.flush_enabled else "no"),
+            ("idle_timeout", s.idle_timeout),
+        ]
+
+    def item_stats(self):
+        """``stats items``: memg has no slab classes, so all items are in class 1."""
+        store = self.store.snapshot()
+        if not store["curr_items"]:
+            return []
+        return [("items:1:" + name, value) for name, value in (
+            ("number", store["curr_items"]),
+            ("age", store["oldest_age"]),
+            ("evicted", store["evictions"]),
+            ("evicted_nonzero", 0),
+            ("evicted_time", 0),
+            ("outofmemory", store["store_no_memory"]),
+            ("tailrepairs", 0),
+            ("reclaimed", store["reclaimed"]),
+            ("expired_unfetched", store["expired_unfetched"]),
+            ("evicted_unfetched", store["evicted_unfetched"]),
+        )]
+
+    def slab_stats(self):
+        """``stats slabs``: one pseudo slab class holding every item."""
+        store = self.store.snapshot()
+        used = []
+        if store["curr_items"]:
+            used = [("1:" + name, value) for name, value in (
+                ("chunk_size", store["bytes"] // store["curr_items"]),
+                ("used_chunks", store["curr_items"]),
+                ("get_hits", store["get_hits"]),
+                ("cmd_set", store["cmd_set"]),
+                ("delete_hits", store["delete_hits"]),
+                ("incr_hits", store["incr_hits"]),
+                ("decr_hits", store["decr_hits"]),
+                ("cas_hits", store["cas_hits"]),
+                ("cas_badval", store["cas_badval"]),
+                ("touch_hits", store["touch_hits"]),
+            )]
+        return used + [("active_slabs", 1 if used else 0), ("total_malloced", store["bytes"])]
+
+    def connection_stats(self):
+        """``stats conns``: one block per open connection."""
+        now = time.time()
+        with self.lock:
+            live = list(self.connections)
+        rows = []
+        for connection in sorted(live, key=lambda c: c.fileno):
+            peer = connection.address
+            peer = "%s:%s" % peer[:2] if isinstance(peer, tuple) else str(peer or "unix")
+            rows += [("%d:addr" % connection.fileno, peer),
+                     ("%d:state" % connection.fileno, "conn_parse_cmd"),
+                     ("%d:secs_since_start" % connection.fileno, int(now - connection.started))]
+        return rows
+
+
+def _rusage():
+    try:
+        import resource
+    except ImportError:          # Windows
+        times = os.times()
+        return times.user, times.system
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
+# --------------------------------------------------------------------------
+# 6. The command line
+# --------------------------------------------------------------------------
+
+def _size(text, unit):
+    """A size such as 64, 512k, 2m or 1g; a bare number is in ``unit`` bytes."""
+    match = re.fullmatch(r"(\d+)([kKmMgG]?)", text)
+    if match is None:
+        raise ValueError("bad size %r" % text)
+    scale = {"": unit, "k": KB, "m": MB, "g": 1024 * MB}[match.group(2).lower()]
+    return int(match.group(1)) * scale
+
+
+# memcached options that tune machinery memg does not have: accepted, with a warning,
+# so that service files written for memcached keep working.
+IGNORED_OPTIONS = {
+    "-r": (False, "core dump limits"), "-k": (False, "memory locking"),
+    "-f": (True, "slab growth factor"), "-n": (True, "slab minimum size"),
+    "-L": (False, "large pages"), "-D": (True, "stats detail delimiter"),
+    "-R": (True, "requests per event"), "-W": (False, "watch commands"),
+}
+# memcached -o options memg accepts and ignores (slab, LRU, hash and extstore tuning).
+IGNORED_EXTENDED = {
+    "maxconns_fast", "no_maxconns_fast", "hashpower", "tail_repair_time", "hash_algorithm",
+    "lru_crawler", "no_lru_crawler", "lru_crawler_sleep", "lru_crawler_tocrawl",
+    "read_buf_mem_limit", "lru_maintainer", "no_lru_maintainer", "hot_lru_pct",
+    "warm_lru_pct", "hot_max_factor", "warm_max_factor", "temporary_ttl",
+    "slab_chunk_max", "watcher_logbuf_size", "worker_logbuf_size", "track_sizes",
+    "no_hashexpand", "modern", "no_modern", "sock_cookie_id", "slab_reassign",
+    "no_slab_reassign", "slab_automove", "slab_automove_ratio", "slab_automove_window",
+    "slab_automove_freeratio", "relaxed_privileges", "no_relaxed_privileges",
+    "drop_privileges", "no_drop_privileges", "inline_ascii_response", "lru_segmented",
+    "no_lru_segmented", "meta_response_old", "no_inline_ascii_resp", "bind_protocol",
+}
+# memcached options whose feature memg does not have: refused, never silently ignored.
+UNSUPPORTED_OPTIONS = {
+    "-d": (False, "daemon mode: run memg under a service manager instead"),
+    "-S": (False, "SASL authentication"), "-Y": (True, "ASCII authentication files"),
+    "-Z": (False, "TLS"), "-e": (True, "memory files (restartable cache)"),
+}
+
+
+def build_parser():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise SystemExit("memg: %s (see memg -h)" % message)
+
+    parser = Parser(
+        prog="memg", allow_abbrev=False, add_help=False,
+        description="memg %s: a memcached-compatible server in one Python file." % __version__)
+    add = parser.add_argument
+    add("-p", "--port", type=int, default=11211, help="TCP port to listen on (default: 11211)")
+    add("-U", "--udp-port", type=int, default=0, help="UDP port; only 0 (off) is supported")
+    add("-s", "--unix-socket", metavar="FILE", help="UNIX socket to listen on (disables TCP)")
+    add("-a", "--unix-mask", default="700", metavar="MASK",
+        help="access mask for the UNIX socket, in octal (default: 700)")
+    add("-A", "--enable-shutdown", action="store_true", help='enable the "shutdown" command')
+    add("-l", "--listen", default="127.0.0.1", metavar="ADDR",
+        help="interfaces to listen on, comma separated, host or host:port "
+             "(default: 127.0.0.1; memcached's default is every interface)")
+    add("-u", "--user", help="drop root privileges to this user after binding")
+    add("-m", "--memory-limit", default="64", metavar="MB",
+        help="item memory in megabytes (default: 64)")
+    add("-M", "--disable-evictions", action="store_true",
+        help="return an error when memory is full instead of evicting")
+    add("-c", "--conn-limit", type=int, default=1024, metavar="N",
+        help="max simultaneous connections (default: 1024)")
+    add("-v", "--verbose", action="count", default=0,
+        help="-v: errors and warnings; -vv: also every command and reply")
+    add("-h", "--help", action="help", help="print this help and exit")
+    add("-V", "--version", action="version", version="memg %s (memcached protocol %s)"
+        % (__version__, VERSION.split("-")[0]), help="print version and exit")
+    add("-P", "--pidfile", metavar="FILE", help="write the process id to FILE")
+    add("-t", "--threads", type=int, default=4,
+        help="accepted for compatibility and reported by stats; memg runs a thread "
+             "per connection (default: 4)")
+    add("-C", "--disable-cas", action="store_true", help="disable CAS")
+    add("-b", "--listen-backlog", type=int, default=1024, metavar="N",
+        help="listen backlog (default: 1024)")
+    add("-B", "--protocol", default="auto", choices=("ascii", "auto", "binary"),
+        help="protocol: ascii or auto (the binary protocol is not supported)")
+    add("-I", "--max-item-size", default="1m", metavar="SIZE",
+        help="max item size, as 512k or 2m (default: 1m, min: 1k, max: 1024m)")
+    add("-F", "--disable-flush-all", action="store_true", help="disable flush_all")
+    add("-X", "--disable-dumping", action="store_true", help="disable stats cachedump")
+    add("-o", "--extended", action="append", default=[], metavar="OPTIONS",
+        help="comma separated key=value options: idle_timeout=SECONDS; memcached's "
+             "slab, LRU and hash tuning options are accepted and ignored")
+    add("--single", action="store_true",
+        help="serve one connection, then exit (for python -m cProfile memg.py --single)")
+    for options, label in ((IGNORED_OPTIONS, "ignored: memg has no %s"),
+                           (UNSUPPORTED_OPTIONS, "not supported: %s")):
+        for flag, (takes_value, what) in options.items():
+            add(flag, dest="option_" + flag[1], help=label % what,
+                **({"metavar": "X"} if takes_value else {"action": "store_true"}))
+    return parser
+
+
+def parse_command_line(argv):
+    """Settings from memcached-style arguments, plus warnings to print.  Raises
+    SystemExit with a one-line message for anything memg cannot honour."""
+    args = build_parser().parse_args(argv)
+    warnings = []
+    for flag, (_, what) in UNSUPPORTED_OPTIONS.items():
+        if getattr(args, "option_" + flag[1]):
+            raise SystemExit("memg: %s is not supported (%s)" % (flag, what))
+    for flag, (_, what) in IGNORED_OPTIONS.items():
+        if getattr(args, "option_" + flag[1]):
+            warnings.append("%s ignored: memg has no %s" % (flag, what))
+    if args.protocol == "binary":
+        raise SystemExit("memg: the binary protocol is not supported (-B ascii or auto)")
+    if args.udp_port:
+        raise SystemExit("memg: UDP is not supported; -U must be 0")
+    idle_timeout = 0
+    for group in args.extended:
+        for option in filter(None, group.split(",")):
+            name, _, value = option.partition("=")
+            if name == "idle_timeout":
+                if not value.isdigit():
+                    raise SystemExit("memg: idle_timeout needs a number of seconds")
+                idle_timeout = int(value)
+            elif name in IGNORED_EXTENDED or name.startswith(("ext_", "ssl_")):
+                warnings.append("-o %s ignored: memg has no such tuning" % name)
+            else:
+                raise SystemExit("memg: unknown -o option %r" % name)
+    try:
+        memory_limit = _size(args.memory_limit, MB)
+        item_size_max = _size(args.max_item_size, 1)
+        unix_mask = int(args.unix_mask, 8)
+    except ValueError as error:
+        raise SystemExit("memg: %s" % error)
+    if item_size_max > 1024 * MB:
+        raise SystemExit("memg: the item size limit (-I) can be at most 1024m")
+    for name, value in (("-p", args.port), ("-c", args.conn_limit), ("-t", args.threads),
+                        ("-b", args.listen_backlog)):
+        if value < 0 or (value == 0 and name != "-p") or (name == "-p" and value > 65535):
+            raise SystemExit("memg: %s %d is out of range" % (name, value))
+    settings = dict(
+        host=args.listen, port=args.port, unix_socket=args.unix_socket,
+        unix_mask=unix_mask, memory_limit=memory_limit, evict=not args.disable_evictions,
+        max_connections=args.conn_limit, item_size_max=item_size_max,
+        threads=args.threads, verbose=min(args.verbose, 2),
+        enable_shutdown=args.enable_shutdown, use_cas=not args.disable_cas,
+        flush_enabled=not args.disable_flush_all, dump_enabled=not args.disable_dumping,
+        backlog=args.listen_backlog, idle_timeout=idle_timeout, user=args.user,
+        pid_file=args.pidfile, single=args.single)
+    return settings, warnings
+
+
+def drop_privileges(user):
+    """-u: become user after binding, as memcached does when started as root."""
+    if not hasattr(os, "getuid") or os.getuid() != 0:
+        return
+    import pwd
+    entry = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+def main(argv=None):
+    settings, warnings = parse_command_line(sys.argv[1:] if argv is None else argv)
+    for warning in warnings:
+        print("memg: warning: " + warning, file=sys.stderr)
+    try:
+        server = Server(**settings)
+        server.bind()
+        if settings["user"]:
+            drop_privileges(settings["user"])
+    except (ValueError, OSError, KeyError) as error:
+        raise SystemExit("memg: %s" % (error.strerror if isinstance(error, OSError)
+                                       and error.strerror else error))
+    if settings["pid_file"]:
+        with open(settings["pid_file"], "w") as pid_file:
+            pid_file.write("%d\n" % os.getpid())
+    loopback = settings["host"].split(",")
+    if not settings["unix_socket"] and any(
+            not host.startswith(("127.", "localhost", "[::1]", "::1")) for host in loopback):
+        print("memg: warning: listening beyond loopback (%s) with no authentication: "
+              "anyone who can reach the port can read and change the cache"
+              % settings["host"], file=sys.stderr)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.request_stop())
+    if settings["verbose"]:
+        print("memg %s listening on %s" % (__version__, server.address), file=sys.stderr)
+    try:
+        server.serve_forever()
+    finally:
+        server.stop()
+        if settings["pid_file"]:
+            try:
+                os.unlink(settings["pid_file"])
+            except OSError:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Shared fixtures: real server processes on free ports, and a raw socket client.
+
+Tests start ``python memg.py`` (and, for comparisons, Debian's ``memcached``) as
+real processes on free loopback ports, and talk to them with real clients and raw
+sockets.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEMG = os.path.join(ROOT, "memg.py")
+sys.path.insert(0, ROOT)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def require_tool(name):
+    """The path of a system tool the suite needs; fails (never skips) without it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail("%s is not installed; .ci/run installs it (Debian: apt-get install "
+                    "memcached libmemcached-tools)" % name)
+    return path
+
+
+class ServerProcess:
+    """A server process listening on 127.0.0.1:port, started and waited for."""
+
+    def __init__(self, argv, port, **popen):
+        self.port = port
+        self.address = ("127.0.0.1", port)
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, **popen)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(self.address, timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    out, err = self.process.communicate()
+                    raise RuntimeError("server did not start: %r %r" % (out, err))
+                time.sleep(0.02)
+
+    def connect(self):
+        return RawClient(self.address)
+
+    def stop(self):
+        """Terminate the server; returns (exit code, stderr)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            _, err = self.process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        return self.process.returncode, err
+
+
+def start_memg(*args, port=None):
+    port = port or free_port()
+    return ServerProcess([sys.executable, MEMG, "-p", str(port)] + list(args), port)
+
+
+def start_memcached(*args, port=None):
+    port = port or free_port()
+    argv = [require_tool("memcached"), "-l", "127.0.0.1", "-p", str(port), "-U", "0"]
+    if os.geteuid() == 0:
+        argv += ["-u", "root"]
+    return ServerProcess(argv + list(args), port)
+
+
+class RawClient:
+    """A plain TCP connection for byte-exact conversations."""
+
+    def __init__(self, address, timeout=5.0):
+        self.sock = socket.create_connection(address, timeout=timeout)
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def recv_exact(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def recv_until(self, terminator=b"\r\n"):
+        """Bytes up to and including terminator (or whatever came before EOF)."""
+        data = b""
+        while not data.endswith(terminator):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def request(self, data, terminator=b"\r\n"):
+        self.send(data)
+        return self.recv_until(terminator)
+
+    def converse(self, data):
+        """Send data, close our sending side, and return everything the server says
+        until it closes: the whole reply to a script, however it ends."""
+        self.send(data)
+        self.sock.shutdown(socket.SHUT_WR)
+        return self.read_to_eof()
+
+    def read_to_eof(self):
+        chunks = []
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def is_closed(self, timeout=2.0):
+        """Whether the server closed the connection (EOF or reset) within timeout."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+@pytest.fixture(scope="session")
+def memg_process():
+    server = start_memg()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def memcached_process():
+    server = start_memcached()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def memg(memg_process):
+    """The shared memg process, flushed: each test starts with an empty cache."""
+    with memg_process.connect() as client:
+        assert client.request(b"flush_all\r\n") == b"OK\r\n"
+    return memg_process
+
+
+@pytest.fixture
+def client(memg):
+    """A raw connection to an empty memg."""
+    with memg.connect() as raw:
+        yield raw
