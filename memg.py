@@ -21,14 +21,17 @@ import binascii
 import collections
 import dataclasses
 import io
+import itertools
 import os
 import re
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
+import urllib.parse
 from typing import Optional
 
 __version__ = "0.1.0"
@@ -88,16 +91,18 @@ KEY_MAX_LENGTH = 250
 # Relative expiry times may not exceed 30 days; larger numbers are Unix times.
 MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 # What memcached adds to key and value when it checks the -I limit (its item header,
-# CAS and terminators), so that the largest storable value is the same in both.
+# CAS and terminators; 4 more for non-zero flags), so that the largest storable value
+# is the same in both.
 ITEM_HEADER_SIZE = 48 + 8 + 1 + 2
 # What Python spends on an item beyond the bytes of its key and value: the Item
-# object, two bytes objects, the CAS int and the LRU's dict entry and link.  Measured
-# with tests/test_memory.py (resident memory growth per stored item).
+# object, two bytes objects, the CAS int and the LRU's dict entry and link.  Resident
+# memory grows by 220 to 350 bytes per item beyond key and value (CPython 3.11,
+# 64-bit, 10 to 4000-byte values); tests/test_server.py checks the bound it gives.
 ITEM_OVERHEAD = 300
 
 # Outcomes of store operations; the protocol turns them into reply lines.
 STORED, NOT_STORED, EXISTS, NOT_FOUND = "STORED", "NOT_STORED", "EXISTS", "NOT_FOUND"
-TOO_LARGE, NO_MEMORY, NON_NUMERIC = "TOO_LARGE", "NO_MEMORY", "NON_NUMERIC"
+NO_MEMORY, NON_NUMERIC = "NO_MEMORY", "NON_NUMERIC"
 
 # Storage modes, as memcached's NREAD_* values.
 SET, ADD, REPLACE, APPEND, PREPEND, CAS = "set", "add", "replace", "append", "prepend", "cas"
@@ -152,7 +157,7 @@ class Store:
         self.evict = evict
         self.use_cas = use_cas
         self.clock = clock
-        self.started = clock()
+        self.started = int(clock())
         self.lock = threading.Lock()
         self.items = collections.OrderedDict()   # key -> Item, least recently used first
         self.bytes = 0
@@ -162,6 +167,11 @@ class Store:
         self._sweep_keys = []                    # keys still to visit in this sweep
 
     # -- time ---------------------------------------------------------------
+
+    def now(self):
+        """The store's time: whole seconds, as memcached's clock, so that expiry
+        and remaining TTLs round the way they do in memcached."""
+        return int(self.clock())
 
     def expiry(self, exptime, now):
         """Turn a protocol exptime into an absolute time (0: never; past: expired)."""
@@ -176,9 +186,7 @@ class Store:
 
     def ttl(self, item, now):
         """Seconds an item has left, -1 for never (meta 't')."""
-        if item.exptime == 0:
-            return -1
-        return max(0, int(item.exptime - now + 0.999))
+        return -1 if item.exptime == 0 else item.exptime - now
 
     # -- internals: the caller holds the lock ---------------------------------
 
@@ -211,11 +219,15 @@ class Store:
         self.bytes -= item_cost(key, item.value)
 
     def _link(self, key, item, old=None):
-        """Store item under key, replacing old; False when memory is exhausted."""
+        """Store item under key in place of old; False, with old left as it was,
+        when memory is exhausted."""
         cost = item_cost(key, item.value)
         freed = item_cost(key, old.value) if old is not None else 0
-        if self.bytes + cost - freed > self.memory_limit and not self._make_room(cost - freed):
-            return False
+        if self.bytes + cost - freed > self.memory_limit:
+            if old is not None:
+                self.items.move_to_end(key)       # evict everything else first
+            if not self._make_room(cost - freed, keep=key):
+                return False
         if old is not None:
             self._unlink(key, old)
         self.items[key] = item
@@ -223,12 +235,15 @@ class Store:
         self.counters["total_items"] += 1
         return True
 
-    def _make_room(self, needed):
-        """Free memory from the LRU tail: expired items first, then (if allowed) any."""
+    def _make_room(self, needed, keep=None):
+        """Free memory from the LRU tail, never evicting keep: expired items, and
+        live ones too unless eviction is off."""
         items = self.items
-        now = self.clock()
+        now = self.now()
         while items and self.bytes + needed > self.memory_limit:
             key, item = next(iter(items.items()))
+            if key == keep:
+                return False
             dead = item.exptime and item.exptime <= now
             if not dead and not self.evict:
                 return False
@@ -247,17 +262,17 @@ class Store:
         self.flush_deadline = 0
         self._sweep_keys = []
 
-    def too_large(self, key, nbytes):
+    def too_large(self, key, nbytes, flags=0):
         """Whether a value of nbytes exceeds the item size limit (-I), as memcached
         counts it."""
-        return len(key) + nbytes + ITEM_HEADER_SIZE > self.item_size_max
+        return len(key) + nbytes + ITEM_HEADER_SIZE + (4 if flags else 0) > self.item_size_max
 
     # -- retrieval ------------------------------------------------------------
 
     def get(self, key, exptime=None, bump=True):
         """The item under key, or None.  With exptime, also sets its expiry (touch)."""
         with self.lock:
-            now = self.clock()
+            now = self.now()
             item = self._find(key, now)
             counters = self.counters
             if exptime is None:
@@ -286,7 +301,7 @@ class Store:
         create a missing item (meta N).
         """
         with self.lock:
-            now = self.clock()
+            now = self.now()
             counters = self.counters
             counters["cmd_set"] += 1
             old = self._find(key, now)
@@ -317,6 +332,8 @@ class Store:
                 elif mode in (APPEND, PREPEND):
                     if cas and cas != old.cas:
                         return EXISTS, None
+                    if self.too_large(key, len(old.value) + len(value), old.flags):
+                        return NOT_STORED, None
                     value = old.value + value if mode == APPEND else value + old.value
                     flags, expires = old.flags, old.exptime
                 else:
@@ -326,38 +343,41 @@ class Store:
                 item.stale, item.won = True, old.won
             if not self._link(key, item, old):
                 counters["store_no_memory"] += 1
+                if mode == SET and old is not None:
+                    self._unlink(key, old)        # as memcached: no stale value after a failed set
                 return NO_MEMORY, None
             return STORED, item
 
-    def refuse(self, mode, key, outcome):
-        """Count a storage command refused before its data was stored (too large,
-        out of memory) and, for set, drop the old value: a failed set must not leave
-        stale data readable."""
+    def refuse_too_large(self, key, drop_old):
+        """Count a storage command refused for its size (-I) and drop the old value
+        if asked: memcached drops it for set and for every meta set, so that a
+        failed write leaves no stale data readable."""
         with self.lock:
-            self.counters["store_too_large" if outcome == TOO_LARGE else "store_no_memory"] += 1
-            if mode == SET:
+            self.counters["store_too_large"] += 1
+            if drop_old:
                 old = self.items.get(key)
                 if old is not None:
                     self._unlink(key, old)
 
-    def delete(self, key, cas=0):
-        """Remove key: STORED (deleted), NOT_FOUND, or EXISTS when cas does not match."""
+    def delete(self, key, cas=None):
+        """Remove key: STORED (deleted), NOT_FOUND, or EXISTS when cas (if given)
+        does not match."""
         with self.lock:
-            item = self._find(key, self.clock())
-            if item is None or (cas and cas != item.cas):
+            item = self._find(key, self.now())
+            if item is None or (cas is not None and cas != item.cas):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
             self._unlink(key, item)
             self.counters["delete_hits"] += 1
             return STORED
 
-    def invalidate(self, key, cas=0, exptime=None, new_cas=0, drop_value=False):
+    def invalidate(self, key, cas=None, exptime=None, new_cas=0, drop_value=False):
         """Meta delete's I and x: mark the item stale (new CAS, optionally a new
         expiry) or empty its value, instead of removing it."""
         with self.lock:
-            now = self.clock()
+            now = self.now()
             item = self._find(key, now)
-            if item is None or (cas and cas != item.cas):
+            if item is None or (cas is not None and cas != item.cas):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
             value = b"" if drop_value else item.value
@@ -376,7 +396,7 @@ class Store:
         arithmetic adds a CAS check, creation on a miss (vivify, an exptime, with
         initial) and a new expiry (exptime)."""
         with self.lock:
-            now = self.clock()
+            now = self.now()
             counters = self.counters
             item = self._find(key, now)
             if item is None:
@@ -391,7 +411,7 @@ class Store:
                 return STORED, new
             if cas and cas != item.cas:
                 return EXISTS, None
-            number = parse_stored_number(item.value)
+            number = parse_uint64(item.value) if item.value else None
             if number is None:
                 return NON_NUMERIC, None
             if incr:
@@ -419,7 +439,7 @@ class Store:
         ttl_left, won, token_already_sent, stale) -- because mg's h and l flags
         describe the item before the command touched it."""
         with self.lock:
-            now = self.clock()
+            now = self.now()
             counters = self.counters
             item = self._find(key, now)
             created = False
@@ -446,7 +466,7 @@ class Store:
                 won = True
             if won:
                 item.won = True
-            view = (hit_before, int(now - last_access), self.ttl(item, now), won,
+            view = (hit_before, now - last_access, self.ttl(item, now), won,
                     token_sent, item.stale)
             if bump:
                 self._bump(key, item, now)
@@ -455,12 +475,15 @@ class Store:
     # -- whole-cache operations -------------------------------------------------------
 
     def flush(self, delay=0):
-        """Invalidate every item now, or at delay (an exptime) if it is positive."""
+        """Invalidate every item now, or after delay (an exptime) if it is positive.
+        As in memcached, the deadline is a second before the delay runs out."""
         with self.lock:
             self.counters["cmd_flush"] += 1
-            now = self.clock()
-            deadline = self.expiry(delay, now) if delay > 0 else 0
-            if deadline > now:
+            now = self.now()
+            deadline = self.expiry(delay, now) - 1 if delay > 0 else 0
+            if deadline < 0:
+                self.flush_deadline = 0      # a time already past: nothing to flush
+            elif deadline > now:
                 self.flush_deadline = deadline
             else:
                 self._clear()
@@ -472,14 +495,16 @@ class Store:
             self._make_room(0)
 
     def sweep(self, budget=10000):
-        """Drop up to budget expired items, walking the keys a slice at a time so
-        that the lock is never held for long.  The server calls this every second."""
+        """Drop expired items, checking budget keys per call and going on where the
+        last call stopped, so that the lock is never held for long (the server calls
+        this every second).  budget None checks every item now."""
         with self.lock:
-            now = self.clock()
+            now = self.now()
             if self.flush_deadline and now >= self.flush_deadline:
                 self._clear()
-            if not self._sweep_keys:
+            if budget is None or not self._sweep_keys:
                 self._sweep_keys = list(self.items)
+                budget = budget or len(self._sweep_keys)
             batch = self._sweep_keys[-budget:]
             del self._sweep_keys[-budget:]
             for key in batch:
@@ -492,39 +517,24 @@ class Store:
 
     def reset_counters(self):
         with self.lock:
-            for name in ("total_items", "evictions", "reclaimed") + STORE_COUNTERS:
+            for name in STORE_COUNTERS:
                 self.counters[name] = 0
 
     def snapshot(self):
         """Counters and sizes for ``stats``, read consistently."""
         with self.lock:
-            now = self.clock()
+            now = self.now()
             oldest = next(iter(self.items.values()), None)
             return dict(self.counters, curr_items=len(self.items), bytes=self.bytes,
                         limit_maxbytes=self.memory_limit,
-                        oldest_age=int(now - oldest.atime) if oldest else 0)
+                        oldest_age=now - oldest.atime if oldest else 0)
 
-    def dump(self, limit):
-        """(key, value size, exptime) of up to limit items, most recent first
-        (``stats cachedump``)."""
+    def dump(self, limit=0):
+        """(key, item) pairs, most recently used first, at most limit of them if
+        limit is not 0 (``stats cachedump``, ``lru_crawler metadump``)."""
         with self.lock:
-            found = []
-            for key in reversed(self.items):
-                if limit and len(found) >= limit:
-                    break
-                item = self.items[key]
-                found.append((key, len(item.value), int(item.exptime)))
-            return found
-
-
-def parse_stored_number(value):
-    """The number an incr/decr may work on: decimal digits, optionally surrounded by
-    spaces (memcached pads shortened numbers), at most 20 digits and below 2**64."""
-    digits = value.strip(b" ")
-    if not digits.isdigit() or len(value) > 22:
-        return None
-    number = int(digits)
-    return number if number <= 0xFFFFFFFFFFFFFFFF else None
+            pairs = reversed(self.items.items())
+            return list(itertools.islice(pairs, limit) if limit else pairs)
 
 
 # --------------------------------------------------------------------------
@@ -535,9 +545,14 @@ def parse_stored_number(value):
 # get and gets, whose key lists may run up to GET_LINE_LIMIT (as memcached).
 LINE_LIMIT = 2048
 GET_LINE_LIMIT = 1 * MB
+MEMCACHED_READ_BUFFER = 16 * KB
 # Values are read in slices of this size, so that a claimed length is never
 # allocated before the bytes arrive.
 READ_CHUNK = 64 * KB
+# memcached refuses data lengths beyond INT_MAX - 2 as malformed.
+VALUE_LENGTH_MAX = 2 ** 31 - 3
+# memcached's slab class ids run below this; memg keeps every item in class 1.
+SLAB_CLASSES = 64
 # Meta commands: at most this many tokens, opaque tokens at most this long.
 META_MAX_TOKENS = 19
 META_OPAQUE_MAX = 32
@@ -556,22 +571,21 @@ DELETE_USAGE = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [nor
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 
 REPLIES = {STORED: b"STORED\r\n", NOT_STORED: b"NOT_STORED\r\n", EXISTS: b"EXISTS\r\n",
-           NOT_FOUND: b"NOT_FOUND\r\n", TOO_LARGE: TOO_LARGE_REPLY,
-           NO_MEMORY: NO_MEMORY_REPLY}
+           NOT_FOUND: b"NOT_FOUND\r\n", NO_MEMORY: NO_MEMORY_REPLY}
 META_CODES = {STORED: b"HD", NOT_STORED: b"NS", EXISTS: b"EX", NOT_FOUND: b"NF"}
 
 _CONTROL = re.compile(rb"[\x00-\x20\x7f]")
-_NUMBER = re.compile(rb"[\t\n\v\f\r ]*([+-]?)([0-9]+)\Z")
+# memcached reads numbers with C's strtol and strtoull: white space, a sign, digits,
+# then the end or white space (whatever follows that is ignored).
+_NUMBER = re.compile(rb"[\t\n\v\f\r ]*([+-]?)([0-9]+)(?![^\t\n\v\f\r ])")
 U64 = 0xFFFFFFFFFFFFFFFF
 
 
-def _strtoull(token):
-    """memcached's safe_strtoull: a decimal, optionally signed; a minus sign is
-    accepted only where C's strtoull would not turn it into a huge number."""
-    if token.isdigit():
-        number = int(token)
-        return number if number <= U64 else None
-    match = _NUMBER.match(token)
+def parse_uint64(text):
+    """memcached's safe_strtoull (CAS uniques, deltas, stored numbers); None if it
+    fails.  A minus sign passes only where strtoull's wrap-around leaves a number
+    that is not negative as a signed 64-bit value."""
+    match = _NUMBER.match(text)
     if match is None:
         return None
     number = int(match.group(2))
@@ -585,28 +599,23 @@ def _strtoull(token):
 
 
 def parse_uint32(token):
-    """memcached's safe_strtoul into 32 bits (client flags)."""
-    number = _strtoull(token)
+    """memcached's safe_strtoul (client flags): parsed as 64 bits, kept as 32."""
+    number = parse_uint64(token)
     return None if number is None else number & 0xFFFFFFFF
 
 
-def parse_uint64(token):
-    """A CAS unique, delta or initial value."""
-    return _strtoull(token)
-
-
 def parse_int32(token):
-    """memcached's safe_strtol: a signed 32-bit decimal (exptime, lengths)."""
-    if token.isdigit():
-        number = int(token)
-    else:
-        match = _NUMBER.match(token)
-        if match is None:
-            return None
-        number = int(match.group(1) + match.group(2))
-    if not -0x80000000 <= number <= 0x7FFFFFFF:
+    """memcached's safe_strtol (exptimes, lengths): C's 64-bit strtol, kept in an
+    int32, so that large numbers wrap as they do in memcached."""
+    if token.isdigit() and len(token) < 10:
+        return int(token)                       # the common case
+    match = _NUMBER.match(token)
+    if match is None:
         return None
-    return number
+    number = int(match.group(1) + match.group(2))
+    if not -2 ** 63 <= number < 2 ** 63:
+        return None
+    return (number + 2 ** 31) % 2 ** 32 - 2 ** 31
 
 
 def bad_key(key):
@@ -620,12 +629,13 @@ class MetaFlags:
 
     NUMERIC = {"N": parse_int32, "T": parse_int32, "R": parse_int32, "F": parse_uint32,
                "C": parse_uint64, "E": parse_uint64, "J": parse_uint64, "D": parse_uint64}
-    ERRORS = {"J": b"CLIENT_ERROR invalid numeric initial value\r\n",
+    ERRORS = {"F": BAD_FORMAT,
+              "J": b"CLIENT_ERROR invalid numeric initial value\r\n",
               "D": b"CLIENT_ERROR invalid numeric delta value\r\n"}
     KNOWN = set("bcfhklqstuvxOPLNTRFCEJDMI")
 
     def __init__(self, tokens):
-        self.tokens = tokens       # in request order, for the reply's echo
+        self.tokens = tokens       # in request order: replies echo flags in this order
         self.values = {}
         self.error = None
         for token in tokens:
@@ -652,15 +662,21 @@ class MetaFlags:
     def get(self, flag, default=None):
         return self.values.get(flag, default)
 
-    def echo(self, key, binary):
-        """The O (opaque) and k (key) flags, echoed in request order."""
-        out = b""
+    def reply(self, code, key, fields=None):
+        """A meta reply line: code, then the requested return flags in request order.
+        O and k echo the opaque and the key; fields maps the other flags this command
+        can return (b"c", b"t", ...) to their values."""
+        parts = [code]
         for token in self.tokens:
-            if token[:1] == b"O":
-                out += b" " + token
-            elif token == b"k":
-                out += b" k" + (base64.b64encode(key) + b" b" if binary else key)
-        return out
+            flag = token[:1]
+            if flag == b"O":
+                parts.append(b" " + token)
+            elif flag == b"k":
+                parts.append(b" k" + (base64.b64encode(key) + b" b" if "b" in self else key))
+            elif fields and flag in fields:
+                parts.append(b" %s%d" % (flag, fields[flag]))
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
 
 class Protocol:
@@ -676,8 +692,10 @@ class Protocol:
         self.server = server
         self.store = server.store
         self.settings = server.settings
-        self.rfile = rfile
+        # Long lines need peek(); wrap readers that lack it (io.BytesIO in tests).
+        self.rfile = rfile if hasattr(rfile, "peek") else io.BufferedReader(rfile)
         self.name = name          # how -vv logs name this client
+        self.first = True
         self.out = []
         self.noreply = False
         self.bytes_read = 0
@@ -715,15 +733,27 @@ class Protocol:
         if line[-1:] != b"\n":
             if len(line) < LINE_LIMIT + 2:
                 return None                      # EOF, perhaps mid-line
-            start = line.lstrip(b" ")
-            if len(line) - len(start) > 100 or not start.startswith((b"get ", b"gets ")):
-                return None
-            line += self.rfile.readline(GET_LINE_LIMIT - len(line))
-            if line[-1:] != b"\n":
+            line = self.read_long_line(line)
+            if line is None:
                 return None
         self.bytes_read += len(line)
+        if b"\0" in line:
+            line = line[:line.index(b"\0")] + b"\n"     # memcached's C strings end at NUL
         # As memcached: strip "\r\n" or "\n", but a lone "\r\n" keeps its "\r".
         return line[:-2] if line[-2:-1] == b"\r" and len(line) > 2 else line[:-1]
+
+    def read_long_line(self, start):
+        """The rest of a line longer than LINE_LIMIT, or None to close.  memcached
+        takes such a line if its newline is already within its 16 KiB read buffer,
+        and lets only get and gets lines grow beyond that."""
+        buffered = self.rfile.peek(MEMCACHED_READ_BUFFER)
+        if b"\n" in buffered[:MEMCACHED_READ_BUFFER - len(start)]:
+            return start + self.rfile.readline(MEMCACHED_READ_BUFFER)
+        command = start.lstrip(b" ")
+        if len(start) - len(command) > 100 or not command.startswith((b"get ", b"gets ")):
+            return None
+        line = start + self.rfile.readline(GET_LINE_LIMIT - len(start))
+        return line if line[-1:] == b"\n" else None
 
     def read_value(self, nbytes):
         """The data block of a storage command, checked for its "\\r\\n"; returns
@@ -760,6 +790,11 @@ class Protocol:
 
     def process(self):
         """Read and run one command.  Returns False when the connection should close."""
+        if self.first:
+            self.first = False
+            if self.rfile.peek(1)[:1] == b"\x80":
+                self.refuse_binary()
+                return False
         line = self.read_line()
         if line is None:
             return False
@@ -780,6 +815,16 @@ class Protocol:
             self.reply(ERROR)
             return True
         return handler(self, tokens, *entry[3:]) is not False
+
+    def refuse_binary(self):
+        """A client that opens with memcached's binary protocol (magic byte 0x80)
+        gets one binary reply, status 0x83 "not supported", then the connection
+        closes: memg speaks only the text protocol."""
+        header = self.rfile.peek(24)[:24].ljust(24, b"\0")
+        message = b"memg supports only the text protocol"
+        self.out.append(struct.pack(">BBHBBHIIQ", 0x81, header[1], 0, 0, 0, 0x83,
+                                    len(message), struct.unpack(">I", header[12:16])[0], 0)
+                        + message)
 
     def unknown(self, tokens):
         """ERROR, except that a request that looks like HTTP closes the connection
@@ -834,11 +879,11 @@ class Protocol:
         nbytes = parse_int32(tokens[4])
         cas = parse_uint64(tokens[5]) if mode == CAS else 0
         if (bad_key(key) or flags is None or exptime is None or nbytes is None
-                or cas is None or nbytes < 0):
+                or cas is None or not 0 <= nbytes <= VALUE_LENGTH_MAX):
             self.reply(BAD_FORMAT)
             return
-        if self.store.too_large(key, nbytes):
-            self.store.refuse(mode, key, TOO_LARGE)
+        if self.store.too_large(key, nbytes, flags):
+            self.store.refuse_too_large(key, drop_old=mode == SET)
             self.reply(TOO_LARGE_REPLY)
             return self.swallow(nbytes + 2)
         value = self.read_value(nbytes)
@@ -899,29 +944,29 @@ class Protocol:
 
     # -- meta commands: mg ms md ma mn me ---------------------------------------------
 
-    def meta_key(self, tokens, flag_start, flag_error=None):
+    def meta_key(self, tokens, flag_start, too_long=b"options flags too long",
+                 flag_error=None):
         """The key and flags of a meta command, or None after replying with the error
-        (flag_error, if given, replaces the message for any bad flag, as md and ma do)."""
+        (flag_error, if given, replaces the message for any bad flag, as md and ma)."""
         key = tokens[1]
         if len(key) > KEY_MAX_LENGTH:
             self.error(BAD_FORMAT)
             return None
         if len(tokens) > META_MAX_TOKENS:
-            self.error(b"CLIENT_ERROR options flags too long\r\n")
+            self.error(b"CLIENT_ERROR %s\r\n" % too_long)
             return None
         flags = MetaFlags(tokens[flag_start:])
         if flags.error and flag_error:
             flags.error = flag_error
+        if flags.error is None and len(flags.get("O", b"")) >= META_OPAQUE_MAX:
+            flags.error = b"CLIENT_ERROR opaque token too long\r\n"
         if flags.error is None and "b" in flags:
             try:
                 key = base64.b64decode(key, validate=True)
             except (binascii.Error, ValueError):
                 flags.error = b"CLIENT_ERROR error decoding key\r\n"
-        if flags.error is None and (not key or bad_key(key) and "b" not in flags):
+        elif flags.error is None and bad_key(key):
             flags.error = BAD_FORMAT
-        for token in flags.tokens:
-            if token[:1] == b"O" and len(token) > META_OPAQUE_MAX:
-                flags.error = flags.error or b"CLIENT_ERROR opaque token too long\r\n"
         if flags.error:
             self.error(flags.error)
             return None
@@ -929,74 +974,54 @@ class Protocol:
         return key, flags
 
     def meta_get(self, tokens):
-        parsed = self.meta_key(tokens, 2)
+        parsed = self.meta_key(tokens, 2, b"options flags are too long")
         if parsed is None:
             return
         key, flags = parsed
-        binary = "b" in flags
         found = self.store.meta_get(key, flags.get("T"), "u" not in flags,
                                     flags.get("N"), flags.get("R"))
         if found is None:
-            self.reply(b"EN" + flags.echo(key, binary) + b"\r\n")
+            self.reply(flags.reply(b"EN", key))
             return
         self.noreply = False     # q hides only the miss
         item, (hit_before, last_access, ttl, won, token_sent, stale) = found
-        head = b"VA %d" % len(item.value) if "v" in flags else b"HD"
-        parts = [head]
-        for token in flags.tokens:
-            flag = token[:1]
-            if flag == b"s":
-                parts.append(b" s%d" % len(item.value))
-            elif flag == b"t":
-                parts.append(b" t%d" % ttl)
-            elif flag == b"c":
-                parts.append(b" c%d" % item.cas)
-            elif flag == b"f":
-                parts.append(b" f%d" % item.flags)
-            elif flag == b"l":
-                parts.append(b" l%d" % last_access)
-            elif flag == b"h":
-                parts.append(b" h1" if hit_before else b" h0")
-            elif flag == b"O":
-                parts.append(b" " + token)
-            elif flag == b"k":
-                parts.append(b" k" + (base64.b64encode(key) + b" b" if binary else key))
-        if token_sent:
-            parts.append(b" Z")
-        if stale:
-            parts.append(b" X")
-        if won:
-            parts.append(b" W")
-        parts.append(b"\r\n")
-        if "v" in flags:
-            parts.append(item.value + b"\r\n")
-        self.reply(b"".join(parts))
+        line = flags.reply(b"VA %d" % len(item.value) if "v" in flags else b"HD", key, {
+            b"s": len(item.value), b"t": ttl, b"c": item.cas, b"f": item.flags,
+            b"l": last_access, b"h": hit_before})
+        # memcached's recache markers: Z (another client holds the token), X (stale),
+        # W (this client won the right to recache).
+        line = line[:-2] + (b" Z" if token_sent else b"") + (b" X" if stale else b"") + (
+            b" W" if won else b"") + b"\r\n"
+        self.reply(line + item.value + b"\r\n" if "v" in flags else line)
 
-    META_MODES = {None: SET, "S": SET, "E": ADD, "A": APPEND, "P": PREPEND, "R": REPLACE}
+    META_MODES = {None: SET, b"S": SET, b"E": ADD, b"A": APPEND, b"P": PREPEND, b"R": REPLACE}
 
     def meta_set(self, tokens):
         if len(tokens) == 2:
             self.error(BAD_FORMAT)
             return
-        nbytes = parse_int32(tokens[2])
-        if nbytes is None or nbytes < 0 or len(tokens[1]) > KEY_MAX_LENGTH:
+        # These errors leave the data to be read as commands; later ones swallow it.
+        if len(tokens[1]) > KEY_MAX_LENGTH:
             self.error(BAD_FORMAT)
             return
         if len(tokens) > META_MAX_TOKENS:
             self.error(b"CLIENT_ERROR options flags too long\r\n")
             return
+        nbytes = parse_int32(tokens[2])
+        if nbytes is None or not 0 <= nbytes <= VALUE_LENGTH_MAX:
+            self.error(BAD_FORMAT)
+            return
         parsed = self.meta_key(tokens, 3)
-        mode = None
-        if parsed is not None:
-            key, flags = parsed
-            mode = self.META_MODES.get(flags.get("M") and chr(flags.get("M")[0]), None)
-            if "M" in flags and mode is None:
-                self.error(b"CLIENT_ERROR invalid mode for ms M token\r\n")
-            elif self.store.too_large(key, nbytes):
-                self.store.refuse(mode, key, TOO_LARGE)
-                self.error(TOO_LARGE_REPLY)
-                mode = None
+        if parsed is None:
+            return self.swallow(nbytes + 2)
+        key, flags = parsed
+        mode = self.META_MODES.get(flags.get("M"))
         if mode is None:
+            self.error(b"CLIENT_ERROR invalid mode for ms M token\r\n")
+            return self.swallow(nbytes + 2)
+        if self.store.too_large(key, nbytes, flags.get("F")):
+            self.store.refuse_too_large(key, drop_old=True)
+            self.error(TOO_LARGE_REPLY)
             return self.swallow(nbytes + 2)
         value = self.read_value(nbytes)
         if value is None:
@@ -1005,49 +1030,46 @@ class Protocol:
             self.error(BAD_CHUNK)
             return
         cas = flags.get("C") or 0
-        if cas and mode in (SET, REPLACE):
-            mode = CAS
+        if "C" in flags and mode in (SET, REPLACE):
+            mode = CAS          # even C0: it compares, and nothing has CAS 0
         outcome, item = self.store.store(
             mode, key, value, flags.get("F") or 0, flags.get("T") or 0, cas,
             flags.get("E") or 0, "I" in flags, flags.get("N"))
-        if outcome in (TOO_LARGE, NO_MEMORY):
-            self.error(REPLIES[outcome])
+        if outcome == NO_MEMORY:
+            self.error(NO_MEMORY_REPLY)
             return
         if outcome != STORED:
             self.noreply = False
-        reply = META_CODES[outcome] + flags.echo(key, "b" in flags)
-        if "c" in flags:
-            reply += b" c%d" % (item.cas if item else 0)
-        self.reply(reply + b"\r\n")
+        self.reply(flags.reply(META_CODES[outcome], key, {b"c": item.cas if item else 0}))
 
     def meta_delete(self, tokens):
-        parsed = self.meta_key(tokens, 2, BAD_META_FLAG)
+        parsed = self.meta_key(tokens, 2, flag_error=BAD_META_FLAG)
         if parsed is None:
             return
         key, flags = parsed
         if "I" in flags or "x" in flags:
-            outcome = self.store.invalidate(key, flags.get("C") or 0, flags.get("T"),
+            outcome = self.store.invalidate(key, flags.get("C"), flags.get("T"),
                                             flags.get("E") or 0, "x" in flags)
         else:
-            outcome = self.store.delete(key, flags.get("C") or 0)
+            outcome = self.store.delete(key, flags.get("C"))
         if outcome != STORED:
             self.noreply = False
-        self.reply(META_CODES[outcome] + flags.echo(key, "b" in flags) + b"\r\n")
+        self.reply(flags.reply(META_CODES[outcome], key))
 
     def meta_arithmetic(self, tokens):
-        parsed = self.meta_key(tokens, 2, BAD_META_FLAG)
+        parsed = self.meta_key(tokens, 2, flag_error=BAD_META_FLAG)
         if parsed is None:
             return
         key, flags = parsed
         mode = flags.get("M")
-        if mode is not None and mode not in (b"I", b"+", b"D", b"-"):
+        if mode not in (None, b"I", b"+", b"D", b"-"):
             self.error(b"CLIENT_ERROR invalid mode for ma M token\r\n")
             return
-        incr = mode not in (b"D", b"-")
         delta = flags.get("D")
         outcome, item = self.store.arithmetic(
-            key, 1 if delta is None else delta, incr, flags.get("C") or 0,
-            flags.get("N"), flags.get("J") or 0, flags.get("E") or 0, flags.get("T"))
+            key, 1 if delta is None else delta, mode not in (b"D", b"-"),
+            flags.get("C") or 0, flags.get("N"), flags.get("J") or 0, flags.get("E") or 0,
+            flags.get("T"))
         if outcome == NON_NUMERIC:
             self.error(NOT_NUMBER)
             return
@@ -1056,47 +1078,36 @@ class Protocol:
             return
         if item is None:
             self.noreply = False
-            self.reply(META_CODES[outcome] + flags.echo(key, "b" in flags) + b"\r\n")
+            self.reply(flags.reply(META_CODES[outcome], key))
             return
         number = item.value.rstrip(b" ")
-        parts = [b"VA %d" % len(number) if "v" in flags else b"HD"]
-        now = self.store.clock()
-        for token in flags.tokens:
-            flag = token[:1]
-            if flag == b"c":
-                parts.append(b" c%d" % item.cas)
-            elif flag == b"t":
-                parts.append(b" t%d" % self.store.ttl(item, now))
-            elif flag in b"Ok" and flag:
-                parts.append(flags.echo(key, "b" in flags) if flag == b"k" else b" " + token)
-        parts.append(b"\r\n")
-        if "v" in flags:
-            parts.append(number + b"\r\n")
-        self.reply(b"".join(parts))
+        line = flags.reply(b"VA %d" % len(number) if "v" in flags else b"HD", key, {
+            b"c": item.cas, b"t": self.store.ttl(item, self.store.now())})
+        self.reply(line + number + b"\r\n" if "v" in flags else line)
 
     def meta_noop(self, tokens):
         self.reply(b"MN\r\n")
 
     def meta_debug(self, tokens):
+        if len(tokens) < 2 or len(tokens[1]) > KEY_MAX_LENGTH:
+            self.reply(BAD_FORMAT)
+            return
         key = tokens[1]
         binary = len(tokens) > 2 and tokens[2] == b"b"
         if binary:
             try:
                 key = base64.b64decode(key, validate=True)
             except (binascii.Error, ValueError):
-                key = b""
-        if not key or len(tokens[1]) > KEY_MAX_LENGTH:
-            self.reply(BAD_FORMAT)
-            return
+                self.reply(BAD_FORMAT)
+                return
         item = self.store.get(key, bump=False)
         if item is None:
             self.reply(b"EN\r\n")
             return
-        now = self.store.clock()
+        now = self.store.now()
         self.reply(b"ME %s exp=%d la=%d cas=%d fetch=%s cls=1 size=%d\r\n" % (
-            base64.b64encode(key) if binary else key, self.store.ttl(item, now),
-            int(now - item.atime), item.cas, b"yes" if item.fetched else b"no",
-            item_cost(key, item.value)))
+            tokens[1], self.store.ttl(item, now), now - item.atime, item.cas,
+            b"yes" if item.fetched else b"no", item_cost(key, item.value)))
 
     # -- everything else -----------------------------------------------------------
 
@@ -1183,10 +1194,55 @@ class Protocol:
         if slab is None or limit is None:
             self.reply(BAD_FORMAT)
             return
+        if slab >= SLAB_CLASSES:
+            self.reply(b"CLIENT_ERROR Illegal slab id\r\n")
+            return
         lines = [] if slab != 1 else [
-            b"ITEM %s [%d b; %d s]\r\n" % (key, size, exptime)
-            for key, size, exptime in self.store.dump(limit)]
+            b"ITEM %s [%d b; %d s]\r\n" % (key, len(item.value), item.exptime)
+            for key, item in self.store.dump(limit)]
         self.reply(b"".join(lines) + b"END\r\n")
+
+    def lru_crawler(self, tokens):
+        """memcached's LRU crawler commands.  memg's background sweep is its crawler:
+        crawl sweeps every item now, metadump lists every item."""
+        sub = tokens[1] if len(tokens) > 1 else b""
+        argument = tokens[2] if len(tokens) > 2 else b""
+        if len(tokens) == 2 and sub in (b"enable", b"disable"):
+            self.server.crawler_enabled = sub == b"enable"
+            self.reply(b"OK\r\n")
+        elif len(tokens) == 3 and sub in (b"sleep", b"tocrawl"):
+            number = parse_uint32(argument)
+            if number is None:
+                self.reply(BAD_FORMAT)
+            elif sub == b"sleep" and number > 1000000:
+                self.reply(b"CLIENT_ERROR sleep must be one second or less\r\n")
+            else:
+                self.reply(b"OK\r\n")
+        elif len(tokens) == 3 and sub in (b"crawl", b"metadump"):
+            classes = argument.split(b",")
+            if argument not in (b"all", b"hash") and not all(
+                    parse_uint32(c) is not None and parse_uint32(c) < SLAB_CLASSES
+                    for c in classes):
+                self.reply(b"BADCLASS invalid class id\r\n")
+            elif sub == b"crawl":
+                self.store.sweep(budget=None)
+                self.reply(b"OK\r\n")
+            elif not self.settings.dump_enabled:
+                self.reply(b"ERROR metadump not allowed\r\n")
+            else:
+                self.reply(self.metadump(argument in (b"all", b"hash") or b"1" in classes))
+        else:
+            self.reply(ERROR)
+
+    def metadump(self, include):
+        lines = []
+        if include:
+            for key, item in self.store.dump():
+                lines.append(b"key=%s exp=%d la=%d cas=%d fetch=%s cls=1 size=%d\n" % (
+                    urllib.parse.quote_from_bytes(key).encode(),
+                    item.exptime or -1, item.atime, item.cas,
+                    b"yes" if item.fetched else b"no", item_cost(key, item.value)))
+        return b"".join(lines) + b"END\r\n"
 
     # The command table: word -> (handler, fewest tokens, most tokens, switches...).
     # Commands that differ by a switch share a handler, as in memcached's proto_text.c.
@@ -1211,7 +1267,7 @@ class Protocol:
         b"md": (meta_delete, 2, ANY),
         b"ma": (meta_arithmetic, 2, ANY),
         b"mn": (meta_noop, 1, ANY),
-        b"me": (meta_debug, 2, ANY),
+        b"me": (meta_debug, 1, ANY),
         b"flush_all": (flush_all, 1, 3),
         b"version": (version, 1, ANY),
         b"verbosity": (verbosity, 2, 3),
@@ -1219,6 +1275,7 @@ class Protocol:
         b"stats": (stats, 1, ANY),
         b"quit": (quit, 1, ANY),
         b"shutdown": (shutdown, 1, ANY),
+        b"lru_crawler": (lru_crawler, 1, ANY),
     }
     # ``stats <sub>`` reports, each a function of the server returning (name, value)s.
     STATS = {
@@ -1326,6 +1383,7 @@ class Server:
             ("total_connections", "rejected_connections", "idle_kicks",
              "closed_bytes_read", "closed_bytes_written"), 0)
         self.listeners = []
+        self.crawler_enabled = True              # lru_crawler enable|disable
         self.stopping = threading.Event()
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._threads = []
@@ -1483,7 +1541,8 @@ class Server:
     def sweep(self):
         """Background expiry: reclaim dead items a slice at a time, once a second."""
         while not self.stopping.wait(1.0):
-            self.store.sweep()
+            if self.crawler_enabled:
+                self.store.sweep()
 
     def count(self, name):
         with self.lock:

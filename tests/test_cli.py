@@ -1,0 +1,581 @@
+"""The command line and the server's life cycle, as a user sees them.
+
+Every test starts ``python memg.py`` as a real process with the options under test
+and talks to it over real sockets; processes are always stopped at teardown.
+"""
+
+import os
+import pstats
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import MEMG, RawClient, free_port, start_memg
+
+KB = 1024
+MB = 1024 * KB
+
+
+# -- helpers -----------------------------------------------------------------
+
+@pytest.fixture
+def launch():
+    """start_memg, with every server it started stopped at teardown."""
+    started = []
+
+    def start(*args, port=None):
+        server = start_memg(*args, port=port)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def processes():
+    """A list to put Popen objects in; any still running are killed at teardown."""
+    popens = []
+    yield popens
+    for process in popens:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def run_memg(*args, timeout=10):
+    """Run memg to completion (it is expected to exit by itself): (code, out, err)."""
+    process = subprocess.Popen([sys.executable, MEMG] + list(args),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail("memg %s did not exit by itself; stderr: %r" % (" ".join(args), err))
+    return process.returncode, out.decode(), err.decode()
+
+
+def wait_exit(process, timeout=5.0):
+    """The exit code and stderr of a process expected to end by itself."""
+    try:
+        _, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+        pytest.fail("process did not exit within %s s; stderr: %r" % (timeout, err))
+    return process.returncode, err
+
+
+def stats(client, sub=b""):
+    reply = client.request(b"stats" + (b" " + sub if sub else b"") + b"\r\n", b"END\r\n")
+    values = {}
+    for line in reply.decode().splitlines():
+        if line.startswith("STAT "):
+            _, name, value = line.split(" ", 2)
+            values[name] = value
+    return values
+
+
+def connect_admitted(address, family=socket.AF_INET, timeout=5.0):
+    """A connection the server has taken in (it answered ``version``), retrying while
+    the server is still busy with connections that are on their way out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if family == socket.AF_UNIX:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5)
+            try:
+                sock.connect(address)
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+                continue
+            client = RawClient.__new__(RawClient)
+            client.sock = sock
+        else:
+            client = RawClient(address)
+        try:
+            reply = client.request(b"version\r\n")
+        except OSError:
+            reply = b""
+        if reply.startswith(b"VERSION "):
+            return client
+        client.close()
+        if time.monotonic() > deadline:
+            pytest.fail("server never admitted a connection; last reply %r" % reply)
+        time.sleep(0.05)
+
+
+def one_line(err):
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err
+    assert len(lines) == 1, "expected one line on stderr, got %r" % err
+    return lines[0]
+
+
+def listening_addresses(port):
+    """Local addresses of the TCP sockets listening on port (Linux /proc)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                address, port_hex = fields[1].split(":")
+                if fields[3] == "0A" and int(port_hex, 16) == port:
+                    found.append(address)
+    return found
+
+
+# -- -h and -V ---------------------------------------------------------------
+
+HELP_OPTIONS = ["-p", "-U", "-s", "-a", "-A", "-l", "-u", "-m", "-M", "-c", "-I", "-t",
+                "-v", "-vv", "-V", "-o", "-P", "-C", "-b", "-B", "-F", "-X", "--single",
+                "-h",
+                # memcached's options that memg ignores or refuses
+                "-r", "-k", "-f", "-n", "-L", "-D", "-R", "-W", "-d", "-S", "-Y", "-Z",
+                "-e"]
+
+
+def test_help_lists_every_option():
+    code, out, err = run_memg("-h")
+    assert code == 0
+    assert "Traceback" not in err
+    missing = [option for option in HELP_OPTIONS
+               if not re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(option), out)]
+    assert missing == [], "options missing from -h: %s\n%s" % (missing, out)
+
+
+def test_help_says_which_options_are_ignored_or_refused():
+    code, out, _ = run_memg("-h")
+    assert code == 0
+    assert "ignored" in out
+    assert "not supported" in out
+
+
+def test_version_prints_and_exits_zero():
+    code, out, err = run_memg("-V")
+    assert code == 0
+    assert "Traceback" not in err
+    assert re.search(r"\d+\.\d+\.\d+", out + err)
+    assert "memg" in out + err
+
+
+# -- refused command lines -------------------------------------------------------
+
+BAD_COMMAND_LINES = [
+    ["--bogus"],
+    ["-p", "notanumber"],
+    ["-m", "x"],
+    ["-I", "0"],
+    ["-I", "2000m"],
+    ["-c", "0"],
+    ["-o", "nosuch=1"],
+    ["-U", "11211"],
+    ["-B", "binary"],
+    ["-d"],
+    ["-S"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_COMMAND_LINES, ids=" ".join)
+def test_bad_command_line_exits_with_one_line(args):
+    code, out, err = run_memg("-p", str(free_port()), *args)
+    assert code != 0
+    assert "Traceback" not in err
+    one_line(err)
+
+
+# -- ignored memcached options ---------------------------------------------------
+
+@pytest.mark.parametrize("args", [["-f", "1.25"], ["-n", "48"], ["-L"], ["-R", "20"]],
+                         ids=" ".join)
+def test_ignored_option_starts_with_one_warning(launch, args):
+    server = launch(*args)
+    with connect_admitted(server.address) as client:
+        assert client.request(b"set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
+    code, err = server.stop()
+    err = err.decode()
+    line = one_line(err)
+    assert args[0] in line
+    assert "warning" in line.lower() or "ignored" in line.lower()
+
+
+def test_ignored_extended_options_start_with_warnings(launch):
+    server = launch("-o", "hashpower=20,slab_chunk_max=512")
+    with connect_admitted(server.address) as client:
+        assert client.request(b"get k\r\n") == b"END\r\n"
+    _, err = server.stop()
+    err = err.decode()
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    # One warning line per ignored option at most, naming what was ignored.
+    assert 1 <= len(lines) <= 2, err
+    assert "hashpower" in err and "slab_chunk_max" in err
+    for line in lines:
+        assert "warning" in line.lower() or "ignored" in line.lower()
+
+
+# -- listening -------------------------------------------------------------------
+
+def test_default_listens_on_loopback_only(launch):
+    server = launch()
+    with connect_admitted(server.address) as client:
+        assert stats(client, b"settings")["inter"] == "127.0.0.1"
+    assert listening_addresses(server.port) == ["0100007F"]
+    _, err = server.stop()
+    assert b"loopback" not in err
+
+
+def test_port_in_use_exits_with_one_line():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        code, _, err = run_memg("-p", str(port))
+    assert code != 0
+    one_line(err)
+
+
+def test_listen_everywhere_warns_about_no_authentication(launch):
+    server = launch("-l", "0.0.0.0")
+    with connect_admitted(("127.0.0.1", server.port)) as client:
+        assert client.request(b"get k\r\n") == b"END\r\n"
+    _, err = server.stop()
+    err = err.decode()
+    assert "Traceback" not in err
+    warning = [line for line in err.splitlines() if "loopback" in line]
+    assert len(warning) == 1, err
+    assert "auth" in warning[0].lower()
+
+
+# -- Unix socket -------------------------------------------------------------------
+
+def test_unix_socket_serves_and_is_removed(tmp_path, processes):
+    path = str(tmp_path / "memg.sock")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, MEMG, "-p", str(port), "-s", path,
+                                "-a", "600"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    processes.append(process)
+    client = connect_admitted(path, family=socket.AF_UNIX)
+    with client:
+        assert client.request(b"set k 0 0 5\r\nhello\r\n") == b"STORED\r\n"
+        assert client.request(b"get k\r\n", b"END\r\n") == b"VALUE k 0 5\r\nhello\r\nEND\r\n"
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+    # -s replaces TCP.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    process.send_signal(signal.SIGTERM)
+    code, err = wait_exit(process)
+    assert code == 0
+    assert b"Traceback" not in err
+    assert not os.path.exists(path)
+
+
+# -- shutdown command -----------------------------------------------------------------
+
+def test_shutdown_command_with_A_exits_zero(launch):
+    server = launch("-A")
+    with connect_admitted(server.address) as client:
+        client.send(b"shutdown\r\n")
+        assert client.is_closed(timeout=5)
+    code, err = wait_exit(server.process)
+    assert code == 0
+    assert b"Traceback" not in err
+
+
+def test_shutdown_command_without_A_is_refused(launch):
+    server = launch()
+    with connect_admitted(server.address) as client:
+        assert client.request(b"shutdown\r\n") == b"ERROR: shutdown not enabled\r\n"
+        assert client.request(b"version\r\n").startswith(b"VERSION ")
+    assert server.process.poll() is None
+
+
+# -- signals ------------------------------------------------------------------------
+
+def signal_with_clients_connected(launch, signum):
+    server = launch()
+    idle = [connect_admitted(server.address) for _ in range(3)]
+    busy_value = connect_admitted(server.address)
+    busy_value.send(b"set k 0 0 10\r\nabc")            # data block half sent
+    busy_line = connect_admitted(server.address)
+    busy_line.send(b"get fo")                          # command line half sent
+    never_spoke = RawClient(server.address)
+    clients = idle + [busy_value, busy_line, never_spoke]
+    try:
+        time.sleep(0.1)                                # let the partial sends arrive
+        sent = time.monotonic()
+        server.process.send_signal(signum)
+        try:
+            server.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pytest.fail("memg did not exit within 2 s of signal %d" % signum)
+        elapsed = time.monotonic() - sent
+        code, err = server.stop()
+        assert code == 0
+        assert b"Traceback" not in err, err
+        assert elapsed <= 2.0
+        for client in clients:
+            assert client.is_closed(timeout=2)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_sigterm_with_clients_exits_zero_quickly(launch):
+    signal_with_clients_connected(launch, signal.SIGTERM)
+
+
+def test_sigint_with_clients_exits_zero_quickly(launch):
+    signal_with_clients_connected(launch, signal.SIGINT)
+
+
+# -- --single ------------------------------------------------------------------------
+
+def first_connection(port, process, timeout=10.0):
+    """Connect to a --single server without wasting its one connection on a probe."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return RawClient(("127.0.0.1", port))
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                _, err = process.communicate()
+                pytest.fail("memg --single did not start: %r" % err)
+            time.sleep(0.02)
+
+
+def test_single_serves_one_connection_then_exits(processes):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, MEMG, "--single", "-p", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    processes.append(process)
+    first = first_connection(port, process)
+    with first:
+        assert first.request(b"set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
+        assert first.request(b"get k\r\n", b"END\r\n") == b"VALUE k 0 1\r\nv\r\nEND\r\n"
+        second = None
+        try:
+            second = RawClient(("127.0.0.1", port))
+            second.send(b"version\r\n")
+        except OSError:
+            pass                 # refused outright: also not served
+        # The first connection is still served while the second waits.
+        assert first.request(b"version\r\n").startswith(b"VERSION ")
+    code, err = wait_exit(process)
+    assert code == 0
+    assert b"Traceback" not in err
+    if second is not None:
+        with second:
+            second.sock.settimeout(2)
+            try:
+                reply = second.read_to_eof()
+            except (ConnectionResetError, socket.timeout):
+                reply = b""
+            assert b"VERSION" not in reply
+
+
+def test_single_under_cprofile_writes_a_profile(tmp_path, processes):
+    port = free_port()
+    profile = str(tmp_path / "memg.prof")
+    process = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", profile, MEMG,
+                                "--single", "-p", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    processes.append(process)
+    with first_connection(port, process) as client:
+        for i in range(20):
+            assert client.request(b"set k%d 0 0 2\r\nab\r\n" % i) == b"STORED\r\n"
+        assert client.request(b"get k1\r\n", b"END\r\n") == b"VALUE k1 0 2\r\nab\r\nEND\r\n"
+    code, err = wait_exit(process, timeout=10)
+    assert code == 0, err
+    assert b"Traceback" not in err
+    assert os.path.getsize(profile) > 0
+    functions = pstats.Stats(profile).stats
+    in_memg = {name for filename, _, name in functions
+               if os.path.basename(filename) == "memg.py"}
+    assert "main" in in_memg
+    assert "process" in in_memg              # Protocol.process, the command loop
+
+
+# -- -c: connection limit ------------------------------------------------------------------
+
+def test_connection_limit(launch):
+    server = launch("-c", "3")
+    admitted = [connect_admitted(server.address) for _ in range(3)]
+    try:
+        with RawClient(server.address) as extra:
+            assert extra.recv_until() == b"ERROR Too many open connections\r\n"
+            assert extra.is_closed(timeout=5)
+        for client in admitted:
+            assert client.request(b"version\r\n").startswith(b"VERSION ")
+        admitted.pop().close()
+        admitted.append(connect_admitted(server.address))
+        assert stats(admitted[-1])["rejected_connections"] != "0"
+        for client in admitted:
+            assert client.request(b"get k\r\n") == b"END\r\n"
+    finally:
+        for client in admitted:
+            client.close()
+
+
+# -- -I: item size limit ---------------------------------------------------------------------
+
+def test_item_size_limit_raised_with_I(launch):
+    server = launch("-I", "2m")
+    value = b"x" * (1536 * KB)
+    with connect_admitted(server.address) as client:
+        assert client.request(b"set big 0 0 %d\r\n%s\r\n" % (len(value), value)) \
+            == b"STORED\r\n"
+        reply = client.request(b"get big\r\n", b"END\r\n")
+        assert reply == b"VALUE big 0 %d\r\n%s\r\nEND\r\n" % (len(value), value)
+
+
+def test_default_item_size_limit_rejects_big_value(launch):
+    server = launch()
+    value = b"x" * (1536 * KB)
+    with connect_admitted(server.address) as client:
+        assert client.request(b"set big 0 0 %d\r\n%s\r\n" % (len(value), value)) \
+            == b"SERVER_ERROR object too large for cache\r\n"
+        assert client.request(b"version\r\n").startswith(b"VERSION ")
+        assert client.request(b"set small 0 0 1\r\nv\r\n") == b"STORED\r\n"
+        assert client.request(b"get big\r\n") == b"END\r\n"
+
+
+# -- -m and -M: memory limit ---------------------------------------------------------------------
+
+def fill(client, total, size=10 * KB, batch=64):
+    """Set total bytes of size-byte values, batch by batch; the replies, in order."""
+    value = b"v" * size
+    replies = []
+    count = total // size
+    for start in range(0, count, batch):
+        keys = range(start, min(start + batch, count))
+        client.send(b"".join(b"set key%d 0 0 %d\r\n%s\r\n" % (i, size, value) for i in keys))
+        received = b""
+        while received.count(b"\r\n") < len(keys):
+            chunk = client.sock.recv(65536)
+            assert chunk, "connection closed after %r" % received
+            received += chunk
+        replies += [line + b"\r\n" for line in received.split(b"\r\n")[:-1]]
+    return replies, value
+
+
+def test_memory_limit_evicts(launch):
+    server = launch("-m", "8")
+    with connect_admitted(server.address) as client:
+        replies, value = fill(client, 48 * MB)
+        assert set(replies) == {b"STORED\r\n"}
+        numbers = stats(client)
+        assert int(numbers["limit_maxbytes"]) == 8 * MB
+        assert int(numbers["bytes"]) <= int(numbers["limit_maxbytes"])
+        assert int(numbers["evictions"]) > 0
+        last = len(replies) - 1
+        for i in range(last - 9, last + 1):
+            assert client.request(b"get key%d\r\n" % i, b"END\r\n") \
+                == b"VALUE key%d 0 %d\r\n%s\r\nEND\r\n" % (i, len(value), value)
+        assert client.request(b"get key0\r\n") == b"END\r\n"
+
+
+def test_memory_limit_without_eviction_runs_out(launch):
+    server = launch("-M", "-m", "8")
+    with connect_admitted(server.address) as client:
+        replies, _ = fill(client, 48 * MB)
+        assert b"SERVER_ERROR out of memory storing object\r\n" in replies
+        assert set(replies) <= {b"STORED\r\n", b"SERVER_ERROR out of memory storing object\r\n"}
+        assert replies[0] == b"STORED\r\n"
+        numbers = stats(client)
+        assert int(numbers["evictions"]) == 0
+        assert int(numbers["bytes"]) <= int(numbers["limit_maxbytes"])
+        assert client.request(b"get key0\r\n", b"END\r\n").startswith(b"VALUE key0 ")
+
+
+# -- -o idle_timeout ---------------------------------------------------------------------------
+
+def test_idle_timeout_closes_idle_connections(launch):
+    server = launch("-o", "idle_timeout=1")
+    with connect_admitted(server.address) as idle:
+        assert idle.is_closed(timeout=5)
+    with connect_admitted(server.address) as client:
+        numbers = stats(client)
+        assert int(numbers["idle_kicks"]) >= 1
+        assert stats(client, b"settings")["idle_timeout"] == "1"
+
+
+# -- -vv, -P, -C, -F, -X, -t, stats settings ------------------------------------------------------
+
+def test_very_verbose_logs_commands_and_replies(launch):
+    server = launch("-vv")
+    with connect_admitted(server.address) as client:
+        assert client.request(b"get foo\r\n") == b"END\r\n"
+    _, err = server.stop()
+    err = err.decode()
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert any("get foo" in line for line in lines), err
+    assert any("END" in line for line in lines), err
+
+
+def test_pid_file(launch, tmp_path):
+    path = str(tmp_path / "memg.pid")
+    server = launch("-P", path)
+    with connect_admitted(server.address) as client:
+        assert client.request(b"get k\r\n") == b"END\r\n"
+        with open(path) as pid_file:
+            assert pid_file.read().strip() == str(server.process.pid)
+        assert stats(client)["pid"] == str(server.process.pid)
+
+
+def test_disable_cas(launch):
+    server = launch("-C")
+    with connect_admitted(server.address) as client:
+        assert client.request(b"set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
+        assert client.request(b"gets k\r\n", b"END\r\n") == b"VALUE k 0 1 0\r\nv\r\nEND\r\n"
+        assert stats(client, b"settings")["cas_enabled"] == "no"
+
+
+def test_disable_flush_all(launch):
+    server = launch("-F")
+    with connect_admitted(server.address) as client:
+        assert client.request(b"set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
+        assert client.request(b"flush_all\r\n") == b"CLIENT_ERROR flush_all not allowed\r\n"
+        assert client.request(b"get k\r\n", b"END\r\n") == b"VALUE k 0 1\r\nv\r\nEND\r\n"
+
+
+def test_disable_cachedump(launch):
+    server = launch("-X")
+    with connect_admitted(server.address) as client:
+        assert client.request(b"stats cachedump 1 1\r\n") \
+            == b"CLIENT_ERROR stats cachedump not allowed\r\n"
+
+
+def test_threads_reported(launch):
+    server = launch("-t", "8")
+    with connect_admitted(server.address) as client:
+        assert stats(client)["threads"] == "8"
+        assert stats(client, b"settings")["num_threads"] == "8"
+
+
+def test_stats_settings_reflect_command_line(launch):
+    server = launch("-m", "16", "-c", "50", "-I", "2m")
+    with connect_admitted(server.address) as client:
+        settings = stats(client, b"settings")
+        assert settings["maxbytes"] == str(16 * MB)
+        assert settings["maxconns"] == "50"
+        assert settings["item_size_max"] == str(2 * MB)
+        assert settings["tcpport"] == str(server.port)
+        numbers = stats(client)
+        assert numbers["limit_maxbytes"] == str(16 * MB)
+        assert numbers["max_connections"] == "50"

@@ -1,0 +1,733 @@
+"""Real memcached clients against a real memg process.
+
+Each of pylibmc, pymemcache and python-memcached (``import memcache``) is used the
+way an application uses it, and must see what it sees against memcached 1.6: the
+same values (its own serialisation round-trips through the flags), the same hits,
+misses and refusals, the same errors.
+"""
+
+import dataclasses
+import threading
+import time
+
+import memcache
+import pylibmc
+import pytest
+from pymemcache import serde
+from pymemcache.client.base import Client as PymemcacheClient
+from pymemcache.client.base import PooledClient
+from pymemcache.client.hash import HashClient
+from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
+
+from conftest import RawClient, start_memg
+
+CLIENTS = ["pylibmc", "pymemcache", "python-memcached"]
+
+# The largest value memcached stores by default is a little under 1 MB (-I 1m counts
+# the item header and key too); these are safely either side of it.
+NEAR_LIMIT = 1024 * 1024 - 1024
+OVER_LIMIT = 1024 * 1024 + 1
+
+
+@dataclasses.dataclass
+class Point:
+    """A user-defined class: only pickling can store it."""
+
+    x: int
+    y: int
+
+
+def connect(kind, address, **options):
+    """A client of the given kind for one server, configured as an application would
+    (pymemcache with its pickle serde, pylibmc with CAS on, python-memcached caching
+    CAS ids).  pymemcache waits for replies unless told otherwise."""
+    if kind == "pylibmc":
+        behaviors = {"cas": True}
+        behaviors.update(options.pop("behaviors", {}))
+        return pylibmc.Client(["%s:%d" % address], binary=False, behaviors=behaviors,
+                              **options)
+    if kind == "pymemcache":
+        options.setdefault("default_noreply", False)
+        return PymemcacheClient(address, serde=serde.pickle_serde, connect_timeout=5,
+                                timeout=5, **options)
+    if kind == "python-memcached":
+        return memcache.Client(["%s:%d" % address], cache_cas=True, socket_timeout=5,
+                               **options)
+    raise ValueError(kind)
+
+
+def close(client):
+    if isinstance(client, (PymemcacheClient, PooledClient, HashClient)):
+        client.close()
+    else:
+        client.disconnect_all()
+
+
+@pytest.fixture(params=CLIENTS)
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def mc(kind, memg):
+    """A client of each kind connected to the (flushed) shared memg."""
+    client = connect(kind, memg.address)
+    yield client
+    close(client)
+
+
+def raw_get_many(address, keys):
+    """{key: (flags, data)} of the keys that memg has, read with one raw get."""
+    found = {}
+    with RawClient(address) as raw:
+        raw.send(b"get %s\r\n" % b" ".join(keys))
+        reply = raw.sock.makefile("rb")
+        while True:
+            header = reply.readline()
+            if header == b"END\r\n":
+                return found
+            word, name, flags, size = header.split()
+            assert word == b"VALUE" and name in keys, header
+            data = reply.read(int(size) + 2)
+            assert data.endswith(b"\r\n")
+            found[name] = int(flags), data[:-2]
+
+
+def raw_get(address, key):
+    """(flags, data) of key as memg sends it, or None on a miss."""
+    return raw_get_many(address, [key]).get(key)
+
+
+def raw_set(address, key, flags, data):
+    with RawClient(address) as raw:
+        reply = raw.request(b"set %s %d 0 %d\r\n%s\r\n" % (key, flags, len(data), data))
+        assert reply == b"STORED\r\n"
+
+
+def stats_of(kind, client):
+    """The general stats of a single-server client, as str -> str."""
+    if kind == "pymemcache":
+        return {name.decode(): value.decode() if isinstance(value, bytes) else str(value)
+                for name, value in client.stats().items()}
+    (_, stats), = client.get_stats()
+    return {name: value.decode() if isinstance(value, bytes) else value
+            for name, value in stats.items()}
+
+
+# -- values and their serialisation -------------------------------------------------
+
+VALUES = {
+    "str": "hello world",
+    "bytes": b"\x00\xffraw bytes",
+    "int": 42,
+    "negative int": -7,
+    "long int": 2 ** 70,
+    "float": 1.5,
+    "list": [1, "two", 3.0],
+    "dict": {"a": 1, "b": [2, 3]},
+    "tuple": (1, 2),
+    "object": Point(3, 4),
+}
+
+
+def test_values_round_trip_with_their_type(mc):
+    for name, value in VALUES.items():
+        key = name.replace(" ", "_")
+        assert mc.set(key, value), name
+        got = mc.get(key)
+        assert got == value, name
+        assert type(got) is type(value), name
+
+
+def test_serialisation_flags_are_stored_and_served_verbatim(mc, memg):
+    samples = {"bytes": b"plain", "str": "text", "int": 12345, "object": Point(1, 2)}
+    seen = {}
+    for name, value in samples.items():
+        assert mc.set(name, value)
+        stored = raw_get(memg.address, name.encode())
+        assert stored is not None, name
+        seen[name] = stored
+    flags = {name: stored[0] for name, stored in seen.items()}
+    assert flags["bytes"] == 0
+    assert len(set(flags.values())) == len(flags), flags
+    # The same bytes and flags written by someone else decode the same way.
+    for name, (flag, data) in seen.items():
+        raw_set(memg.address, b"copy_" + name.encode(), flag, data)
+        assert mc.get("copy_" + name) == samples[name], name
+
+
+def test_large_flag_values_are_kept(memg):
+    raw_set(memg.address, b"flagged", 2 ** 32 - 1, b"x")
+    assert raw_get(memg.address, b"flagged") == (2 ** 32 - 1, b"x")
+
+
+def test_compressed_values_round_trip(kind, memg):
+    value = "compressible " * 2000
+    if kind == "pymemcache":
+        client = PymemcacheClient(memg.address, default_noreply=False, timeout=5,
+                                  serde=serde.CompressedSerde(min_compress_len=100))
+        stored = client.set("zipped", value)
+    else:
+        client = connect(kind, memg.address)
+        stored = client.set("zipped", value, min_compress_len=100)
+    try:
+        assert stored
+        flags, data = raw_get(memg.address, b"zipped")
+        assert flags & 8             # every one of these clients marks zlib with 1 << 3
+        assert len(data) < len(value) // 10
+        assert client.get("zipped") == value
+    finally:
+        close(client)
+
+
+def test_unicode_values(mc):
+    values = ["héllo wörld", "✓ 日本語 🎉", "Ωμέγα\u2028line\u0000nul", "€" * 5000]
+    for index, value in enumerate(values):
+        assert mc.set("unicode%d" % index, value)
+    for index, value in enumerate(values):
+        assert mc.get("unicode%d" % index) == value
+
+
+BINARY_VALUES = [
+    b"",
+    b"\r\n",
+    b"a\r\nb",
+    b"\x00",
+    b"nul\x00inside\x00",
+    b"END\r\n",
+    b"\r\nEND\r\n",
+    b"VALUE other 0 5\r\nhello\r\nEND\r\n",
+    b"\r\n\r\n\x00\r\n",
+    bytes(range(256)) * 4,
+]
+
+
+def test_binary_values(mc):
+    for index, value in enumerate(BINARY_VALUES):
+        assert mc.set("binary%d" % index, value)
+    for index, value in enumerate(BINARY_VALUES):
+        assert mc.get("binary%d" % index) == value, index
+
+
+def test_binary_values_in_one_multi_get(mc):
+    mapping = {"binary%d" % index: value for index, value in enumerate(BINARY_VALUES)}
+    assert mc.set_multi(mapping) == []
+    assert mc.get_multi(list(mapping)) == mapping
+
+
+def test_value_near_the_size_limit_is_stored(mc):
+    value = bytes(range(256)) * (NEAR_LIMIT // 256)
+    assert len(value) == NEAR_LIMIT
+    assert mc.set("large", value)
+    assert mc.get("large") == value
+
+
+def test_value_over_the_size_limit_is_refused(kind, mc, memg):
+    value = b"x" * OVER_LIMIT
+    assert mc.set("huge", b"old")
+    if kind == "pylibmc":
+        with pytest.raises(pylibmc.TooBig):
+            mc.set("huge", value)
+    elif kind == "pymemcache":
+        with pytest.raises(MemcacheServerError, match="object too large for cache"):
+            mc.set("huge", value)
+    else:
+        assert not mc.set("huge", value)   # refused by the client: never sent
+    # The connection is still in step.
+    assert mc.set("after", "fine")
+    assert mc.get("after") == "fine"
+    if kind != "python-memcached":
+        # As memcached: a set that was refused for size drops the old value.
+        assert mc.get("huge") is None
+
+
+def test_python_memcached_without_a_size_check_gets_the_server_refusal(memg):
+    client = connect("python-memcached", memg.address, server_max_value_length=0)
+    try:
+        assert client.set("huge", b"old")
+        assert client.set("huge", b"x" * OVER_LIMIT) is False
+        assert client.get("huge") is None
+        assert client.set("after", 1)
+        assert client.get("after") == 1
+    finally:
+        close(client)
+
+
+# -- keys ---------------------------------------------------------------------------
+
+def test_missing_key(mc):
+    assert mc.get("no_such_key") is None
+    assert mc.get_multi(["no_such_key", "nor_this"]) == {}
+
+
+@pytest.mark.parametrize("mapping_kind", ["pylibmc", "pymemcache"])
+def test_missing_key_raises_key_error_through_the_mapping_interface(mapping_kind, memg):
+    client = connect(mapping_kind, memg.address)
+    try:
+        with pytest.raises(KeyError):
+            client["absent"]
+        client["present"] = "here"
+        assert client["present"] == "here"
+    finally:
+        close(client)
+
+
+def test_key_of_250_bytes(mc, memg):
+    key = "k" * 250
+    assert mc.set(key, "long key")
+    assert mc.get(key) == "long key"
+    assert mc.get_multi([key]) == {key: "long key"}
+    assert raw_get(memg.address, key.encode()) is not None
+
+
+def test_multi_set_and_get_of_many_keys(mc):
+    mapping = {}
+    for index in range(1000):
+        mapping["key%d" % index] = [index, "text%d" % index, b"bytes%d" % index][index % 3]
+    assert mc.set_multi(mapping) == []
+    wanted = list(mapping) + ["missing%d" % index for index in range(50)]
+    assert mc.get_multi(wanted) == mapping
+
+
+def test_multi_get_of_many_long_keys(mc):
+    # 400 keys of 250 bytes: one get line of about 100 KB.
+    mapping = {"%03d" % index + "k" * 247: index for index in range(400)}
+    assert mc.set_multi(mapping) == []
+    assert mc.get_multi(list(mapping)) == mapping
+
+
+# -- storage commands ---------------------------------------------------------------
+
+def test_add_stores_only_a_new_key(mc):
+    assert mc.add("added", "first")
+    assert not mc.add("added", "second")
+    assert mc.get("added") == "first"
+
+
+def test_replace_stores_only_an_existing_key(mc):
+    assert not mc.replace("replaced", "nothing there")
+    assert mc.get("replaced") is None
+    assert mc.set("replaced", "old")
+    assert mc.replace("replaced", "new")
+    assert mc.get("replaced") == "new"
+
+
+def test_append_and_prepend(mc):
+    assert not mc.append("joined", "x")
+    assert not mc.prepend("joined", "x")
+    assert mc.get("joined") is None
+    assert mc.set("joined", "b")
+    assert mc.append("joined", "c")
+    assert mc.prepend("joined", "a")
+    assert mc.get("joined") == "abc"
+
+
+def test_append_keeps_the_original_flags(mc):
+    # The appended text is sent with the client's str flags; the item keeps the
+    # int flags it was set with, so it still reads back as an int.
+    assert mc.set("number", 12)
+    assert mc.append("number", "5")
+    assert mc.prepend("number", "9")
+    assert mc.get("number") == 9125
+
+
+def test_append_binary_data(mc):
+    assert mc.set("joined", b"\x00bin")
+    assert mc.append("joined", b"ary\r\n")
+    assert mc.prepend("joined", b"\r\nEND\r\n")
+    assert mc.get("joined") == b"\r\nEND\r\n\x00binary\r\n"
+
+
+def test_delete(mc):
+    assert mc.set("doomed", 1)
+    assert mc.delete("doomed")
+    assert mc.get("doomed") is None
+    assert not mc.delete("doomed")
+
+
+def test_flush_all(mc):
+    assert mc.set_multi({"one": 1, "two": 2, "three": 3}) == []
+    mc.flush_all()
+    assert mc.get_multi(["one", "two", "three"]) == {}
+    assert mc.set("one", "again")
+    assert mc.get("one") == "again"
+
+
+# -- incr and decr ------------------------------------------------------------------
+
+def test_incr_and_decr(mc):
+    assert mc.set("counter", 10)
+    assert mc.incr("counter", 5) == 15
+    assert mc.decr("counter", 3) == 12
+    assert mc.get("counter") == 12
+    assert mc.incr("counter", 1) == 13
+    assert mc.decr("counter", 1) == 12
+
+
+def test_incr_grows_and_decr_shrinks_the_number(mc):
+    assert mc.set("counter", 99)
+    assert mc.incr("counter", 1) == 100
+    assert mc.get("counter") == 100
+    assert mc.decr("counter", 91) == 9
+    # memcached pads a shorter result with spaces; int flags still decode it.
+    assert mc.get("counter") == 9
+
+
+def test_decr_stops_at_zero(mc):
+    assert mc.set("counter", 5)
+    assert mc.decr("counter", 10) == 0
+    assert mc.get("counter") == 0
+    assert mc.decr("counter", 1) == 0
+
+
+def test_incr_wraps_at_64_bits(mc):
+    assert mc.set("counter", "18446744073709551615")
+    assert mc.incr("counter", 1) == 0
+    # As memcached: the shorter number is padded with spaces to the old length.
+    assert mc.get("counter") == "0" + " " * 19
+    assert mc.incr("counter", 2) == 2
+
+
+def test_incr_by_a_64_bit_delta_wraps(kind, mc):
+    if kind == "pylibmc":
+        delta = 2 ** 31 - 1            # the largest delta pylibmc accepts (a C int)
+    else:
+        delta = 2 ** 64 - 1
+    assert mc.set("counter", str(2 ** 64 - 5))
+    assert mc.incr("counter", delta) == (2 ** 64 - 5 + delta) % 2 ** 64
+
+
+def test_incr_and_decr_of_a_missing_key(kind, mc):
+    if kind == "pylibmc":
+        with pytest.raises(pylibmc.NotFound):
+            mc.incr("absent", 1)
+        with pytest.raises(pylibmc.NotFound):
+            mc.decr("absent", 1)
+    else:
+        assert mc.incr("absent", 1) is None
+        assert mc.decr("absent", 1) is None
+    assert mc.get("absent") is None
+
+
+def test_incr_of_a_non_number(kind, mc):
+    assert mc.set("word", "abc")
+    errors = {"pylibmc": pylibmc.ClientError, "pymemcache": MemcacheClientError,
+              # python-memcached tries int() on the CLIENT_ERROR line.
+              "python-memcached": ValueError}
+    with pytest.raises(errors[kind]):
+        mc.incr("word", 1)
+    assert mc.get("word") == "abc"
+
+
+# -- touch, cas, expiry -------------------------------------------------------------
+
+def test_touch(mc):
+    assert not mc.touch("absent", 10)
+    assert mc.set("touched", "v")
+    assert mc.touch("touched", 100)
+    assert mc.get("touched") == "v"
+
+
+def test_cas_pylibmc(memg):
+    client = connect("pylibmc", memg.address)
+    try:
+        assert client.gets("item") == (None, None)
+        client.set("item", "first")
+        value, unique = client.gets("item")
+        assert value == "first"
+        assert client.gets("item") == ("first", unique)
+        assert client.cas("item", "second", unique) is True
+        assert client.get("item") == "second"
+        assert client.cas("item", "third", unique) is False     # EXISTS
+        assert client.get("item") == "second"
+        _, newer = client.gets("item")
+        assert newer != unique
+        with pytest.raises(pylibmc.NotFound):
+            client.cas("absent", "value", newer)
+    finally:
+        close(client)
+
+
+def test_cas_pymemcache(memg):
+    client = connect("pymemcache", memg.address)
+    try:
+        assert client.gets("item") == (None, None)
+        client.set("item", "first")
+        value, unique = client.gets("item")
+        assert value == "first"
+        assert client.gets("item") == ("first", unique)
+        assert client.cas("item", "second", unique) is True
+        assert client.get("item") == "second"
+        assert client.cas("item", "third", unique) is False     # EXISTS
+        assert client.get("item") == "second"
+        _, newer = client.gets("item")
+        assert newer != unique
+        assert client.cas("absent", "value", newer) is None     # NOT_FOUND
+        many = client.gets_many(["item", "absent"])
+        assert many == {"item": ("second", newer)}
+    finally:
+        close(client)
+
+
+def test_cas_python_memcached(memg):
+    client = connect("python-memcached", memg.address)
+    other = connect("python-memcached", memg.address)
+    try:
+        assert client.gets("item") is None
+        client.set("item", "first")
+        assert client.gets("item") == "first"
+        assert client.cas("item", "second") is True
+        assert client.get("item") == "second"
+        # The cached CAS id is now stale: the client's own write changed it.
+        assert client.cas("item", "third") is False
+        assert client.gets("item") == "second"
+        other.set("item", "from elsewhere")
+        assert client.cas("item", "lost update") is False
+        assert client.get("item") == "from elsewhere"
+    finally:
+        close(client)
+        close(other)
+
+
+def test_cas_uniques_change_on_every_write(memg):
+    client = connect("pymemcache", memg.address)
+    try:
+        uniques = []
+        for value in ("a", "b", "c"):
+            client.set("item", value)
+            uniques.append(client.gets("item")[1])
+        client.append("item", "d")
+        uniques.append(client.gets("item")[1])
+        client.set("number", 1)
+        uniques.append(client.gets("number")[1])
+        client.incr("number", 1)
+        uniques.append(client.gets("number")[1])
+        assert len(set(uniques)) == len(uniques), uniques
+    finally:
+        close(client)
+
+
+def expire(kind, seconds):
+    """The keyword argument that sets an expiry time in each client's API."""
+    return {"expire": seconds} if kind == "pymemcache" else {"time": seconds}
+
+
+def test_expiry_and_touch(memg):
+    """The file's one wait: items set with time=1 are gone two seconds later, for
+    every client; touch both lengthens and shortens a life."""
+    clients = {kind: connect(kind, memg.address) for kind in CLIENTS}
+    try:
+        for kind, client in clients.items():
+            one_second = expire(kind, 1)
+            assert client.set(kind + "_short", "v", **one_second)
+            assert client.get(kind + "_short") == "v"
+            assert client.set(kind + "_kept", "v", **one_second)
+            assert client.touch(kind + "_kept", 100)
+            assert client.set(kind + "_shortened", "v")
+            assert client.touch(kind + "_shortened", 1)
+            assert client.add(kind + "_added", "v", **one_second)
+            assert client.set_multi({kind + "_multi": "v"}, **one_second) == []
+            assert client.set(kind + "_forever", "v")
+        time.sleep(2.1)
+        for kind, client in clients.items():
+            for gone in ("_short", "_shortened", "_added", "_multi"):
+                assert client.get(kind + gone) is None, kind + gone
+            assert client.get(kind + "_kept") == "v", kind
+            assert client.get(kind + "_forever") == "v", kind
+            # An expired key is free for add again.
+            assert client.add(kind + "_added", "again")
+            assert client.get(kind + "_added") == "again"
+    finally:
+        for client in clients.values():
+            close(client)
+
+
+# -- stats --------------------------------------------------------------------------
+
+def test_stats(kind):
+    server = start_memg()      # fresh: nothing stored, nothing flushed
+    client = connect(kind, server.address)
+    try:
+        assert client.set_multi({"one": 1, "two": 2, "three": 3}) == []
+        before = stats_of(kind, client)
+        assert before["curr_items"] == "3"
+        assert before["total_items"] == "3"
+        assert before["pid"] == str(server.process.pid)
+        assert before["version"].startswith("1.6")
+        assert int(before["limit_maxbytes"]) == 64 * 1024 * 1024
+        assert int(before["bytes"]) > 0
+        client.get("one")
+        client.get("two")
+        client.get("absent")
+        after = stats_of(kind, client)
+        assert int(after["get_hits"]) - int(before["get_hits"]) == 2
+        assert int(after["get_misses"]) - int(before["get_misses"]) == 1
+        assert int(after["cmd_get"]) - int(before["cmd_get"]) == 3
+        assert after["curr_items"] == "3"
+    finally:
+        close(client)
+        server.stop()
+
+
+# -- noreply ------------------------------------------------------------------------
+
+def test_pymemcache_noreply_by_default(memg):
+    client = PymemcacheClient(memg.address, serde=serde.pickle_serde, timeout=5)
+    try:
+        assert client.default_noreply is True
+        assert client.set("quiet", "one") is True
+        assert client.set_many({"quiet%d" % index: index for index in range(100)}) == []
+        assert client.add("quiet", "not stored") is True     # noreply: no verdict
+        assert client.replace("absent", "not stored") is True
+        assert client.append("quiet", "+two") is True
+        assert client.set("count", 5) is True
+        assert client.incr("count", 3, noreply=True) is None
+        assert client.decr("count", 1, noreply=True) is None
+        assert client.touch("quiet", 100) is True
+        assert client.delete("quiet0") is True
+        assert client.delete("absent") is True
+        # The replies that did come are the ones asked for, in order.
+        assert client.get("quiet") == "one+two"
+        assert client.get("absent") is None
+        assert client.get("count") == 7
+        assert client.get_many(["quiet0", "quiet1", "quiet99"]) == {"quiet1": 1, "quiet99": 99}
+        assert client.flush_all() is True
+        assert client.get("quiet") is None
+    finally:
+        close(client)
+
+
+def test_python_memcached_noreply(memg):
+    client = connect("python-memcached", memg.address)
+    try:
+        assert client.set("quiet", 1, noreply=True)
+        assert client.incr("quiet", 5, noreply=True) is None
+        assert client.add("quiet", 9, noreply=True)
+        assert client.set_multi({"a": 1, "b": "two"}, noreply=True) == []
+        assert client.delete("a", noreply=True)
+        assert client.touch("b", 100, noreply=True)
+        assert client.get("quiet") == 6
+        assert client.get_multi(["a", "b"]) == {"b": "two"}
+    finally:
+        close(client)
+
+
+def test_pylibmc_noreply_behavior(memg):
+    client = connect("pylibmc", memg.address, behaviors={"_noreply": True})
+    checker = connect("pylibmc", memg.address)
+    try:
+        assert client.set("quiet", 5)
+        assert client.set("gone", 1)
+        assert client.delete("gone")
+        assert client.add("quiet", 9)
+        assert client.set_multi({"a": 1, "b": 2}) == []
+        assert client.get("quiet") == 5
+        assert client.get_multi(["quiet", "gone", "a", "b"]) == {"quiet": 5, "a": 1, "b": 2}
+        assert checker.get("quiet") == 5
+        assert checker.get("gone") is None
+    finally:
+        close(client)
+        close(checker)
+
+
+# -- client configurations ----------------------------------------------------------
+
+@pytest.mark.parametrize("behaviors", [
+    {"tcp_nodelay": True},
+    {"tcp_nodelay": True, "no_block": True},
+    {"tcp_nodelay": True, "ketama": True, "verify_keys": True},
+], ids=["tcp_nodelay", "no_block", "ketama"])
+def test_pylibmc_behaviors(memg, behaviors):
+    client = pylibmc.Client(["%s:%d" % memg.address], binary=False, behaviors=behaviors)
+    try:
+        for name in behaviors:
+            assert client.behaviors[name]
+        assert client.set("plain", "value")
+        assert client.get("plain") == "value"
+        mapping = {"key%d" % index: index for index in range(200)}
+        assert client.set_multi(mapping) == []
+        assert client.get_multi(list(mapping) + ["absent"]) == mapping
+        assert client.incr("key5", 10) == 15
+        assert client.delete("key5")
+        assert client.get("key5") is None
+    finally:
+        close(client)
+
+
+def test_pymemcache_pooled_client_from_threads(memg):
+    client = PooledClient(memg.address, serde=serde.pickle_serde, max_pool_size=8,
+                          timeout=5, default_noreply=False)
+    failures = []
+
+    def work(worker):
+        try:
+            for index in range(50):
+                key = "w%d_%d" % (worker, index)
+                assert client.set(key, (worker, index))
+                assert client.get(key) == (worker, index)
+            assert client.incr("shared", 1) is not None
+        except Exception as error:  # reported below, from the main thread
+            failures.append(error)
+
+    try:
+        assert client.set("shared", 0)
+        threads = [threading.Thread(target=work, args=(worker,)) for worker in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert failures == []
+        assert client.get("shared") == 8
+    finally:
+        client.close()
+
+
+# -- several servers ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_memg_processes():
+    servers = [start_memg(), start_memg()]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def two_memgs(two_memg_processes):
+    for server in two_memg_processes:
+        with server.connect() as raw:
+            assert raw.request(b"flush_all\r\n") == b"OK\r\n"
+    return two_memg_processes
+
+
+def connect_many(kind, addresses):
+    servers = ["%s:%d" % address for address in addresses]
+    if kind == "pylibmc":
+        return pylibmc.Client(servers, binary=False)
+    if kind == "pymemcache":
+        return HashClient(addresses, serde=serde.pickle_serde, timeout=5,
+                          default_noreply=False)
+    return memcache.Client(servers, socket_timeout=5)
+
+
+def test_keys_spread_over_two_servers(kind, two_memgs):
+    addresses = [server.address for server in two_memgs]
+    client = connect_many(kind, addresses)
+    try:
+        mapping = {"spread%d" % index: "value%d" % index for index in range(200)}
+        assert client.set_multi(mapping) == []
+        assert client.get_multi(list(mapping)) == mapping
+        for key, value in list(mapping.items())[:20]:
+            assert client.get(key) == value
+        placed = {address: set(raw_get_many(address, [key.encode() for key in mapping]))
+                  for address in addresses}
+        first, second = placed.values()
+        assert first and second, placed
+        assert not first & second
+        assert first | second == {key.encode() for key in mapping}
+        for server in two_memgs:
+            with server.connect() as raw:
+                stats = raw.request(b"stats\r\n", b"END\r\n")
+            assert b"STAT curr_items %d\r\n" % len(placed[server.address]) in stats
+    finally:
+        close(client)

@@ -1,0 +1,100 @@
+"""The connection: one thread reads, dispatches and batches the replies.  Tested in
+process over a socket pair, so that the sends themselves can be counted."""
+
+import socket
+import threading
+
+import memg
+
+
+class CountingSocket:
+    """Wraps the server's end of a socket pair and records each sendall."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.sends = []
+
+    def sendall(self, data):
+        self.sends.append(data)
+        self.sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def serve_one(**settings):
+    """A Connection on one end of a socket pair, served by its own thread."""
+    server = memg.Server(port=0, **settings)
+    ours, theirs = socket.socketpair()
+    counting = CountingSocket(theirs)
+    connection = memg.Connection(server, counting, "test")
+    thread = threading.Thread(target=connection.handle, daemon=True)
+    thread.start()
+    return server, ours, counting, thread
+
+
+def read_until(sock, terminator, count=1):
+    data = b""
+    while data.count(terminator) < count:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed early; got %r" % data
+        data += chunk
+    return data
+
+
+def test_replies_to_commands_that_arrived_together_leave_in_one_send():
+    _, sock, counting, thread = serve_one()
+    sock.sendall(b"set a 0 0 1\r\n1\r\n" + b"get a\r\n" * 50)
+    data = read_until(sock, b"END\r\n", 50)
+    assert data == b"STORED\r\n" + b"VALUE a 0 1\r\n1\r\nEND\r\n" * 50
+    assert len(counting.sends) == 1
+    sock.close()
+    thread.join(5)
+
+
+def test_replies_are_sent_before_waiting_for_more_input():
+    _, sock, counting, thread = serve_one()
+    sock.sendall(b"version\r\n")
+    assert read_until(sock, b"\r\n").startswith(b"VERSION ")
+    sock.sendall(b"get nothing\r\n")
+    assert read_until(sock, b"END\r\n") == b"END\r\n"
+    assert len(counting.sends) == 2
+    sock.close()
+    thread.join(5)
+
+
+def test_value_split_across_many_packets_is_reassembled():
+    _, sock, _, thread = serve_one()
+    value = bytes(range(256)) * 1000
+    sock.sendall(b"set big 0 0 %d\r\n" % len(value))
+    for start in range(0, len(value), 7001):
+        sock.sendall(value[start:start + 7001])
+    sock.sendall(b"\r\nget big\r\n")
+    expected = b"STORED\r\nVALUE big 0 %d\r\n%s\r\nEND\r\n" % (len(value), value)
+    assert read_until(sock, b"END\r\n") == expected
+    sock.close()
+    thread.join(5)
+
+
+def test_eof_in_the_middle_of_a_value_stores_nothing_and_ends_quietly():
+    server, sock, counting, thread = serve_one()
+    sock.sendall(b"set half 0 0 100\r\n" + b"x" * 50)
+    sock.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert server.store.get(b"half") is None
+    assert counting.sends == []
+
+
+def test_quit_closes_after_sending_earlier_replies():
+    _, sock, _, thread = serve_one()
+    sock.sendall(b"set a 0 0 1\r\n1\r\nquit\r\nget a\r\n")
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    assert data == b"STORED\r\n"
+    thread.join(5)
+    assert not thread.is_alive()

@@ -1,0 +1,177 @@
+"""The server as a real ``python memg.py`` process on a free port: conformance with
+libmemcached's memccapable, memory bounds, abrupt clients, concurrent clients."""
+
+import socket
+import struct
+import subprocess
+import threading
+
+from conftest import require_tool, start_memg
+
+
+def resident_bytes(pid):
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS for pid %d" % pid)
+
+
+def stat(client, name):
+    reply = client.request(b"stats\r\n", b"END\r\n").decode()
+    return dict(line.split(" ", 2)[1:] for line in reply.splitlines() if line.startswith("STAT "))[name]
+
+
+# -- conformance ------------------------------------------------------------------
+
+def test_memccapable_ascii_passes_every_test(memg):
+    result = subprocess.run(
+        [require_tool("memccapable"), "-a", "-h", "127.0.0.1", "-p", str(memg.port)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "All tests passed" in result.stdout
+    assert "[fail]" not in result.stdout
+
+
+def test_seed_telnet_transcript(client):
+    client.send(b"set greeting 0 0 11\r\n")
+    client.send(b"Hello World\r\n")
+    assert client.recv_until(b"\r\n") == b"STORED\r\n"
+    assert client.request(b"get greeting\r\n", b"END\r\n") == (
+        b"VALUE greeting 0 11\r\nHello World\r\nEND\r\n")
+
+
+# -- memory ----------------------------------------------------------------------------
+
+def test_six_times_the_memory_limit_stays_bounded_and_newest_items_readable():
+    server = start_memg("-m", "16")
+    try:
+        pid = server.process.pid
+        with server.connect() as client:
+            value = b"v" * 1000
+            batch = b"".join(b"set key:%d 0 0 %d noreply\r\n%s\r\n" % (i, len(value), value)
+                             for i in range(1000))
+            client.request(batch + b"mn\r\n", b"MN\r\n")      # warm up the allocator
+            baseline = resident_bytes(pid)
+            total = 6 * 16 * 1024 * 1024
+            written = 0
+            round_number = 0
+            while written < total:
+                round_number += 1
+                batch = b"".join(b"set key:%d:%d 0 0 %d noreply\r\n%s\r\n" % (
+                    round_number, i, len(value), value) for i in range(1000))
+                client.request(batch + b"mn\r\n", b"MN\r\n")
+                written += 1000 * len(value)
+            grown = resident_bytes(pid) - baseline
+            assert int(stat(client, "bytes")) <= 16 * 1024 * 1024
+            assert int(stat(client, "evictions")) > 0
+            # Item memory is bounded by -m; allow for the allocator's slack.
+            assert grown < 2 * 16 * 1024 * 1024, grown
+            for i in range(990, 1000):
+                key = b"key:%d:%d" % (round_number, i)
+                assert client.request(b"get %s\r\n" % key, b"END\r\n") == (
+                    b"VALUE %s 0 1000\r\n%s\r\nEND\r\n" % (key, value))
+    finally:
+        server.stop()
+
+
+# -- abrupt and concurrent clients ---------------------------------------------------------
+
+def test_reset_in_the_middle_of_a_value_is_quiet_and_stores_nothing(memg):
+    sock = socket.create_connection(memg.address)
+    sock.sendall(b"set torn 0 0 100\r\n" + b"x" * 10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()                                  # RST, not FIN
+    with memg.connect() as client:
+        assert client.request(b"get torn\r\n", b"END\r\n") == b"END\r\n"
+        assert client.request(b"version\r\n").startswith(b"VERSION ")
+
+
+def test_concurrent_incr_loses_no_update(memg):
+    with memg.connect() as client:
+        assert client.request(b"set n 0 0 1\r\n0\r\n") == b"STORED\r\n"
+
+    def work():
+        with memg.connect() as client:
+            for _ in range(300):
+                assert client.request(b"incr n 1\r\n").rstrip().isdigit()
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with memg.connect() as client:
+        assert client.request(b"get n\r\n", b"END\r\n") == b"VALUE n 0 4\r\n4800\r\nEND\r\n"
+
+
+def test_concurrent_gets_cas_increments_lose_no_update(memg):
+    with memg.connect() as client:
+        assert client.request(b"set c 0 0 1\r\n0\r\n") == b"STORED\r\n"
+
+    def work():
+        with memg.connect() as client:
+            done = 0
+            while done < 100:
+                header = client.request(b"gets c\r\n", b"END\r\n").split(b"\r\n")
+                _, _, _, _, unique = header[0].split()
+                number = int(header[1]) + 1
+                data = b"%d" % number
+                reply = client.request(b"cas c 0 0 %d %s\r\n%s\r\n" % (len(data), unique, data))
+                assert reply in (b"STORED\r\n", b"EXISTS\r\n")
+                done += reply == b"STORED\r\n"
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with memg.connect() as client:
+        assert client.request(b"get c\r\n", b"END\r\n") == b"VALUE c 0 3\r\n800\r\nEND\r\n"
+
+
+def test_many_clients_at_once_are_all_served(memg):
+    clients = [memg.connect() for _ in range(200)]
+    try:
+        for i, client in enumerate(clients):
+            client.send(b"set k%d 0 0 %d\r\n%d\r\n" % (i, len(b"%d" % i), i))
+        for client in clients:
+            assert client.recv_until() == b"STORED\r\n"
+        for i, client in enumerate(clients):
+            assert client.request(b"get k%d\r\n" % i, b"END\r\n") == (
+                b"VALUE k%d 0 %d\r\n%d\r\nEND\r\n" % (i, len(b"%d" % i), i))
+        with memg.connect() as probe:
+            assert int(stat(probe, "curr_connections")) >= 201
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_stats_count_commands_and_bytes(memg):
+    with memg.connect() as client:
+        client.request(b"stats reset\r\n")
+        client.request(b"set a 0 0 1\r\n1\r\n")
+        client.request(b"get a b\r\n", b"END\r\n")
+        assert stat(client, "cmd_set") == "1"
+        assert stat(client, "cmd_get") == "2"
+        assert stat(client, "get_hits") == "1"
+        assert stat(client, "get_misses") == "1"
+        assert stat(client, "curr_items") == "1"
+        assert int(stat(client, "bytes_read")) > 0
+        assert int(stat(client, "bytes_written")) > 0
+        assert stat(client, "limit_maxbytes") == str(64 * 1024 * 1024)
+
+
+def test_server_never_sends_a_traceback():
+    server = start_memg()
+    try:
+        with server.connect() as client:
+            garbage = bytes(range(256)) * 4 + b"\r\n"
+            reply = client.converse(b"set x 0 0 5\r\nabc\r\n\r\n" + garbage + b"mg \xff\xfe v\r\n")
+            assert b"Traceback" not in reply
+        with server.connect() as client:
+            assert client.request(b"version\r\n").startswith(b"VERSION ")
+    finally:
+        code, err = server.stop()
+    assert b"Traceback" not in err
+    assert code == 0

@@ -1,0 +1,1039 @@
+"""memg.Store on its own: no sockets, no protocol, and a fake clock for time.
+
+The sections follow memg.py's Store: time, memory accounting and the LRU,
+retrieval, storage (and CAS uniques), delete and invalidate, arithmetic, meta get,
+whole-cache operations; then counters, and threads.
+"""
+
+import threading
+
+import pytest
+
+import memg
+from memg import (ADD, APPEND, CAS, EXISTS, NO_MEMORY, NON_NUMERIC, NOT_FOUND,
+                  NOT_STORED, PREPEND, REPLACE, SET, STORED)
+
+START = 1_700_000_000.0
+DAY = 24 * 60 * 60
+
+
+class Clock:
+    """A time.time() stand-in that moves only when told to."""
+
+    def __init__(self, now=START):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(clock):
+    return memg.Store(clock=clock)
+
+
+def cost(key, value):
+    return len(key) + len(value) + memg.ITEM_OVERHEAD
+
+
+def value_of(store, key):
+    item = store.get(key)
+    return None if item is None else item.value
+
+
+# --------------------------------------------------------------------------
+# Time: exptime conversion
+# --------------------------------------------------------------------------
+
+def test_exptime_zero_never_expires(store, clock):
+    store.store(SET, b"k", b"v", exptime=0)
+    clock.advance(10 * 365 * DAY)
+    assert value_of(store, b"k") == b"v"
+
+
+def test_relative_exptime(store, clock):
+    store.store(SET, b"k", b"v", exptime=10)
+    clock.advance(9)
+    assert value_of(store, b"k") == b"v"
+    clock.advance(1)
+    assert store.get(b"k") is None
+
+
+def test_thirty_days_is_still_relative(store, clock):
+    store.store(SET, b"k", b"v", exptime=memg.MAX_RELATIVE_EXPTIME)
+    clock.advance(memg.MAX_RELATIVE_EXPTIME - 1)
+    assert value_of(store, b"k") == b"v"
+    clock.advance(1)
+    assert store.get(b"k") is None
+
+
+def test_more_than_thirty_days_is_absolute_unix_time(store, clock):
+    store.store(SET, b"k", b"v", exptime=int(START) + 100)
+    clock.advance(99)
+    assert value_of(store, b"k") == b"v"
+    clock.advance(1)
+    assert store.get(b"k") is None
+
+
+def test_absolute_exptime_before_start_is_already_expired(store):
+    assert store.store(SET, b"k", b"v", exptime=int(START) - 100)[0] == STORED
+    assert store.get(b"k") is None
+
+
+def test_absolute_exptime_just_past_is_already_expired(store, clock):
+    clock.advance(1000)
+    store.store(SET, b"k", b"v", exptime=int(START) + 500)
+    assert store.get(b"k") is None
+
+
+def test_smallest_absolute_exptime_is_in_1970(store):
+    store.store(SET, b"k", b"v", exptime=memg.MAX_RELATIVE_EXPTIME + 1)
+    assert store.get(b"k") is None
+
+
+@pytest.mark.parametrize("exptime", [-1, -1000])
+def test_negative_exptime_is_already_expired(store, exptime):
+    store.store(SET, b"k", b"v", exptime=exptime)
+    assert store.get(b"k") is None
+
+
+def test_negative_exptime_replaces_old_value(store):
+    store.store(SET, b"k", b"old")
+    store.store(SET, b"k", b"new", exptime=-1)
+    assert store.get(b"k") is None
+
+
+def test_ttl(store, clock):
+    _, forever = store.store(SET, b"a", b"v")
+    _, soon = store.store(SET, b"b", b"v", exptime=100)
+    clock.advance(40)
+    assert store.ttl(forever, clock()) == -1
+    assert store.ttl(soon, clock()) == 60
+
+
+# --------------------------------------------------------------------------
+# Memory accounting and the LRU
+# --------------------------------------------------------------------------
+
+def small_store(clock, items=3, evict=True):
+    """A store with room for exactly `items` items of key k<digit> and a 10-byte value."""
+    return memg.Store(memory_limit=items * cost(b"k0", b"0123456789"), evict=evict,
+                      clock=clock)
+
+
+def test_bytes_returns_to_zero(store):
+    for i in range(20):
+        store.store(SET, b"key%d" % i, b"x" * i)
+    store.store(APPEND, b"key3", b"more")
+    store.store(PREPEND, b"key4", b"more")
+    store.store(SET, b"key5", b"replaced")
+    store.store(SET, b"n", b"1")
+    store.arithmetic(b"n", 1000)
+    assert store.bytes == sum(cost(k, i.value) for k, i in store.items.items())
+    for key in list(store.items):
+        assert store.delete(key) == STORED
+    assert store.bytes == 0
+
+
+def test_bytes_after_expiry_on_access(store, clock):
+    store.store(SET, b"k", b"v", exptime=1)
+    clock.advance(1)
+    store.get(b"k")
+    assert store.bytes == 0
+
+
+def test_memory_limit_never_exceeded(clock):
+    store = memg.Store(memory_limit=10 * memg.KB, clock=clock)
+    for i in range(500):
+        store.store(SET, b"k%d" % (i % 37), b"v" * ((i * 53) % 900))
+        if i % 3 == 0:
+            store.store(APPEND, b"k%d" % (i % 11), b"a" * 100)
+        assert store.bytes <= store.memory_limit
+        assert store.bytes == sum(cost(k, it.value) for k, it in store.items.items())
+
+
+def test_lru_evicts_least_recently_used(clock):
+    store = small_store(clock)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    assert store.store(SET, b"k3", b"0123456789")[0] == STORED
+    assert store.get(b"k0") is None
+    assert [value_of(store, b"k%d" % i) is not None for i in (1, 2, 3)] == [True] * 3
+    assert store.counters["evictions"] == 1
+    assert store.bytes <= store.memory_limit
+
+
+def test_get_protects_an_item_from_eviction(clock):
+    store = small_store(clock)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    store.get(b"k0")
+    store.store(SET, b"k3", b"0123456789")
+    assert store.get(b"k1") is None
+    assert value_of(store, b"k0") == b"0123456789"
+
+
+def test_get_without_bump_does_not_protect(clock):
+    store = small_store(clock)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    store.get(b"k0", bump=False)
+    store.store(SET, b"k3", b"0123456789")
+    assert store.get(b"k0") is None
+
+
+def test_overwrite_moves_to_most_recent(clock):
+    store = small_store(clock)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    store.store(SET, b"k0", b"9876543210")
+    store.store(SET, b"k3", b"0123456789")
+    assert store.get(b"k1") is None
+    assert value_of(store, b"k0") == b"9876543210"
+
+
+@pytest.mark.parametrize("mode, value", [
+    (SET, b"0123456789abc"), (APPEND, b"0123456789abc"), (PREPEND, b"abc0123456789"),
+])
+def test_growing_the_least_recently_used_item_when_full(clock, mode, value):
+    store = small_store(clock)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    data = b"abc" if mode != SET else value
+    assert store.store(mode, b"k0", data)[0] == STORED
+    assert value_of(store, b"k0") == value
+    assert store.get(b"k1") is None
+    assert value_of(store, b"k2") == b"0123456789"
+    assert store.bytes <= store.memory_limit
+    assert store.bytes == sum(cost(k, it.value) for k, it in store.items.items())
+
+
+def test_eviction_counters(clock):
+    store = small_store(clock)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    store.get(b"k1")
+    store.store(SET, b"k3", b"0123456789")      # evicts k0, never fetched
+    store.store(SET, b"k4", b"0123456789")      # evicts k2, never fetched
+    store.store(SET, b"k5", b"0123456789")      # evicts k1, fetched
+    c = store.counters
+    assert (c["evictions"], c["evicted_unfetched"], c["reclaimed"]) == (3, 2, 0)
+
+
+def test_expired_item_at_lru_tail_is_reclaimed(clock):
+    store = small_store(clock)
+    store.store(SET, b"k0", b"0123456789", exptime=5)
+    store.store(SET, b"k1", b"0123456789")
+    store.store(SET, b"k2", b"0123456789")
+    clock.advance(5)
+    assert store.store(SET, b"k3", b"0123456789")[0] == STORED
+    assert (store.counters["reclaimed"], store.counters["evictions"]) == (1, 0)
+    assert value_of(store, b"k1") is not None
+
+
+def test_no_evict_gives_no_memory(clock):
+    store = small_store(clock, evict=False)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    assert store.store(SET, b"k3", b"0123456789") == (NO_MEMORY, None)
+    assert store.get(b"k3") is None
+    assert all(store.get(b"k%d" % i) is not None for i in range(3))
+    assert store.counters["evictions"] == 0
+    assert store.counters["store_no_memory"] == 1
+
+
+def test_no_evict_append_beyond_limit(clock):
+    store = small_store(clock, evict=False)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    assert store.store(APPEND, b"k0", b"x")[0] == NO_MEMORY
+    assert value_of(store, b"k0") == b"0123456789"
+
+
+def test_no_evict_still_reclaims_expired(clock):
+    store = small_store(clock, evict=False)
+    store.store(SET, b"k0", b"0123456789", exptime=5)
+    store.store(SET, b"k1", b"0123456789")
+    store.store(SET, b"k2", b"0123456789")
+    clock.advance(5)
+    assert store.store(SET, b"k3", b"0123456789")[0] == STORED
+    assert store.counters["reclaimed"] == 1
+
+
+def test_same_size_overwrite_fits_when_full(clock):
+    store = small_store(clock, evict=False)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    assert store.store(SET, b"k1", b"abcdefghij")[0] == STORED
+    assert store.bytes == store.memory_limit
+
+
+def test_lowering_memory_limit_evicts(clock):
+    store = small_store(clock, items=4)
+    for i in range(4):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    store.set_memory_limit(2 * cost(b"k0", b"0123456789"))
+    assert list(store.items) == [b"k2", b"k3"]
+    assert store.bytes == store.memory_limit
+
+
+# --------------------------------------------------------------------------
+# Retrieval
+# --------------------------------------------------------------------------
+
+def test_set_get_round_trip_bytes_and_flags(store):
+    value = bytes(range(256)) + b"\r\n\x00end"
+    outcome, item = store.store(SET, b"k", value, flags=0xFFFFFFFF)
+    assert outcome == STORED
+    got = store.get(b"k")
+    assert got is item
+    assert (got.value, got.flags) == (value, 0xFFFFFFFF)
+
+
+def test_get_missing(store):
+    assert store.get(b"nope") is None
+
+
+def test_empty_value(store):
+    store.store(SET, b"k", b"")
+    assert value_of(store, b"k") == b""
+
+
+def test_set_overwrites_value_and_flags(store):
+    store.store(SET, b"k", b"one", flags=1)
+    store.store(SET, b"k", b"two!", flags=2)
+    item = store.get(b"k")
+    assert (item.value, item.flags) == (b"two!", 2)
+
+
+def test_get_with_exptime_sets_expiry(store, clock):
+    store.store(SET, b"k", b"v", exptime=10)
+    assert store.get(b"k", exptime=100).value == b"v"
+    clock.advance(50)
+    assert value_of(store, b"k") == b"v"
+    clock.advance(50)
+    assert store.get(b"k") is None
+
+
+def test_get_with_exptime_zero_removes_expiry(store, clock):
+    store.store(SET, b"k", b"v", exptime=10)
+    store.get(b"k", exptime=0)
+    clock.advance(DAY)
+    assert value_of(store, b"k") == b"v"
+
+
+def test_get_with_negative_exptime_expires(store):
+    store.store(SET, b"k", b"v")
+    assert store.get(b"k", exptime=-1) is not None
+    assert store.get(b"k") is None
+
+
+def test_touch_on_missing_key(store):
+    assert store.get(b"k", exptime=10) is None
+
+
+# --------------------------------------------------------------------------
+# Storage: set add replace append prepend cas
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, exists, outcome, value", [
+    (SET, False, STORED, b"new"),
+    (SET, True, STORED, b"new"),
+    (ADD, False, STORED, b"new"),
+    (ADD, True, NOT_STORED, b"old"),
+    (REPLACE, False, NOT_STORED, None),
+    (REPLACE, True, STORED, b"new"),
+    (APPEND, False, NOT_STORED, None),
+    (APPEND, True, STORED, b"oldnew"),
+    (PREPEND, False, NOT_STORED, None),
+    (PREPEND, True, STORED, b"newold"),
+])
+def test_storage_outcomes(store, mode, exists, outcome, value):
+    if exists:
+        store.store(SET, b"k", b"old")
+    assert store.store(mode, b"k", b"new")[0] == outcome
+    assert value_of(store, b"k") == value
+
+
+def test_store_returns_the_stored_item(store):
+    outcome, item = store.store(SET, b"k", b"v", flags=3)
+    assert outcome == STORED
+    assert (item.value, item.flags) == (b"v", 3)
+    assert store.store(ADD, b"k", b"w") == (NOT_STORED, None)
+
+
+def test_add_over_expired_item(store, clock):
+    store.store(SET, b"k", b"old", exptime=5)
+    clock.advance(5)
+    assert store.store(ADD, b"k", b"new")[0] == STORED
+    assert value_of(store, b"k") == b"new"
+
+
+def test_cas_outcomes(store):
+    assert store.store(CAS, b"k", b"v", cas=1)[0] == NOT_FOUND
+    _, item = store.store(SET, b"k", b"one")
+    assert store.store(CAS, b"k", b"two", cas=item.cas + 1)[0] == EXISTS
+    assert value_of(store, b"k") == b"one"
+    assert store.store(CAS, b"k", b"two", flags=9, cas=item.cas)[0] == STORED
+    assert (store.get(b"k").value, store.get(b"k").flags) == (b"two", 9)
+    assert store.store(CAS, b"k", b"three", cas=item.cas)[0] == EXISTS
+    assert value_of(store, b"k") == b"two"
+
+
+def test_cas_sets_new_exptime(store, clock):
+    _, item = store.store(SET, b"k", b"one")
+    store.store(CAS, b"k", b"two", exptime=10, cas=item.cas)
+    clock.advance(10)
+    assert store.get(b"k") is None
+
+
+@pytest.mark.parametrize("mode, value", [(APPEND, b"midend"), (PREPEND, b"endmid")])
+def test_append_prepend_keep_flags_and_expiry(store, clock, mode, value):
+    store.store(SET, b"k", b"mid", flags=7, exptime=100)
+    assert store.store(mode, b"k", b"end", flags=1, exptime=0)[0] == STORED
+    item = store.get(b"k")
+    assert (item.value, item.flags) == (value, 7)
+    clock.advance(100)
+    assert store.get(b"k") is None
+
+
+@pytest.mark.parametrize("mode", [APPEND, PREPEND])
+def test_append_prepend_check_cas(store, mode):
+    _, item = store.store(SET, b"k", b"a")
+    assert store.store(mode, b"k", b"b", cas=item.cas + 1)[0] == EXISTS
+    assert value_of(store, b"k") == b"a"
+    assert store.store(mode, b"k", b"b", cas=item.cas)[0] == STORED
+    assert value_of(store, b"k") == b"ab"[::1 if mode == APPEND else -1]
+
+
+@pytest.mark.parametrize("mode", [APPEND, PREPEND])
+def test_append_prepend_vivify_on_miss(store, clock, mode):
+    outcome, item = store.store(mode, b"k", b"seed", exptime=5, vivify=50)
+    assert outcome == STORED
+    assert item.value == b"seed"
+    clock.advance(49)
+    assert value_of(store, b"k") == b"seed"
+    clock.advance(1)
+    assert store.get(b"k") is None
+
+
+def test_new_cas_replaces_generated_cas(store):
+    _, item = store.store(SET, b"k", b"v", new_cas=12345)
+    assert item.cas == store.get(b"k").cas == 12345
+
+
+def test_cas_invalidate_accepts_older_cas_and_marks_stale(store):
+    _, first = store.store(SET, b"k", b"one")
+    _, second = store.store(SET, b"k", b"two")
+    outcome, item = store.store(CAS, b"k", b"three", cas=first.cas, invalidate=True)
+    assert outcome == STORED
+    assert item.stale
+    assert value_of(store, b"k") == b"three"
+
+
+def test_cas_invalidate_refuses_newer_cas(store):
+    _, item = store.store(SET, b"k", b"one")
+    assert store.store(CAS, b"k", b"two", cas=item.cas + 5, invalidate=True)[0] == EXISTS
+    assert value_of(store, b"k") == b"one"
+
+
+@pytest.mark.parametrize("mode", [APPEND, PREPEND])
+def test_append_prepend_beyond_the_size_limit(clock, mode):
+    store = memg.Store(item_size_max=2 * memg.KB, clock=clock)
+    store.store(SET, b"k", b"v" * 1000)
+    assert store.store(mode, b"k", b"w" * 1000)[0] == NOT_STORED
+    assert value_of(store, b"k") == b"v" * 1000
+
+
+def test_refuse_set_drops_old_value(store):
+    store.store(SET, b"k", b"old")
+    store.refuse_too_large(b"k", drop_old=True)
+    assert store.get(b"k") is None
+    assert store.bytes == 0
+    assert store.counters["store_too_large"] == 1
+
+
+def test_refuse_without_drop_keeps_old_value(store):
+    store.store(SET, b"k", b"old")
+    store.refuse_too_large(b"k", drop_old=False)
+    assert value_of(store, b"k") == b"old"
+    assert store.counters["store_too_large"] == 1
+
+
+@pytest.mark.parametrize("nbytes, expected", [
+    (1 * memg.MB - memg.ITEM_HEADER_SIZE - 1, False),
+    (1 * memg.MB - memg.ITEM_HEADER_SIZE, True),
+])
+def test_too_large(store, nbytes, expected):
+    assert store.too_large(b"k", nbytes) is expected
+
+
+# --------------------------------------------------------------------------
+# CAS uniques
+# --------------------------------------------------------------------------
+
+def cas_of(store, key):
+    return store.get(key).cas
+
+
+@pytest.mark.parametrize("modify", [
+    lambda s, c: s.store(SET, b"k", b"2"),
+    lambda s, c: s.store(APPEND, b"k", b"2"),
+    lambda s, c: s.store(PREPEND, b"k", b"2"),
+    lambda s, c: s.store(REPLACE, b"k", b"2"),
+    lambda s, c: s.store(CAS, b"k", b"2", cas=c),
+    lambda s, c: s.arithmetic(b"k", 1, incr=True),
+    lambda s, c: s.arithmetic(b"k", 1, incr=False),
+    lambda s, c: s.invalidate(b"k"),
+], ids=["set", "append", "prepend", "replace", "cas", "incr", "decr", "invalidate"])
+def test_cas_unique_changes_on_modification(store, modify):
+    store.store(SET, b"k", b"1")
+    before = cas_of(store, b"k")
+    modify(store, before)
+    after = cas_of(store, b"k")
+    assert after != before
+
+
+@pytest.mark.parametrize("read", [
+    lambda s: s.get(b"k"),
+    lambda s: s.get(b"k", exptime=100),
+    lambda s: s.get(b"k", bump=False),
+    lambda s: s.meta_get(b"k"),
+    lambda s: s.meta_get(b"k", exptime=100),
+    lambda s: s.store(ADD, b"k", b"x"),
+], ids=["get", "touch", "get-nobump", "meta_get", "meta_get-touch", "failed-add"])
+def test_cas_unique_kept_on_read_and_touch(store, read):
+    store.store(SET, b"k", b"1")
+    before = cas_of(store, b"k")
+    read(store)
+    assert cas_of(store, b"k") == before
+
+
+def test_cas_uniques_are_unique_across_keys(store):
+    uniques = {store.store(SET, b"k%d" % i, b"v")[1].cas for i in range(50)}
+    assert len(uniques) == 50
+
+
+def test_cas_disabled_gives_zero(clock):
+    store = memg.Store(use_cas=False, clock=clock)
+    _, item = store.store(SET, b"k", b"v")
+    assert item.cas == 0
+
+
+# --------------------------------------------------------------------------
+# Delete and invalidate
+# --------------------------------------------------------------------------
+
+def test_delete(store):
+    store.store(SET, b"k", b"v")
+    assert store.delete(b"k") == STORED
+    assert store.get(b"k") is None
+    assert store.delete(b"k") == NOT_FOUND
+
+
+def test_delete_expired_is_not_found(store, clock):
+    store.store(SET, b"k", b"v", exptime=1)
+    clock.advance(1)
+    assert store.delete(b"k") == NOT_FOUND
+
+
+def test_delete_with_cas(store):
+    _, item = store.store(SET, b"k", b"v")
+    assert store.delete(b"k", cas=item.cas + 1) == EXISTS
+    assert value_of(store, b"k") == b"v"
+    assert store.delete(b"k", cas=item.cas) == STORED
+    assert store.get(b"k") is None
+
+
+def test_invalidate_marks_stale_and_keeps_value(store):
+    _, old = store.store(SET, b"k", b"v", flags=4)
+    assert store.invalidate(b"k") == STORED
+    item = store.get(b"k")
+    assert (item.value, item.flags, item.stale) == (b"v", 4, True)
+    assert item.cas != old.cas
+
+
+def test_invalidate_with_exptime(store, clock):
+    store.store(SET, b"k", b"v")
+    store.invalidate(b"k", exptime=30)
+    clock.advance(30)
+    assert store.get(b"k") is None
+
+
+def test_invalidate_keeps_exptime_without_one(store, clock):
+    store.store(SET, b"k", b"v", exptime=30)
+    store.invalidate(b"k")
+    clock.advance(29)
+    assert store.get(b"k") is not None
+    clock.advance(1)
+    assert store.get(b"k") is None
+
+
+def test_invalidate_new_cas(store):
+    store.store(SET, b"k", b"v")
+    store.invalidate(b"k", new_cas=777)
+    assert cas_of(store, b"k") == 777
+
+
+def test_invalidate_drop_value(store):
+    store.store(SET, b"k", b"value", flags=2)
+    assert store.invalidate(b"k", drop_value=True) == STORED
+    item = store.get(b"k")
+    assert (item.value, item.flags, item.stale) == (b"", 2, False)
+    assert store.bytes == cost(b"k", b"")
+
+
+def test_invalidate_missing_and_cas_mismatch(store):
+    assert store.invalidate(b"k") == NOT_FOUND
+    _, item = store.store(SET, b"k", b"v")
+    assert store.invalidate(b"k", cas=item.cas + 1) == EXISTS
+    assert not store.get(b"k").stale
+
+
+def test_set_clears_stale(store):
+    store.store(SET, b"k", b"v")
+    store.invalidate(b"k")
+    store.store(SET, b"k", b"w")
+    assert not store.get(b"k").stale
+
+
+# --------------------------------------------------------------------------
+# Arithmetic: incr and decr
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, delta, incr, result", [
+    (b"0", 1, True, b"1"),
+    (b"99", 1, True, b"100"),
+    (b"5", 18446744073709551610, True, b"18446744073709551615"),
+    (b"18446744073709551615", 1, True, b"0" + b" " * 19),
+    (b"18446744073709551615", 2, True, b"1" + b" " * 19),
+    (b"10", 3, False, b"7 "),
+    (b"100", 1, False, b"99 "),
+    (b"10", 100, False, b"0 "),
+    (b"5", 5, False, b"0"),
+    (b"0", 1, False, b"0"),
+    (b"007", 1, True, b"8  "),
+    (b"12  ", 1, True, b"13  "),
+])
+def test_arithmetic_results(store, value, delta, incr, result):
+    store.store(SET, b"k", value)
+    outcome, item = store.arithmetic(b"k", delta, incr)
+    assert outcome == STORED
+    assert item.value == result
+    assert value_of(store, b"k") == result
+
+
+def test_incr_wraps_at_two_to_the_64(store):
+    store.store(SET, b"k", b"18446744073709551615")
+    _, item = store.arithmetic(b"k", 10)
+    assert int(item.value) == 9
+
+
+def test_padded_value_can_be_incremented_again(store):
+    store.store(SET, b"k", b"100")
+    store.arithmetic(b"k", 95, incr=False)
+    assert value_of(store, b"k") == b"5  "
+    _, item = store.arithmetic(b"k", 1)
+    assert item.value == b"6  "
+
+
+@pytest.mark.parametrize("value", [
+    b"", b"abc", b"12abc", b"-5", b"1.5", b"18446744073709551616",
+    b"99999999999999999999",
+])
+def test_arithmetic_non_numeric(store, value):
+    store.store(SET, b"k", value)
+    assert store.arithmetic(b"k", 1) == (NON_NUMERIC, None)
+    assert value_of(store, b"k") == value
+
+
+def test_arithmetic_missing(store):
+    assert store.arithmetic(b"k", 1) == (NOT_FOUND, None)
+    assert store.arithmetic(b"k", 1, incr=False) == (NOT_FOUND, None)
+
+
+def test_arithmetic_keeps_flags_and_expiry(store, clock):
+    store.store(SET, b"k", b"1", flags=42, exptime=10)
+    _, item = store.arithmetic(b"k", 1)
+    assert item.flags == 42
+    clock.advance(10)
+    assert store.get(b"k") is None
+
+
+def test_arithmetic_with_cas(store):
+    _, item = store.store(SET, b"k", b"1")
+    assert store.arithmetic(b"k", 1, cas=item.cas + 1) == (EXISTS, None)
+    outcome, new = store.arithmetic(b"k", 1, cas=item.cas)
+    assert (outcome, new.value) == (STORED, b"2")
+
+
+def test_arithmetic_vivify(store, clock):
+    outcome, item = store.arithmetic(b"k", 5, vivify=20, initial=42)
+    assert (outcome, item.value, item.flags) == (STORED, b"42", 0)
+    _, item = store.arithmetic(b"k", 5, vivify=20, initial=42)
+    assert item.value == b"47"
+    clock.advance(20)
+    assert store.get(b"k") is None
+
+
+def test_arithmetic_new_exptime_and_cas(store, clock):
+    store.store(SET, b"k", b"1")
+    _, item = store.arithmetic(b"k", 1, new_cas=99, exptime=10)
+    assert item.cas == 99
+    clock.advance(10)
+    assert store.get(b"k") is None
+
+
+# --------------------------------------------------------------------------
+# Meta get
+# --------------------------------------------------------------------------
+
+def view_of(found):
+    item, (hit_before, last_access, ttl, won, token_sent, stale) = found
+    return dict(hit_before=hit_before, last_access=last_access, ttl=ttl, won=won,
+                token_sent=token_sent, stale=stale)
+
+
+def test_meta_get_miss(store):
+    assert store.meta_get(b"k") is None
+    assert store.get(b"k") is None
+
+
+def test_meta_get_hit_before_and_last_access(store, clock):
+    store.store(SET, b"k", b"v")
+    first = view_of(store.meta_get(b"k"))
+    assert (first["hit_before"], first["last_access"]) == (False, 0)
+    clock.advance(7)
+    second = view_of(store.meta_get(b"k"))
+    assert (second["hit_before"], second["last_access"]) == (True, 7)
+    third = view_of(store.meta_get(b"k"))
+    assert third["last_access"] == 0
+
+
+def test_meta_get_without_bump_does_not_mark_hit(store, clock):
+    store.store(SET, b"k", b"v")
+    clock.advance(3)
+    store.meta_get(b"k", bump=False)
+    view = view_of(store.meta_get(b"k"))
+    assert (view["hit_before"], view["last_access"]) == (False, 3)
+
+
+def test_meta_get_ttl(store, clock):
+    store.store(SET, b"a", b"v")
+    store.store(SET, b"b", b"v", exptime=100)
+    clock.advance(30)
+    assert view_of(store.meta_get(b"a"))["ttl"] == -1
+    assert view_of(store.meta_get(b"b"))["ttl"] == 70
+
+
+def test_meta_get_with_exptime_touches(store, clock):
+    store.store(SET, b"k", b"v", exptime=10)
+    assert view_of(store.meta_get(b"k", exptime=300))["ttl"] == 300
+    clock.advance(200)
+    assert store.get(b"k") is not None
+
+
+def test_meta_get_vivify_on_miss(store, clock):
+    item, _ = found = store.meta_get(b"k", vivify=30)
+    view = view_of(found)
+    assert item.value == b""
+    assert (view["won"], view["token_sent"], view["ttl"]) == (True, False, 30)
+    again = view_of(store.meta_get(b"k", vivify=30))
+    assert (again["won"], again["token_sent"]) == (False, True)
+    clock.advance(30)
+    assert store.get(b"k") is None
+
+
+def test_meta_get_vivify_ignored_on_hit(store):
+    store.store(SET, b"k", b"v")
+    item, _ = found = store.meta_get(b"k", vivify=30)
+    assert item.value == b"v"
+    assert view_of(found)["won"] is False
+
+
+def test_meta_get_recache(store, clock):
+    store.store(SET, b"k", b"v", exptime=100)
+    assert view_of(store.meta_get(b"k", recache=30))["won"] is False
+    clock.advance(80)
+    view = view_of(store.meta_get(b"k", recache=30))
+    assert (view["won"], view["token_sent"]) == (True, False)
+    view = view_of(store.meta_get(b"k", recache=30))
+    assert (view["won"], view["token_sent"]) == (False, True)
+
+
+def test_meta_get_recache_never_for_items_without_expiry(store):
+    store.store(SET, b"k", b"v")
+    assert view_of(store.meta_get(b"k", recache=30))["won"] is False
+
+
+def test_meta_get_stale_item_wins_once(store):
+    store.store(SET, b"k", b"v")
+    store.invalidate(b"k")
+    first = view_of(store.meta_get(b"k"))
+    assert (first["stale"], first["won"], first["token_sent"]) == (True, True, False)
+    second = view_of(store.meta_get(b"k"))
+    assert (second["stale"], second["won"], second["token_sent"]) == (True, False, True)
+
+
+def test_set_after_win_clears_token(store):
+    store.meta_get(b"k", vivify=30)
+    store.store(SET, b"k", b"fresh")
+    item, _ = found = store.meta_get(b"k", vivify=30)
+    view = view_of(found)
+    assert item.value == b"fresh"
+    assert (view["won"], view["token_sent"], view["stale"]) == (False, False, False)
+
+
+def test_meta_get_counts_gets_and_touches(store):
+    store.store(SET, b"k", b"v")
+    store.meta_get(b"k")
+    store.meta_get(b"nope")
+    store.meta_get(b"k", exptime=5)
+    store.meta_get(b"nope", exptime=5)
+    c = store.counters
+    assert (c["cmd_get"], c["get_hits"], c["get_misses"]) == (2, 1, 1)
+    assert (c["cmd_touch"], c["touch_hits"], c["touch_misses"]) == (2, 1, 1)
+
+
+# --------------------------------------------------------------------------
+# Whole-cache operations: flush, sweep, dump
+# --------------------------------------------------------------------------
+
+def test_flush_now(store):
+    for i in range(10):
+        store.store(SET, b"k%d" % i, b"v")
+    store.flush()
+    assert all(store.get(b"k%d" % i) is None for i in range(10))
+    assert store.bytes == 0
+    assert store.snapshot()["curr_items"] == 0
+
+
+def test_flush_negative_delay_is_immediate(store):
+    store.store(SET, b"k", b"v")
+    store.flush(-1)
+    assert store.get(b"k") is None
+
+
+def test_delayed_flush(store, clock):
+    store.store(SET, b"before", b"v")
+    store.flush(10)
+    assert value_of(store, b"before") == b"v"
+    clock.advance(5)
+    store.store(SET, b"during", b"v")
+    clock.advance(2)
+    assert value_of(store, b"before") == b"v"
+    assert value_of(store, b"during") == b"v"
+    clock.advance(3)
+    assert store.get(b"before") is None
+    assert store.get(b"during") is None
+
+
+def test_items_stored_after_delayed_flush_deadline_survive(store, clock):
+    store.store(SET, b"before", b"v")
+    store.flush(10)
+    clock.advance(11)
+    store.store(SET, b"after", b"v")
+    clock.advance(100)
+    assert value_of(store, b"after") == b"v"
+    assert store.get(b"before") is None
+
+
+def test_delayed_flush_with_absolute_time(store, clock):
+    store.store(SET, b"k", b"v")
+    store.flush(int(START) + 60)
+    clock.advance(50)
+    assert value_of(store, b"k") == b"v"
+    clock.advance(10)
+    assert store.get(b"k") is None
+
+
+def test_flush_counts(store):
+    store.flush()
+    store.flush(10)
+    assert store.counters["cmd_flush"] == 2
+
+
+def test_sweep_removes_expired_items(store, clock):
+    store.store(SET, b"short", b"v", exptime=5)
+    store.store(SET, b"long", b"v", exptime=50)
+    store.store(SET, b"forever", b"v")
+    clock.advance(5)
+    store.sweep()
+    assert list(store.items) == [b"long", b"forever"]
+    assert store.bytes == cost(b"long", b"v") + cost(b"forever", b"v")
+    assert store.counters["reclaimed"] == 1
+    assert store.counters["expired_unfetched"] == 1
+
+
+def test_sweep_in_slices(store, clock):
+    for i in range(10):
+        store.store(SET, b"k%d" % i, b"v", exptime=1)
+    clock.advance(1)
+    store.sweep(budget=4)
+    assert len(store.items) == 6
+    store.sweep(budget=4)
+    store.sweep(budget=4)
+    assert len(store.items) == 0
+    assert store.bytes == 0
+
+
+def test_sweep_applies_delayed_flush(store, clock):
+    store.store(SET, b"k", b"v")
+    store.flush(10)
+    clock.advance(10)
+    store.sweep()
+    assert len(store.items) == 0
+    assert store.bytes == 0
+
+
+def test_dump_most_recent_first(store):
+    store.store(SET, b"a", b"1")
+    store.store(SET, b"b", b"22")
+    store.store(SET, b"c", b"333")
+    store.get(b"a")
+    assert [(key, item.value) for key, item in store.dump()] == [
+        (b"a", b"1"), (b"c", b"333"), (b"b", b"22")]
+    assert [key for key, _ in store.dump(2)] == [b"a", b"c"]
+
+
+# --------------------------------------------------------------------------
+# Counters
+# --------------------------------------------------------------------------
+
+def test_get_counters(store):
+    store.store(SET, b"k", b"v")
+    store.get(b"k")
+    store.get(b"k")
+    store.get(b"nope")
+    c = store.counters
+    assert (c["cmd_get"], c["get_hits"], c["get_misses"]) == (3, 2, 1)
+
+
+def test_get_expired_counter(store, clock):
+    store.store(SET, b"k", b"v", exptime=1)
+    clock.advance(1)
+    store.get(b"k")
+    c = store.counters
+    assert (c["get_expired"], c["get_misses"], c["expired_unfetched"]) == (1, 1, 1)
+
+
+def test_touch_counters(store):
+    store.store(SET, b"k", b"v")
+    store.get(b"k", exptime=10)
+    store.get(b"nope", exptime=10)
+    c = store.counters
+    assert (c["cmd_touch"], c["touch_hits"], c["touch_misses"]) == (2, 1, 1)
+    assert c["cmd_get"] == 0
+
+
+def test_cas_counters(store):
+    store.store(CAS, b"k", b"v", cas=1)
+    _, item = store.store(SET, b"k", b"v")
+    store.store(CAS, b"k", b"v", cas=item.cas + 100)
+    store.store(CAS, b"k", b"v", cas=item.cas)
+    c = store.counters
+    assert (c["cas_misses"], c["cas_badval"], c["cas_hits"]) == (1, 1, 1)
+
+
+def test_delete_and_arithmetic_counters(store):
+    store.store(SET, b"k", b"1")
+    store.arithmetic(b"k", 1)
+    store.arithmetic(b"k", 1, incr=False)
+    store.arithmetic(b"nope", 1)
+    store.arithmetic(b"nope", 1, incr=False)
+    store.arithmetic(b"nope", 1, incr=False)
+    store.delete(b"k")
+    store.delete(b"k")
+    c = store.counters
+    assert (c["incr_hits"], c["incr_misses"], c["decr_hits"], c["decr_misses"]) == (1, 1, 1, 2)
+    assert (c["delete_hits"], c["delete_misses"]) == (1, 1)
+
+
+def test_set_and_total_items_counters(store):
+    store.store(SET, b"a", b"v")
+    store.store(ADD, b"a", b"v")
+    store.store(REPLACE, b"b", b"v")
+    store.store(APPEND, b"a", b"v")
+    c = store.counters
+    assert c["cmd_set"] == 4
+    assert c["total_items"] == 2
+
+
+def test_reset_counters(store):
+    store.store(SET, b"k", b"v")
+    store.get(b"k")
+    store.get(b"nope")
+    store.reset_counters()
+    assert set(store.counters.values()) == {0}
+    assert value_of(store, b"k") == b"v"
+
+
+def test_snapshot(store, clock):
+    store.store(SET, b"a", b"12345")
+    clock.advance(4)
+    store.store(SET, b"b", b"")
+    snap = store.snapshot()
+    assert snap["curr_items"] == 2
+    assert snap["bytes"] == cost(b"a", b"12345") + cost(b"b", b"")
+    assert snap["limit_maxbytes"] == 64 * memg.MB
+    assert snap["oldest_age"] == 4
+    assert snap["cmd_set"] == 2
+
+
+# --------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------
+
+def run_threads(count, target):
+    errors = []
+
+    def wrapper():
+        try:
+            target()
+        except BaseException as error:     # reported in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=wrapper) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_concurrent_incr():
+    store = memg.Store()
+    store.store(SET, b"n", b"0")
+
+    def work():
+        for _ in range(300):
+            assert store.arithmetic(b"n", 1)[0] == STORED
+
+    run_threads(16, work)
+    assert store.get(b"n").value == b"4800"
+
+
+def test_concurrent_cas_retry_loops():
+    store = memg.Store()
+    store.store(SET, b"n", b"0")
+
+    def work():
+        done = 0
+        while done < 100:
+            item = store.get(b"n")
+            new = b"%d" % (int(item.value) + 1)
+            outcome, _ = store.store(CAS, b"n", new, cas=item.cas)
+            assert outcome in (STORED, EXISTS)
+            done += outcome == STORED
+
+    run_threads(8, work)
+    assert store.get(b"n").value == b"800"
+    assert store.counters["cas_hits"] == 800
