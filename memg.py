@@ -19,6 +19,7 @@ The file reads top to bottom in the order data flows:
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -31,6 +32,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from typing import Optional
 
@@ -115,7 +117,8 @@ STORE_COUNTERS = (
     "delete_misses", "delete_hits", "incr_misses", "incr_hits", "decr_misses", "decr_hits",
     "cas_misses", "cas_hits", "cas_badval", "touch_hits", "touch_misses",
     "store_too_large", "store_no_memory",
-    "total_items", "evictions", "reclaimed", "expired_unfetched", "evicted_unfetched",
+    "total_items", "evictions", "evicted_nonzero", "reclaimed", "expired_unfetched",
+    "evicted_unfetched", "crawler_reclaimed", "crawler_items_checked",
 )
 
 
@@ -164,6 +167,7 @@ class Store:
         self.last_cas = 0
         self.flush_deadline = 0                  # a delayed flush_all takes effect then
         self.counters = dict.fromkeys(STORE_COUNTERS, 0)
+        self.evicted_time = 0                    # idle seconds of the last evicted item
         self._sweep_keys = []                    # keys still to visit in this sweep
 
     # -- time ---------------------------------------------------------------
@@ -252,8 +256,9 @@ class Store:
                 self.counters["reclaimed"] += 1
             else:
                 self.counters["evictions"] += 1
-                if not item.fetched:
-                    self.counters["evicted_unfetched"] += 1
+                self.counters["evicted_nonzero"] += item.exptime != 0
+                self.counters["evicted_unfetched"] += not item.fetched
+                self.evicted_time = now - item.atime
         return self.bytes + needed <= self.memory_limit
 
     def _clear(self):
@@ -507,13 +512,13 @@ class Store:
                 budget = budget or len(self._sweep_keys)
             batch = self._sweep_keys[-budget:]
             del self._sweep_keys[-budget:]
+            self.counters["crawler_items_checked"] += len(batch)
             for key in batch:
                 item = self.items.get(key)
                 if item is not None and item.exptime and item.exptime <= now:
                     self._unlink(key, item)
-                    self.counters["reclaimed"] += 1
-                    if not item.fetched:
-                        self.counters["expired_unfetched"] += 1
+                    self.counters["crawler_reclaimed"] += 1
+                    self.counters["expired_unfetched"] += not item.fetched
 
     def reset_counters(self):
         with self.lock:
@@ -526,7 +531,7 @@ class Store:
             now = self.now()
             oldest = next(iter(self.items.values()), None)
             return dict(self.counters, curr_items=len(self.items), bytes=self.bytes,
-                        limit_maxbytes=self.memory_limit,
+                        limit_maxbytes=self.memory_limit, evicted_time=self.evicted_time,
                         oldest_age=now - oldest.atime if oldest else 0)
 
     def dump(self, limit=0):
@@ -948,6 +953,7 @@ class Protocol:
                  flag_error=None):
         """The key and flags of a meta command, or None after replying with the error
         (flag_error, if given, replaces the message for any bad flag, as md and ma)."""
+        self.server.count("cmd_meta")
         key = tokens[1]
         if len(key) > KEY_MAX_LENGTH:
             self.error(BAD_FORMAT)
@@ -1089,6 +1095,7 @@ class Protocol:
         self.reply(b"MN\r\n")
 
     def meta_debug(self, tokens):
+        self.server.count("cmd_meta")
         if len(tokens) < 2 or len(tokens[1]) > KEY_MAX_LENGTH:
             self.reply(BAD_FORMAT)
             return
@@ -1336,6 +1343,13 @@ class Connection:
                 self.server.count("idle_kicks")
             except OSError:
                 pass             # reset by the peer, or closed by stop(): nothing to say
+            except Exception:
+                # A bug in memg: this client gets memcached's severe-error reply and
+                # is closed; the traceback goes to the server's stderr, not the wire.
+                traceback.print_exc()
+                self.protocol.out.append(b"SERVER_ERROR internal error\r\n")
+                with contextlib.suppress(OSError):
+                    self.flush()
         finally:
             self.close()
 
@@ -1380,8 +1394,11 @@ class Server:
         self.lock = threading.Lock()             # guards connections and counters
         self.connections = {}                    # Connection -> thread
         self.counters = dict.fromkeys(
-            ("total_connections", "rejected_connections", "idle_kicks",
+            ("total_connections", "rejected_connections", "idle_kicks", "cmd_meta",
              "closed_bytes_read", "closed_bytes_written"), 0)
+        # Traffic totals at the last ``stats reset``: connections own their byte
+        # counts, so a reset records where it happened instead of writing to them.
+        self.traffic_at_reset = (0, 0)
         self.listeners = []
         self.crawler_enabled = True              # lru_crawler enable|disable
         self.stopping = threading.Event()
@@ -1553,11 +1570,16 @@ class Server:
     def reset_stats(self):
         self.store.reset_counters()
         with self.lock:
-            for name in self.counters:
+            self.traffic_at_reset = self._traffic()
+            for name in ("total_connections", "rejected_connections", "idle_kicks",
+                         "cmd_meta"):
                 self.counters[name] = 0
-            for connection in self.connections:
-                connection.protocol.bytes_read = 0
-                connection.bytes_written = 0
+
+    def _traffic(self):
+        """(bytes read, bytes written) since the start; the caller holds the lock."""
+        live = self.connections
+        return (self.counters["closed_bytes_read"] + sum(c.protocol.bytes_read for c in live),
+                self.counters["closed_bytes_written"] + sum(c.bytes_written for c in live))
 
     def general_stats(self):
         """``stats``: memcached's general statistics, in memcached's order, for the
@@ -1567,8 +1589,9 @@ class Server:
         with self.lock:
             counters = dict(self.counters)
             live = list(self.connections)
-        bytes_read = counters["closed_bytes_read"] + sum(c.protocol.bytes_read for c in live)
-        bytes_written = counters["closed_bytes_written"] + sum(c.bytes_written for c in live)
+            (read, written), (read_before, written_before) = (
+                self._traffic(), self.traffic_at_reset)
+        bytes_read, bytes_written = read - read_before, written - written_before
         usage = _rusage()
         return [
             ("pid", os.getpid()),
@@ -1588,6 +1611,7 @@ class Server:
             ("cmd_set", store["cmd_set"]),
             ("cmd_flush", store["cmd_flush"]),
             ("cmd_touch", store["cmd_touch"]),
+            ("cmd_meta", counters["cmd_meta"]),
             ("get_hits", store["get_hits"]),
             ("get_misses", store["get_misses"]),
             ("get_expired", store["get_expired"]),
@@ -1621,6 +1645,8 @@ class Server:
             ("evicted_unfetched", store["evicted_unfetched"]),
             ("evictions", store["evictions"]),
             ("reclaimed", store["reclaimed"]),
+            ("crawler_reclaimed", store["crawler_reclaimed"]),
+            ("crawler_items_checked", store["crawler_items_checked"]),
         ]
 
     def settings_stats(self):
@@ -1657,14 +1683,16 @@ class Server:
         return [("items:1:" + name, value) for name, value in (
             ("number", store["curr_items"]),
             ("age", store["oldest_age"]),
+            ("mem_requested", store["bytes"]),
             ("evicted", store["evictions"]),
-            ("evicted_nonzero", 0),
-            ("evicted_time", 0),
+            ("evicted_nonzero", store["evicted_nonzero"]),
+            ("evicted_time", store["evicted_time"]),
             ("outofmemory", store["store_no_memory"]),
-            ("tailrepairs", 0),
             ("reclaimed", store["reclaimed"]),
             ("expired_unfetched", store["expired_unfetched"]),
             ("evicted_unfetched", store["evicted_unfetched"]),
+            ("crawler_reclaimed", store["crawler_reclaimed"]),
+            ("crawler_items_checked", store["crawler_items_checked"]),
         )]
 
     def slab_stats(self):

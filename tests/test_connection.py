@@ -98,3 +98,22 @@ def test_quit_closes_after_sending_earlier_replies():
     assert data == b"STORED\r\n"
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_an_internal_error_closes_only_that_connection_with_server_error(monkeypatch, capsys):
+    def broken(self, tokens):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(memg.Protocol.COMMANDS, b"version", (broken, 1, 1))
+    server, sock, _, thread = serve_one()
+    sock.sendall(b"set a 0 0 1\r\n1\r\nversion\r\n")
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    assert data == b"STORED\r\nSERVER_ERROR internal error\r\n"
+    thread.join(5)
+    assert "RuntimeError: a bug" in capsys.readouterr().err
+    assert server.store.get(b"a").value == b"1"

@@ -1365,7 +1365,7 @@ def test_lru_crawler_crawl_reclaims_expired_items():
     session.advance(5)
     assert session.send(b"lru_crawler crawl all\r\n") == b"OK\r\n"
     assert list(session.server.store.items) == [b"b"]
-    assert parse_stats(session.send(b"stats\r\n"))["reclaimed"] == "1"
+    assert parse_stats(session.send(b"stats\r\n"))["crawler_reclaimed"] == "1"
 
 
 def test_lru_crawler_metadump():

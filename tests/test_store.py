@@ -869,7 +869,8 @@ def test_sweep_removes_expired_items(store, clock):
     store.sweep()
     assert list(store.items) == [b"long", b"forever"]
     assert store.bytes == cost(b"long", b"v") + cost(b"forever", b"v")
-    assert store.counters["reclaimed"] == 1
+    assert store.counters["crawler_reclaimed"] == 1
+    assert store.counters["crawler_items_checked"] == 3
     assert store.counters["expired_unfetched"] == 1
 
 
