@@ -21,6 +21,7 @@ import binascii
 import collections
 import contextlib
 import dataclasses
+import errno
 import io
 import itertools
 import os
@@ -75,14 +76,19 @@ class Settings:
     single: bool = False               # --single: serve one connection, then exit
 
     def __post_init__(self):
+        """Refuse what memg cannot honour, with the option's name in the message."""
         if self.udp_port:
             raise ValueError("UDP is not supported: -U must be 0")
-        if self.item_size_max < 1 * KB:
-            raise ValueError("item size limit (-I) must be at least 1k")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port (-p) must be from 0 to 65535")
+        if not 1 * KB <= self.item_size_max <= 1024 * MB:
+            raise ValueError("item size limit (-I) must be from 1k to 1024m")
         if self.item_size_max > self.memory_limit // 2:
             raise ValueError("item size limit (-I) must be at most half the memory limit (-m)")
-        if self.max_connections < 1:
-            raise ValueError("connection limit (-c) must be at least 1")
+        for name, option in (("max_connections", "-c"), ("threads", "-t"),
+                             ("backlog", "-b")):
+            if getattr(self, name) < 1:
+                raise ValueError("%s (%s) must be at least 1" % (name.replace("_", " "), option))
 
 
 # --------------------------------------------------------------------------
@@ -90,6 +96,47 @@ class Settings:
 # --------------------------------------------------------------------------
 
 KEY_MAX_LENGTH = 250
+U64 = 0xFFFFFFFFFFFFFFFF
+# memcached reads numbers with C's strtol and strtoull: white space, a sign, digits,
+# then the end or white space (whatever follows that is ignored).
+_NUMBER = re.compile(rb"[\t\n\v\f\r ]*([+-]?)([0-9]+)(?![^\t\n\v\f\r ])")
+def parse_uint64(text):
+    """memcached's safe_strtoull (CAS uniques, deltas, stored numbers); None if it
+    fails.  A minus sign passes only where strtoull's wrap-around leaves a number
+    that is not negative as a signed 64-bit value."""
+    match = _NUMBER.match(text)
+    if match is None:
+        return None
+    number = int(match.group(2))
+    if number > U64:
+        return None
+    if match.group(1) == b"-":
+        number = -number & U64
+        if number > U64 >> 1:
+            return None
+    return number
+
+
+def parse_uint32(token):
+    """memcached's safe_strtoul (client flags): parsed as 64 bits, kept as 32."""
+    number = parse_uint64(token)
+    return None if number is None else number & 0xFFFFFFFF
+
+
+def parse_int32(token):
+    """memcached's safe_strtol (exptimes, lengths): C's 64-bit strtol, kept in an
+    int32, so that large numbers wrap as they do in memcached."""
+    if token.isdigit() and len(token) < 10:
+        return int(token)                       # the common case
+    match = _NUMBER.match(token)
+    if match is None:
+        return None
+    number = int(match.group(1) + match.group(2))
+    if not -2 ** 63 <= number < 2 ** 63:
+        return None
+    return (number + 2 ** 31) % 2 ** 32 - 2 ** 31
+
+
 # Relative expiry times may not exceed 30 days; larger numbers are Unix times.
 MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 # What memcached adds to key and value when it checks the -I limit (its item header,
@@ -132,7 +179,7 @@ class Item:
     def __init__(self, value, flags, exptime, cas, atime):
         self.value = value
         self.flags = flags
-        self.exptime = exptime   # absolute time.time(); 0 never expires
+        self.exptime = exptime   # absolute Unix time in whole seconds; 0 never expires
         self.cas = cas
         self.atime = atime       # last access, for LRU statistics and meta 'l'
         self.fetched = False     # read since stored (meta 'h', expired_unfetched)
@@ -390,7 +437,7 @@ class Store:
             if exptime is not None:
                 new.exptime = self.expiry(exptime, now)
             new.stale = not drop_value or item.stale
-            self._link(key, new, item)
+            self._link(key, new, item)            # no larger than item: cannot fail
             return STORED
 
     def arithmetic(self, key, delta, incr=True, cas=0, vivify=None, initial=0,
@@ -420,7 +467,7 @@ class Store:
             if number is None:
                 return NON_NUMERIC, None
             if incr:
-                number = (number + delta) & 0xFFFFFFFFFFFFFFFF
+                number = (number + delta) & U64
             else:
                 number = max(0, number - delta)
             counters["incr_hits" if incr else "decr_hits"] += 1
@@ -433,7 +480,6 @@ class Store:
             if not self._link(key, new, item):
                 counters["store_no_memory"] += 1
                 return NO_MEMORY, None
-            self.items.move_to_end(key)
             return STORED, new
 
     # -- meta get ---------------------------------------------------------------
@@ -571,6 +617,7 @@ BAD_DELTA = b"CLIENT_ERROR invalid numeric delta argument\r\n"
 NOT_NUMBER = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
 TOO_LARGE_REPLY = b"SERVER_ERROR object too large for cache\r\n"
 NO_MEMORY_REPLY = b"SERVER_ERROR out of memory storing object\r\n"
+NO_MEMORY_INCR = b"SERVER_ERROR out of memory\r\n"
 BAD_META_FLAG = b"CLIENT_ERROR invalid or duplicate flag\r\n"
 DELETE_USAGE = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n"
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
@@ -580,49 +627,6 @@ REPLIES = {STORED: b"STORED\r\n", NOT_STORED: b"NOT_STORED\r\n", EXISTS: b"EXIST
 META_CODES = {STORED: b"HD", NOT_STORED: b"NS", EXISTS: b"EX", NOT_FOUND: b"NF"}
 
 _CONTROL = re.compile(rb"[\x00-\x20\x7f]")
-# memcached reads numbers with C's strtol and strtoull: white space, a sign, digits,
-# then the end or white space (whatever follows that is ignored).
-_NUMBER = re.compile(rb"[\t\n\v\f\r ]*([+-]?)([0-9]+)(?![^\t\n\v\f\r ])")
-U64 = 0xFFFFFFFFFFFFFFFF
-
-
-def parse_uint64(text):
-    """memcached's safe_strtoull (CAS uniques, deltas, stored numbers); None if it
-    fails.  A minus sign passes only where strtoull's wrap-around leaves a number
-    that is not negative as a signed 64-bit value."""
-    match = _NUMBER.match(text)
-    if match is None:
-        return None
-    number = int(match.group(2))
-    if number > U64:
-        return None
-    if match.group(1) == b"-":
-        number = -number & U64
-        if number > U64 >> 1:
-            return None
-    return number
-
-
-def parse_uint32(token):
-    """memcached's safe_strtoul (client flags): parsed as 64 bits, kept as 32."""
-    number = parse_uint64(token)
-    return None if number is None else number & 0xFFFFFFFF
-
-
-def parse_int32(token):
-    """memcached's safe_strtol (exptimes, lengths): C's 64-bit strtol, kept in an
-    int32, so that large numbers wrap as they do in memcached."""
-    if token.isdigit() and len(token) < 10:
-        return int(token)                       # the common case
-    match = _NUMBER.match(token)
-    if match is None:
-        return None
-    number = int(match.group(1) + match.group(2))
-    if not -2 ** 63 <= number < 2 ** 63:
-        return None
-    return (number + 2 ** 31) % 2 ** 32 - 2 ** 31
-
-
 def bad_key(key):
     """Keys are at most 250 bytes, without spaces or control characters."""
     return len(key) > KEY_MAX_LENGTH or _CONTROL.search(key) is not None
@@ -667,10 +671,10 @@ class MetaFlags:
     def get(self, flag, default=None):
         return self.values.get(flag, default)
 
-    def reply(self, code, key, fields=None):
-        """A meta reply line: code, then the requested return flags in request order.
-        O and k echo the opaque and the key; fields maps the other flags this command
-        can return (b"c", b"t", ...) to their values."""
+    def reply(self, code, key, fields=None, tail=b""):
+        """A meta reply line: code, then the requested return flags in request order,
+        then tail.  O and k echo the opaque and the key; fields maps the other flags
+        this command can return (b"c", b"t", ...) to their values."""
         parts = [code]
         for token in self.tokens:
             flag = token[:1]
@@ -680,17 +684,18 @@ class MetaFlags:
                 parts.append(b" k" + (base64.b64encode(key) + b" b" if "b" in self else key))
             elif fields and flag in fields:
                 parts.append(b" %s%d" % (flag, fields[flag]))
-        parts.append(b"\r\n")
+        parts.append(tail + b"\r\n")
         return b"".join(parts)
 
 
 class Protocol:
     """memcached's text protocol for one client.
 
-    ``rfile`` is anything with ``readline(limit)`` and ``read(n)`` (a socket's
-    buffered reader, or io.BytesIO in tests); replies collect in ``self.out`` until
-    the connection sends them.  ``process()`` handles one command and returns False
-    when the connection should close.
+    ``rfile`` is a buffered binary reader (a socket's, or any binary file such as
+    io.BytesIO, which is wrapped in one); replies collect in ``self.out`` until the
+    connection sends them.  ``process()`` handles one command and returns False when
+    the connection should close.  ``server`` gives the store, the settings and the
+    server-wide statistics; it need not be running.
     """
 
     def __init__(self, server, rfile, name="-"):
@@ -701,6 +706,7 @@ class Protocol:
         self.rfile = rfile if hasattr(rfile, "peek") else io.BufferedReader(rfile)
         self.name = name          # how -vv logs name this client
         self.first = True
+        self.last_command = time.monotonic()     # for stats conns
         self.out = []
         self.noreply = False
         self.bytes_read = 0
@@ -803,6 +809,7 @@ class Protocol:
         line = self.read_line()
         if line is None:
             return False
+        self.last_command = time.monotonic()
         if self.settings.verbose > 1:
             self.log("<", line)
         self.noreply = False
@@ -931,7 +938,7 @@ class Protocol:
         elif outcome == NON_NUMERIC:
             self.reply(NOT_NUMBER)
         elif outcome == NO_MEMORY:
-            self.reply(b"SERVER_ERROR out of memory\r\n")
+            self.reply(NO_MEMORY_INCR)
         else:
             self.reply(b"NOT_FOUND\r\n")
 
@@ -991,13 +998,13 @@ class Protocol:
             return
         self.noreply = False     # q hides only the miss
         item, (hit_before, last_access, ttl, won, token_sent, stale) = found
+        # The recache markers: Z (another client holds the token), X (stale), W (this
+        # client has won the right to recache).
+        markers = (b" Z" if token_sent else b"") + (b" X" if stale else b"") + (
+            b" W" if won else b"")
         line = flags.reply(b"VA %d" % len(item.value) if "v" in flags else b"HD", key, {
             b"s": len(item.value), b"t": ttl, b"c": item.cas, b"f": item.flags,
-            b"l": last_access, b"h": hit_before})
-        # memcached's recache markers: Z (another client holds the token), X (stale),
-        # W (this client won the right to recache).
-        line = line[:-2] + (b" Z" if token_sent else b"") + (b" X" if stale else b"") + (
-            b" W" if won else b"") + b"\r\n"
+            b"l": last_access, b"h": hit_before}, markers)
         self.reply(line + item.value + b"\r\n" if "v" in flags else line)
 
     META_MODES = {None: SET, b"S": SET, b"E": ADD, b"A": APPEND, b"P": PREPEND, b"R": REPLACE}
@@ -1080,7 +1087,7 @@ class Protocol:
             self.error(NOT_NUMBER)
             return
         if outcome == NO_MEMORY:
-            self.error(b"SERVER_ERROR out of memory\r\n")
+            self.error(NO_MEMORY_INCR)
             return
         if item is None:
             self.noreply = False
@@ -1326,38 +1333,33 @@ class Connection:
         self.protocol = Protocol(server, rfile, name=str(self.fileno))
 
     def flush(self):
-        data = self.protocol.take_output() if self.protocol.out else b""
-        if data:
+        """Send the queued replies, in one send."""
+        if self.protocol.out:
+            data = self.protocol.take_output()
             self.sock.sendall(data)
             self.bytes_written += len(data)
 
     def handle(self):
+        """Serve commands until the client leaves or is sent away, then close."""
         try:
             if self.server.settings.idle_timeout:
                 self.sock.settimeout(self.server.settings.idle_timeout)
-            try:
-                while self.protocol.process():
-                    pass
-                self.flush()
-            except socket.timeout:
-                self.server.count("idle_kicks")
-            except OSError:
-                pass             # reset by the peer, or closed by stop(): nothing to say
-            except Exception:
-                # A bug in memg: this client gets memcached's severe-error reply and
-                # is closed; the traceback goes to the server's stderr, not the wire.
-                traceback.print_exc()
-                self.protocol.out.append(b"SERVER_ERROR internal error\r\n")
-                with contextlib.suppress(OSError):
-                    self.flush()
-        finally:
-            self.close()
-
-    def close(self):
-        try:
-            self.sock.close()
+            while self.protocol.process():
+                pass
+            self.flush()
+        except socket.timeout:
+            self.server.count("idle_kicks")
         except OSError:
-            pass
+            pass             # reset by the peer, or closed by stop(): nothing to say
+        except Exception:
+            # A bug in memg: this client gets memcached's severe-error reply and is
+            # closed; the traceback goes to the server's stderr, not the wire.
+            traceback.print_exc()
+            self.protocol.out.append(b"SERVER_ERROR internal error\r\n")
+            with contextlib.suppress(OSError):
+                self.flush()
+        finally:
+            self.sock.close()
 
 
 # --------------------------------------------------------------------------
@@ -1394,26 +1396,30 @@ class Server:
         self.lock = threading.Lock()             # guards connections and counters
         self.connections = {}                    # Connection -> thread
         self.counters = dict.fromkeys(
-            ("total_connections", "rejected_connections", "idle_kicks", "cmd_meta",
-             "closed_bytes_read", "closed_bytes_written"), 0)
+            ("total_connections", "rejected_connections", "listen_disabled_num",
+             "idle_kicks", "cmd_meta", "closed_bytes_read", "closed_bytes_written"), 0)
         # Traffic totals at the last ``stats reset``: connections own their byte
         # counts, so a reset records where it happened instead of writing to them.
         self.traffic_at_reset = (0, 0)
         self.listeners = []
         self.crawler_enabled = True              # lru_crawler enable|disable
         self.stopping = threading.Event()
-        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup = None                      # socket pair that interrupts the accept loop
         self._threads = []
 
     # -- life cycle -------------------------------------------------------------
 
     @property
     def address(self):
-        """The (host, port) actually bound (a path for a Unix socket)."""
-        return self.listeners[0].getsockname()[:2] if self.listeners else None
+        """The (host, port) actually bound (the path, for a Unix socket)."""
+        if not self.listeners:
+            return None
+        name = self.listeners[0].getsockname()
+        return name if isinstance(name, str) else name[:2]
 
     def bind(self):
         s = self.settings
+        self._wakeup = socket.socketpair()
         if s.unix_socket:
             if os.path.exists(s.unix_socket):
                 os.unlink(s.unix_socket)
@@ -1454,10 +1460,9 @@ class Server:
     def request_stop(self):
         """Ask the accept loop to end; safe from signal handlers and other threads."""
         self.stopping.set()
-        try:
-            self._wakeup_w.send(b"x")
-        except OSError:
-            pass
+        if self._wakeup is not None:
+            with contextlib.suppress(OSError):
+                self._wakeup[1].send(b"x")
 
     def stop(self, timeout=2.0):
         """Stop accepting, close every connection, join the threads, free the port."""
@@ -1466,8 +1471,8 @@ class Server:
             if thread is not threading.current_thread():
                 thread.join(timeout)
         self.close_connections(timeout)
-        for listener in self.listeners:
-            listener.close()
+        for sock in self.listeners + list(self._wakeup or ()):
+            sock.close()
         self.listeners = []
         if self.settings.unix_socket and os.path.exists(self.settings.unix_socket):
             os.unlink(self.settings.unix_socket)
@@ -1476,10 +1481,8 @@ class Server:
         with self.lock:
             connections = list(self.connections.items())
         for connection, _ in connections:
-            try:
+            with contextlib.suppress(OSError):
                 connection.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         deadline = time.monotonic() + timeout
         for _, thread in connections:
             if thread is not None:
@@ -1498,41 +1501,41 @@ class Server:
         with selectors.DefaultSelector() as selector:
             for listener in self.listeners:
                 selector.register(listener, selectors.EVENT_READ)
-            selector.register(self._wakeup_r, selectors.EVENT_READ)
+            selector.register(self._wakeup[0], selectors.EVENT_READ)
             while not self.stopping.is_set():
                 for key, _ in selector.select():
-                    if key.fileobj is self._wakeup_r or self.stopping.is_set():
+                    if key.fileobj is self._wakeup[0] or self.stopping.is_set():
                         continue
                     try:
                         sock, address = key.fileobj.accept()
-                    except OSError:
-                        continue         # the client gave up before we accepted
+                    except OSError as error:
+                        if error.errno in (errno.EMFILE, errno.ENFILE):
+                            # Out of file descriptors: wait for some to close rather
+                            # than spin (memcached stops accepting for a while too).
+                            self.count("listen_disabled_num")
+                            self.stopping.wait(0.1)
+                        continue
                     if self.accept(sock, address) and self.settings.single:
                         return
 
     def accept(self, sock, address):
-        """Admit one client (or refuse it, over the limit); True if it was served
-        here, in --single mode."""
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection = Connection(self, sock, address)
+        """Admit one client, or refuse it over the connection limit.  Returns True
+        if it was served here, in --single mode."""
         with self.lock:
-            if len(self.connections) >= self.settings.max_connections:
-                self.counters["rejected_connections"] += 1
-                refused = True
-            else:
-                refused = False
-                self.counters["total_connections"] += 1
-                self.connections[connection] = None
-        if refused:
-            try:
+            admitted = len(self.connections) < self.settings.max_connections
+            self.counters["total_connections" if admitted else "rejected_connections"] += 1
+        if not admitted:
+            with contextlib.suppress(OSError):
                 sock.sendall(TOO_MANY_CONNECTIONS)
-            except OSError:
-                pass
             sock.close()
             return False
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = Connection(self, sock, address)
         if self.settings.single:
             # In the calling thread, so that a profiler there sees the work.
+            with self.lock:
+                self.connections[connection] = None
             self.run_connection(connection)
             return True
         thread = threading.Thread(target=self.run_connection, args=(connection,),
@@ -1571,8 +1574,8 @@ class Server:
         self.store.reset_counters()
         with self.lock:
             self.traffic_at_reset = self._traffic()
-            for name in ("total_connections", "rejected_connections", "idle_kicks",
-                         "cmd_meta"):
+            for name in ("total_connections", "rejected_connections", "listen_disabled_num",
+                         "idle_kicks", "cmd_meta"):
                 self.counters[name] = 0
 
     def _traffic(self):
@@ -1592,7 +1595,7 @@ class Server:
             (read, written), (read_before, written_before) = (
                 self._traffic(), self.traffic_at_reset)
         bytes_read, bytes_written = read - read_before, written - written_before
-        usage = _rusage()
+        usage = os.times()
         return [
             ("pid", os.getpid()),
             ("uptime", int(now - self.started)),
@@ -1600,8 +1603,8 @@ class Server:
             ("version", VERSION),
             ("libevent", "none"),
             ("pointer_size", 64 if sys.maxsize > 2 ** 32 else 32),
-            ("rusage_user", "%.6f" % usage[0]),
-            ("rusage_system", "%.6f" % usage[1]),
+            ("rusage_user", "%.6f" % usage.user),
+            ("rusage_system", "%.6f" % usage.system),
             ("max_connections", self.settings.max_connections),
             ("curr_connections", len(live)),
             ("total_connections", counters["total_connections"]),
@@ -1636,6 +1639,7 @@ class Server:
             ("bytes_written", bytes_written),
             ("limit_maxbytes", store["limit_maxbytes"]),
             ("accepting_conns", 1),
+            ("listen_disabled_num", counters["listen_disabled_num"]),
             ("threads", self.settings.threads),
             ("conn_yields", 0),
             ("bytes", store["bytes"]),
@@ -1715,28 +1719,30 @@ class Server:
         return used + [("active_slabs", 1 if used else 0), ("total_malloced", store["bytes"])]
 
     def connection_stats(self):
-        """``stats conns``: one block per open connection."""
-        now = time.time()
-        with self.lock:
-            live = list(self.connections)
+        """``stats conns``: the listening sockets, then one block per client."""
+        now = time.monotonic()
         rows = []
-        for connection in sorted(live, key=lambda c: c.fileno):
-            peer = connection.address
-            peer = "%s:%s" % peer[:2] if isinstance(peer, tuple) else str(peer or "unix")
-            rows += [("%d:addr" % connection.fileno, peer),
-                     ("%d:state" % connection.fileno, "conn_parse_cmd"),
-                     ("%d:secs_since_start" % connection.fileno, int(now - connection.started))]
+        for listener in self.listeners:
+            fd = listener.fileno()
+            rows += [("%d:addr" % fd, _socket_name(listener.getsockname())),
+                     ("%d:state" % fd, "conn_listening")]
+        with self.lock:
+            live = sorted(self.connections, key=lambda connection: connection.fileno)
+        for connection in live:
+            fd = connection.fileno
+            rows += [("%d:addr" % fd, _socket_name(connection.address)),
+                     ("%d:listen_addr" % fd, _socket_name(connection.sock.getsockname())),
+                     ("%d:state" % fd, "conn_parse_cmd"),
+                     ("%d:secs_since_last_cmd" % fd,
+                      int(now - connection.protocol.last_command))]
         return rows
 
 
-def _rusage():
-    try:
-        import resource
-    except ImportError:          # Windows
-        times = os.times()
-        return times.user, times.system
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime, usage.ru_stime
+def _socket_name(name):
+    """A socket address as memcached's ``stats conns`` writes it."""
+    if isinstance(name, tuple):
+        return "tcp:%s:%d" % name[:2] if ":" not in name[0] else "tcp6:[%s]:%d" % name[:2]
+    return "unix:%s" % (name or "")
 
 
 # --------------------------------------------------------------------------
@@ -1852,8 +1858,6 @@ def parse_command_line(argv):
             warnings.append("%s ignored: memg has no %s" % (flag, what))
     if args.protocol == "binary":
         raise SystemExit("memg: the binary protocol is not supported (-B ascii or auto)")
-    if args.udp_port:
-        raise SystemExit("memg: UDP is not supported; -U must be 0")
     idle_timeout = 0
     for group in args.extended:
         for option in filter(None, group.split(",")):
@@ -1872,14 +1876,9 @@ def parse_command_line(argv):
         unix_mask = int(args.unix_mask, 8)
     except ValueError as error:
         raise SystemExit("memg: %s" % error)
-    if item_size_max > 1024 * MB:
-        raise SystemExit("memg: the item size limit (-I) can be at most 1024m")
-    for name, value in (("-p", args.port), ("-c", args.conn_limit), ("-t", args.threads),
-                        ("-b", args.listen_backlog)):
-        if value < 0 or (value == 0 and name != "-p") or (name == "-p" and value > 65535):
-            raise SystemExit("memg: %s %d is out of range" % (name, value))
     settings = dict(
-        host=args.listen, port=args.port, unix_socket=args.unix_socket,
+        host=args.listen, port=args.port, udp_port=args.udp_port,
+        unix_socket=args.unix_socket,
         unix_mask=unix_mask, memory_limit=memory_limit, evict=not args.disable_evictions,
         max_connections=args.conn_limit, item_size_max=item_size_max,
         threads=args.threads, verbose=min(args.verbose, 2),
@@ -1891,34 +1890,61 @@ def parse_command_line(argv):
 
 
 def drop_privileges(user):
-    """-u: become user after binding, as memcached does when started as root."""
+    """-u: become user after binding; as in memcached, only when running as root."""
     if not hasattr(os, "getuid") or os.getuid() != 0:
         return
     import pwd
-    entry = pwd.getpwnam(user)
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise SystemExit("memg: unknown user %r (-u)" % user)
     os.setgroups([])
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)
 
 
+def raise_open_file_limit(max_connections):
+    """Make room for -c connections plus a few files of our own, as memcached does."""
+    try:
+        import resource
+    except ImportError:          # Windows has no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + 32
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
+def beyond_loopback(settings):
+    """Whether the server listens on an address other machines can reach."""
+    if settings["unix_socket"]:
+        return False
+    return any(not (host.startswith("127.") or host in ("localhost", "::1"))
+               for host, _ in parse_listen(settings["host"], settings["port"]))
+
+
 def main(argv=None):
+    """The memg command: memcached's options, then serve until SIGINT or SIGTERM."""
     settings, warnings = parse_command_line(sys.argv[1:] if argv is None else argv)
     for warning in warnings:
         print("memg: warning: " + warning, file=sys.stderr)
     try:
         server = Server(**settings)
         server.bind()
-        if settings["user"]:
-            drop_privileges(settings["user"])
-    except (ValueError, OSError, KeyError) as error:
-        raise SystemExit("memg: %s" % (error.strerror if isinstance(error, OSError)
-                                       and error.strerror else error))
+    except ValueError as error:
+        raise SystemExit("memg: %s" % error)
+    except OSError as error:
+        raise SystemExit("memg: cannot listen on %s: %s" % (
+            settings["unix_socket"] or "%s port %d" % (settings["host"], settings["port"]),
+            error.strerror or error))
+    if settings["user"]:
+        drop_privileges(settings["user"])
+    raise_open_file_limit(settings["max_connections"])
     if settings["pid_file"]:
         with open(settings["pid_file"], "w") as pid_file:
             pid_file.write("%d\n" % os.getpid())
-    loopback = settings["host"].split(",")
-    if not settings["unix_socket"] and any(
-            not host.startswith(("127.", "localhost", "[::1]", "::1")) for host in loopback):
+    if beyond_loopback(settings):
         print("memg: warning: listening beyond loopback (%s) with no authentication: "
               "anyone who can reach the port can read and change the cache"
               % settings["host"], file=sys.stderr)
@@ -1931,10 +1957,8 @@ def main(argv=None):
     finally:
         server.stop()
         if settings["pid_file"]:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(settings["pid_file"])
-            except OSError:
-                pass
     return 0
 
 
