@@ -766,9 +766,24 @@ class Protocol:
         line = start + self.rfile.readline(GET_LINE_LIMIT - len(start))
         return line if line[-1:] == b"\n" else None
 
-    def read_value(self, nbytes):
-        """The data block of a storage command, checked for its "\\r\\n"; returns
-        None when the connection ended first, False when the terminator is wrong."""
+    def receive_value(self, key, nbytes, flags, drop_old, answer):
+        """The data block of a storage command, or None when the command has been
+        answered already: a value over the size limit is swallowed unread (the old
+        value dropped if drop_old), and a block not ended by "\\r\\n" is refused.
+        answer sends those errors: self.reply (noreply hides them) or self.error."""
+        if self.store.too_large(key, nbytes, flags):
+            self.store.refuse_too_large(key, drop_old)
+            answer(TOO_LARGE_REPLY)
+            self.swallow(nbytes + 2)
+            return None
+        value = self.read_block(nbytes)
+        if value is None:
+            answer(BAD_CHUNK)
+        return value
+
+    def read_block(self, nbytes):
+        """nbytes of data and their "\\r\\n", read a slice at a time; None if the
+        terminator is wrong.  Raises EOFError if the input ends first."""
         if nbytes + 2 <= READ_CHUNK:
             data = self.rfile.read(nbytes + 2)
         else:
@@ -782,25 +797,31 @@ class Protocol:
             data = b"".join(parts)
         self.bytes_read += len(data)
         if len(data) < nbytes + 2:
-            return None
-        if data[-2:] != b"\r\n":
-            return False
-        return data[:-2]
+            raise EOFError
+        return data[:-2] if data[-2:] == b"\r\n" else None
 
     def swallow(self, nbytes):
-        """Discard nbytes of input (the data of a refused storage command)."""
+        """Discard nbytes of input (the data of a refused storage command).  Raises
+        EOFError if the input ends first."""
         while nbytes > 0:
             part = self.rfile.read(min(nbytes, READ_CHUNK))
             if not part:
-                return False
+                raise EOFError
             self.bytes_read += len(part)
             nbytes -= len(part)
-        return True
 
     # -- dispatch -------------------------------------------------------------
 
     def process(self):
-        """Read and run one command.  Returns False when the connection should close."""
+        """Read and run one command.  Returns False when the connection should close:
+        at the end of the input, or when the command says so (handlers return False
+        for that; anything else means go on)."""
+        try:
+            return self.run_command()
+        except EOFError:
+            return False             # the input ended inside a data block
+
+    def run_command(self):
         if self.first:
             self.first = False
             if self.rfile.peek(1)[:1] == b"\x80":
@@ -894,18 +915,10 @@ class Protocol:
                 or cas is None or not 0 <= nbytes <= VALUE_LENGTH_MAX):
             self.reply(BAD_FORMAT)
             return
-        if self.store.too_large(key, nbytes, flags):
-            self.store.refuse_too_large(key, drop_old=mode == SET)
-            self.reply(TOO_LARGE_REPLY)
-            return self.swallow(nbytes + 2)
-        value = self.read_value(nbytes)
-        if value is None:
-            return False
-        if value is False:
-            self.reply(BAD_CHUNK)
-            return
-        outcome, _ = self.store.store(mode, key, value, flags, exptime, cas)
-        self.reply(REPLIES[outcome])
+        value = self.receive_value(key, nbytes, flags, mode == SET, self.reply)
+        if value is not None:
+            outcome, _ = self.store.store(mode, key, value, flags, exptime, cas)
+            self.reply(REPLIES[outcome])
 
     # -- delete, incr, decr, touch -------------------------------------------------
 
@@ -1026,21 +1039,16 @@ class Protocol:
             return
         parsed = self.meta_key(tokens, 3)
         if parsed is None:
-            return self.swallow(nbytes + 2)
+            self.swallow(nbytes + 2)
+            return
         key, flags = parsed
         mode = self.META_MODES.get(flags.get("M"))
         if mode is None:
             self.error(b"CLIENT_ERROR invalid mode for ms M token\r\n")
-            return self.swallow(nbytes + 2)
-        if self.store.too_large(key, nbytes, flags.get("F")):
-            self.store.refuse_too_large(key, drop_old=True)
-            self.error(TOO_LARGE_REPLY)
-            return self.swallow(nbytes + 2)
-        value = self.read_value(nbytes)
+            self.swallow(nbytes + 2)
+            return
+        value = self.receive_value(key, nbytes, flags.get("F"), True, self.error)
         if value is None:
-            return False
-        if value is False:
-            self.error(BAD_CHUNK)
             return
         cas = flags.get("C") or 0
         if "C" in flags and mode in (SET, REPLACE):
