@@ -5,7 +5,8 @@ Each script runs on a fresh connection after a flush_all.  The client sends the 
 script, closes its sending side and reads until the server closes, so every reply
 (and whether the server closed early) is compared.  CAS uniques differ between two
 servers' histories, so each distinct unique is renamed by order of appearance: the
-comparison still sees which replies share a unique and which changed.
+comparison still sees which replies share a unique and which changed.  The version
+string names the server, so it is left out too.
 """
 
 import re
@@ -99,6 +100,34 @@ SCRIPTS = [
     ("http-post", b"POST /set HTTP/1.0\r\nContent-Length: 15\r\n\r\nset a 0 0 1\r\nb\r\n"),
     ("http-lowercase", b"get / HTTP/1.1\r\n"),
     ("long-line-closes", b"x" * 3000),
+    # -- numbers as memcached's strtol and strtoull read them ------------------------------
+    ("exptime-wraps-to-zero", b"set a 0 4294967296 1\r\nx\r\nget a\r\n"),
+    ("exptime-wraps-negative", b"set a 0 2147483648 1\r\nx\r\nget a\r\n"),
+    ("exptime-wraps-positive", b"set a 0 -2147483649 1\r\nx\r\nget a\r\n"),
+    ("length-above-int-max", b"set a 0 0 2147483646\r\nversion\r\n"),
+    ("length-wraps-to-zero", b"set a 0 0 4294967296\r\nxx\r\nget a\r\n"),
+    ("flags-wrap", b"set a 18446744073709551615 0 1\r\nx\r\nget a\r\n"),
+    ("flags-plus-sign", b"set a +5 0 1\r\nx\r\nget a\r\n"),
+    ("incr-stored-forms", b"set a 0 0 2\r\n+5\r\nincr a 1\r\nset b 0 0 6\r\n000001\r\n"
+                          b"incr b 1\r\nget b\r\nset c 0 0 4\r\n1\r\nx\r\nincr c 1\r\n"
+                          b"set d 0 0 2\r\n-5\r\nincr d 1\r\n"),
+    ("delta-forms", b"set a 0 0 1\r\n1\r\nincr a +2\r\nincr a -0\r\nincr a 0x1\r\n"),
+    ("flush-past-is-noop", b"set a 0 0 1\r\n1\r\nflush_all 1000000000\r\nget a\r\n"
+                           b"flush_all 99999999999\r\nget a\r\nflush_all -1\r\nget a\r\n"),
+    # -- size limit: the largest value depends on key length and flags ---------------------
+    ("largest-value", b"set k 0 0 1048516\r\n" + b"v" * 1048516 + b"\r\nmg k s\r\n"
+                      b"set k 0 0 1048517\r\n" + b"v" * 1048517 + b"\r\nmg k s\r\n"),
+    ("largest-value-flags", b"set k 1 0 1048512\r\n" + b"v" * 1048512 + b"\r\nmg k s\r\n"
+                            b"set k 1 0 1048513\r\n" + b"v" * 1048513 + b"\r\nmg k s\r\n"),
+    ("append-beyond-limit", b"set k 0 0 1048000\r\n" + b"v" * 1048000 + b"\r\n"
+                            b"append k 0 0 1000\r\n" + b"w" * 1000 + b"\r\nmg k s\r\n"),
+    # -- lines ---------------------------------------------------------------------------------
+    ("nul-ends-line", b"version\x00abc\r\nset a 0 0 1\r\nx\r\nget a\x00b\r\n"),
+    ("long-line-with-newline", b"x" * 3000 + b"\r\nset " + b"k" * 2090 + b" 0 0 1\r\n"),
+    ("lone-cr-line", b"\r\n\n\r\r\nversion\r\r\n"),
+    ("http-any-method", b"foo /x HTTP/1.1\r\nset a 0 0 1\r\nb\r\n"),
+    ("too-many-tokens", b"set a 0 0 1 noreply " + b"x " * 30 + b"\r\nb\r\n"),
+    ("extra-tokens-ignored", b"set a 0 0 1 foo\r\nx\r\nincr a 1 x\r\ntouch a 1 2\r\n"),
     # -- meta commands ------------------------------------------------------------------------
     ("mn", b"mn\r\n"),
     ("mg-miss", b"mg k v\r\nmg k v q\r\nmg k v O123 k\r\nmn\r\n"),
@@ -120,15 +149,28 @@ SCRIPTS = [
     ("ma", b"ma k\r\nset k 0 0 1\r\n5\r\nma k\r\nma k v\r\nma k MD D10 v\r\nma k q\r\nmn\r\n"),
     ("ma-vivify", b"ma k N0 J13 v\r\nma k v\r\n"),
     ("ma-errors", b"set k 0 0 1\r\nx\r\nma k\r\nma k MX\r\nma k Dx\r\n"),
-    ("me", b"me k\r\n"),
+    ("me", b"me k\r\nme\r\n"),
+    ("meta-reply-flag-order", b"ms k 1 c k Oop\r\na\r\nmg k c k Ox v\r\nma k k O5 v\r\n"),
+    ("meta-too-many-flags", b"mg k " + b"v " * 25 + b"\r\nms k 2 " + b"c " * 25 + b"\r\nhi\r\n"),
+    ("meta-cas-zero", b"ms k 2 C0\r\nhi\r\nms k 2\r\nhi\r\nms k 2 C0\r\nyo\r\nmd k C0\r\n"
+                      b"mg k v\r\n"),
+    ("meta-bad-tokens", b"ms k 1 Fabc\r\na\r\nms k 1 q Fx\r\na\r\nmd k " + b"O" + b"x" * 40 + b"\r\n"
+                        b"ma k Jx\r\nmg k Nx\r\nmg k Mxx\r\n"),
+    ("meta-q-semantics", b"ms k 1 q\r\n1\r\nmg k q v\r\nma k q v\r\nmd k q\r\nmd k q\r\n"
+                         b"mg k q\r\nmn\r\n"),
+    ("ms-too-large-drops-old", b"set k 0 0 1\r\nx\r\nms k 2000000 MA\r\n" + b"v" * 2000000
+                               + b"\r\nmg k v\r\n"),
 ]
 
 # A CAS unique in a gets reply line or a meta reply's c flag.
 _CAS = re.compile(rb"(?m)(?<=^VALUE )(\S+ \d+ \d+ )(\d+)(?=\r\n)|(?<= c)(\d+)")
 
 
+_VERSION = re.compile(rb"(?m)^VERSION [^\r]*")
+
+
 def normalise(reply):
-    """Rename CAS uniques by order of first appearance."""
+    """Rename CAS uniques by order of first appearance; hide the version string."""
     names = {}
 
     def rename(match):
@@ -136,7 +178,7 @@ def normalise(reply):
         name = names.setdefault(unique, b"<cas%d>" % (len(names) + 1))
         return (match.group(1) or b"") + name
 
-    return _CAS.sub(rename, reply)
+    return _VERSION.sub(b"VERSION <version>", _CAS.sub(rename, reply))
 
 
 def converse(server, script):
