@@ -728,6 +728,7 @@ class Protocol:
         self.reply(data)
 
     def log(self, direction, data):
+        """-vv: a command or the first line of a reply, as memcached logs them."""
         line = data.split(b"\r\n", 1)[0].decode("latin-1")
         print("%s%s %s" % (direction, self.name, line), file=sys.stderr, flush=True)
 
@@ -886,13 +887,14 @@ class Protocol:
                 self.reply(BAD_EXPTIME)
                 return
             keys = tokens[2:]
-        get, out = self.store.get, []
+        get, out, sent = self.store.get, [], []
         for key in keys:
             if bad_key(key):
                 self.reply(BAD_FORMAT)
                 return
             item = get(key, exptime)
             if item is not None:
+                sent.append(key)
                 if with_cas:
                     out.append(b"VALUE %s %d %d %d\r\n%s\r\n" % (
                         key, item.flags, len(item.value), item.cas, item.value))
@@ -900,7 +902,11 @@ class Protocol:
                     out.append(b"VALUE %s %d %d\r\n%s\r\n" % (
                         key, item.flags, len(item.value), item.value))
         out.append(b"END\r\n")
-        self.reply(b"".join(out))
+        self.out.append(b"".join(out))       # (get has no noreply)
+        if self.settings.verbose > 1:
+            for key in sent:
+                self.log(">", b"sending key " + key)
+            self.log(">", b"END")
 
     # -- storage: set add replace append prepend cas ------------------------------------
 
@@ -1555,7 +1561,7 @@ class Server:
 
     def run_connection(self, connection):
         if self.settings.verbose > 1:
-            print("<%d new client connection" % connection.fileno, file=sys.stderr)
+            print("%d: Client using the ascii protocol" % connection.fileno, file=sys.stderr)
         try:
             connection.handle()
         finally:
@@ -1959,7 +1965,8 @@ def main(argv=None):
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.request_stop())
     if settings["verbose"]:
-        print("memg %s listening on %s" % (__version__, server.address), file=sys.stderr)
+        print("memg %s listening on %s" % (__version__, _socket_name(server.address)),
+              file=sys.stderr)
     try:
         server.serve_forever()
     finally:

@@ -5,6 +5,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 
 from conftest import require_tool, start_memg
 
@@ -71,6 +72,29 @@ def test_six_times_the_memory_limit_stays_bounded_and_newest_items_readable():
                 key = b"key:%d:%d" % (round_number, i)
                 assert client.request(b"get %s\r\n" % key, b"END\r\n") == (
                     b"VALUE %s 0 1000\r\n%s\r\nEND\r\n" % (key, value))
+    finally:
+        server.stop()
+
+
+def test_expired_items_are_swept_without_being_touched_and_evict_nothing():
+    server = start_memg("-m", "8")
+    try:
+        with server.connect() as client:
+            value = b"v" * 1000
+            batch = b"".join(b"set short:%d 0 1 %d noreply\r\n%s\r\n" % (i, len(value), value)
+                             for i in range(5000))
+            client.request(batch + b"mn\r\n", b"MN\r\n")
+            assert int(stat(client, "curr_items")) == 5000
+            deadline = time.monotonic() + 10
+            while int(stat(client, "curr_items")) and time.monotonic() < deadline:
+                time.sleep(0.2)             # the background sweep runs once a second
+            assert stat(client, "curr_items") == "0"
+            assert stat(client, "crawler_reclaimed") == "5000"
+            batch = b"".join(b"set long:%d 0 0 %d noreply\r\n%s\r\n" % (i, len(value), value)
+                             for i in range(5000))
+            client.request(batch + b"mn\r\n", b"MN\r\n")
+            assert stat(client, "evictions") == "0"
+            assert stat(client, "curr_items") == "5000"
     finally:
         server.stop()
 
