@@ -19,6 +19,19 @@ MEMG = os.path.join(ROOT, "memg.py")
 sys.path.insert(0, ROOT)
 
 
+class Clock:
+    """A time.time() stand-in for memg.Store that moves only when told to."""
+
+    def __init__(self, now=None):
+        self.now = float(int(time.time())) if now is None else now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -12,25 +12,15 @@ decr/touch, the meta commands, and everything else.
 
 import base64
 import io
-import time
 
 import pytest
 
 import memg
+from conftest import Clock
 
 BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
 MB = 1024 * 1024
-
-
-class Clock:
-    """A time.time() stand-in that moves only when told to."""
-
-    def __init__(self):
-        self.now = float(int(time.time()))
-
-    def __call__(self):
-        return self.now
 
 
 class Session:
@@ -49,7 +39,7 @@ class Session:
         return self.protocol.take_output()
 
     def advance(self, seconds):
-        self.clock.now += seconds
+        self.clock.advance(seconds)
 
 
 def run(script, **settings):

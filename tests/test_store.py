@@ -10,6 +10,7 @@ import threading
 import pytest
 
 import memg
+from conftest import Clock
 from memg import (ADD, APPEND, CAS, EXISTS, NO_MEMORY, NON_NUMERIC, NOT_FOUND,
                   NOT_STORED, PREPEND, REPLACE, SET, STORED)
 
@@ -17,22 +18,9 @@ START = 1_700_000_000.0
 DAY = 24 * 60 * 60
 
 
-class Clock:
-    """A time.time() stand-in that moves only when told to."""
-
-    def __init__(self, now=START):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
 @pytest.fixture
 def clock():
-    return Clock()
+    return Clock(START)
 
 
 @pytest.fixture
