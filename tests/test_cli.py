@@ -579,3 +579,34 @@ def test_stats_settings_reflect_command_line(launch):
         numbers = stats(client)
         assert numbers["limit_maxbytes"] == str(16 * MB)
         assert numbers["max_connections"] == "50"
+
+
+def test_user_option_drops_root_after_binding(launch):
+    if os.geteuid() != 0:
+        pytest.fail("this test checks -u, which only acts when memg starts as root")
+    server = launch("-u", "nobody")
+    with open("/proc/%d/status" % server.process.pid) as status:
+        uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
+    import pwd
+    assert set(uids) == {str(pwd.getpwnam("nobody").pw_uid)}
+    with server.connect() as client:
+        assert client.request(b"set a 0 0 1\r\n1\r\n") == b"STORED\r\n"
+
+
+def test_unknown_user_exits_with_one_line():
+    code, _, err = run_memg("-u", "no-such-user-here", "-p", str(free_port()))
+    assert code != 0
+    assert err.strip() == "memg: unknown user 'no-such-user-here' (-u)"
+
+
+def test_pip_builds_a_wheel_with_the_module_and_the_command(tmp_path):
+    import zipfile
+    root = os.path.dirname(MEMG)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--wheel-dir", str(tmp_path), root], check=True, timeout=300)
+    (wheel,) = tmp_path.glob("memg-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        assert "memg.py" in names
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt")))
+    assert b"memg = memg:main" in entry_points

@@ -117,3 +117,15 @@ def test_an_internal_error_closes_only_that_connection_with_server_error(monkeyp
     thread.join(5)
     assert "RuntimeError: a bug" in capsys.readouterr().err
     assert server.store.get(b"a").value == b"1"
+
+
+def test_client_sockets_have_nagle_turned_off():
+    server = memg.Server(port=0).start()
+    try:
+        with socket.create_connection(server.address) as sock:
+            sock.sendall(b"version\r\n")
+            assert sock.recv(100).startswith(b"VERSION ")
+            (connection,) = list(server.connections)
+            assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        server.stop()
