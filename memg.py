@@ -79,6 +79,8 @@ class Settings:
         """Refuse what memg cannot honour, with the option's name in the message."""
         if self.udp_port:
             raise ValueError("UDP is not supported: -U must be 0")
+        if self.unix_socket and not hasattr(socket, "AF_UNIX"):
+            raise ValueError("Unix sockets (-s) are not available on this platform")
         if not 0 <= self.port <= 65535:
             raise ValueError("port (-p) must be from 0 to 65535")
         if not 1 * KB <= self.item_size_max <= 1024 * MB:
