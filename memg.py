@@ -709,18 +709,23 @@ class Protocol:
         self.name = name          # how -vv logs name this client
         self.first = True
         self.last_command = time.monotonic()     # for stats conns
-        self.out = []
+        self.out = []             # replies not yet sent
+        self.out_bytes = 0
         self.noreply = False
         self.bytes_read = 0
 
     # -- output -------------------------------------------------------------
+
+    def queue(self, data):
+        self.out.append(data)
+        self.out_bytes += len(data)
 
     def reply(self, data):
         """Queue one reply, unless the command asked for none (noreply)."""
         if self.noreply:
             self.noreply = False
             return
-        self.out.append(data)
+        self.queue(data)
         if self.settings.verbose > 1:
             self.log(">", data)
 
@@ -735,7 +740,7 @@ class Protocol:
         print("%s%s %s" % (direction, self.name, line), file=sys.stderr, flush=True)
 
     def take_output(self):
-        out, self.out = self.out, []
+        out, self.out, self.out_bytes = self.out, [], 0
         return b"".join(out)
 
     # -- input --------------------------------------------------------------
@@ -858,7 +863,7 @@ class Protocol:
         closes: memg speaks only the text protocol."""
         header = self.rfile.peek(24)[:24].ljust(24, b"\0")
         message = b"memg supports only the text protocol"
-        self.out.append(struct.pack(">BBHBBHIIQ", 0x81, header[1], 0, 0, 0, 0x83,
+        self.queue(struct.pack(">BBHBBHIIQ", 0x81, header[1], 0, 0, 0, 0x83,
                                     len(message), struct.unpack(">I", header[12:16])[0], 0)
                         + message)
 
@@ -904,7 +909,7 @@ class Protocol:
                     out.append(b"VALUE %s %d %d\r\n%s\r\n" % (
                         key, item.flags, len(item.value), item.value))
         out.append(b"END\r\n")
-        self.out.append(b"".join(out))       # (get has no noreply)
+        self.queue(b"".join(out))            # (get has no noreply)
         if self.settings.verbose > 1:
             for key in sent:
                 self.log(">", b"sending key " + key)
@@ -1322,6 +1327,12 @@ class Protocol:
 # 4. The connection: one thread per client
 # --------------------------------------------------------------------------
 
+# Replies are sent when the reader needs more input, or once this much is pending,
+# so that a client pipelining requests without reading the replies holds at most
+# this much memory (its thread then waits in send, as memcached stops reading).
+OUTPUT_LIMIT = 256 * KB
+
+
 class _FlushingSocketIO(socket.SocketIO):
     """A socket's raw reader that sends the queued replies before it blocks for more
     input, so the replies to commands that arrived together leave in one send."""
@@ -1360,8 +1371,10 @@ class Connection:
         try:
             if self.server.settings.idle_timeout:
                 self.sock.settimeout(self.server.settings.idle_timeout)
-            while self.protocol.process():
-                pass
+            protocol = self.protocol
+            while protocol.process():
+                if protocol.out_bytes > OUTPUT_LIMIT:
+                    self.flush()       # a client that does not read blocks here
             self.flush()
         except socket.timeout:
             self.server.count("idle_kicks")
@@ -1371,7 +1384,7 @@ class Connection:
             # A bug in memg: this client gets memcached's severe-error reply and is
             # closed; the traceback goes to the server's stderr, not the wire.
             traceback.print_exc()
-            self.protocol.out.append(b"SERVER_ERROR internal error\r\n")
+            self.protocol.queue(b"SERVER_ERROR internal error\r\n")
             with contextlib.suppress(OSError):
                 self.flush()
         finally:

@@ -3,6 +3,7 @@ process over a socket pair, so that the sends themselves can be counted."""
 
 import socket
 import threading
+import time
 
 import memg
 
@@ -23,14 +24,15 @@ class CountingSocket:
 
 
 def serve_one(**settings):
-    """A Connection on one end of a socket pair, served by its own thread."""
+    """A Connection on one end of a socket pair, served by its own thread; its
+    sock is a CountingSocket."""
     server = memg.Server(port=0, **settings)
     ours, theirs = socket.socketpair()
     counting = CountingSocket(theirs)
     connection = memg.Connection(server, counting, "test")
     thread = threading.Thread(target=connection.handle, daemon=True)
     thread.start()
-    return server, ours, counting, thread
+    return server, ours, connection, thread
 
 
 def read_until(sock, terminator, count=1):
@@ -43,22 +45,22 @@ def read_until(sock, terminator, count=1):
 
 
 def test_replies_to_commands_that_arrived_together_leave_in_one_send():
-    _, sock, counting, thread = serve_one()
+    _, sock, connection, thread = serve_one()
     sock.sendall(b"set a 0 0 1\r\n1\r\n" + b"get a\r\n" * 50)
     data = read_until(sock, b"END\r\n", 50)
     assert data == b"STORED\r\n" + b"VALUE a 0 1\r\n1\r\nEND\r\n" * 50
-    assert len(counting.sends) == 1
+    assert len(connection.sock.sends) == 1
     sock.close()
     thread.join(5)
 
 
 def test_replies_are_sent_before_waiting_for_more_input():
-    _, sock, counting, thread = serve_one()
+    _, sock, connection, thread = serve_one()
     sock.sendall(b"version\r\n")
     assert read_until(sock, b"\r\n").startswith(b"VERSION ")
     sock.sendall(b"get nothing\r\n")
     assert read_until(sock, b"END\r\n") == b"END\r\n"
-    assert len(counting.sends) == 2
+    assert len(connection.sock.sends) == 2
     sock.close()
     thread.join(5)
 
@@ -77,13 +79,13 @@ def test_value_split_across_many_packets_is_reassembled():
 
 
 def test_eof_in_the_middle_of_a_value_stores_nothing_and_ends_quietly():
-    server, sock, counting, thread = serve_one()
+    server, sock, connection, thread = serve_one()
     sock.sendall(b"set half 0 0 100\r\n" + b"x" * 50)
     sock.close()
     thread.join(5)
     assert not thread.is_alive()
     assert server.store.get(b"half") is None
-    assert counting.sends == []
+    assert connection.sock.sends == []
 
 
 def test_quit_closes_after_sending_earlier_replies():
@@ -129,3 +131,28 @@ def test_client_sockets_have_nagle_turned_off():
             assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         server.stop()
+
+
+def test_a_client_that_does_not_read_holds_a_bounded_amount_of_replies():
+    _, sock, connection, thread = serve_one()
+    protocol, peak = connection.protocol, [0]
+
+    def queue(data, queue=protocol.queue):          # record the most ever pending
+        queue(data)
+        peak[0] = max(peak[0], protocol.out_bytes)
+
+    protocol.queue = queue
+    value = b"v" * 10000
+    sock.sendall(b"set big 0 0 %d\r\n%s\r\n" % (len(value), value))
+    assert read_until(sock, b"\r\n") == b"STORED\r\n"
+    # 7,000 pipelined gets (70 MB of replies) that the client never reads.
+    sender = threading.Thread(target=sock.sendall, args=(b"get big\r\n" * 7000,), daemon=True)
+    sender.start()
+    settled, deadline = None, time.monotonic() + 10
+    while peak[0] != settled and time.monotonic() < deadline:
+        settled = peak[0]
+        time.sleep(0.3)                    # until the server stops queueing replies
+    assert thread.is_alive()               # blocked sending to a client that reads nothing
+    assert 0 < peak[0] <= 256 * 1024 + len(value) + 100      # memg.OUTPUT_LIMIT + one reply
+    sock.close()
+    thread.join(5)
