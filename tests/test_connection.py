@@ -35,6 +35,15 @@ def serve_one(**settings):
     return server, ours, connection, thread
 
 
+def read_to_eof(sock):
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def read_until(sock, terminator, count=1):
     data = b""
     while data.count(terminator) < count:
@@ -91,12 +100,7 @@ def test_eof_in_the_middle_of_a_value_stores_nothing_and_ends_quietly():
 def test_quit_closes_after_sending_earlier_replies():
     _, sock, _, thread = serve_one()
     sock.sendall(b"set a 0 0 1\r\n1\r\nquit\r\nget a\r\n")
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = read_to_eof(sock)
     assert data == b"STORED\r\n"
     thread.join(5)
     assert not thread.is_alive()
@@ -109,12 +113,7 @@ def test_an_internal_error_closes_only_that_connection_with_server_error(monkeyp
     monkeypatch.setitem(memg.Protocol.COMMANDS, b"version", (broken, 1, 1))
     server, sock, _, thread = serve_one()
     sock.sendall(b"set a 0 0 1\r\n1\r\nversion\r\n")
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = read_to_eof(sock)
     assert data == b"STORED\r\nSERVER_ERROR internal error\r\n"
     thread.join(5)
     assert "RuntimeError: a bug" in capsys.readouterr().err
