@@ -629,6 +629,14 @@ REPLIES = {STORED: b"STORED\r\n", NOT_STORED: b"NOT_STORED\r\n", EXISTS: b"EXIST
 META_CODES = {STORED: b"HD", NOT_STORED: b"NS", EXISTS: b"EX", NOT_FOUND: b"NF"}
 
 _CONTROL = re.compile(rb"[\x00-\x20\x7f]")
+_FLOAT = re.compile(rb"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
+
+
+def parse_float(token):
+    """A decimal fraction, as the tuning commands take them; None if it is not one."""
+    return float(token) if _FLOAT.match(token) else None
+
+
 def bad_key(key):
     """Keys are at most 250 bytes, without spaces or control characters."""
     return len(key) > KEY_MAX_LENGTH or _CONTROL.search(key) is not None
@@ -1269,6 +1277,55 @@ class Protocol:
         else:
             self.reply(ERROR)
 
+    def slabs(self, tokens):
+        """slabs reassign and automove.  memg has one class and no pages to move, so
+        these answer as memcached does with nothing to do, and change nothing."""
+        sub = tokens[1] if len(tokens) > 1 else b""
+        if len(tokens) == 4 and sub == b"reassign":
+            source, target = parse_int32(tokens[2]), parse_int32(tokens[3])
+            if source is None or target is None:
+                self.reply(BAD_FORMAT)
+            elif source == target:
+                self.reply(b"SAME src and dst class are identical\r\n")
+            elif not (-1 <= source < SLAB_CLASSES and 0 <= target < SLAB_CLASSES):
+                self.reply(b"BADCLASS invalid src or dst class id\r\n")
+            else:
+                self.reply(b"NOSPARE source class has no spare pages\r\n")
+        elif len(tokens) >= 3 and sub == b"automove":
+            self.check_noreply(tokens)
+            if tokens[2] == b"ratio":
+                self.reply(b"OK\r\n" if len(tokens) >= 4 and parse_float(tokens[3]) is not None
+                           else ERROR)
+            elif parse_uint32(tokens[2]) is None:
+                self.reply(BAD_FORMAT)
+            else:
+                self.reply(b"OK\r\n" if parse_uint32(tokens[2]) <= 2 else ERROR)
+        else:
+            self.reply(ERROR)
+
+    def lru(self, tokens):
+        """lru tune, mode and temp_ttl: memg has one plain LRU, so these check their
+        arguments as memcached does and change nothing."""
+        self.check_noreply(tokens)
+        sub = tokens[1]
+        if sub == b"tune" and len(tokens) >= 6:
+            hot, warm = parse_uint32(tokens[2]), parse_uint32(tokens[3])
+            hot_factor, warm_factor = parse_float(tokens[4]), parse_float(tokens[5])
+            if None in (hot, warm, hot_factor, warm_factor):
+                self.reply(ERROR)
+            elif hot + warm > 80:
+                self.reply(b"ERROR hot and warm pcts must not exceed 80\r\n")
+            elif hot_factor <= 0 or warm_factor <= 0:
+                self.reply(b"ERROR hot/warm age factors must be greater than 0\r\n")
+            else:
+                self.reply(b"OK\r\n")
+        elif sub == b"mode" and len(tokens) >= 3:
+            self.reply(b"OK\r\n" if tokens[2] in (b"flat", b"segmented") else ERROR)
+        elif sub == b"temp_ttl" and len(tokens) >= 3:
+            self.reply(b"OK\r\n" if parse_int32(tokens[2]) is not None else ERROR)
+        else:
+            self.reply(ERROR)
+
     def metadump(self, include):
         lines = []
         if include:
@@ -1311,6 +1368,8 @@ class Protocol:
         b"quit": (quit, 1, ANY),
         b"shutdown": (shutdown, 1, ANY),
         b"lru_crawler": (lru_crawler, 1, ANY),
+        b"slabs": (slabs, 1, ANY),
+        b"lru": (lru, 2, ANY),
     }
     # ``stats <sub>`` reports, each a function of the server returning (name, value)s.
     STATS = {

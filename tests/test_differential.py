@@ -93,7 +93,19 @@ SCRIPTS = [
     ("shutdown-disabled", b"shutdown\r\n"),
     ("stats-unknown", b"stats nosuch\r\nstats detail\r\n"),
     ("stats-reset", b"stats reset\r\n"),
-    ("stats-cachedump-usage", b"stats cachedump\r\nstats cachedump x y\r\n"),
+    ("stats-cachedump-usage", b"stats cachedump\r\nstats cachedump x y\r\n"
+                              b"stats cachedump 99 1\r\n"),
+    ("slabs", b"slabs reassign 1 2\r\nslabs reassign 3 3\r\nslabs reassign 1 99\r\n"
+              b"slabs reassign x 1\r\nslabs automove 1\r\nslabs automove 7\r\n"
+              b"slabs automove x\r\nslabs automove ratio 0.5\r\nslabs automove ratio\r\n"
+              b"slabs automove 0\r\nslabs\r\nslabs foo\r\n"),
+    ("lru", b"lru tune 10 25 0.1 2.0\r\nlru tune 50 50 0.1 2.0\r\nlru tune 10 25 0 2\r\n"
+            b"lru tune x 25 0.1 2.0\r\nlru mode flat\r\nlru mode segmented\r\n"
+            b"lru mode foo\r\nlru temp_ttl 61\r\nlru temp_ttl x\r\nlru\r\nlru foo\r\n"),
+    ("lru-crawler", b"lru_crawler crawl all\r\n"
+                    b"lru_crawler crawl 99\r\nlru_crawler sleep 100\r\n"
+                    b"lru_crawler sleep 2000000\r\nlru_crawler tocrawl 0\r\n"
+                    b"lru_crawler foo\r\nlru_crawler\r\n"),
     # -- unknown and malformed lines ------------------------------------------------------
     ("unknown", b"foo\r\nx\r\n\r\n   \r\nSET a 0 0 1\r\ngetx a\r\nsetx\r\nmz\r\n"),
     ("http-get", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
