@@ -1293,13 +1293,14 @@ class Protocol:
                 self.reply(b"NOSPARE source class has no spare pages\r\n")
         elif len(tokens) >= 3 and sub == b"automove":
             self.check_noreply(tokens)
+            level = parse_uint32(tokens[2])
             if tokens[2] == b"ratio":
                 self.reply(b"OK\r\n" if len(tokens) >= 4 and parse_float(tokens[3]) is not None
                            else ERROR)
-            elif parse_uint32(tokens[2]) is None:
+            elif level is None:
                 self.reply(BAD_FORMAT)
             else:
-                self.reply(b"OK\r\n" if parse_uint32(tokens[2]) <= 2 else ERROR)
+                self.reply(b"OK\r\n" if level <= 2 else ERROR)
         else:
             self.reply(ERROR)
 
