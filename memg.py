@@ -25,7 +25,9 @@ import errno
 import io
 import itertools
 import os
+import queue
 import re
+import select
 import selectors
 import signal
 import socket
@@ -86,11 +88,13 @@ class Settings:
         if not 1 * KB <= self.item_size_max <= 1024 * MB:
             raise ValueError("item size limit (-I) must be from 1k to 1024m")
         if self.item_size_max > self.memory_limit // 2:
-            raise ValueError("item size limit (-I) must be at most half the memory limit (-m)")
+            raise ValueError("item size limit (-I) must be at most half the memory "
+                             "limit (-m)")
         for name, option in (("max_connections", "-c"), ("threads", "-t"),
                              ("backlog", "-b")):
             if getattr(self, name) < 1:
-                raise ValueError("%s (%s) must be at least 1" % (name.replace("_", " "), option))
+                raise ValueError("%s (%s) must be at least 1"
+                                 % (name.replace("_", " "), option))
 
 
 # --------------------------------------------------------------------------
@@ -156,7 +160,8 @@ STORED, NOT_STORED, EXISTS, NOT_FOUND = "STORED", "NOT_STORED", "EXISTS", "NOT_F
 NO_MEMORY, NON_NUMERIC = "NO_MEMORY", "NON_NUMERIC"
 
 # Storage modes, as memcached's NREAD_* values.
-SET, ADD, REPLACE, APPEND, PREPEND, CAS = "set", "add", "replace", "append", "prepend", "cas"
+SET, ADD, REPLACE, CAS = "set", "add", "replace", "cas"
+APPEND, PREPEND = "append", "prepend"
 
 # Counters the store keeps under its lock; ``stats`` shows them, ``stats reset`` zeroes
 # them.
@@ -217,6 +222,7 @@ class Store:
         self.flush_deadline = 0                  # a delayed flush_all takes effect then
         self.counters = dict.fromkeys(STORE_COUNTERS, 0)
         self.evicted_time = 0                    # idle seconds of the last evicted item
+        self.on_evict = None                     # called as on_evict(key, item, now)
         self._sweep_keys = []                    # keys still to visit in this sweep
 
     # -- time ---------------------------------------------------------------
@@ -308,6 +314,8 @@ class Store:
                 self.counters["evicted_nonzero"] += item.exptime != 0
                 self.counters["evicted_unfetched"] += not item.fetched
                 self.evicted_time = now - item.atime
+                if self.on_evict is not None:
+                    self.on_evict(key, item, now)
         return self.bytes + needed <= self.memory_limit
 
     def _clear(self):
@@ -319,7 +327,8 @@ class Store:
     def too_large(self, key, nbytes, flags=0):
         """Whether a value of nbytes exceeds the item size limit (-I), as memcached
         counts it."""
-        return len(key) + nbytes + ITEM_HEADER_SIZE + (4 if flags else 0) > self.item_size_max
+        size = len(key) + nbytes + ITEM_HEADER_SIZE + (4 if flags else 0)
+        return size > self.item_size_max
 
     # -- retrieval ------------------------------------------------------------
 
@@ -398,7 +407,7 @@ class Store:
             if not self._link(key, item, old):
                 counters["store_no_memory"] += 1
                 if mode == SET and old is not None:
-                    self._unlink(key, old)        # as memcached: no stale value after a failed set
+                    self._unlink(key, old)    # as memcached: a failed set leaves no value
                 return NO_MEMORY, None
             return STORED, item
 
@@ -637,6 +646,11 @@ def parse_float(token):
     return float(token) if _FLOAT.match(token) else None
 
 
+def uri(key):
+    """A key as memcached's log lines write it: URI-encoded."""
+    return urllib.parse.quote_from_bytes(key, safe="")
+
+
 def bad_key(key):
     """Keys are at most 250 bytes, without spaces or control characters."""
     return len(key) > KEY_MAX_LENGTH or _CONTROL.search(key) is not None
@@ -691,7 +705,8 @@ class MetaFlags:
             if flag == b"O":
                 parts.append(b" " + token)
             elif flag == b"k":
-                parts.append(b" k" + (base64.b64encode(key) + b" b" if "b" in self else key))
+                binary = "b" in self
+                parts.append(b" k" + (base64.b64encode(key) + b" b" if binary else key))
             elif fields and flag in fields:
                 parts.append(b" %s%d" % (flag, fields[flag]))
         parts.append(tail + b"\r\n")
@@ -714,8 +729,9 @@ class Protocol:
         self.settings = server.settings
         # Long lines need peek(); wrap readers that lack it (io.BytesIO in tests).
         self.rfile = rfile if hasattr(rfile, "peek") else io.BufferedReader(rfile)
-        self.name = name          # how -vv logs name this client
+        self.name = name          # how -vv and watch name this client
         self.first = True
+        self.watching = None      # the kinds of event, once the client sent watch
         self.last_command = time.monotonic()     # for stats conns
         self.out = []             # replies not yet sent
         self.out_bytes = 0
@@ -903,11 +919,14 @@ class Protocol:
                 return
             keys = tokens[2:]
         get, out, sent = self.store.get, [], []
+        watched = "fetchers" in self.server.watchers.active
         for key in keys:
             if bad_key(key):
                 self.reply(BAD_FORMAT)
                 return
             item = get(key, exptime)
+            if watched:
+                self.watch_fetch(key, item)
             if item is not None:
                 sent.append(key)
                 if with_cas:
@@ -938,7 +957,8 @@ class Protocol:
             return
         value = self.receive_value(key, nbytes, flags, mode == SET, self.reply)
         if value is not None:
-            outcome, _ = self.store.store(mode, key, value, flags, exptime, cas)
+            outcome, item = self.store.store(mode, key, value, flags, exptime, cas)
+            self.watch_store(mode, key, outcome, item)
             self.reply(REPLIES[outcome])
 
     # -- delete, incr, decr, touch -------------------------------------------------
@@ -955,6 +975,8 @@ class Protocol:
             self.reply(BAD_FORMAT)
             return
         found = self.store.delete(tokens[1]) == STORED
+        if found:
+            self.watch_delete(b"delete", tokens[1])
         self.reply(b"DELETED\r\n" if found else b"NOT_FOUND\r\n")
 
     def arithmetic(self, tokens, incr):
@@ -1027,6 +1049,8 @@ class Protocol:
         key, flags = parsed
         found = self.store.meta_get(key, flags.get("T"), "u" not in flags,
                                     flags.get("N"), flags.get("R"))
+        if "fetchers" in self.server.watchers.active:
+            self.watch_fetch(key, found and found[0])
         if found is None:
             self.reply(flags.reply(b"EN", key))
             return
@@ -1041,7 +1065,8 @@ class Protocol:
             b"l": last_access, b"h": hit_before}, markers)
         self.reply(line + item.value + b"\r\n" if "v" in flags else line)
 
-    META_MODES = {None: SET, b"S": SET, b"E": ADD, b"A": APPEND, b"P": PREPEND, b"R": REPLACE}
+    META_MODES = {None: SET, b"S": SET, b"E": ADD, b"A": APPEND, b"P": PREPEND,
+                  b"R": REPLACE}
 
     def meta_set(self, tokens):
         if len(tokens) == 2:
@@ -1077,6 +1102,7 @@ class Protocol:
         outcome, item = self.store.store(
             mode, key, value, flags.get("F") or 0, flags.get("T") or 0, cas,
             flags.get("E") or 0, "I" in flags, flags.get("N"))
+        self.watch_store(mode, key, outcome, item)
         if outcome == NO_MEMORY:
             self.error(NO_MEMORY_REPLY)
             return
@@ -1094,6 +1120,8 @@ class Protocol:
                                             flags.get("E") or 0, "x" in flags)
         else:
             outcome = self.store.delete(key, flags.get("C"))
+            if outcome == STORED:
+                self.watch_delete(b"md", key)
         if outcome != STORED:
             self.noreply = False
         self.reply(flags.reply(META_CODES[outcome], key))
@@ -1295,8 +1323,8 @@ class Protocol:
             self.check_noreply(tokens)
             level = parse_uint32(tokens[2])
             if tokens[2] == b"ratio":
-                self.reply(b"OK\r\n" if len(tokens) >= 4 and parse_float(tokens[3]) is not None
-                           else ERROR)
+                ratio = parse_float(tokens[3]) if len(tokens) >= 4 else None
+                self.reply(ERROR if ratio is None else b"OK\r\n")
             elif level is None:
                 self.reply(BAD_FORMAT)
             else:
@@ -1327,12 +1355,45 @@ class Protocol:
         else:
             self.reply(ERROR)
 
+    # -- watch: the server's events as log lines ------------------------------------
+
+    def watch(self, tokens):
+        """Turn this connection into a watcher of the given kinds of event."""
+        kinds = {token.decode("latin-1") for token in tokens[1:]} or {"fetchers"}
+        if not kinds <= WATCH_KINDS:
+            self.reply(ERROR)
+            return
+        self.watching = kinds
+        self.reply(b"OK\r\n")
+        return False             # the connection now streams; see Connection.handle
+
+    def watch_fetch(self, key, item):
+        """A fetchers line; the caller checked that someone watches fetchers."""
+        self.server.watchers.emit("fetchers", (
+            "type=item_get key=%s status=%s clsid=%d cfd=%s size=%d" % (
+                uri(key), "found" if item else "not_found", 1 if item else 0, self.name,
+                len(item.value) if item else 0)))
+
+    def watch_store(self, mode, key, outcome, item):
+        if "mutations" in self.server.watchers.active:
+            ttl = max(0, self.store.ttl(item, self.store.now())) if item else 0
+            self.server.watchers.emit("mutations", (
+                "type=item_store key=%s status=%s cmd=%s ttl=%d clsid=1 cfd=%s size=%d" % (
+                    uri(key), outcome.lower(), mode, ttl, self.name,
+                    len(item.value) if item else 0)))
+
+    def watch_delete(self, command, key):
+        if "deletions" in self.server.watchers.active:
+            self.server.watchers.emit("deletions", (
+                "type=deleted key=%s cmd=%s clsid=1 cfd=%s" % (
+                    uri(key), command.decode(), self.name)))
+
     def metadump(self, include):
         lines = []
         if include:
             for key, item in self.store.dump():
                 lines.append(b"key=%s exp=%d la=%d cas=%d fetch=%s cls=1 size=%d\n" % (
-                    urllib.parse.quote_from_bytes(key).encode(),
+                    uri(key).encode(),
                     item.exptime or -1, item.atime, item.cas,
                     b"yes" if item.fetched else b"no", item_cost(key, item.value)))
         return b"".join(lines) + b"END\r\n"
@@ -1371,6 +1432,7 @@ class Protocol:
         b"lru_crawler": (lru_crawler, 1, ANY),
         b"slabs": (slabs, 1, ANY),
         b"lru": (lru, 2, ANY),
+        b"watch": (watch, 1, ANY),
     }
     # ``stats <sub>`` reports, each a function of the server returning (name, value)s.
     STATS = {
@@ -1436,6 +1498,8 @@ class Connection:
                 if protocol.out_bytes > OUTPUT_LIMIT:
                     self.flush()       # a client that does not read blocks here
             self.flush()
+            if protocol.watching:
+                self.stream(protocol.watching)
         except socket.timeout:
             self.server.count("idle_kicks")
         except OSError:
@@ -1451,9 +1515,81 @@ class Connection:
             self.sock.close()
 
 
+    def stream(self, kinds):
+        """Send the server's events of the given kinds until the watcher leaves."""
+        watchers = self.server.watchers
+        events = watchers.add(kinds)
+        try:
+            while not self.server.stopping.is_set():
+                try:
+                    lines = [events.get(timeout=1.0)]
+                except queue.Empty:
+                    if self.peer_closed():
+                        return
+                    continue
+                with contextlib.suppress(queue.Empty):
+                    while len(lines) < 1000:
+                        lines.append(events.get_nowait())
+                data = b"".join(lines)
+                self.sock.sendall(data)
+                self.bytes_written += len(data)
+        finally:
+            watchers.remove(events)
+
+    def peer_closed(self):
+        """Whether the client has closed its end (a watcher only ever listens)."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""
+
+
 # --------------------------------------------------------------------------
 # 5. The server
 # --------------------------------------------------------------------------
+
+# What ``watch`` accepts: memcached's kinds of event.  memg emits the first five; the
+# others (its proxy's and raw command logs) never have anything to say here.
+WATCH_KINDS = {"fetchers", "mutations", "evictions", "connevents", "deletions",
+               "proxyreqs", "proxyevents", "proxyuser", "sysevents", "rawcmds"}
+# Log lines a watcher may fall behind by before it misses some.
+WATCH_BACKLOG = 10000
+
+
+class Watchers:
+    """The connections that sent ``watch``, and the events they are sent: one line
+    each, "ts=<time> gid=<sequence> type=..." as memcached writes them.  A watcher
+    that falls WATCH_BACKLOG lines behind misses lines (log_watcher_skipped)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.queues = {}                 # queue -> the kinds of event it wants
+        self.active = frozenset()        # kinds someone watches: emitters look here first
+        self.gid = 0
+        self.counters = dict.fromkeys(("log_watcher_sent", "log_watcher_skipped"), 0)
+
+    def add(self, kinds):
+        events = queue.Queue(WATCH_BACKLOG)
+        with self.lock:
+            self.queues[events] = kinds
+            self.active = frozenset().union(*self.queues.values())
+        return events
+
+    def remove(self, events):
+        with self.lock:
+            del self.queues[events]
+            self.active = frozenset().union(*self.queues.values())
+
+    def emit(self, kind, text):
+        with self.lock:
+            self.gid += 1
+            line = ("ts=%.6f gid=%d %s\n" % (time.time(), self.gid, text)).encode("latin-1")
+            for events, kinds in self.queues.items():
+                if kind in kinds:
+                    try:
+                        events.put_nowait(line)
+                        self.counters["log_watcher_sent"] += 1
+                    except queue.Full:
+                        self.counters["log_watcher_skipped"] += 1
+
 
 def parse_listen(spec, port):
     """-l: a comma-separated list of host, host:port or [ipv6]:port."""
@@ -1481,6 +1617,8 @@ class Server:
         self.settings = Settings(host=host, port=port, **settings)
         s = self.settings
         self.store = Store(s.memory_limit, s.item_size_max, s.evict, s.use_cas)
+        self.watchers = Watchers()
+        self.store.on_evict = self.watch_eviction
         self.started = time.time()
         self.lock = threading.Lock()             # guards connections and counters
         self.connections = {}                    # Connection -> thread
@@ -1493,7 +1631,7 @@ class Server:
         self.listeners = []
         self.crawler_enabled = True              # lru_crawler enable|disable
         self.stopping = threading.Event()
-        self._wakeup = None                      # socket pair that interrupts the accept loop
+        self._wakeup = None                      # socket pair to interrupt the accept loop
         self._threads = []
 
     # -- life cycle -------------------------------------------------------------
@@ -1637,15 +1775,33 @@ class Server:
     def run_connection(self, connection):
         if self.settings.verbose > 1:
             print("%d: Client using the ascii protocol" % connection.fileno, file=sys.stderr)
+        self.watch_connection("conn_new", connection)
         try:
             connection.handle()
         finally:
+            self.watch_connection("conn_close", connection)
             with self.lock:
                 del self.connections[connection]
                 self.counters["closed_bytes_read"] += connection.protocol.bytes_read
                 self.counters["closed_bytes_written"] += connection.bytes_written
             if self.settings.verbose > 1:
                 print("<%d connection closed." % connection.fileno, file=sys.stderr)
+
+    def watch_connection(self, event, connection):
+        if "connevents" in self.watchers.active:
+            peer = connection.address
+            where = ("rip=%s rport=%d transport=tcp" % peer[:2] if isinstance(peer, tuple)
+                     else "transport=local")
+            self.watchers.emit("connevents", "type=%s %s%s cfd=%d" % (
+                event, where, " reason=normal" if event == "conn_close" else "",
+                connection.fileno))
+
+    def watch_eviction(self, key, item, now):
+        if "evictions" in self.watchers.active:
+            self.watchers.emit("evictions", (
+                "type=eviction key=%s fetch=%s ttl=%d la=%d clsid=1" % (
+                    uri(key), "yes" if item.fetched else "no", self.store.ttl(item, now),
+                    now - item.atime)))
 
     def sweep(self):
         """Background expiry: reclaim dead items a slice at a time, once a second."""
@@ -1740,6 +1896,9 @@ class Server:
             ("reclaimed", store["reclaimed"]),
             ("crawler_reclaimed", store["crawler_reclaimed"]),
             ("crawler_items_checked", store["crawler_items_checked"]),
+            ("log_watcher_skipped", self.watchers.counters["log_watcher_skipped"]),
+            ("log_watcher_sent", self.watchers.counters["log_watcher_sent"]),
+            ("log_watchers", len(self.watchers.queues)),
         ]
 
     def settings_stats(self):

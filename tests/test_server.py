@@ -199,3 +199,64 @@ def test_server_never_sends_a_traceback():
         code, err = server.stop()
     assert b"Traceback" not in err
     assert code == 0
+
+
+# -- watch ----------------------------------------------------------------------------
+
+def read_lines(sock, count, timeout=5.0):
+    """The first count log lines a watcher receives."""
+    sock.settimeout(timeout)
+    data = b""
+    while data.count(b"\n") < count:
+        chunk = sock.recv(65536)
+        assert chunk, "watcher closed early after %r" % data
+        data += chunk
+    return data.decode().splitlines()[:count]
+
+
+def fields(line):
+    return dict(part.split("=", 1) for part in line.split())
+
+
+def test_watchers_see_fetches_stores_deletions_evictions_and_connections():
+    server = start_memg("-m", "2")
+    try:
+        with server.connect() as watcher:
+            assert watcher.request(b"watch fetchers mutations deletions evictions connevents\r\n") == b"OK\r\n"
+            with server.connect() as client:
+                client.request(b"set a/b 0 0 3\r\nabc\r\n")
+                client.request(b"get a/b nope\r\n", b"END\r\n")
+                client.request(b"delete a/b\r\n")
+                value = b"v" * 900000
+                for i in range(3):               # 2 MB of items: the first is evicted
+                    client.request(b"set big%d 0 0 %d\r\n%s\r\n" % (i, len(value), value))
+            events = [fields(line) for line in read_lines(watcher.sock, 10)]
+        types = [(event["type"], event.get("key"), event.get("status")) for event in events]
+        assert types == [
+            ("conn_new", None, None),
+            ("item_store", "a%2Fb", "stored"), ("item_get", "a%2Fb", "found"),
+            ("item_get", "nope", "not_found"), ("deleted", "a%2Fb", None),
+            ("item_store", "big0", "stored"), ("item_store", "big1", "stored"),
+            ("eviction", "big0", None), ("item_store", "big2", "stored"),
+            ("conn_close", None, None)]
+        assert [int(event["gid"]) for event in events] == sorted(int(e["gid"]) for e in events)
+        assert events[1]["cmd"] == "set" and events[1]["size"] == "3"
+        assert events[7]["fetch"] == "no"
+    finally:
+        code, err = server.stop()
+    assert code == 0 and b"Traceback" not in err
+
+
+def test_watch_refuses_unknown_kinds_and_stops_with_the_server():
+    server = start_memg()
+    with server.connect() as client:
+        assert client.request(b"watch nonsense\r\n") == b"ERROR\r\n"
+        assert client.request(b"watch\r\n") == b"OK\r\n"       # fetchers, by default
+        with server.connect() as other:
+            other.request(b"get k\r\n", b"END\r\n")
+        assert fields(read_lines(client.sock, 1)[0])["type"] == "item_get"
+        started = time.monotonic()
+        code, err = server.stop()
+        assert time.monotonic() - started < 3
+        assert client.is_closed()
+    assert code == 0 and b"Traceback" not in err
