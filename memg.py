@@ -73,6 +73,7 @@ class Settings:
     dump_enabled: bool = True          # -X turns stats cachedump off
     backlog: int = 1024                # -b
     idle_timeout: int = 0              # -o idle_timeout=N; 0 means never
+    track_sizes: bool = False          # -o track_sizes: keep ``stats sizes``
     user: Optional[str] = None         # -u; privileges are dropped after binding
     pid_file: Optional[str] = None     # -P
     single: bool = False               # --single: serve one connection, then exit
@@ -208,7 +209,7 @@ class Store:
     """
 
     def __init__(self, memory_limit=64 * MB, item_size_max=1 * MB, evict=True,
-                 use_cas=True, clock=time.time):
+                 use_cas=True, track_sizes=False, clock=time.time):
         self.memory_limit = memory_limit
         self.item_size_max = item_size_max
         self.evict = evict
@@ -223,6 +224,8 @@ class Store:
         self.counters = dict.fromkeys(STORE_COUNTERS, 0)
         self.evicted_time = 0                    # idle seconds of the last evicted item
         self.on_evict = None                     # called as on_evict(key, item, now)
+        # Items per 32-byte size class (``stats sizes``), kept only if asked for.
+        self.sizes = collections.Counter() if track_sizes else None
         self._sweep_keys = []                    # keys still to visit in this sweep
 
     # -- time ---------------------------------------------------------------
@@ -276,6 +279,13 @@ class Store:
     def _unlink(self, key, item):
         del self.items[key]
         self.bytes -= item_cost(key, item.value)
+        if self.sizes is not None:
+            self.sizes[self.size_class(key, item)] -= 1
+
+    def size_class(self, key, item):
+        """The 32-byte class ``stats sizes`` counts an item in, by memcached's size."""
+        size = len(key) + len(item.value) + ITEM_HEADER_SIZE + (4 if item.flags else 0)
+        return -(-size // 32) * 32
 
     def _link(self, key, item, old=None):
         """Store item under key in place of old; False, with old left as it was,
@@ -292,6 +302,8 @@ class Store:
         self.items[key] = item
         self.bytes += cost
         self.counters["total_items"] += 1
+        if self.sizes is not None:
+            self.sizes[self.size_class(key, item)] += 1
         return True
 
     def _make_room(self, needed, keep=None):
@@ -321,6 +333,8 @@ class Store:
     def _clear(self):
         self.items = collections.OrderedDict()
         self.bytes = 0
+        if self.sizes is not None:
+            self.sizes.clear()
         self.flush_deadline = 0
         self._sweep_keys = []
 
@@ -576,6 +590,14 @@ class Store:
                     self._unlink(key, item)
                     self.counters["crawler_reclaimed"] += 1
                     self.counters["expired_unfetched"] += not item.fetched
+
+    def size_histogram(self):
+        """(size, items) for each 32-byte class that has items, or None when sizes
+        are not tracked."""
+        with self.lock:
+            if self.sizes is None:
+                return None
+            return sorted((size, count) for size, count in self.sizes.items() if count)
 
     def reset_counters(self):
         with self.lock:
@@ -1441,7 +1463,7 @@ class Protocol:
         b"items": lambda server: server.item_stats(),
         b"slabs": lambda server: server.slab_stats(),
         b"conns": lambda server: server.connection_stats(),
-        b"sizes": lambda server: [("sizes_status", "disabled")],
+        b"sizes": lambda server: server.size_stats(),
     }
 
 
@@ -1616,7 +1638,8 @@ class Server:
     def __init__(self, host="127.0.0.1", port=11211, **settings):
         self.settings = Settings(host=host, port=port, **settings)
         s = self.settings
-        self.store = Store(s.memory_limit, s.item_size_max, s.evict, s.use_cas)
+        self.store = Store(s.memory_limit, s.item_size_max, s.evict, s.use_cas,
+                           s.track_sizes)
         self.watchers = Watchers()
         self.store.on_evict = self.watch_eviction
         self.started = time.time()
@@ -1925,6 +1948,7 @@ class Server:
             ("item_size_max", s.item_size_max),
             ("flush_enabled", "yes" if s.flush_enabled else "no"),
             ("idle_timeout", s.idle_timeout),
+            ("track_sizes", "yes" if s.track_sizes else "no"),
         ]
 
     def item_stats(self):
@@ -1965,6 +1989,13 @@ class Server:
                 ("touch_hits", store["touch_hits"]),
             )]
         return used + [("active_slabs", 1 if used else 0), ("total_malloced", store["bytes"])]
+
+    def size_stats(self):
+        """``stats sizes``: items per 32-byte size class, with -o track_sizes."""
+        histogram = self.store.size_histogram()
+        if histogram is None:
+            return [("sizes_status", "disabled")]
+        return [(str(size), count) for size, count in histogram]
 
     def connection_stats(self):
         """``stats conns``: the listening sockets, then one block per client."""
@@ -2020,7 +2051,7 @@ IGNORED_EXTENDED = {
     "lru_crawler", "no_lru_crawler", "lru_crawler_sleep", "lru_crawler_tocrawl",
     "read_buf_mem_limit", "lru_maintainer", "no_lru_maintainer", "hot_lru_pct",
     "warm_lru_pct", "hot_max_factor", "warm_max_factor", "temporary_ttl",
-    "slab_chunk_max", "watcher_logbuf_size", "worker_logbuf_size", "track_sizes",
+    "slab_chunk_max", "watcher_logbuf_size", "worker_logbuf_size",
     "no_hashexpand", "modern", "no_modern", "sock_cookie_id", "slab_reassign",
     "no_slab_reassign", "slab_automove", "slab_automove_ratio", "slab_automove_window",
     "slab_automove_freeratio", "relaxed_privileges", "no_relaxed_privileges",
@@ -2081,8 +2112,8 @@ def build_parser():
     add("-F", "--disable-flush-all", action="store_true", help="disable flush_all")
     add("-X", "--disable-dumping", action="store_true", help="disable stats cachedump")
     add("-o", "--extended", action="append", default=[], metavar="OPTIONS",
-        help="comma separated key=value options: idle_timeout=SECONDS; memcached's "
-             "slab, LRU and hash tuning options are accepted and ignored")
+        help="comma separated key=value options: idle_timeout=SECONDS, track_sizes; "
+             "memcached's slab, LRU and hash tuning options are accepted and ignored")
     add("--single", action="store_true",
         help="serve one connection, then exit (for python -m cProfile memg.py --single)")
     for options, label in ((IGNORED_OPTIONS, "ignored: memg has no %s"),
@@ -2106,7 +2137,7 @@ def parse_command_line(argv):
             warnings.append("%s ignored: memg has no %s" % (flag, what))
     if args.protocol == "binary":
         raise SystemExit("memg: the binary protocol is not supported (-B ascii or auto)")
-    idle_timeout = 0
+    idle_timeout, track_sizes = 0, False
     for group in args.extended:
         for option in filter(None, group.split(",")):
             name, _, value = option.partition("=")
@@ -2114,6 +2145,8 @@ def parse_command_line(argv):
                 if not value.isdigit():
                     raise SystemExit("memg: idle_timeout needs a number of seconds")
                 idle_timeout = int(value)
+            elif name == "track_sizes":
+                track_sizes = True
             elif name in IGNORED_EXTENDED or name.startswith(("ext_", "ssl_")):
                 warnings.append("-o %s ignored: memg has no such tuning" % name)
             else:
@@ -2132,7 +2165,8 @@ def parse_command_line(argv):
         threads=args.threads, verbose=min(args.verbose, 2),
         enable_shutdown=args.enable_shutdown, use_cas=not args.disable_cas,
         flush_enabled=not args.disable_flush_all, dump_enabled=not args.disable_dumping,
-        backlog=args.listen_backlog, idle_timeout=idle_timeout, user=args.user,
+        backlog=args.listen_backlog, idle_timeout=idle_timeout, track_sizes=track_sizes,
+        user=args.user,
         pid_file=args.pidfile, single=args.single)
     return settings, warnings
 

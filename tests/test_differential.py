@@ -13,6 +13,8 @@ import re
 
 import pytest
 
+from conftest import start_memcached, start_memg
+
 # (name, script) pairs; names show in test ids.
 SCRIPTS = [
     # -- the seed and plain storage ------------------------------------------------
@@ -204,3 +206,18 @@ def converse(server, script):
 def test_same_reply_as_memcached(memg_process, memcached_process, script):
     expected = converse(memcached_process, script)
     assert converse(memg_process, script) == expected
+
+
+def test_stats_sizes_with_track_sizes_as_memcached():
+    script = (b"set a 0 0 1\r\nx\r\nset bb 7 0 100\r\n" + b"y" * 100 + b"\r\n"
+              b"set c 0 0 1000\r\n" + b"z" * 1000 + b"\r\nstats sizes\r\n"
+              b"delete a\r\nappend bb 0 0 50\r\n" + b"y" * 50 + b"\r\nstats sizes\r\n")
+    replies = []
+    for start in (start_memg, start_memcached):
+        server = start("-o", "track_sizes")
+        try:
+            replies.append(converse(server, script))
+        finally:
+            server.stop()
+    assert replies[0] == replies[1]
+    assert b"STAT 1088 1\r\n" in replies[0]
