@@ -428,20 +428,26 @@ def test_touch(mc):
     assert mc.get("touched") == "v"
 
 
+def check_gets_and_cas(client):
+    """The gets/cas round pylibmc and pymemcache share; returns the final unique."""
+    assert client.gets("item") == (None, None)
+    client.set("item", "first")
+    value, unique = client.gets("item")
+    assert value == "first"
+    assert client.gets("item") == ("first", unique)
+    assert client.cas("item", "second", unique) is True
+    assert client.get("item") == "second"
+    assert client.cas("item", "third", unique) is False     # EXISTS
+    assert client.get("item") == "second"
+    _, newer = client.gets("item")
+    assert newer != unique
+    return newer
+
+
 def test_cas_pylibmc(memg):
     client = connect("pylibmc", memg.address)
     try:
-        assert client.gets("item") == (None, None)
-        client.set("item", "first")
-        value, unique = client.gets("item")
-        assert value == "first"
-        assert client.gets("item") == ("first", unique)
-        assert client.cas("item", "second", unique) is True
-        assert client.get("item") == "second"
-        assert client.cas("item", "third", unique) is False     # EXISTS
-        assert client.get("item") == "second"
-        _, newer = client.gets("item")
-        assert newer != unique
+        newer = check_gets_and_cas(client)
         with pytest.raises(pylibmc.NotFound):
             client.cas("absent", "value", newer)
     finally:
@@ -451,17 +457,7 @@ def test_cas_pylibmc(memg):
 def test_cas_pymemcache(memg):
     client = connect("pymemcache", memg.address)
     try:
-        assert client.gets("item") == (None, None)
-        client.set("item", "first")
-        value, unique = client.gets("item")
-        assert value == "first"
-        assert client.gets("item") == ("first", unique)
-        assert client.cas("item", "second", unique) is True
-        assert client.get("item") == "second"
-        assert client.cas("item", "third", unique) is False     # EXISTS
-        assert client.get("item") == "second"
-        _, newer = client.gets("item")
-        assert newer != unique
+        newer = check_gets_and_cas(client)
         assert client.cas("absent", "value", newer) is None     # NOT_FOUND
         many = client.gets_many(["item", "absent"])
         assert many == {"item": ("second", newer)}

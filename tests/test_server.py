@@ -111,6 +111,14 @@ def test_reset_in_the_middle_of_a_value_is_quiet_and_stores_nothing(memg):
         assert client.request(b"version\r\n").startswith(b"VERSION ")
 
 
+def run_in_threads(work, count):
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def test_concurrent_incr_loses_no_update(memg):
     with memg.connect() as client:
         assert client.request(b"set n 0 0 1\r\n0\r\n") == b"STORED\r\n"
@@ -120,11 +128,7 @@ def test_concurrent_incr_loses_no_update(memg):
             for _ in range(300):
                 assert client.request(b"incr n 1\r\n").rstrip().isdigit()
 
-    threads = [threading.Thread(target=work) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(work, 16)
     with memg.connect() as client:
         assert client.request(b"get n\r\n", b"END\r\n") == b"VALUE n 0 4\r\n4800\r\nEND\r\n"
 
@@ -145,11 +149,7 @@ def test_concurrent_gets_cas_increments_lose_no_update(memg):
                 assert reply in (b"STORED\r\n", b"EXISTS\r\n")
                 done += reply == b"STORED\r\n"
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(work, 8)
     with memg.connect() as client:
         assert client.request(b"get c\r\n", b"END\r\n") == b"VALUE c 0 3\r\n800\r\nEND\r\n"
 
