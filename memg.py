@@ -753,7 +753,7 @@ class Protocol:
         self.rfile = rfile if hasattr(rfile, "peek") else io.BufferedReader(rfile)
         self.name = name          # how -vv and watch name this client
         self.first = True
-        self.watching = None      # the kinds of event, once the client sent watch
+        self.watching = None      # the queue of events, once the client sent watch
         self.last_command = time.monotonic()     # for stats conns
         self.out = []             # replies not yet sent
         self.out_bytes = 0
@@ -1385,7 +1385,7 @@ class Protocol:
         if not kinds <= WATCH_KINDS:
             self.reply(ERROR)
             return
-        self.watching = kinds
+        self.watching = self.server.watchers.add(kinds)     # before OK: miss nothing
         self.reply(b"OK\r\n")
         return False             # the connection now streams; see Connection.handle
 
@@ -1512,6 +1512,7 @@ class Connection:
 
     def handle(self):
         """Serve commands until the client leaves or is sent away, then close."""
+        self.server.watch_connection("conn_new", self)
         try:
             if self.server.settings.idle_timeout:
                 self.sock.settimeout(self.server.settings.idle_timeout)
@@ -1520,7 +1521,7 @@ class Connection:
                 if protocol.out_bytes > OUTPUT_LIMIT:
                     self.flush()       # a client that does not read blocks here
             self.flush()
-            if protocol.watching:
+            if protocol.watching is not None:
                 self.stream(protocol.watching)
         except socket.timeout:
             self.server.count("idle_kicks")
@@ -1534,29 +1535,27 @@ class Connection:
             with contextlib.suppress(OSError):
                 self.flush()
         finally:
+            if self.protocol.watching is not None:
+                self.server.watchers.remove(self.protocol.watching)
+            # Before the close, so that no later connection can reuse its number first.
+            self.server.watch_connection("conn_close", self)
             self.sock.close()
 
-
-    def stream(self, kinds):
-        """Send the server's events of the given kinds until the watcher leaves."""
-        watchers = self.server.watchers
-        events = watchers.add(kinds)
-        try:
-            while not self.server.stopping.is_set():
-                try:
-                    lines = [events.get(timeout=1.0)]
-                except queue.Empty:
-                    if self.peer_closed():
-                        return
-                    continue
-                with contextlib.suppress(queue.Empty):
-                    while len(lines) < 1000:
-                        lines.append(events.get_nowait())
-                data = b"".join(lines)
-                self.sock.sendall(data)
-                self.bytes_written += len(data)
-        finally:
-            watchers.remove(events)
+    def stream(self, events):
+        """Send a watcher its queue of events until it leaves or the server stops."""
+        while not self.server.stopping.is_set():
+            try:
+                lines = [events.get(timeout=1.0)]
+            except queue.Empty:
+                if self.peer_closed():
+                    return
+                continue
+            with contextlib.suppress(queue.Empty):
+                while len(lines) < 1000:
+                    lines.append(events.get_nowait())
+            data = b"".join(lines)
+            self.sock.sendall(data)
+            self.bytes_written += len(data)
 
     def peer_closed(self):
         """Whether the client has closed its end (a watcher only ever listens)."""
@@ -1798,11 +1797,9 @@ class Server:
     def run_connection(self, connection):
         if self.settings.verbose > 1:
             print("%d: Client using the ascii protocol" % connection.fileno, file=sys.stderr)
-        self.watch_connection("conn_new", connection)
         try:
             connection.handle()
         finally:
-            self.watch_connection("conn_close", connection)
             with self.lock:
                 del self.connections[connection]
                 self.counters["closed_bytes_read"] += connection.protocol.bytes_read
