@@ -600,10 +600,14 @@ def test_unknown_user_exits_with_one_line():
 
 
 def test_pip_builds_a_wheel_with_the_module_and_the_command(tmp_path):
+    import shutil
     import zipfile
-    root = os.path.dirname(MEMG)
+    source = tmp_path / "source"            # a copy, so that the build leaves no trace
+    source.mkdir()
+    for name in ("memg.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(os.path.dirname(MEMG), name), source)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--wheel-dir", str(tmp_path), root], check=True, timeout=300)
+                    "--wheel-dir", str(tmp_path), str(source)], check=True, timeout=300)
     (wheel,) = tmp_path.glob("memg-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
