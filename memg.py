@@ -673,6 +673,14 @@ def uri(key):
     return urllib.parse.quote_from_bytes(key, safe="")
 
 
+def decode_key(token):
+    """A meta command's base64 key (flag b), or None if it is not base64."""
+    try:
+        return base64.b64decode(token, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
 def bad_key(key):
     """Keys are at most 250 bytes, without spaces or control characters."""
     return len(key) > KEY_MAX_LENGTH or _CONTROL.search(key) is not None
@@ -1052,9 +1060,8 @@ class Protocol:
         if flags.error is None and len(flags.get("O", b"")) >= META_OPAQUE_MAX:
             flags.error = b"CLIENT_ERROR opaque token too long\r\n"
         if flags.error is None and "b" in flags:
-            try:
-                key = base64.b64decode(key, validate=True)
-            except (binascii.Error, ValueError):
+            key = decode_key(key)
+            if key is None:
                 flags.error = b"CLIENT_ERROR error decoding key\r\n"
         elif flags.error is None and bad_key(key):
             flags.error = BAD_FORMAT
@@ -1188,9 +1195,8 @@ class Protocol:
         key = tokens[1]
         binary = len(tokens) > 2 and tokens[2] == b"b"
         if binary:
-            try:
-                key = base64.b64decode(key, validate=True)
-            except (binascii.Error, ValueError):
+            key = decode_key(key)
+            if key is None:
                 self.reply(BAD_FORMAT)
                 return
         item = self.store.get(key, bump=False)
