@@ -22,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import hmac
 import io
 import itertools
 import os
@@ -74,6 +75,7 @@ class Settings:
     backlog: int = 1024                # -b
     idle_timeout: int = 0              # -o idle_timeout=N; 0 means never
     track_sizes: bool = False          # -o track_sizes: keep ``stats sizes``
+    auth_file: Optional[str] = None    # -Y; user:password lines clients must send first
     user: Optional[str] = None         # -u; privileges are dropped after binding
     pid_file: Optional[str] = None     # -P
     single: bool = False               # --single: serve one connection, then exit
@@ -653,6 +655,10 @@ NO_MEMORY_REPLY = b"SERVER_ERROR out of memory storing object\r\n"
 NO_MEMORY_INCR = b"SERVER_ERROR out of memory\r\n"
 BAD_META_FLAG = b"CLIENT_ERROR invalid or duplicate flag\r\n"
 DELETE_USAGE = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n"
+UNAUTHENTICATED = b"CLIENT_ERROR unauthenticated\r\n"
+AUTH_FAILURE = b"CLIENT_ERROR authentication failure\r\n"
+BAD_AUTH_FORMAT = b"CLIENT_ERROR bad authentication token format\r\n"
+BAD_TERMINATION = b"CLIENT_ERROR bad command line termination\r\n"
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 
 REPLIES = {STORED: b"STORED\r\n", NOT_STORED: b"NOT_STORED\r\n", EXISTS: b"EXISTS\r\n",
@@ -761,6 +767,7 @@ class Protocol:
         self.rfile = rfile if hasattr(rfile, "peek") else io.BufferedReader(rfile)
         self.name = name          # how -vv and watch name this client
         self.first = True
+        self.authenticated = server.credentials is None
         self.watching = None      # the queue of events, once the client sent watch
         self.last_command = time.monotonic()     # for stats conns
         self.out = []             # replies not yet sent
@@ -899,6 +906,8 @@ class Protocol:
         tokens = line.split(b" ")
         if b"" in tokens:
             tokens = [token for token in tokens if token]
+        if not self.authenticated:
+            return self.authenticate(tokens)
         if not tokens or len(tokens[0]) < 2:
             self.reply(ERROR)
             return True
@@ -930,6 +939,29 @@ class Protocol:
                 first == b"m" and len(tokens[0]) == 2):
             return False
         self.reply(ERROR)
+        return True
+
+    def authenticate(self, tokens):
+        """-Y: until it has authenticated, a client may only send memcached's
+        ``set <key> <flags> <exptime> <bytes>`` whose data is ``user password`` (key,
+        flags and exptime are ignored).  Data that would not fit memcached's read
+        buffer closes the connection, as memcached's does."""
+        nbytes = parse_uint32(tokens[4]) if len(tokens) >= 5 and tokens[0] == b"set" else None
+        if nbytes is None:
+            self.reply(UNAUTHENTICATED)
+            return True
+        if nbytes + 2 > MEMCACHED_READ_BUFFER:
+            return False
+        payload = self.read_block(nbytes)
+        if payload is None:
+            self.reply(BAD_TERMINATION)
+            return True
+        credentials = [token for token in payload.split(b"\0", 1)[0].split(b" ") if token]
+        if len(credentials) < 2:
+            self.reply(BAD_AUTH_FORMAT)
+            return True
+        self.authenticated = self.server.authenticate(*credentials[:2])
+        self.reply(REPLIES[STORED] if self.authenticated else AUTH_FAILURE)
         return True
 
     def check_noreply(self, tokens):
@@ -1618,6 +1650,27 @@ class Watchers:
                         self.counters["log_watcher_skipped"] += 1
 
 
+def read_auth_file(path):
+    """-Y: memcached's auth file, lines of ``user:password``, as {user: password}.
+    Raises ValueError, naming the file and line, if it cannot be used."""
+    try:
+        with open(path, "rb") as file:
+            lines = file.read().splitlines()
+    except OSError as error:
+        raise ValueError("cannot read the auth file (-Y) %s: %s"
+                         % (path, error.strerror or error))
+    credentials = {}
+    for number, line in enumerate(lines, 1):
+        user, colon, password = line.partition(b":")
+        if not colon or not user:
+            raise ValueError("auth file (-Y) %s, line %d: expected user:password"
+                             % (path, number))
+        credentials[user] = password
+    if not credentials:
+        raise ValueError("auth file (-Y) %s has no user:password line" % path)
+    return credentials
+
+
 def parse_listen(spec, port):
     """-l: a comma-separated list of host, host:port or [ipv6]:port."""
     addresses = []
@@ -1645,6 +1698,7 @@ class Server:
         s = self.settings
         self.store = Store(s.memory_limit, s.item_size_max, s.evict, s.use_cas,
                            s.track_sizes)
+        self.credentials = read_auth_file(s.auth_file) if s.auth_file else None
         self.watchers = Watchers()
         self.store.on_evict = self.watch_eviction
         self.started = time.time()
@@ -1652,7 +1706,8 @@ class Server:
         self.connections = {}                    # Connection -> thread
         self.counters = dict.fromkeys(
             ("total_connections", "rejected_connections", "listen_disabled_num",
-             "idle_kicks", "cmd_meta", "closed_bytes_read", "closed_bytes_written"), 0)
+             "idle_kicks", "cmd_meta", "auth_cmds", "auth_errors", "closed_bytes_read",
+             "closed_bytes_written"), 0)
         # Traffic totals at the last ``stats reset``: connections own their byte
         # counts, so a reset records where it happened instead of writing to them.
         self.traffic_at_reset = (0, 0)
@@ -1813,6 +1868,16 @@ class Server:
             if self.settings.verbose > 1:
                 print("<%d connection closed." % connection.fileno, file=sys.stderr)
 
+    def authenticate(self, user, password):
+        """Whether user and password match a line of the auth file (-Y).  Every
+        password is compared in constant time, so that timing reveals nothing."""
+        matched = (hmac.compare_digest(password, self.credentials.get(user, b""))
+                   and user in self.credentials)
+        with self.lock:
+            self.counters["auth_cmds"] += 1
+            self.counters["auth_errors"] += not matched
+        return matched
+
     def watch_connection(self, event, connection):
         if "connevents" in self.watchers.active:
             peer = connection.address
@@ -1903,8 +1968,8 @@ class Server:
             ("touch_misses", store["touch_misses"]),
             ("store_too_large", store["store_too_large"]),
             ("store_no_memory", store["store_no_memory"]),
-            ("auth_cmds", 0),
-            ("auth_errors", 0),
+            ("auth_cmds", counters["auth_cmds"]),
+            ("auth_errors", counters["auth_errors"]),
             ("idle_kicks", counters["idle_kicks"]),
             ("bytes_read", bytes_read),
             ("bytes_written", bytes_written),
@@ -1947,7 +2012,7 @@ class Server:
             ("tcp_backlog", s.backlog),
             ("binding_protocol", "ascii"),
             ("auth_enabled_sasl", "no"),
-            ("auth_enabled_ascii", "no"),
+            ("auth_enabled_ascii", s.auth_file or "no"),
             ("item_size_max", s.item_size_max),
             ("flush_enabled", "yes" if s.flush_enabled else "no"),
             ("idle_timeout", s.idle_timeout),
@@ -2064,7 +2129,7 @@ IGNORED_EXTENDED = {
 # memcached options whose feature memg does not have: refused, never silently ignored.
 UNSUPPORTED_OPTIONS = {
     "-d": (False, "daemon mode: run memg under a service manager instead"),
-    "-S": (False, "SASL authentication"), "-Y": (True, "ASCII authentication files"),
+    "-S": (False, "SASL authentication"),
     "-Z": (False, "TLS"), "-e": (True, "memory files (restartable cache)"),
 }
 
@@ -2090,6 +2155,9 @@ def build_parser():
         help="interfaces to listen on, comma separated, host or host:port "
              "(default: 127.0.0.1; memcached's default is every interface)")
     add("-u", "--user", help="drop root privileges to this user after binding")
+    add("-Y", "--auth-file", metavar="FILE",
+        help="require clients to authenticate first with a user:password line of FILE "
+             "(memcached's ASCII authentication; see README)")
     add("-m", "--memory-limit", default="64", metavar="MB",
         help="item memory in megabytes (default: 64)")
     add("-M", "--disable-evictions", action="store_true",
@@ -2169,7 +2237,7 @@ def parse_command_line(argv):
         enable_shutdown=args.enable_shutdown, use_cas=not args.disable_cas,
         flush_enabled=not args.disable_flush_all, dump_enabled=not args.disable_dumping,
         backlog=args.listen_backlog, idle_timeout=idle_timeout, track_sizes=track_sizes,
-        user=args.user,
+        auth_file=args.auth_file, user=args.user,
         pid_file=args.pidfile, single=args.single)
     return settings, warnings
 
@@ -2229,7 +2297,7 @@ def main(argv=None):
     if settings["pid_file"]:
         with open(settings["pid_file"], "w") as pid_file:
             pid_file.write("%d\n" % os.getpid())
-    if beyond_loopback(settings):
+    if beyond_loopback(settings) and not settings["auth_file"]:
         print("memg: warning: listening beyond loopback (%s) with no authentication: "
               "anyone who can reach the port can read and change the cache"
               % settings["host"], file=sys.stderr)

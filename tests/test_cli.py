@@ -185,6 +185,7 @@ BAD_COMMAND_LINES = [
     ["-B", "binary"],
     ["-d"],
     ["-S"],
+    ["-Y", "/nonexistent/memg-auth"],
 ]
 
 
@@ -257,6 +258,20 @@ def test_listen_everywhere_warns_about_no_authentication(launch):
     warning = [line for line in err.splitlines() if "loopback" in line]
     assert len(warning) == 1, err
     assert "auth" in warning[0].lower()
+
+
+def test_auth_file_demands_credentials_and_needs_no_loopback_warning(launch, tmp_path):
+    auth = tmp_path / "auth"
+    auth.write_text("alice:secret\n")
+    server = launch("-l", "0.0.0.0", "-Y", str(auth))
+    with RawClient(("127.0.0.1", server.port)) as client:
+        assert client.request(b"get k\r\n") == b"CLIENT_ERROR unauthenticated\r\n"
+        assert client.request(b"set k 0 0 12\r\nalice secret\r\n") == b"STORED\r\n"
+        assert stats(client, b"settings")["auth_enabled_ascii"] == str(auth)
+        assert client.request(b"get k\r\n") == b"END\r\n"
+    _, err = server.stop()
+    assert b"loopback" not in err
+    assert b"Traceback" not in err
 
 
 # -- Unix socket -------------------------------------------------------------------

@@ -727,3 +727,35 @@ def test_keys_spread_over_two_servers(kind, two_memgs):
             assert b"STAT curr_items %d\r\n" % len(placed[server.address]) in stats
     finally:
         close(client)
+
+
+# -- -Y: a client logs in with a set of "user password" -----------------------------
+
+@pytest.fixture(scope="module")
+def auth_memg(tmp_path_factory):
+    path = tmp_path_factory.mktemp("auth") / "auth"
+    path.write_text("alice:secret\n")
+    server = start_memg("-Y", str(path))
+    yield server
+    server.stop()
+
+
+def test_clients_log_in_with_a_set_then_work_normally(kind, auth_memg):
+    client = connect(kind, auth_memg.address)
+    try:
+        assert client.set("login", "alice secret")
+        assert client.set("k", "v")
+        assert client.get("k") == "v"
+    finally:
+        close(client)
+
+
+def test_a_client_that_has_not_logged_in_is_refused(auth_memg):
+    client = connect("pymemcache", auth_memg.address)
+    try:
+        with pytest.raises(MemcacheClientError, match="unauthenticated"):
+            client.get("k")
+        with pytest.raises(MemcacheClientError, match="authentication failure"):
+            client.set("login", "alice wrong")
+    finally:
+        close(client)

@@ -195,9 +195,9 @@ def normalise(reply):
     return _VERSION.sub(b"VERSION <version>", _CAS.sub(rename, reply))
 
 
-def converse(server, script):
+def converse(server, script, login=b""):
     with server.connect() as flusher:
-        assert flusher.request(b"flush_all\r\n") == b"OK\r\n"
+        assert flusher.request(login + b"flush_all\r\n", b"OK\r\n").endswith(b"OK\r\n")
     with server.connect() as client:
         return normalise(client.converse(script))
 
@@ -221,3 +221,45 @@ def test_stats_sizes_with_track_sizes_as_memcached():
             server.stop()
     assert replies[0] == replies[1]
     assert b"STAT 1088 1\r\n" in replies[0]
+
+
+# -- -Y: memcached's ASCII authentication ------------------------------------------
+
+LOGIN = b"set any 0 0 12\r\nalice secret\r\n"
+# Each script gets at most one reply before it authenticates: memcached answers only
+# the last of several unauthenticated commands that arrive together, where memg
+# answers every one.
+AUTH_SCRIPTS = [
+    ("unauthenticated-get", b"get k\r\n"),
+    ("unauthenticated-http", b"GET / HTTP/1.1\r\n"),
+    ("unauthenticated-short-set", b"set k 0 0\r\n"),
+    ("login-then-work", LOGIN + b"set k 0 0 1\r\nv\r\nget k any\r\nmn\r\n"),
+    ("login-noreply", b"set k 0 0 12 noreply\r\nalice secret\r\nmn\r\n"),
+    ("login-twice", LOGIN + LOGIN + b"get any\r\n"),
+    ("wrong-password", b"set k 0 0 11\r\nalice wrong\r\n"),
+    ("unknown-user", b"set k 0 0 12\r\ncarol secret\r\n"),
+    ("no-password", b"set k 0 0 5\r\nalice\r\n"),
+    ("empty-credentials", b"set k 0 0 0\r\n\r\n"),
+    ("bad-termination", b"set k 0 0 12\r\nalice secretXX"),
+    ("truncated-credentials", b"set k 0 0 12\r\nalice"),
+    ("line-without-newline", b"x" * 3000),
+]
+
+
+@pytest.fixture(scope="module")
+def auth_servers(tmp_path_factory):
+    path = tmp_path_factory.mktemp("auth") / "auth"
+    path.write_bytes(b"alice:secret\nbob:pw\n")
+    path.chmod(0o644)        # memcached reads it after dropping root
+    servers = [start("-Y", str(path)) for start in (start_memg, start_memcached)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.parametrize("script", [s for _, s in AUTH_SCRIPTS],
+                         ids=[n for n, _ in AUTH_SCRIPTS])
+def test_same_authentication_replies_as_memcached(auth_servers, script):
+    memg_server, memcached_server = auth_servers
+    expected = converse(memcached_server, script, LOGIN)
+    assert converse(memg_server, script, LOGIN) == expected

@@ -1119,6 +1119,111 @@ def test_me_errors(line):
 
 
 # --------------------------------------------------------------------------
+# Access control: -Y, memcached's ASCII authentication
+# --------------------------------------------------------------------------
+
+AUTH = b"set any 0 0 12\r\nalice secret\r\n"
+
+
+@pytest.fixture
+def auth_file(tmp_path):
+    path = tmp_path / "auth"
+    path.write_bytes(b"alice:secret\nbob:pass:word\r\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("line", [
+    b"get k", b"version", b"stats", b"mn", b"quit", b"bogus", b"add k 0 0 12",
+    b"set k 0 0", b"set k 0 0 x", b"set k 0 0 -1", b"GET / HTTP/1.1", b""])
+def test_every_command_before_authenticating_is_refused(auth_file, line):
+    check(line + b"\r\n", b"CLIENT_ERROR unauthenticated\r\n", auth_file=auth_file)
+
+
+def test_a_set_carrying_user_and_password_authenticates(auth_file):
+    check(AUTH + b"set k 0 0 1\r\nv\r\nget k\r\nget any\r\n",
+          b"STORED\r\nSTORED\r\nVALUE k 0 1\r\nv\r\nEND\r\nEND\r\n", auth_file=auth_file)
+
+
+@pytest.mark.parametrize("line", [
+    b"set any 0 0 12 noreply", b"  set x y z 12", b"set x 0 0 +12", b"set x 0 0 12 extra"])
+def test_only_the_length_of_the_authenticating_set_matters(auth_file, line):
+    check(line + b"\r\nalice secret\r\nmn\r\n", b"STORED\r\nMN\r\n", auth_file=auth_file)
+
+
+def test_each_connection_authenticates_for_itself(auth_file):
+    session = Session(auth_file=auth_file)
+    assert session.send(AUTH + b"mn\r\n") == b"STORED\r\nMN\r\n"
+    assert session.send(b"mn\r\n") == b"CLIENT_ERROR unauthenticated\r\n"
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (b"alice wrong!", b"CLIENT_ERROR authentication failure\r\n"),
+    (b"alice secret extra", b"STORED\r\n"),
+    (b"alice  secret ", b"STORED\r\n"),
+    (b"bob pass:word", b"STORED\r\n"),             # a password may hold colons
+    (b"bob pass", b"CLIENT_ERROR authentication failure\r\n"),
+    (b"carol secret", b"CLIENT_ERROR authentication failure\r\n"),
+    (b"alice", b"CLIENT_ERROR bad authentication token format\r\n"),
+    (b"alice:secret", b"CLIENT_ERROR bad authentication token format\r\n"),
+    (b"alice\tsecret", b"CLIENT_ERROR bad authentication token format\r\n"),
+    (b"alice\0secret", b"CLIENT_ERROR bad authentication token format\r\n"),
+    (b"", b"CLIENT_ERROR bad authentication token format\r\n"),
+], ids=["wrong-password", "extra-token", "spaces", "colon-in-password", "prefix",
+        "unknown-user", "no-password", "colon", "tab", "nul", "empty"])
+def test_credentials(auth_file, payload, expected):
+    check(b"set k 0 0 %d\r\n%s\r\n" % (len(payload), payload), expected,
+          auth_file=auth_file)
+
+
+def test_failure_leaves_the_connection_unauthenticated_but_open(auth_file):
+    check(b"set k 0 0 5\r\nalice\r\nmn\r\n" + AUTH + b"mn\r\n",
+          b"CLIENT_ERROR bad authentication token format\r\n"
+          b"CLIENT_ERROR unauthenticated\r\nSTORED\r\nMN\r\n", auth_file=auth_file)
+
+
+def test_credentials_must_end_with_crlf(auth_file):
+    check(b"set k 0 0 12\r\nalice secretXXmn\r\n",
+          b"CLIENT_ERROR bad command line termination\r\nCLIENT_ERROR unauthenticated\r\n",
+          auth_file=auth_file)
+
+
+@pytest.mark.parametrize("length", [16 * 1024, 4294967295])
+def test_credentials_longer_than_memcached_reads_close_the_connection(auth_file, length):
+    check(b"set k 0 0 %d\r\n" % length + b"a" * 20000, b"", auth_file=auth_file)
+
+
+def test_authentications_are_counted(auth_file):
+    session = Session(auth_file=auth_file)
+    session.send(b"set k 0 0 9\r\nalice bad\r\n")
+    reply = session.send(AUTH + b"stats\r\nstats settings\r\n")
+    assert b"STAT auth_cmds 2\r\n" in reply
+    assert b"STAT auth_errors 1\r\n" in reply
+    assert b"STAT auth_enabled_ascii %s\r\n" % auth_file.encode() in reply
+
+
+def test_without_an_auth_file_a_set_of_credentials_is_just_a_set():
+    check(AUTH + b"get any\r\n", b"STORED\r\nVALUE any 0 12\r\nalice secret\r\nEND\r\n")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"alice\n", "line 1: expected user:password"),
+    (b"alice:x\n\nbob:y\n", "line 2: expected user:password"),
+    (b":nouser\n", "line 1: expected user:password"),
+    (b"", "has no user:password line"),
+])
+def test_unusable_auth_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "auth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        memg.Server(port=0, auth_file=str(path))
+
+
+def test_missing_auth_file_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="cannot read the auth file"):
+        memg.Server(port=0, auth_file=str(tmp_path / "missing"))
+
+
+# --------------------------------------------------------------------------
 # Everything else: flush_all version verbosity cache_memlimit quit shutdown stats
 # lru_crawler
 # --------------------------------------------------------------------------
