@@ -2269,6 +2269,12 @@ def raise_open_file_limit(max_connections):
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
+# The stack each connection's thread reserves.  memg's handlers call only a few levels
+# deep; 1,000 connections then reserve 256 MB of address space instead of the 8 GB of
+# Linux's default 8 MB stacks (resident memory, about 21 kB a connection, is the same).
+THREAD_STACK_SIZE = 256 * KB
+
+
 def beyond_loopback(settings):
     """Whether the server listens on an address other machines can reach."""
     if settings["unix_socket"]:
@@ -2294,6 +2300,8 @@ def main(argv=None):
     if settings["user"]:
         drop_privileges(settings["user"])
     raise_open_file_limit(settings["max_connections"])
+    with contextlib.suppress(ValueError, RuntimeError):   # where sizes cannot be set
+        threading.stack_size(THREAD_STACK_SIZE)
     if settings["pid_file"]:
         with open(settings["pid_file"], "w") as pid_file:
             pid_file.write("%d\n" % os.getpid())
