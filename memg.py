@@ -1525,6 +1525,7 @@ class _FlushingSocketIO(socket.SocketIO):
 
     def readinto(self, buffer):
         self.connection.flush()
+        self.connection.arm_idle_timeout()
         return super().readinto(buffer)
 
 
@@ -1548,12 +1549,20 @@ class Connection:
             self.sock.sendall(data)
             self.bytes_written += len(data)
 
+    def arm_idle_timeout(self):
+        """-o idle_timeout: as in memcached, a client is idle from its last command,
+        so one that trickles a line a byte at a time is idle too."""
+        limit = self.server.settings.idle_timeout
+        if limit:
+            left = limit - (time.monotonic() - self.protocol.last_command)
+            if left <= 0:
+                raise socket.timeout
+            self.sock.settimeout(left)
+
     def handle(self):
         """Serve commands until the client leaves or is sent away, then close."""
         self.server.watch_connection("conn_new", self)
         try:
-            if self.server.settings.idle_timeout:
-                self.sock.settimeout(self.server.settings.idle_timeout)
             protocol = self.protocol
             while protocol.process():
                 if protocol.out_bytes > OUTPUT_LIMIT:
@@ -1581,6 +1590,7 @@ class Connection:
 
     def stream(self, events):
         """Send a watcher its queue of events until it leaves or the server stops."""
+        self.sock.settimeout(self.server.settings.idle_timeout or None)
         while not self.server.stopping.is_set():
             try:
                 lines = [events.get(timeout=1.0)]
@@ -1774,6 +1784,11 @@ class Server:
             with contextlib.suppress(OSError):
                 self._wakeup[1].send(b"x")
 
+    def wakeup_on_signals(self):
+        """Have signals wake the accept loop, whichever thread receives them."""
+        self._wakeup[1].setblocking(False)
+        signal.set_wakeup_fd(self._wakeup[1].fileno())
+
     def stop(self, timeout=2.0):
         """Stop accepting, close every connection, join the threads, free the port."""
         self.request_stop()
@@ -1835,10 +1850,7 @@ class Server:
             admitted = len(self.connections) < self.settings.max_connections
             self.counters["total_connections" if admitted else "rejected_connections"] += 1
         if not admitted:
-            with contextlib.suppress(OSError):
-                sock.sendall(TOO_MANY_CONNECTIONS)
-            sock.close()
-            return False
+            return self.turn_away(sock)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection = Connection(self, sock, address)
@@ -1852,7 +1864,23 @@ class Server:
                                   name="memg-conn-%d" % connection.fileno, daemon=True)
         with self.lock:
             self.connections[connection] = thread
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:
+            # The system would not give another thread (RLIMIT_NPROC, memory): this
+            # client is turned away as if over the limit, and the server goes on.
+            with self.lock:
+                del self.connections[connection]
+                self.counters["rejected_connections"] += 1
+            self.turn_away(sock)
+        return False
+
+    @staticmethod
+    def turn_away(sock):
+        """memcached's reply to a client it cannot take, then the close."""
+        with contextlib.suppress(OSError):
+            sock.sendall(TOO_MANY_CONNECTIONS)
+        sock.close()
         return False
 
     def run_connection(self, connection):
@@ -2311,6 +2339,9 @@ def main(argv=None):
               % settings["host"], file=sys.stderr)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: server.request_stop())
+    # The kernel may hand a signal to any thread, while Python runs handlers only in
+    # the main one: the wake-up byte gets the accept loop there to run it promptly.
+    server.wakeup_on_signals()
     if settings["verbose"]:
         print("memg %s listening on %s" % (__version__, _socket_name(server.address)),
               file=sys.stderr)
