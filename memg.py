@@ -14,6 +14,7 @@ The file reads top to bottom in the order data flows:
 4. the connection -- one thread per client: read, dispatch, batch the replies
 5. the server    -- accept loop, connection limit, background sweep, signals
 6. the command line
+7. the pytest plugin -- a ``memg_server`` fixture for other projects' tests
 """
 
 import base64
@@ -37,6 +38,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import urllib.parse
 from typing import Optional
 
@@ -2353,6 +2355,68 @@ def main(argv=None):
             with contextlib.suppress(OSError):
                 os.unlink(settings["pid_file"])
     return 0
+
+
+# --------------------------------------------------------------------------
+# 7. The pytest plugin
+# --------------------------------------------------------------------------
+# ``pip install memg`` registers this module with pytest (entry point pytest11).  The
+# fixture ``memg_server`` is a memg serving from the test process, started once per
+# session and emptied before every test.  memg imports pytest only when pytest calls.
+
+def pytest_addoption(parser):
+    parser.getgroup("memg").addoption(
+        "--memg-external", metavar="HOST:PORT",
+        help="point the memg_server fixture at this running memcached (or memg) "
+             "instead of starting memg in the test process")
+
+
+class ExternalServer:
+    """What ``memg_server`` gives with --memg-external: a server this test run did
+    not start, with a Server's ``address``."""
+
+    def __init__(self, spec):
+        host, _, port = spec.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("--memg-external wants HOST:PORT, not %r" % spec)
+        self.address = (host.strip("[]"), int(port))
+
+
+def flush(server):
+    """Empty a server: in place for ours, with ``flush_all`` for an external one."""
+    if isinstance(server, Server):
+        server.store.flush()
+        return
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"flush_all\r\n")
+        reply = sock.makefile("rb").readline()
+    if reply != b"OK\r\n":
+        raise RuntimeError("flush_all on %s:%d answered %r" % (server.address + (reply,)))
+
+
+def pytest_configure(config):
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def memg_session_server():
+        external = config.getoption("memg_external")
+        if external:
+            yield ExternalServer(external)
+            return
+        with Server(port=0) as server:
+            yield server
+
+    @pytest.fixture
+    def memg_server(memg_session_server):
+        """A running memcached-compatible server, empty at the start of the test;
+        connect to ``memg_server.address``."""
+        flush(memg_session_server)
+        return memg_session_server
+
+    # pytest finds fixtures among a plugin module's attributes.
+    fixtures = types.ModuleType("memg_fixtures")
+    fixtures.memg_session_server, fixtures.memg_server = memg_session_server, memg_server
+    config.pluginmanager.register(fixtures, "memg-fixtures")
 
 
 if __name__ == "__main__":

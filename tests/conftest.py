@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMG = os.path.join(ROOT, "memg.py")
 sys.path.insert(0, ROOT)
@@ -30,6 +32,15 @@ class Clock:
 
     def advance(self, seconds):
         self.now += seconds
+
+
+def copy_project(destination):
+    """Copy what pip needs to build memg into destination (a build in the checkout
+    would leave build/ and *.egg-info behind); returns the copy's path."""
+    destination.mkdir()
+    for name in ("memg.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(ROOT, name), destination)
+    return destination
 
 
 def free_port():

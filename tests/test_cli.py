@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import MEMG, RawClient, free_port, start_memg
+from conftest import MEMG, RawClient, copy_project, free_port, start_memg
 
 KB = 1024
 MB = 1024 * KB
@@ -614,13 +614,9 @@ def test_unknown_user_exits_with_one_line():
     assert err.strip() == "memg: unknown user 'no-such-user-here' (-u)"
 
 
-def test_pip_builds_a_wheel_with_the_module_and_the_command(tmp_path):
-    import shutil
+def test_pip_builds_a_wheel_with_the_module_the_command_and_the_plugin(tmp_path):
     import zipfile
-    source = tmp_path / "source"            # a copy, so that the build leaves no trace
-    source.mkdir()
-    for name in ("memg.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(os.path.join(os.path.dirname(MEMG), name), source)
+    source = copy_project(tmp_path / "source")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--wheel-dir", str(tmp_path), str(source)], check=True, timeout=300)
     (wheel,) = tmp_path.glob("memg-*.whl")
@@ -629,3 +625,4 @@ def test_pip_builds_a_wheel_with_the_module_and_the_command(tmp_path):
         assert "memg.py" in names
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt")))
     assert b"memg = memg:main" in entry_points
+    assert b"[pytest11]\nmemg = memg" in entry_points
