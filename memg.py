@@ -401,7 +401,7 @@ class Store:
                     self._bump(key, old, now)
                     return NOT_STORED, None
                 if mode == CAS:
-                    if cas == old.cas:
+                    if cas == old.cas and self.use_cas:    # under -C, cas never matches
                         counters["cas_hits"] += 1
                     elif invalidate and cas < old.cas:
                         counters["cas_hits"] += 1
@@ -1705,7 +1705,7 @@ class Server:
     ``serve_forever()`` from the calling thread; ``stop()`` ends both.  Every
     setting of the command line is a keyword argument (see Settings)."""
 
-    def __init__(self, host="127.0.0.1", port=11211, **settings):
+    def __init__(self, host="127.0.0.1", port=0, **settings):
         self.settings = Settings(host=host, port=port, **settings)
         s = self.settings
         self.store = Store(s.memory_limit, s.item_size_max, s.evict, s.use_cas,
@@ -1740,25 +1740,30 @@ class Server:
         return name if isinstance(name, str) else name[:2]
 
     def bind(self):
+        """Open the listening sockets; if one cannot be opened, close them all."""
         s = self.settings
         self._wakeup = socket.socketpair()
-        if s.unix_socket:
-            if os.path.exists(s.unix_socket):
-                os.unlink(s.unix_socket)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(s.unix_socket)
-            os.chmod(s.unix_socket, s.unix_mask)
-            self.listeners.append(listener)
-        else:
-            for host, port in parse_listen(s.host, s.port):
-                family, kind, proto, _, sockaddr = socket.getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-                listener = socket.socket(family, kind, proto)
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind(sockaddr)
+        try:
+            if s.unix_socket:
+                if os.path.exists(s.unix_socket):
+                    os.unlink(s.unix_socket)
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self.listeners.append(listener)
-        for listener in self.listeners:
-            listener.listen(s.backlog)
+                listener.bind(s.unix_socket)
+                os.chmod(s.unix_socket, s.unix_mask)
+            else:
+                for host, port in parse_listen(s.host, s.port):
+                    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+                    listener = socket.socket(family, kind, proto)
+                    self.listeners.append(listener)
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    listener.bind(sockaddr)
+            for listener in self.listeners:
+                listener.listen(s.backlog)
+        except BaseException:
+            self.close_sockets()
+            raise
 
     def start(self):
         """Bind and serve from background threads; returns self."""
@@ -1798,11 +1803,14 @@ class Server:
             if thread is not threading.current_thread():
                 thread.join(timeout)
         self.close_connections(timeout)
+        self.close_sockets()
+        if self.settings.unix_socket and os.path.exists(self.settings.unix_socket):
+            os.unlink(self.settings.unix_socket)
+
+    def close_sockets(self):
         for sock in self.listeners + list(self._wakeup or ()):
             sock.close()
         self.listeners = []
-        if self.settings.unix_socket and os.path.exists(self.settings.unix_socket):
-            os.unlink(self.settings.unix_socket)
 
     def close_connections(self, timeout):
         with self.lock:
