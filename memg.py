@@ -109,8 +109,8 @@ class Settings:
 KEY_MAX_LENGTH = 250
 U64 = 0xFFFFFFFFFFFFFFFF
 # memcached reads numbers with C's strtol and strtoull: white space, a sign, digits,
-# then the end or white space (whatever follows that is ignored).
-_NUMBER = re.compile(rb"[\t\n\v\f\r ]*([+-]?)([0-9]+)(?![^\t\n\v\f\r ])")
+# then the end, white space or a NUL (C's end of string; whatever follows is ignored).
+_NUMBER = re.compile(rb"[\t\n\v\f\r ]*([+-]?)([0-9]+)(?![^\0\t\n\v\f\r ])")
 def parse_uint64(text):
     """memcached's safe_strtoull (CAS uniques, deltas, stored numbers); None if it
     fails.  A minus sign passes only where strtoull's wrap-around leaves a number
@@ -224,7 +224,10 @@ class Store:
         self.items = collections.OrderedDict()   # key -> Item, least recently used first
         self.bytes = 0
         self.last_cas = 0
-        self.flush_deadline = 0                  # a delayed flush_all takes effect then
+        # flush_all: once this second has come, items linked at or before it are
+        # gone (memcached's oldest_live); pending until the store has dropped them.
+        self.flush_deadline = 0
+        self.flush_pending = False
         self.counters = dict.fromkeys(STORE_COUNTERS, 0)
         self.evicted_time = 0                    # idle seconds of the last evicted item
         self.on_evict = None                     # called as on_evict(key, item, now)
@@ -263,17 +266,36 @@ class Store:
         return self.last_cas
 
     def _find(self, key, now):
-        """The live item under key, or None; drops it if it has expired."""
-        if self.flush_deadline and now >= self.flush_deadline:
-            self._clear()
+        """The live item under key, or None; drops it if it has expired or been
+        flushed."""
+        self._apply_flush(now)
         item = self.items.get(key)
-        if item is not None and item.exptime and item.exptime <= now:
+        if item is None:
+            return None
+        if item.exptime and item.exptime <= now:
             self._unlink(key, item)
             self.counters["get_expired"] += 1
             if not item.fetched:
                 self.counters["expired_unfetched"] += 1
             return None
+        if self._flushed(item, now):
+            self._unlink(key, item)
+            self.counters["get_flushed"] += 1
+            return None
         return item
+
+    def _flushed(self, item, now):
+        """Whether a flush hides item: memcached's item_is_flushed.  The items a
+        flush hides are usually dropped all at once; this catches those linked in
+        the deadline's own second (and under -C those older than a past deadline)."""
+        deadline = self.flush_deadline
+        return deadline and deadline <= now and item.atime <= deadline
+
+    def _apply_flush(self, now):
+        """Drop every item at once when a delayed flush's deadline has come: all
+        of them were linked before it."""
+        if self.flush_pending and self.flush_deadline <= now:
+            self._clear()
 
     def _bump(self, key, item, now):
         item.atime = now
@@ -339,7 +361,7 @@ class Store:
         self.bytes = 0
         if self.sizes is not None:
             self.sizes.clear()
-        self.flush_deadline = 0
+        self.flush_pending = False
         self._sweep_keys = []
 
     def too_large(self, key, nbytes, flags=0):
@@ -556,17 +578,23 @@ class Store:
 
     def flush(self, delay=0):
         """Invalidate every item now, or after delay (an exptime) if it is positive.
-        As in memcached, the deadline is a second before the delay runs out."""
+        As in memcached, the deadline is the second before the delay runs out (the
+        second itself under -C, which has no CAS uniques to tell the items linked
+        before the flush from those after it), and it stays in force: an item
+        linked in that second is hidden too."""
         with self.lock:
             self.counters["cmd_flush"] += 1
             now = self.now()
-            deadline = self.expiry(delay, now) - 1 if delay > 0 else 0
+            deadline = self.expiry(delay, now) if delay > 0 else now
             if deadline < 0:
-                self.flush_deadline = 0      # a time already past: nothing to flush
-            elif deadline > now:
-                self.flush_deadline = deadline
-            else:
+                self.flush_deadline = 0      # before the server started: nothing to flush
+                return
+            self.flush_deadline = deadline - 1 if self.use_cas else deadline
+            if self.flush_deadline > now:
+                self.flush_pending = True
+            elif self.use_cas or self.flush_deadline == now:
                 self._clear()
+            # else: under -C, a deadline already past hides only what is older
 
     def set_memory_limit(self, limit):
         """cache_memlimit: change the budget, evicting down to it if needed."""
@@ -580,8 +608,7 @@ class Store:
         this every second).  budget None checks every item now."""
         with self.lock:
             now = self.now()
-            if self.flush_deadline and now >= self.flush_deadline:
-                self._clear()
+            self._apply_flush(now)
             if budget is None or not self._sweep_keys:
                 self._sweep_keys = list(self.items)
                 budget = budget or len(self._sweep_keys)
@@ -590,7 +617,8 @@ class Store:
             self.counters["crawler_items_checked"] += len(batch)
             for key in batch:
                 item = self.items.get(key)
-                if item is not None and item.exptime and item.exptime <= now:
+                if item is not None and (item.exptime and item.exptime <= now
+                                         or self._flushed(item, now)):
                     self._unlink(key, item)
                     self.counters["crawler_reclaimed"] += 1
                     self.counters["expired_unfetched"] += not item.fetched

@@ -125,7 +125,12 @@ SCRIPTS = [
     ("incr-stored-forms", b"set a 0 0 2\r\n+5\r\nincr a 1\r\nset b 0 0 6\r\n000001\r\n"
                           b"incr b 1\r\nget b\r\nset c 0 0 4\r\n1\r\nx\r\nincr c 1\r\n"
                           b"set d 0 0 2\r\n-5\r\nincr d 1\r\n"),
+    ("incr-stops-at-nul", b"set a 0 0 3\r\n12\x00\r\nincr a 1\r\nget a\r\n"
+                          b"set b 0 0 3\r\n7\x00x\r\nincr b 1\r\nset c 0 0 1\r\n\x00\r\nincr c 1\r\n"),
     ("delta-forms", b"set a 0 0 1\r\n1\r\nincr a +2\r\nincr a -0\r\nincr a 0x1\r\n"),
+    # The deadline of flush_all 1 is the current second: what is set in it is hidden.
+    ("flush-hides-its-last-second", b"set a 0 0 1\r\n1\r\nflush_all 1\r\nset a 0 0 1\r\n2\r\n"
+                                    b"get a\r\n"),
     ("flush-past-is-noop", b"set a 0 0 1\r\n1\r\nflush_all 1000000000\r\nget a\r\n"
                            b"flush_all 99999999999\r\nget a\r\nflush_all -1\r\nget a\r\n"),
     # -- size limit: the largest value depends on key length and flags ---------------------

@@ -843,6 +843,57 @@ def test_delayed_flush_with_absolute_time(store, clock):
     assert store.get(b"k") is None
 
 
+
+def test_an_item_linked_in_the_deadline_second_is_hidden(store, clock):
+    # flush_all 1: the deadline is this very second, so a set right after it is
+    # flushed too (memcached's item_is_flushed compares whole seconds).
+    store.flush(1)
+    store.store(SET, b"k", b"v")
+    assert store.get(b"k") is None
+    clock.advance(1)
+    store.store(SET, b"k", b"v")
+    assert value_of(store, b"k") == b"v"
+
+
+def test_delayed_flush_hides_what_is_linked_in_its_last_second(store, clock):
+    store.flush(10)
+    clock.advance(9)
+    store.store(SET, b"k", b"v")
+    assert store.get(b"k") is None
+    clock.advance(1)
+    store.store(SET, b"k", b"v")
+    assert value_of(store, b"k") == b"v"
+
+
+def test_without_cas_an_immediate_flush_hides_the_rest_of_its_second(clock):
+    store = memg.Store(clock=clock, use_cas=False)
+    store.store(SET, b"before", b"v")
+    store.flush()
+    store.store(SET, b"after", b"v")
+    assert store.get(b"before") is None
+    assert store.get(b"after") is None
+    clock.advance(1)
+    store.store(SET, b"later", b"v")
+    assert value_of(store, b"later") == b"v"
+
+
+def test_without_cas_a_past_deadline_hides_only_older_items(clock):
+    store = memg.Store(clock=clock, use_cas=False)
+    store.store(SET, b"old", b"v")
+    clock.advance(10)
+    store.store(SET, b"new", b"v")
+    store.flush(int(START) + 5)
+    assert store.get(b"old") is None
+    assert value_of(store, b"new") == b"v"
+
+
+def test_sweep_drops_items_hidden_by_the_deadline_second(store):
+    store.flush(1)
+    store.store(SET, b"k", b"v")
+    store.sweep()
+    assert len(store.items) == 0
+    assert store.bytes == 0
+
 def test_flush_counts(store):
     store.flush()
     store.flush(10)
