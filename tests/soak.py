@@ -83,12 +83,29 @@ def start_memg(clients, stderr):
             time.sleep(0.05)
 
 
-def resident_mb(pid):
+def process_status(pid, field):
+    """A number from /proc/PID/status (VmRSS in kB, Threads, ...)."""
     with open("/proc/%d/status" % pid) as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS for process %d" % pid)
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError("no %s for process %d" % (field, pid))
+
+
+def resident_mb(pid):
+    return process_status(pid, "VmRSS") / 1024
+
+
+async def wait_for_threads(pid, expected):
+    """Wait until the server runs only its expected threads again: a connection is
+    uncounted just before its thread ends, and memory is measured after that."""
+    deadline = time.monotonic() + TIMEOUT
+    while process_status(pid, "Threads") > expected:
+        if time.monotonic() > deadline:
+            return "the server still runs %d threads, expected %d" % (
+                process_status(pid, "Threads"), expected)
+        await asyncio.sleep(0.02)
+    return None
 
 
 def cpu_seconds(pid):
@@ -272,6 +289,7 @@ async def soak(pid, port, rounds, clients, results):
     probe = await Connection.open(port)
     await probe.expect(b"set %s 0 0 1\r\n0\r\n" % SHARED, b"STORED\r\n")
     stats = await probe.stats()
+    idle_threads = process_status(pid, "Threads")
     print("round  seconds  commands  errors  RSS MB  curr_conn  total_conn  curr_items")
     for number in range(1, rounds + 1):
         started = time.monotonic()
@@ -280,6 +298,9 @@ async def soak(pid, port, rounds, clients, results):
         seconds = time.monotonic() - started
         stats, problems = await check_totals(probe, number, clients, stats)
         this.errors += problems
+        lingering = await wait_for_threads(pid, idle_threads)
+        if lingering:
+            this.errors.append(lingering)
         rss = resident_mb(pid)
         results.append((seconds, this.answered, len(this.errors), rss))
         print("%5d  %7.2f  %8d  %6d  %6.1f  %9s  %10s  %10s" % (
