@@ -53,6 +53,85 @@ def read_until(sock, terminator, count=1):
     return data
 
 
+
+# --------------------------------------------------------------------------
+# SocketReader: the connection's input buffer
+# --------------------------------------------------------------------------
+
+class Sender:
+    """What SocketReader needs of a connection: its socket, and the two calls it
+    makes before each wait for input (counted here)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.waits = 0
+
+    def flush(self):
+        self.waits += 1
+
+    def arm_idle_timeout(self):
+        pass
+
+
+def reader_over(chunks, size=16, close=True):
+    """A SocketReader with a small buffer over a socket pair whose other end has
+    sent chunks, each as its own send, and then (if close) closed."""
+    ours, theirs = socket.socketpair()
+    reader = memg.SocketReader(Sender(theirs), size=size)
+
+    def send():
+        for chunk in chunks:
+            ours.sendall(chunk)
+            time.sleep(0.01)        # separate receives on the reader's side
+        if close:
+            ours.close()
+    threading.Thread(target=send, daemon=True).start()
+    return reader
+
+
+def test_reader_lines_across_receives_and_longer_than_its_buffer():
+    reader = reader_over([b"get a", b" b\r\nse", b"t " + b"k" * 40, b"\r\ntail"])
+    assert reader.readline(100) == b"get a b\r\n"
+    assert reader.readline(100) == b"set " + b"k" * 40 + b"\r\n"
+    assert reader.readline(100) == b"tail"          # the input ended mid-line
+    assert reader.readline(100) == b""
+
+
+def test_reader_line_limit_stops_a_line_without_newline():
+    reader = reader_over([b"x" * 50 + b"\r\nnext\r\n"])
+    assert reader.readline(20) == b"x" * 20
+    assert reader.readline(100) == b"x" * 30 + b"\r\n"
+    assert reader.readline(100) == b"next\r\n"
+
+
+def test_reader_reads_exact_counts_and_never_past_the_input():
+    reader = reader_over([b"set k 0 0 10\r\nabc", b"defghij\r\n" + b"v" * 40, b"end"])
+    assert reader.readline(100) == b"set k 0 0 10\r\n"
+    assert reader.read(12) == b"abcdefghij\r\n"
+    assert reader.read(40) == b"v" * 40                # longer than the buffer
+    assert reader.read(10) == b"end"                   # short: the input ended
+    assert reader.read(10) == b""
+
+
+def test_reader_peek_does_not_consume():
+    reader = reader_over([b"\x80abc"])
+    assert reader.peek(1)[:1] == b"\x80"
+    assert reader.read(4) == b"\x80abc"
+
+
+def test_reader_sends_replies_before_each_wait_for_input():
+    reader = reader_over([b"a\r\n", b"b\r\n"], close=False)
+    reader.readline(10)
+    reader.readline(10)
+    assert reader.connection.waits == 2
+
+
+def test_reader_close_releases_its_buffer():
+    reader = reader_over([b"a\r\n"])
+    assert reader.readline(10) == b"a\r\n"
+    reader.close()
+    assert reader.buffer.closed
+
 def test_replies_to_commands_that_arrived_together_leave_in_one_send():
     _, sock, connection, thread = serve_one()
     sock.sendall(b"set a 0 0 1\r\n1\r\n" + b"get a\r\n" * 50)
