@@ -2408,6 +2408,24 @@ def raise_open_file_limit(max_connections):
 # Linux's default 8 MB stacks (resident memory, about 21 kB a connection, is the same).
 THREAD_STACK_SIZE = 256 * KB
 
+# glibc gives a process up to eight malloc arenas per core so that threads seldom wait
+# for each other's allocations.  Under the GIL they seldom would anyway, and with a
+# thread per connection every arena keeps holes of its own: with two, resident memory
+# over tests/soak.py's rounds of a thousand clients grows half as much.
+MALLOC_ARENAS = 2
+M_ARENA_MAX = -8                 # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas():
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (ImportError, OSError, AttributeError):
+        pass                     # no ctypes, or a C library without mallopt
+
+
 def beyond_loopback(settings):
     """Whether the server listens on an address other machines can reach."""
     if settings["unix_socket"]:
@@ -2418,6 +2436,7 @@ def beyond_loopback(settings):
 
 def main(argv=None):
     """The memg command: memcached's options, then serve until SIGINT or SIGTERM."""
+    limit_malloc_arenas()
     settings, warnings = parse_command_line(sys.argv[1:] if argv is None else argv)
     for warning in warnings:
         print("memg: warning: " + warning, file=sys.stderr)
