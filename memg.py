@@ -696,7 +696,6 @@ REPLIES = {STORED: b"STORED\r\n", NOT_STORED: b"NOT_STORED\r\n", EXISTS: b"EXIST
            NOT_FOUND: b"NOT_FOUND\r\n", NO_MEMORY: NO_MEMORY_REPLY}
 META_CODES = {STORED: b"HD", NOT_STORED: b"NS", EXISTS: b"EX", NOT_FOUND: b"NF"}
 
-_CONTROL = re.compile(rb"[\x00-\x20\x7f]")
 _FLOAT = re.compile(rb"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 
 
@@ -719,8 +718,10 @@ def decode_key(token):
 
 
 def bad_key(key):
-    """Keys are at most 250 bytes, without spaces or control characters."""
-    return len(key) > KEY_MAX_LENGTH or _CONTROL.search(key) is not None
+    """Keys are at most 250 bytes.  Any byte but space (which ends the token) and NUL
+    (which ends the line) may be in one: memcached stores them all, and clients such
+    as libmemcached's memcaslap send control bytes in theirs."""
+    return len(key) > KEY_MAX_LENGTH
 
 
 class MetaFlags:

@@ -141,6 +141,9 @@ SCRIPTS = [
     ("append-beyond-limit", b"set k 0 0 1048000\r\n" + b"v" * 1048000 + b"\r\n"
                             b"append k 0 0 1000\r\n" + b"w" * 1000 + b"\r\nmg k s\r\n"),
     # -- lines ---------------------------------------------------------------------------------
+    ("control-bytes-in-keys", b"set \x10\x10k 0 0 1\r\nx\r\nget \x10\x10k\r\nset a\tb\x7f 0 0 1\r\ny\r\n"
+                              b"mg a\tb\x7f v k\r\nmd \x01\r\nma \x1b\r\nset \x80\xff 0 0 1\r\nz\r\n"
+                              b"gets \x80\xff\r\n"),
     ("nul-ends-line", b"version\x00abc\r\nset a 0 0 1\r\nx\r\nget a\x00b\r\n"),
     ("long-line-with-newline", b"x" * 3000 + b"\r\nset " + b"k" * 2090 + b" 0 0 1\r\n"),
     ("lone-cr-line", b"\r\n\n\r\r\nversion\r\r\n"),
