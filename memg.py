@@ -269,7 +269,8 @@ class Store:
     def _find(self, key, now):
         """The live item under key, or None; drops it if it has expired or been
         flushed."""
-        self._apply_flush(now)
+        if self.flush_pending:
+            self._apply_flush(now)
         item = self.items.get(key)
         if item is None:
             return None
@@ -279,7 +280,7 @@ class Store:
             if not item.fetched:
                 self.counters["expired_unfetched"] += 1
             return None
-        if self._flushed(item, now):
+        if self.flush_deadline and self._flushed(item, now):
             self._unlink(key, item)
             self.counters["get_flushed"] += 1
             return None
@@ -1567,9 +1568,11 @@ class SocketReader:
     def __init__(self, connection, size=READ_BUFFER):
         self.connection = connection
         self.buffer = mmap.mmap(-1, size)
+        self.view = memoryview(self.buffer)    # what recv_into fills
         self.start = self.end = 0          # the unread input is buffer[start:end]
 
     def close(self):
+        self.view.release()
         self.buffer.close()
 
     def receive(self):
@@ -1580,10 +1583,11 @@ class SocketReader:
         elif self.end == len(self.buffer):
             self.buffer.move(0, self.start, self.end - self.start)
             self.start, self.end = 0, self.end - self.start
-        self.connection.flush()
-        self.connection.arm_idle_timeout()
-        with memoryview(self.buffer) as view:
-            received = self.connection.sock.recv_into(view[self.end:])
+        connection = self.connection
+        connection.flush()
+        if connection.idle_timeout:
+            connection.arm_idle_timeout()
+        received = connection.sock.recv_into(self.view[self.end:])
         self.end += received
         return received > 0
 
@@ -1596,6 +1600,8 @@ class SocketReader:
     def readline(self, limit):
         """Input up to and including the next newline, at most limit bytes; what
         there is at the end of input."""
+        if self.start == self.end:         # (saves a search of an empty buffer)
+            self.receive()
         parts = []
         while True:
             newline = self.buffer.find(b"\n", self.start, min(self.end, self.start + limit))
@@ -1637,25 +1643,27 @@ class Connection:
         self.fileno = sock.fileno()
         self.started = time.time()
         self.bytes_written = 0
+        self.idle_timeout = server.settings.idle_timeout
         self.reader = SocketReader(self)
         self.protocol = Protocol(server, self.reader, name=str(self.fileno))
 
     def flush(self):
-        """Send the queued replies, in one send."""
+        """Send the queued replies, in one send.  (send, then sendall for any rest:
+        gevent's sendall costs several Python calls more than its send.)"""
         if self.protocol.out:
             data = self.protocol.take_output()
-            self.sock.sendall(data)
+            sent = self.sock.send(data)
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[sent:])
             self.bytes_written += len(data)
 
     def arm_idle_timeout(self):
         """-o idle_timeout: as in memcached, a client is idle from its last command,
         so one that trickles a line a byte at a time is idle too."""
-        limit = self.server.settings.idle_timeout
-        if limit:
-            left = limit - (time.monotonic() - self.protocol.last_command)
-            if left <= 0:
-                raise socket.timeout
-            self.sock.settimeout(left)
+        left = self.idle_timeout - (time.monotonic() - self.protocol.last_command)
+        if left <= 0:
+            raise socket.timeout
+        self.sock.settimeout(left)
 
     def handle(self):
         """Serve commands until the client leaves or is sent away, then close."""

@@ -9,11 +9,15 @@ import memg
 
 
 class CountingSocket:
-    """Wraps the server's end of a socket pair and records each sendall."""
+    """Wraps the server's end of a socket pair and records each send and sendall."""
 
     def __init__(self, sock):
         self.sock = sock
         self.sends = []
+
+    def send(self, data):
+        self.sends.append(data)
+        return self.sock.send(data)
 
     def sendall(self, data):
         self.sends.append(data)
@@ -59,8 +63,10 @@ def read_until(sock, terminator, count=1):
 # --------------------------------------------------------------------------
 
 class Sender:
-    """What SocketReader needs of a connection: its socket, and the two calls it
-    makes before each wait for input (counted here)."""
+    """What SocketReader needs of a connection: its socket, its idle timeout (none),
+    and the call it makes before each wait for input (counted here)."""
+
+    idle_timeout = 0
 
     def __init__(self, sock):
         self.sock = sock
@@ -68,9 +74,6 @@ class Sender:
 
     def flush(self):
         self.waits += 1
-
-    def arm_idle_timeout(self):
-        pass
 
 
 def reader_over(chunks, size=16, close=True):
