@@ -1,0 +1,733 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: memg against Debian's memcached, same load, one run.
+
+    python3 tests/bench.py [--rounds 3] [--seconds 5] [--quick] [--chart PATH]
+                           [--json PATH] [--memg-args "..."]
+
+The first run creates a virtual environment in .venv-bench (once), installs memg's
+``bench`` extra into it (pylibmc, which the seed's test.py needs, and matplotlib for
+the chart) and re-executes itself there, as tests/run.py does for the test suite.
+Needs /usr/bin/memcaslap (Debian's libmemcached-tools); /usr/bin/memcached is
+optional: without it memg's figures are printed alone.
+
+Each server is started from the repository root on a free loopback port with the
+same ``-m 1024 -c 1100`` (``python memg.py ...``; ``memcached -l 127.0.0.1 ...``,
+with ``-u nobody`` when run as root).  Every figure is measured for the servers in
+turn, memg then memcached, for a few rounds, so that drift of the machine (another
+process, the CPU's clock) hits both.  Progress goes to stderr; the report, a
+markdown table with a column per server, the ratio memg/memcached and the project's
+target for it, goes to stdout.  The figures:
+
+throughput, N conns
+    memcaslap's TPS (operations per second, by its own clock) with N connections
+    (-c N; -T 2, or -T 1 for one connection), 9 gets to 1 set (an explicit -F
+    config), 100-byte values (-X 100), 64-byte keys (memcaslap's default) and a
+    window of 1k keys per connection (-w 1k: memcaslap sets a key before it gets it,
+    so a small window keeps that set-heavy start short and the run is mostly the 9:1
+    mix; each run's share of sets is checked).  Median of the rounds.  Measured at
+    1, 16, 200 and 1000 connections, which the chart (tests/bench.png) draws.
+multi-get 20
+    The same at 16 connections with -d 20: gets go out 20 keys to a request.
+    memcaslap counts every key of a multi-get as one get, so the figure is keys
+    fetched plus sets per second, not requests (those are about a twentieth of it).
+server CPU per op
+    The server process's user+system CPU time (/proc/PID/stat: every thread, alive
+    or ended) over the 16-connection throughput runs, divided by the operations the
+    server counted in the same time (cmd_get + cmd_set from its ``stats``).
+    Microseconds per operation; median of the rounds.
+test.py 10k
+    The seed's recipe, ``python test.py 10000 127.0.0.1:PORT``: 10,000 sets then
+    10,000 gets, one at a time over one pylibmc connection.  The seconds test.py
+    prints (its own wall clock around the loop; interpreter start-up excluded).
+    Best of the rounds.
+RSS per item
+    Fresh servers, started for this alone.  Resident memory (VmRSS) growth after
+    300,000 sets of distinct keys (``key:N``) with 100-byte values, sent pipelined
+    over one connection in batches whose STORED replies are all read, divided by
+    the item count: bytes per item.  One measurement per server.
+
+Each row's target is a ratio memg/memcached, marked met or not met.  A memcaslap
+run that reports an error (CLIENT_ERROR, SERVER_ERROR, ERROR, a failure message,
+or get misses beyond a trace) aborts the benchmark instead of printing a bogus
+figure.  The servers are stopped on every exit, Ctrl-C included.
+
+Not collected by pytest (no test_ prefix), and not a timed test: the default run
+takes about five minutes on two cores.  --quick runs each figure once, briefly, to
+try the script out; its figures are not worth comparing.
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEMG = os.path.join(ROOT, "memg.py")
+TEST_PY = os.path.join(ROOT, "test.py")
+VENV = os.path.join(ROOT, ".venv-bench")
+VENV_PYTHON = os.path.join(VENV, "bin", "python")
+MEMCACHED = "/usr/bin/memcached"
+MEMCASLAP = "/usr/bin/memcaslap"
+REFERENCE = "memcached"     # the server the others are divided by
+
+MEMORY_MB = 1024
+MAX_CONNECTIONS = 1100      # -c for both: 1000 memcaslap connections and spare
+FILE_LIMIT = 4096           # open files for us and our children (memcaslap, servers)
+CONNECTIONS = (1, 16, 200, 1000)
+MULTI_GET_KEYS = 20
+VALUE_SIZE = 100
+MEMORY_ITEMS = 300000
+TEST_PY_N = 10000
+STARTUP_TIMEOUT = 15.0
+
+# memcaslap's -F file: 64-byte keys (its default), 100-byte values (-X 100 says it
+# again), and the command mix: type 0 is set, type 1 is get.
+MEMCASLAP_CONFIG = """\
+key
+64 64 1
+value
+100 100 1
+cmd
+0 0.1
+1 0.9
+"""
+SET_SHARE = 0.1
+
+# The lines memcaslap prints on a good run; anything else is shown, and a line that
+# looks like a failure aborts the figure.
+MEMCASLAP_NORMAL = re.compile(
+    r"(servers|threads count|concurrency|run time|windows size|set proportion|"
+    r"get proportion|cmd_get|cmd_set|get_misses|written_bytes|read_bytes|"
+    r"object_bytes|Run time):|$")
+MEMCASLAP_FAILURE = re.compile(
+    r"\b(CLIENT_ERROR|SERVER_ERROR|ERROR)\b|error|fail|can't|couldn't|unexpected|"
+    r"timeout|didn't", re.I)
+MEMCASLAP_SUMMARY = re.compile(r"Run time: ([\d.]+)s Ops: (\d+) TPS: (\d+)")
+
+
+class BenchError(Exception):
+    """A figure that cannot be trusted: the run stops with this message."""
+
+
+# --------------------------------------------------------------------------
+# The virtual environment (pylibmc for test.py, matplotlib for the chart)
+# --------------------------------------------------------------------------
+
+def in_bench_venv():
+    return os.path.realpath(sys.prefix) == os.path.realpath(VENV)
+
+
+def enter_bench_venv():
+    """Create .venv-bench once and re-execute this script with its python."""
+    if not os.path.exists(VENV_PYTHON):
+        print("bench: creating %s" % VENV, file=sys.stderr)
+        venv.create(VENV, with_pip=True)
+    os.execv(VENV_PYTHON, [VENV_PYTHON, os.path.abspath(__file__)] + sys.argv[1:])
+
+
+def install_bench_extra():
+    """pip install -e ROOT[bench] unless its packages are already there: a second
+    run should not wait for pip."""
+    if all(importlib.util.find_spec(name) for name in ("pylibmc", "matplotlib")):
+        return
+    print("bench: installing memg[bench] into %s" % VENV, file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                    "--disable-pip-version-check", "-e", ROOT + "[bench]"], check=True)
+
+
+# --------------------------------------------------------------------------
+# Servers
+# --------------------------------------------------------------------------
+
+def server_list(memg_args):
+    """The servers to compare, as (label, command without -p PORT) entries: a
+    variant of memg is one more entry here, and one more column in the table."""
+    common = ["-m", str(MEMORY_MB), "-c", str(MAX_CONNECTIONS)]
+    servers = [("memg", [sys.executable, MEMG] + common + memg_args)]
+    if os.path.exists(MEMCACHED):
+        # memcached listens on every interface by default and refuses to run as
+        # root without a user to switch to.
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        servers.append((REFERENCE, [MEMCACHED, "-l", "127.0.0.1"] + common + user))
+    return servers
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def raise_file_limit():
+    """Enough open files for 1000 connections, in this process and (inherited) in
+    memcaslap and the servers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FILE_LIMIT if hard == resource.RLIM_INFINITY else min(FILE_LIMIT, hard)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    if wanted < MAX_CONNECTIONS + 64:
+        raise BenchError("needs %d open files, the hard limit is %d"
+                         % (MAX_CONNECTIONS + 64, hard))
+
+
+class Server:
+    """One running server process: its label, port, pid and stderr."""
+
+    def __init__(self, label, command):
+        self.label, self.command = label, command
+        self.port = free_port()
+        self.stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command + ["-p", str(self.port)], cwd=ROOT,
+                                        stdout=subprocess.DEVNULL, stderr=self.stderr)
+        self.pid = self.process.pid
+        try:
+            self.wait_until_up()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_until_up(self):
+        """Measure nothing before the server answers ``version``."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            try:
+                reply = request(self.port, b"version\r\n", b"\r\n")
+                if reply.startswith(b"VERSION "):
+                    return
+                raise BenchError("%s answered version with %r" % (self.label, reply))
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError("%s did not start (exit code %s): %s" % (
+                        self.label, self.process.poll(), self.errors()))
+                time.sleep(0.05)
+
+    def stats(self):
+        try:
+            reply = request(self.port, b"stats\r\n", b"END\r\n")
+        except OSError as error:
+            raise BenchError("%s does not answer stats (%s; exit code %s): %s" % (
+                self.label, error, self.process.poll(), self.errors()))
+        return dict(re.findall(r"STAT (\S+) (\S+)\r\n", reply.decode()))
+
+    def operations(self):
+        """Gets and sets the server has counted (a multi-get counts each key)."""
+        stats = self.stats()
+        return int(stats["cmd_get"]) + int(stats["cmd_set"])
+
+    def cpu_seconds(self):
+        """User + system time of the whole process, every thread (ended ones too)
+        included.  /proc/PID/schedstat has nanoseconds but only for the main thread,
+        which in memg serves no client."""
+        with open("/proc/%d/stat" % self.pid) as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self):
+        with open("/proc/%d/status" % self.pid) as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise BenchError("no VmRSS for %s" % self.label)
+
+    def errors(self):
+        self.stderr.seek(0)
+        return self.stderr.read().decode(errors="replace").strip()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def request(port, data, end, timeout=10.0):
+    """Send data on a new connection and read the reply up to end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        reply = b""
+        while not reply.endswith(end):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed after %r" % reply[-200:])
+            reply += chunk
+        return reply
+
+
+class Servers:
+    """Start every server of the list; stop them all on leaving, whatever the
+    reason (an error, Ctrl-C, SIGTERM)."""
+
+    def __init__(self, entries, stderr_seen):
+        self.entries = entries
+        self.running = []
+        self.stderr_seen = stderr_seen      # label -> what the server wrote to stderr
+
+    def __enter__(self):
+        try:
+            for label, command in self.entries:
+                self.running.append(Server(label, command))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self.running
+
+    def __exit__(self, *exc):
+        for server in self.running:
+            server.stop()
+            if server.errors():
+                self.stderr_seen.setdefault(server.label, []).append(server.errors())
+            server.stderr.close()
+
+
+# --------------------------------------------------------------------------
+# The measurements
+# --------------------------------------------------------------------------
+
+def memcaslap(server, connections, seconds, config, keys_per_get=1):
+    """One memcaslap run against server, checked; returns its counts and TPS, with
+    the server's CPU time and operation count over the same run."""
+    threads = 2 if connections % 2 == 0 else 1     # -c must be a multiple of -T
+    argv = [MEMCASLAP, "-s", "127.0.0.1:%d" % server.port, "-F", config,
+            "-t", "%ds" % seconds, "-T", str(threads), "-c", str(connections),
+            "-w", "1k", "-X", str(VALUE_SIZE)]
+    if keys_per_get > 1:
+        argv += ["-d", str(keys_per_get)]
+    operations, cpu = server.operations(), server.cpu_seconds()
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True,
+                                timeout=seconds + 120)
+    except subprocess.TimeoutExpired:
+        raise BenchError("memcaslap against %s did not finish: %s"
+                         % (server.label, " ".join(argv)))
+    cpu = server.cpu_seconds() - cpu
+    operations = server.operations() - operations
+    output = result.stdout + result.stderr
+    run = parse_memcaslap(output, server.label, " ".join(argv))
+    if result.returncode != 0:
+        raise BenchError("memcaslap against %s exited with %d:\n%s"
+                         % (server.label, result.returncode, output))
+    run.update(server_cpu_seconds=cpu, server_operations=operations,
+               server_cpu_us_per_op=1e6 * cpu / operations if operations else None)
+    return run
+
+
+def parse_memcaslap(output, label, command):
+    """The counts of memcaslap's report; BenchError if it shows any failure."""
+    odd = [line for line in output.splitlines() if not MEMCASLAP_NORMAL.match(line)]
+    failures = [line for line in odd if MEMCASLAP_FAILURE.search(line)]
+    if failures:
+        raise BenchError("memcaslap against %s reported %d errors (%s), the first:\n%s"
+                         % (label, len(failures), command, "\n".join(failures[:10])))
+    if odd:
+        print("    memcaslap printed: %s" % " | ".join(odd[:5]), file=sys.stderr)
+    summary = MEMCASLAP_SUMMARY.search(output)
+    if not summary:
+        raise BenchError("memcaslap against %s printed no result (%s):\n%s"
+                         % (label, command, output))
+    counts = {name: int(value) for name, value in
+              re.findall(r"^(cmd_get|cmd_set|get_misses): (\d+)$", output, re.M)}
+    run = {"seconds": float(summary.group(1)), "ops": int(summary.group(2)),
+           "tps": int(summary.group(3)), **counts}
+    if run["ops"] == 0:
+        raise BenchError("memcaslap against %s did no operation (%s)" % (label, command))
+    # A miss means a set that did not stick or a wrong reply: the figure would count
+    # work the server did not do.  A trace is tolerated (a set in flight at the end).
+    if run["get_misses"] > max(10, run["cmd_get"] // 1000):
+        raise BenchError("memcaslap against %s: %d get misses in %d gets (%s)"
+                         % (label, run["get_misses"], run["cmd_get"], command))
+    # memcaslap sets each new key before it gets it, so a run's start is all sets;
+    # if that start were a large part of the run, the figure would not be the 9:1 mix.
+    total = run["cmd_get"] + run["cmd_set"]
+    run["set_share"] = run["cmd_set"] / total if total else 0.0
+    if abs(run["set_share"] - SET_SHARE) > 0.03:
+        print("    note: sets were %.1f %% of the operations, not %.0f %%"
+              % (100 * run["set_share"], 100 * SET_SHARE), file=sys.stderr)
+    return run
+
+
+def run_test_py(server):
+    """The seed's recipe against server; the seconds it prints."""
+    argv = [sys.executable, TEST_PY, str(TEST_PY_N), "127.0.0.1:%d" % server.port]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    match = re.search(r"(\d+) sets and (\d+) gets in ([\d.]+) s", result.stdout)
+    if result.returncode != 0 or not match:
+        raise BenchError("test.py against %s failed (exit code %d):\n%s%s"
+                         % (server.label, result.returncode, result.stdout, result.stderr))
+    return float(match.group(3))
+
+
+def fill(server, items, batch=1000):
+    """Store items distinct keys with VALUE_SIZE-byte values over one connection,
+    a batch of pipelined sets at a time, checking every reply."""
+    value = b"x" * VALUE_SIZE
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        for start in range(0, items, batch):
+            keys = range(start, min(start + batch, items))
+            sock.sendall(b"".join(b"set key:%d 0 0 %d\r\n%s\r\n" % (key, VALUE_SIZE, value)
+                                  for key in keys))
+            expected = b"STORED\r\n" * len(keys)
+            reply = b""
+            while len(reply) < len(expected):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise BenchError("%s closed the connection while filling" % server.label)
+                reply += chunk
+            if reply != expected:
+                raise BenchError("%s did not store every item: %r"
+                                 % (server.label, reply.replace(b"STORED\r\n", b"")[:200]))
+
+
+def memory_per_item(label, command, items, stderr_seen):
+    """RSS growth per item in a fresh server filled with items."""
+    with Servers([(label, command)], stderr_seen) as (server,):
+        before_items = int(server.stats()["curr_items"])
+        before = server.rss_bytes()
+        fill(server, items)
+        # Every STORED has been read, so the server has stored everything; the round
+        # trip and the pause let memcached's background hash-table growth finish too.
+        request(server.port, b"version\r\n", b"\r\n")
+        time.sleep(0.5)
+        after = server.rss_bytes()
+        stored = int(server.stats()["curr_items"]) - before_items
+        if stored != items:
+            raise BenchError("%s holds %d items after %d sets" % (label, stored, items))
+    return {"rss_before": before, "rss_after": after, "items": items,
+            "bytes_per_item": (after - before) / items}
+
+
+# --------------------------------------------------------------------------
+# The figures
+# --------------------------------------------------------------------------
+
+class Figure:
+    """One row of the table: a value per server (from its runs) and a target for
+    the ratio to memcached."""
+
+    def __init__(self, key, title, unit, summary, target=None, higher_is_better=True):
+        self.key, self.title, self.unit, self.summary = key, title, unit, summary
+        self.target, self.higher_is_better = target, higher_is_better
+        self.runs = {}          # label -> list of run records
+        self.values = {}        # label -> the figure
+
+    def ratio(self, label):
+        if REFERENCE not in self.values or label not in self.values:
+            return None
+        return self.values[label] / self.values[REFERENCE]
+
+    def met(self, ratio):
+        if self.target is None or ratio is None:
+            return ""
+        good = ratio >= self.target if self.higher_is_better else ratio <= self.target
+        return "met" if good else "not met"
+
+    def target_text(self):
+        if self.target is None:
+            return ""
+        return ("%s %.2f" % (">=" if self.higher_is_better else "<=", self.target))
+
+    def as_json(self):
+        return {"title": self.title, "unit": self.unit, "summary": self.summary,
+                "target": self.target, "higher_is_better": self.higher_is_better,
+                "values": self.values, "runs": self.runs,
+                "ratios": {label: self.ratio(label) for label in self.values
+                           if label != REFERENCE}}
+
+
+def say(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+def throughput_figures(servers, rounds, seconds, config):
+    """All the memcaslap figures, the servers taking turns in every round."""
+    median = "median of %d" % rounds
+    figures = {connections: Figure("throughput_%d" % connections,
+                                   "throughput, %d conn%s, 9:1 get:set"
+                                   % (connections, "" if connections == 1 else "s"),
+                                   "ops/s", median,
+                                   0.5 if connections in (16, 200) else None)
+               for connections in CONNECTIONS}
+    multi = Figure("multi_get_%d" % MULTI_GET_KEYS,
+                   "multi-get %d keys, 16 conns" % MULTI_GET_KEYS,
+                   "keys+sets/s", median, 0.5)
+    cpu = Figure("cpu_per_op_16", "server CPU per op, 16 conns", "µs/op", median,
+                 2.0, higher_is_better=False)
+    # The 16-connection runs come first: they give two figures (throughput and CPU).
+    plan = [(figures[16], 16, 1), (figures[200], 200, 1), (multi, 16, MULTI_GET_KEYS),
+            (figures[1], 1, 1), (figures[1000], 1000, 1)]
+    for figure, connections, keys_per_get in plan:
+        say("%s (%ds runs)" % (figure.title, seconds))
+        for number in range(1, rounds + 1):
+            for server in servers:
+                run = memcaslap(server, connections, seconds, config, keys_per_get)
+                figure.runs.setdefault(server.label, []).append(run)
+                say("  round %d  %-10s %9d %s  server CPU %.2f µs/op  sets %.1f %%"
+                    % (number, server.label, run["tps"], figure.unit,
+                       run["server_cpu_us_per_op"] or 0, 100 * run["set_share"]))
+        for label, runs in figure.runs.items():
+            figure.values[label] = statistics.median(run["tps"] for run in runs)
+    for label, runs in figures[16].runs.items():
+        cpu.runs[label] = [run["server_cpu_us_per_op"] for run in runs]
+        cpu.values[label] = statistics.median(cpu.runs[label])
+    return [figures[16], figures[200], multi, cpu, figures[1], figures[1000]]
+
+
+def test_py_figure(servers, rounds):
+    figure = Figure("test_py_10k", "test.py %d" % TEST_PY_N, "s", "best of %d" % rounds,
+                    1.10, higher_is_better=False)
+    say(figure.title)
+    for number in range(1, rounds + 1):
+        for server in servers:
+            seconds = run_test_py(server)
+            figure.runs.setdefault(server.label, []).append(seconds)
+            say("  round %d  %-10s %.3f s" % (number, server.label, seconds))
+    figure.values = {label: min(runs) for label, runs in figure.runs.items()}
+    return figure
+
+
+def memory_figure(entries, items, stderr_seen):
+    figure = Figure("rss_per_item", "RSS growth per %d-byte item (%d items)"
+                    % (VALUE_SIZE, items), "bytes/item", "fresh server, once",
+                    1.5, higher_is_better=False)
+    say(figure.title)
+    for label, command in entries:
+        run = memory_per_item(label, command, items, stderr_seen)
+        figure.runs[label] = [run]
+        figure.values[label] = run["bytes_per_item"]
+        say("  %-10s %.1f bytes/item (RSS %.1f -> %.1f MB)" % (
+            label, run["bytes_per_item"], run["rss_before"] / 2**20, run["rss_after"] / 2**20))
+    return figure
+
+
+# --------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------
+
+def machine():
+    """What the figures were measured on."""
+    cpu_model = platform.processor() or "unknown"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "memg": describe_memg(),
+        "memcached": None,
+    }
+    if os.path.exists(MEMCACHED):
+        info["memcached"] = subprocess.run([MEMCACHED, "-V"], capture_output=True,
+                                           text=True).stdout.strip()
+    return info
+
+
+def describe_memg():
+    """memg's version and the commit of memg.py, "+changes" if it is edited: the file
+    may change between runs."""
+    version = subprocess.run([sys.executable, MEMG, "-V"], capture_output=True,
+                             text=True).stdout.strip()
+    git = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%h", "--", "memg.py"],
+                         capture_output=True, text=True).stdout.strip()
+    edited = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "memg.py"],
+                            capture_output=True).returncode != 0
+    return "%s (memg.py at %s%s)" % (version, git or "?", "+changes" if edited else "")
+
+
+def number(value, unit):
+    if value is None:
+        return ""
+    if unit in ("ops/s", "keys+sets/s"):
+        return "{:,.0f}".format(value)
+    if unit == "s":
+        return "%.3f" % value
+    if unit == "bytes/item":
+        return "%.0f" % value
+    return "%.2f" % value
+
+
+def table(figures, labels):
+    """The markdown table: a column per server, then a ratio to memcached for each
+    other server, the target and whether each ratio meets it."""
+    others = [label for label in labels if label != REFERENCE]
+    compare = REFERENCE in labels
+    header = ["figure", "unit", "summary"] + labels
+    if compare:
+        header += ["%s/%s" % (label, REFERENCE) for label in others] + ["target", "met"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for figure in figures:
+        row = [figure.title, figure.unit, figure.summary]
+        row += [number(figure.values.get(label), figure.unit) for label in labels]
+        if compare:
+            ratios = [figure.ratio(label) for label in others]
+            row += ["" if ratio is None else "%.2f" % ratio for ratio in ratios]
+            row += [figure.target_text(), ", ".join(filter(None, map(figure.met, ratios)))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def chart(path, figures, labels, info):
+    """Throughput against connections, a line per server."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+    import matplotlib.ticker
+
+    by_connections = {int(figure.key.split("_")[1]): figure for figure in figures
+                      if figure.key.startswith("throughput_")}
+    connections = sorted(by_connections)
+    figure, axes = pyplot.subplots(figsize=(8, 5))
+    for label in labels:
+        values = [by_connections[c].values.get(label) for c in connections]
+        axes.plot(connections, values, marker="o", label=label)
+        for c, value in zip(connections, values):
+            # The highest point at a connection count is labelled above, the others
+            # below, so that close values do not print over each other.
+            highest = value == max(by_connections[c].values.values())
+            axes.annotate("{:,.0f}".format(value), (c, value), textcoords="offset points",
+                          xytext=(0, 6 if highest else -13), ha="center", fontsize=8)
+    axes.set_xscale("log")
+    axes.set_xticks(connections)
+    axes.set_xticklabels([str(c) for c in connections])
+    axes.minorticks_off()
+    highest = max(value for f in by_connections.values() for value in f.values.values())
+    axes.set_ylim(0, highest * 1.12)    # room for the top label under the title
+    axes.yaxis.set_major_formatter(
+        matplotlib.ticker.FuncFormatter(lambda value, _: "{:,.0f}".format(value)))
+    axes.set_xlabel("connections (memcaslap -c)")
+    axes.set_ylabel("operations per second")
+    axes.set_title("memcaslap throughput, 9:1 get:set, 100-byte values, %s\n%s, %d cores, "
+                   "Linux %s" % (info["date"][:10], info["cpu"], info["cores"],
+                                 info["kernel"]), fontsize=10)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+def report(figures, labels, entries, info, settings, stderr_seen):
+    print("## memg benchmark, %s" % info["date"])
+    print()
+    print("machine: %s, %d cores, Linux %s, Python %s" % (
+        info["cpu"], info["cores"], info["kernel"], info["python"]))
+    print("memg: %s" % info["memg"])
+    print("memcached: %s" % (info["memcached"] or "not installed: memg alone"))
+    for label, command in entries:
+        print("  %s: %s -p PORT" % (label, " ".join(shlex.quote(part) for part in command)))
+    print("rounds: %d, memcaslap runs of %d s%s" % (
+        settings["rounds"], settings["seconds"], ", --quick" if settings["quick"] else ""))
+    print()
+    print(table(figures, labels))
+    print()
+    print("Throughput: memcaslap's TPS (-T 2, -w 1k, -X 100, 9:1 get:set); multi-get counts "
+          "each key fetched as an op.  CPU per op: the server's utime+stime over its "
+          "cmd_get+cmd_set.")
+    if REFERENCE in labels:
+        print("Ratios are memg/memcached; a target is met when the ratio is on its side.")
+    else:
+        print("No ratios: %s is not installed." % MEMCACHED)
+    for label, texts in stderr_seen.items():
+        print()
+        print("%s wrote to stderr:" % label)
+        for text in texts:
+            print("\n".join(text.splitlines()[:20]))
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+def stop_on_sigterm(signum, frame):
+    # Turn SIGTERM into an exception so that the finally blocks stop the servers.
+    raise KeyboardInterrupt
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="turns each server takes at each figure (default 3)")
+    parser.add_argument("--seconds", type=int, default=5,
+                        help="length of each memcaslap run (default 5)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one round of 2 s runs and 50,000 items: to try the script")
+    parser.add_argument("--chart", default=os.path.join(ROOT, "tests", "bench.png"),
+                        help="where to write the throughput chart (default tests/bench.png)")
+    parser.add_argument("--json", help="also write the raw figures to this file")
+    parser.add_argument("--memg-args", default="",
+                        help='extra arguments for memg, e.g. --memg-args "-t 8"')
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.seconds = 1, 2
+    args.items = 50000 if args.quick else MEMORY_ITEMS
+    return args
+
+
+def main():
+    args = parse_args()
+    if not in_bench_venv():
+        enter_bench_venv()          # does not return
+    install_bench_extra()
+    if not os.path.exists(MEMCASLAP):
+        sys.exit("bench: %s is missing: apt-get install libmemcached-tools" % MEMCASLAP)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    started = time.monotonic()
+    raise_file_limit()
+    entries = server_list(shlex.split(args.memg_args))
+    labels = [label for label, _ in entries]
+    info = machine()
+    if REFERENCE not in labels:
+        say("bench: %s is not installed: measuring memg alone" % MEMCACHED)
+    stderr_seen = {}
+    with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="memcaslap-") as config:
+        config.write(MEMCASLAP_CONFIG)
+        config.flush()
+        with Servers(entries, stderr_seen) as running:
+            loads = throughput_figures(running, args.rounds, args.seconds, config.name)
+            test_py = test_py_figure(running, args.rounds)
+    memory = memory_figure(entries, args.items, stderr_seen)
+    # The rows with a target first, in the order of the project's issue.
+    figures = loads[:4] + [test_py, memory] + loads[4:]
+    chart(args.chart, figures, labels, info)
+    settings = {"rounds": args.rounds, "seconds": args.seconds, "quick": args.quick,
+                "memory_items": args.items, "memg_args": args.memg_args,
+                "elapsed_seconds": round(time.monotonic() - started, 1)}
+    report(figures, labels, entries, info, settings, stderr_seen)
+    print()
+    print("chart: %s" % args.chart)
+    if args.json:
+        with open(args.json, "w") as output:
+            json.dump({"machine": info, "settings": settings,
+                       "servers": {label: command for label, command in entries},
+                       "figures": {figure.key: figure.as_json() for figure in figures}},
+                      output, indent=2)
+        print("figures: %s" % args.json)
+    print("took %.0f s" % settings["elapsed_seconds"])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchError as error:
+        sys.exit("bench: %s" % error)
+    except KeyboardInterrupt:
+        sys.exit("bench: interrupted; the servers are stopped")
