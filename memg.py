@@ -1573,7 +1573,10 @@ class SocketReader:
 
     def close(self):
         self.view.release()
-        self.buffer.close()
+        # A slice of the view that an exception's traceback still holds (gevent's
+        # recv_into is Python code) keeps the map open until the collector frees both.
+        with contextlib.suppress(BufferError):
+            self.buffer.close()
 
     def receive(self):
         """Add the socket's next input after what is buffered; False at its end.
@@ -2328,6 +2331,10 @@ def build_parser():
     add("-o", "--extended", action="append", default=[], metavar="OPTIONS",
         help="comma separated key=value options: idle_timeout=SECONDS, track_sizes; "
              "memcached's slab, LRU and hash tuning options are accepted and ignored")
+    add("--gevent", action="store_true",
+        help="run each connection's thread as a gevent greenlet: the same code, one OS "
+             "thread, no switching between threads (needs gevent: pip install "
+             "memg[gevent])")
     add("--single", action="store_true",
         help="serve one connection, then exit (for python -m cProfile memg.py --single)")
     for options, label in ((IGNORED_OPTIONS, "ignored: memg has no %s"),
@@ -2381,7 +2388,7 @@ def parse_command_line(argv):
         flush_enabled=not args.disable_flush_all, dump_enabled=not args.disable_dumping,
         backlog=args.listen_backlog, idle_timeout=idle_timeout, track_sizes=track_sizes,
         auth_file=args.auth_file, user=args.user,
-        pid_file=args.pidfile, single=args.single)
+        pid_file=args.pidfile, single=args.single, gevent=args.gevent)
     return settings, warnings
 
 
@@ -2443,10 +2450,26 @@ def beyond_loopback(settings):
                for host, _ in parse_listen(settings["host"], settings["port"]))
 
 
+def use_gevent():
+    """--gevent: gevent's monkey patching turns threads, sockets and locks into
+    greenlets and cooperative sockets, so memg's blocking thread-per-connection code
+    runs unchanged in one OS thread, as gunicorn's gevent worker runs blocking code.
+    Connection threads then never hand the GIL to each other: under many busy
+    clients that switching is most of a threaded server's CPU time.  It must run
+    before the server creates any lock, socket or thread."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        raise SystemExit("memg: --gevent needs gevent (pip install gevent)")
+    monkey.patch_all()
+
+
 def main(argv=None):
     """The memg command: memcached's options, then serve until SIGINT or SIGTERM."""
     limit_malloc_arenas()
     settings, warnings = parse_command_line(sys.argv[1:] if argv is None else argv)
+    if settings.pop("gevent"):
+        use_gevent()
     for warning in warnings:
         print("memg: warning: " + warning, file=sys.stderr)
     try:

@@ -20,6 +20,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMG = os.path.join(ROOT, "memg.py")
 sys.path.insert(0, ROOT)
 
+# How memg processes serve their connections: "threads" (the default), or "gevent"
+# (memg --gevent), which tests/run.py's second pass sets.  That pass runs only the
+# suites below, the ones that talk to memg processes: the others test the module in
+# this process, where the engine makes no difference.
+ENGINE = os.environ.get("MEMG_TEST_ENGINE", "threads")
+ENGINE_ARGS = {"threads": [], "gevent": ["--gevent"]}[ENGINE]
+PROCESS_SUITES = {"test_cli.py", "test_clients.py", "test_differential.py", "test_seed.py",
+                  "test_server.py", "test_server_hostile.py"}
+
+
+def pytest_report_header(config):
+    return "memg processes: %s" % ENGINE
+
+
+def pytest_collection_modifyitems(config, items):
+    if ENGINE != "threads":
+        others = [item for item in items if item.path.name not in PROCESS_SUITES]
+        config.hook.pytest_deselected(items=others)
+        items[:] = [item for item in items if item.path.name in PROCESS_SUITES]
+
 
 class Clock:
     """A time.time() stand-in for memg.Store that moves only when told to."""
@@ -94,7 +114,8 @@ class ServerProcess:
 
 def start_memg(*args, port=None):
     port = port or free_port()
-    return ServerProcess([sys.executable, MEMG, "-p", str(port)] + list(args), port)
+    return ServerProcess([sys.executable, MEMG, "-p", str(port)] + ENGINE_ARGS + list(args),
+                         port)
 
 
 def start_memcached(*args, port=None):

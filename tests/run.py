@@ -2,8 +2,10 @@
 """Run the whole test suite on a fresh machine: ``python3 tests/run.py [pytest args]``.
 
 Creates a virtual environment in .venv-test (once), installs memg with its test
-extra into it, and runs pytest there.  The system tools the suite drives (Debian's
-memcached and libmemcached-tools) must be installed; .ci/run installs them.
+extra into it, and runs pytest there twice: once with memg processes serving from
+threads, the default, then the suites that start memg processes again with
+``memg --gevent`` (see conftest.ENGINE).  The system tools the suite drives
+(Debian's memcached and libmemcached-tools) must be installed; .ci/run installs them.
 """
 
 import os
@@ -21,7 +23,12 @@ def main(args):
         venv.create(VENV, with_pip=True)
     subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                     "-e", ROOT + "[test]"], check=True)
-    return subprocess.run([PYTHON, "-m", "pytest"] + args, cwd=ROOT).returncode
+    failed = 0
+    for engine in ("threads", "gevent"):
+        print("== memg processes serving with %s ==" % engine, flush=True)
+        env = dict(os.environ, MEMG_TEST_ENGINE=engine)
+        failed |= subprocess.run([PYTHON, "-m", "pytest"] + args, cwd=ROOT, env=env).returncode
+    return failed
 
 
 if __name__ == "__main__":

@@ -425,6 +425,41 @@ def test_single_under_cprofile_writes_a_profile(tmp_path, processes):
     assert "process" in in_memg              # Protocol.process, the command loop
 
 
+# -- --gevent ----------------------------------------------------------------------------
+
+def os_threads(pid):
+    return len(os.listdir("/proc/%d/task" % pid))
+
+
+def test_gevent_serves_many_clients_from_one_thread(launch):
+    server = launch("--gevent")
+    clients = [server.connect() for _ in range(50)]
+    try:
+        for number, client in enumerate(clients):
+            client.send(b"set k%d 0 0 2\r\n%02d\r\n" % (number, number))
+        for number, client in enumerate(clients):
+            assert client.recv_until() == b"STORED\r\n"
+            assert client.request(b"get k%d\r\n" % number, b"END\r\n") == \
+                b"VALUE k%d 0 2\r\n%02d\r\nEND\r\n" % (number, number)
+        # Greenlets in the main thread; at most gevent's resolver has a thread too.
+        assert os_threads(server.process.pid) <= 2
+    finally:
+        for client in clients:
+            client.close()
+    code, err = server.stop()
+    assert code == 0 and err == b"", err
+
+
+def test_gevent_missing_exits_with_one_line():
+    # A Python that cannot import gevent (None in sys.modules makes any import fail).
+    process = subprocess.run(
+        [sys.executable, "-c", "import runpy, sys; sys.modules['gevent'] = None; "
+         "sys.argv = ['memg', '--gevent', '-p', '0']; runpy.run_path(%r, run_name='__main__')"
+         % MEMG], capture_output=True, timeout=10)
+    assert process.returncode == 1
+    assert process.stderr == b"memg: --gevent needs gevent (pip install gevent)\n"
+
+
 # -- -c: connection limit ------------------------------------------------------------------
 
 def test_connection_limit(launch):

@@ -37,7 +37,7 @@ import zlib
 import pytest
 
 import memg
-from conftest import MEMG, RawClient, ServerProcess, free_port, start_memcached, start_memg
+from conftest import ENGINE, MEMG, RawClient, ServerProcess, free_port, start_memcached, start_memg
 
 KB = 1024
 MB = 1024 * KB
@@ -803,10 +803,12 @@ def test_signal_caught_by_any_thread_exits_zero_promptly(signum, clients):
             client = server.connect()
             clients.append(client)
             assert client.request(b"version\r\n").startswith(b"VERSION ")
-        # Main, the sweeper and one a client: wait for the start-up probe's to end,
-        # so that the signal goes to a thread that stays.
+        # Threads: main, the sweeper and one a client: wait for the start-up probe's
+        # to end, so that the signal goes to a thread that stays.  gevent: greenlets
+        # all in the main thread, and the thread of gevent's resolver.
         pid = server.process.pid
-        wait_for(lambda: len(os.listdir("/proc/%d/task" % pid)) == 5,
+        settled = {"threads": 5, "gevent": 2}[ENGINE]
+        wait_for(lambda: len(os.listdir("/proc/%d/task" % pid)) == settled,
                  what="memg's threads to settle")
         others = [int(tid) for tid in os.listdir("/proc/%d/task" % pid) if int(tid) != pid]
         time.sleep(0.3)               # and for the main thread to be back in select()
