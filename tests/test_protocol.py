@@ -459,7 +459,7 @@ def test_append_beyond_the_size_limit_is_not_stored():
 def small_session(evict):
     """Room for three items of key "x" and a 1000-byte value (memg charges each item
     key + value + memg.ITEM_OVERHEAD bytes)."""
-    limit = 3 * memg.item_cost(b"x", b"v" * 1000) + 100
+    limit = 3 * memg.item_cost(b"x", 1000) + 100
     return Session(memory_limit=limit, item_size_max=limit // 2, evict=evict)
 
 
@@ -1093,7 +1093,7 @@ def test_ma_errors(line, reply):
 
 
 def test_me():
-    size = memg.item_cost(b"k", b"x")
+    size = memg.item_cost(b"k", 1)
     check(b"me k\r\nset k 0 0 1\r\nx\r\nme k\r\nget k\r\nme k\r\n",
           b"EN\r\nSTORED\r\n"
           b"ME k exp=-1 la=0 cas=1 fetch=no cls=1 size=%d\r\n"
@@ -1104,7 +1104,7 @@ def test_me():
 def test_me_does_not_bump():
     check(b"set k 0 0 1\r\nx\r\nme k\r\nmg k h\r\n",
           b"STORED\r\nME k exp=-1 la=0 cas=1 fetch=no cls=1 size=%d\r\nHD h0\r\n"
-          % memg.item_cost(b"k", b"x"))
+          % memg.item_cost(b"k", 1))
 
 
 @pytest.mark.parametrize("line", [b"me", b"me " + b"k" * 251, b"me !!! b"],
@@ -1364,7 +1364,7 @@ def test_stats():
     expected = {"cmd_get": "2", "cmd_set": "2", "get_hits": "1", "get_misses": "1",
                 "incr_misses": "0", "incr_hits": "0", "curr_items": "2", "total_items": "2",
                 "limit_maxbytes": str(64 * MB), "evictions": "0", "threads": "4",
-                "bytes": str(memg.item_cost(b"a", b"x") + memg.item_cost(b"b", b"yy"))}
+                "bytes": str(memg.item_cost(b"a", 1) + memg.item_cost(b"b", 2))}
     assert {name: stats[name] for name in expected} == expected
     assert list(stats)[:4] == ["pid", "uptime", "time", "version"]
 
@@ -1465,8 +1465,8 @@ def test_lru_crawler_metadump():
     assert session.send(b"lru_crawler metadump all\r\n") == (
         b"key=b exp=-1 la=%d cas=2 fetch=yes cls=1 size=%d\n"
         b"key=caf%%C3%%A9 exp=%d la=%d cas=1 fetch=no cls=1 size=%d\n"
-        b"END\r\n" % (now, memg.item_cost(b"b", b"yy"), now + 100, now,
-                       memg.item_cost(b"caf\xc3\xa9", b"x")))
+        b"END\r\n" % (now, memg.item_cost(b"b", 2), now + 100, now,
+                       memg.item_cost(b"caf\xc3\xa9", 1)))
 
 
 def test_lru_crawler_metadump_disabled():

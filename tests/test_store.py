@@ -282,8 +282,8 @@ def test_set_get_round_trip_bytes_and_flags(store):
     outcome, item = store.store(SET, b"k", value, flags=0xFFFFFFFF)
     assert outcome == STORED
     got = store.get(b"k")
-    assert got is item
-    assert (got.value, got.flags) == (value, 0xFFFFFFFF)
+    assert (got.value, got.flags, got.cas) == (value, 0xFFFFFFFF, item.cas)
+    assert (item.fetched, got.fetched) == (False, True)     # items never change
 
 
 def test_get_missing(store):

@@ -101,7 +101,7 @@ def accounting_problems(store, clock_is_monotonic=True):
     holds store.lock, so the store is between two commands."""
     items = store.items
     problems = []
-    cost = sum(memg.item_cost(key, item.value) for key, item in items.items())
+    cost = sum(memg.item_cost(key, item.size) for key, item in items.items())
     if store.bytes != cost:
         problems.append("bytes %d but the items cost %d" % (store.bytes, cost))
     if not 0 <= store.bytes <= store.memory_limit:
@@ -129,7 +129,7 @@ def audit(store):
     with store.lock:
         try:
             return accounting_problems(store)
-        except RuntimeError as error:     # "OrderedDict mutated during iteration"
+        except RuntimeError as error:     # "dictionary changed size during iteration"
             return ["items changed while the lock was held: %s" % error]
 
 
@@ -170,9 +170,9 @@ WORKERS = 8
 OPS_PER_WORKER = 12000
 PIECE_KEYS = [b"p%d" % i for i in range(20)]
 NUMBER_KEYS = [b"n%d" % i for i in range(4)]
-# A dozen or so items fit: almost every store evicts something.  The limit moves
-# between the two, through set_memory_limit.
-MEMORY_LIMITS = (12 * 450, 18 * 450)
+# A dozen or so items (of about 150 bytes) fit: almost every store evicts
+# something.  The limit moves between the two, through set_memory_limit.
+MEMORY_LIMITS = (12 * (memg.ITEM_OVERHEAD + 150), 18 * (memg.ITEM_OVERHEAD + 150))
 ITEM_SIZE_MAX = 2048
 EXPTIMES = (0, 0, 1, 2, 3)                  # relative seconds on a clock that races
 
@@ -446,7 +446,7 @@ def test_appends_and_prepends_from_many_threads_all_land():
     assert bar == b"|"
     assert collections.Counter(front) == {ord("a") + i: times for i in range(THREADS)}
     assert collections.Counter(back) == {ord("A") + i: times for i in range(THREADS)}
-    assert store.bytes == memg.item_cost(b"log", value)
+    assert store.bytes == memg.item_cost(b"log", len(value))
 
 
 def test_concurrent_incr_and_decr_net_out_exactly():
