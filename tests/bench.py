@@ -5,15 +5,16 @@
                            [--json PATH] [--memg-args "..."]
 
 The first run creates a virtual environment in .venv-bench (once), installs memg's
-``bench`` extra into it (pylibmc, which the seed's test.py needs, and matplotlib for
-the chart) and re-executes itself there, as tests/run.py does for the test suite.
+``bench`` extra into it (pylibmc, which the seed's test.py needs, matplotlib for
+the chart, and gevent for ``memg --gevent``) and re-executes itself there, as tests/run.py does for the test suite.
 Needs /usr/bin/memcaslap (Debian's libmemcached-tools); /usr/bin/memcached is
 optional: without it memg's figures are printed alone.
 
 Each server is started from the repository root on a free loopback port with the
-same ``-m 1024 -c 1100`` (``python memg.py ...``; ``memcached -l 127.0.0.1 ...``,
+same ``-m 1024 -c 1100``: memg in both its modes (``python memg.py ...``, threads,
+and ``python memg.py --gevent ...``) and memcached (``memcached -l 127.0.0.1 ...``,
 with ``-u nobody`` when run as root).  Every figure is measured for the servers in
-turn, memg then memcached, for a few rounds, so that drift of the machine (another
+turn, memg, memg --gevent, then memcached, for a few rounds, so that drift of the machine (another
 process, the CPU's clock) hits both.  Progress goes to stderr; the report, a
 markdown table with a column per server, the ratio memg/memcached and the project's
 target for it, goes to stdout.  The figures:
@@ -141,7 +142,7 @@ def enter_bench_venv():
 def install_bench_extra():
     """pip install -e ROOT[bench] unless its packages are already there: a second
     run should not wait for pip."""
-    if all(importlib.util.find_spec(name) for name in ("pylibmc", "matplotlib")):
+    if all(importlib.util.find_spec(name) for name in ("pylibmc", "matplotlib", "gevent")):
         return
     print("bench: installing memg[bench] into %s" % VENV, file=sys.stderr)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
@@ -156,7 +157,8 @@ def server_list(memg_args):
     """The servers to compare, as (label, command without -p PORT) entries: a
     variant of memg is one more entry here, and one more column in the table."""
     common = ["-m", str(MEMORY_MB), "-c", str(MAX_CONNECTIONS)]
-    servers = [("memg", [sys.executable, MEMG] + common + memg_args)]
+    servers = [("memg", [sys.executable, MEMG] + common + memg_args),
+               ("memg --gevent", [sys.executable, MEMG, "--gevent"] + common + memg_args)]
     if os.path.exists(MEMCACHED):
         # memcached listens on every interface by default and refuses to run as
         # root without a user to switch to.
