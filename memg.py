@@ -205,12 +205,16 @@ class Item(bytes):
         """(cas, exptime, atime, flags, state), for a reader of several."""
         return self.HEADER.unpack_from(self)
 
+    def repacked(self, cas, exptime, atime, flags, state):
+        """This item's value under a header of new fields."""
+        return bytes.__new__(Item, b"".join((self.HEADER.pack(cas, exptime, atime, flags, state),
+                                             memoryview(self)[self.HEADER.size:])))
+
     def changed(self, **changes):
-        """This item with some of its header fields changed, the value shared."""
+        """This item with some of its header fields changed."""
         names = ("cas", "exptime", "atime", "flags", "state")
         fields = dict(zip(names, self.HEADER.unpack_from(self)), **changes)
-        return bytes.__new__(Item, self.HEADER.pack(*(fields[name] for name in names))
-                             + memoryview(self)[self.HEADER.size:])
+        return self.repacked(**fields)
 
     def with_state(self, bit, on=True):
         state = self.state
@@ -334,9 +338,9 @@ class Store:
 
     def _bump(self, key, item, now):
         """Mark item read now and most recently used; returns it as it now is."""
-        _, _, atime, _, state = item.fields()
+        cas, exptime, atime, flags, state = item.fields()
         if atime != now or not state & Item.FETCHED:
-            item = item.changed(atime=now, state=state | Item.FETCHED)
+            item = item.repacked(cas, exptime, now, flags, state | Item.FETCHED)
         self._to_most_recent(key, item)
         return item
 
@@ -440,22 +444,29 @@ class Store:
 
     def get(self, key, exptime=None, bump=True):
         """The item under key, or None.  With exptime, also sets its expiry (touch)."""
+        return self.get_many((key,), exptime, bump)[0]
+
+    def get_many(self, keys, exptime=None, bump=True):
+        """The items under keys, None for each miss, under one hold of the lock."""
         with self.lock:
             now = self.now()
-            item = self._find(key, now)
             counters = self.counters
-            if exptime is None:
-                counters["cmd_get"] += 1
-                counters["get_hits" if item else "get_misses"] += 1
-            else:
-                counters["cmd_touch"] += 1
-                counters["touch_hits" if item else "touch_misses"] += 1
-            if item is not None:
-                if exptime is not None:
-                    item = self._relink(key, item.changed(exptime=self.expiry(exptime, now)))
-                if bump:
-                    item = self._bump(key, item, now)
-            return item
+            command, hits, misses = (("cmd_get", "get_hits", "get_misses") if exptime is None
+                                     else ("cmd_touch", "touch_hits", "touch_misses"))
+            items = []
+            for key in keys:
+                item = self._find(key, now)
+                counters[command] += 1
+                if item is None:
+                    counters[misses] += 1
+                else:
+                    counters[hits] += 1
+                    if exptime is not None:
+                        item = self._relink(key, item.changed(exptime=self.expiry(exptime, now)))
+                    if bump:
+                        item = self._bump(key, item, now)
+                items.append(item)
+            return items
 
     # -- storage --------------------------------------------------------------
 
@@ -1009,11 +1020,11 @@ class Protocol:
         entry = self.COMMANDS.get(tokens[0])
         if entry is None:
             return self.unknown(tokens)
-        handler, fewest, most = entry[:3]
+        handler, fewest, most, arguments = entry
         if not fewest <= len(tokens) <= most:
             self.reply(ERROR)
             return True
-        return handler(self, tokens, *entry[3:]) is not False
+        return handler(self, tokens, *arguments) is not False
 
     def refuse_binary(self):
         """A client that opens with memcached's binary protocol (magic byte 0x80)
@@ -1075,15 +1086,21 @@ class Protocol:
                 self.reply(BAD_EXPTIME)
                 return
             keys = tokens[2:]
-        get, out, sent = self.store.get, [], []
-        watched = "fetchers" in self.server.watchers.active
-        for key in keys:
+        # As memcached, the keys before a bad one are fetched (and counted) first.
+        valid = keys
+        for index, key in enumerate(keys):
             if bad_key(key):
-                self.reply(BAD_FORMAT)
-                return
-            item = get(key, exptime)
-            if watched:
+                valid = keys[:index]
+                break
+        items = self.store.get_many(valid, exptime)
+        if "fetchers" in self.server.watchers.active:
+            for key, item in zip(valid, items):
                 self.watch_fetch(key, item)
+        if valid is not keys:
+            self.reply(BAD_FORMAT)
+            return
+        out, sent = [], []
+        for key, item in zip(keys, items):
             if item is not None:
                 sent.append(key)
                 cas, _, _, flags, _ = item.fields()
@@ -1554,41 +1571,41 @@ class Protocol:
                     b"yes" if item.fetched else b"no", item_cost(key, item.size)))
         return b"".join(lines) + b"END\r\n"
 
-    # The command table: word -> (handler, fewest tokens, most tokens, switches...).
+    # The command table: word -> (handler, fewest tokens, most tokens, (switches)).
     # Commands that differ by a switch share a handler, as in memcached's proto_text.c.
     ANY = 1 << 30
     COMMANDS = {
-        b"get": (retrieve, 2, ANY, False, False),
-        b"gets": (retrieve, 2, ANY, True, False),
-        b"gat": (retrieve, 2, ANY, False, True),
-        b"gats": (retrieve, 2, ANY, True, True),
-        b"set": (update, 5, 6, SET),
-        b"add": (update, 5, 6, ADD),
-        b"replace": (update, 5, 6, REPLACE),
-        b"append": (update, 5, 6, APPEND),
-        b"prepend": (update, 5, 6, PREPEND),
-        b"cas": (update, 6, 7, CAS),
-        b"delete": (delete, 2, 4),
-        b"incr": (arithmetic, 3, 4, True),
-        b"decr": (arithmetic, 3, 4, False),
-        b"touch": (touch, 3, 4),
-        b"mg": (meta_get, 2, ANY),
-        b"ms": (meta_set, 2, ANY),
-        b"md": (meta_delete, 2, ANY),
-        b"ma": (meta_arithmetic, 2, ANY),
-        b"mn": (meta_noop, 1, ANY),
-        b"me": (meta_debug, 1, ANY),
-        b"flush_all": (flush_all, 1, 3),
-        b"version": (version, 1, ANY),
-        b"verbosity": (verbosity, 2, 3),
-        b"cache_memlimit": (cache_memlimit, 2, 3),
-        b"stats": (stats, 1, ANY),
-        b"quit": (quit, 1, ANY),
-        b"shutdown": (shutdown, 1, ANY),
-        b"lru_crawler": (lru_crawler, 1, ANY),
-        b"slabs": (slabs, 1, ANY),
-        b"lru": (lru, 2, ANY),
-        b"watch": (watch, 1, ANY),
+        b"get": (retrieve, 2, ANY, (False, False)),
+        b"gets": (retrieve, 2, ANY, (True, False)),
+        b"gat": (retrieve, 2, ANY, (False, True)),
+        b"gats": (retrieve, 2, ANY, (True, True)),
+        b"set": (update, 5, 6, (SET,)),
+        b"add": (update, 5, 6, (ADD,)),
+        b"replace": (update, 5, 6, (REPLACE,)),
+        b"append": (update, 5, 6, (APPEND,)),
+        b"prepend": (update, 5, 6, (PREPEND,)),
+        b"cas": (update, 6, 7, (CAS,)),
+        b"delete": (delete, 2, 4, ()),
+        b"incr": (arithmetic, 3, 4, (True,)),
+        b"decr": (arithmetic, 3, 4, (False,)),
+        b"touch": (touch, 3, 4, ()),
+        b"mg": (meta_get, 2, ANY, ()),
+        b"ms": (meta_set, 2, ANY, ()),
+        b"md": (meta_delete, 2, ANY, ()),
+        b"ma": (meta_arithmetic, 2, ANY, ()),
+        b"mn": (meta_noop, 1, ANY, ()),
+        b"me": (meta_debug, 1, ANY, ()),
+        b"flush_all": (flush_all, 1, 3, ()),
+        b"version": (version, 1, ANY, ()),
+        b"verbosity": (verbosity, 2, 3, ()),
+        b"cache_memlimit": (cache_memlimit, 2, 3, ()),
+        b"stats": (stats, 1, ANY, ()),
+        b"quit": (quit, 1, ANY, ()),
+        b"shutdown": (shutdown, 1, ANY, ()),
+        b"lru_crawler": (lru_crawler, 1, ANY, ()),
+        b"slabs": (slabs, 1, ANY, ()),
+        b"lru": (lru, 2, ANY, ()),
+        b"watch": (watch, 1, ANY, ()),
     }
     # ``stats <sub>`` reports, each a function of the server returning (name, value)s.
     STATS = {
@@ -1668,6 +1685,11 @@ class SocketReader:
         there is at the end of input."""
         if self.start == self.end:         # (saves a search of an empty buffer)
             self.receive()
+        start, end = self.start, self.end
+        newline = self.buffer.find(b"\n", start, end if end - start < limit else start + limit)
+        if newline >= 0:                   # the usual case: the whole line is here
+            self.start = newline + 1
+            return self.buffer[start:newline + 1]
         parts = []
         while True:
             newline = self.buffer.find(b"\n", self.start, min(self.end, self.start + limit))
