@@ -991,40 +991,34 @@ class Protocol:
         """Read and run one command.  Returns False when the connection should close:
         at the end of the input, or when the command says so (handlers return False
         for that; anything else means go on)."""
-        try:
-            return self.run_command()
-        except EOFError:
-            return False             # the input ended inside a data block
-
-    def run_command(self):
         if self.first:
             self.first = False
             if self.rfile.peek(1)[:1] == b"\x80":
                 self.refuse_binary()
                 return False
-        line = self.read_line()
-        if line is None:
-            return False
-        self.last_command = time.monotonic()
-        if self.settings.verbose > 1:
-            self.log("<", line)
-        self.noreply = False
-        tokens = line.split(b" ")
-        if b"" in tokens:
-            tokens = [token for token in tokens if token]
-        if not self.authenticated:
-            return self.authenticate(tokens)
-        if not tokens or len(tokens[0]) < 2:
-            self.reply(ERROR)
-            return True
-        entry = self.COMMANDS.get(tokens[0])
-        if entry is None:
-            return self.unknown(tokens)
-        handler, fewest, most, arguments = entry
-        if not fewest <= len(tokens) <= most:
-            self.reply(ERROR)
-            return True
-        return handler(self, tokens, *arguments) is not False
+        try:
+            line = self.read_line()
+            if line is None:
+                return False
+            self.last_command = time.monotonic()
+            if self.settings.verbose > 1:
+                self.log("<", line)
+            self.noreply = False
+            tokens = line.split(b" ")
+            if b"" in tokens:
+                tokens = [token for token in tokens if token]
+            if not self.authenticated:
+                return self.authenticate(tokens)
+            entry = self.COMMANDS.get(tokens[0]) if tokens else None
+            if entry is None:
+                return self.unknown(tokens)
+            handler, fewest, most, arguments = entry
+            if not fewest <= len(tokens) <= most:
+                self.reply(ERROR)
+                return True
+            return handler(self, tokens, *arguments) is not False
+        except EOFError:
+            return False             # the input ended inside a data block
 
     def refuse_binary(self):
         """A client that opens with memcached's binary protocol (magic byte 0x80)
@@ -1040,6 +1034,9 @@ class Protocol:
         """ERROR, except that a request that looks like HTTP closes the connection
         (as memcached: a browser tricked into talking to the port gets nothing).
         memcached only gets this far for words outside its first-letter branches."""
+        if not tokens or len(tokens[0]) < 2:
+            self.reply(ERROR)                # memcached's shortest command has two
+            return True
         first = tokens[0][:1]
         if tokens[-1].startswith(b"HTTP/") and first not in b"gsacidt" and not (
                 first == b"m" and len(tokens[0]) == 2):
@@ -1099,10 +1096,9 @@ class Protocol:
         if valid is not keys:
             self.reply(BAD_FORMAT)
             return
-        out, sent = [], []
+        out = []
         for key, item in zip(keys, items):
             if item is not None:
-                sent.append(key)
                 cas, _, _, flags, _ = item.fields()
                 value = item.value
                 if with_cas:
@@ -1113,8 +1109,9 @@ class Protocol:
         out.append(b"END\r\n")
         self.queue(b"".join(out))            # (get has no noreply)
         if self.settings.verbose > 1:
-            for key in sent:
-                self.log(">", b"sending key " + key)
+            for key, item in zip(keys, items):
+                if item is not None:
+                    self.log(">", b"sending key " + key)
             self.log(">", b"END")
 
     # -- storage: set add replace append prepend cas ------------------------------------
