@@ -186,8 +186,8 @@ class Item(bytes):
     """One stored value and its metadata, packed into a single bytes object: a
     header (CAS unique, expiry, last access, client flags, state bits), then the
     value.  A Python object per field would cost more than the value itself: a
-    100-byte item takes about 290 bytes in all this way, 450 as an object with a
-    value and two ints (memcached: about 200).  Items never change; an update links
+    100-byte item takes about 265 bytes of memory in all this way (with its key and
+    its dict entry), 450 as an object with a value and two ints (memcached: 197).  Items never change; an update links
     a new one (``changed``), so a reader that got an Item from the store may use it
     without the lock."""
 
