@@ -216,9 +216,9 @@ class Item(bytes):
         fields = dict(zip(names, self.HEADER.unpack_from(self)), **changes)
         return self.repacked(**fields)
 
-    def with_state(self, bit, on=True):
-        state = self.state
-        return self.changed(state=state | bit if on else state & ~bit)
+    def with_state(self, bit):
+        """This item with a state bit set."""
+        return self.changed(state=self.state | bit)
 
     value = property(lambda self: self[Item.HEADER.size:], doc="the stored bytes")
     size = property(lambda self: len(self) - Item.HEADER.size, doc="len(value)")
