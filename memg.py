@@ -116,6 +116,8 @@ def parse_uint64(text):
     """memcached's safe_strtoull (CAS uniques, deltas, stored numbers); None if it
     fails.  A minus sign passes only where strtoull's wrap-around leaves a number
     that is not negative as a signed 64-bit value."""
+    if text.isdigit() and len(text) < 20:
+        return int(text)                        # the common case
     match = _NUMBER.match(text)
     if match is None:
         return None
@@ -131,6 +133,8 @@ def parse_uint64(text):
 
 def parse_uint32(token):
     """memcached's safe_strtoul (client flags): parsed as 64 bits, kept as 32."""
+    if token.isdigit() and len(token) < 10:
+        return int(token)                       # the common case
     number = parse_uint64(token)
     return None if number is None else number & 0xFFFFFFFF
 
@@ -201,38 +205,40 @@ class Item(bytes):
         return super().__new__(cls, cls.HEADER.pack(cas, exptime, atime, flags, state)
                                + value)
 
-    def fields(self):
-        """(cas, exptime, atime, flags, state), for a reader of several."""
-        return self.HEADER.unpack_from(self)
-
     def repacked(self, cas, exptime, atime, flags, state):
         """This item's value under a header of new fields."""
         return bytes.__new__(Item, b"".join((self.HEADER.pack(cas, exptime, atime, flags, state),
-                                             memoryview(self)[self.HEADER.size:])))
+                                             memoryview(self)[VALUE_START:])))
 
     def changed(self, **changes):
         """This item with some of its header fields changed."""
         names = ("cas", "exptime", "atime", "flags", "state")
-        fields = dict(zip(names, self.HEADER.unpack_from(self)), **changes)
+        fields = dict(zip(names, item_fields(self)), **changes)
         return self.repacked(**fields)
 
     def with_state(self, bit):
         """This item with a state bit set."""
         return self.changed(state=self.state | bit)
 
-    value = property(lambda self: self[Item.HEADER.size:], doc="the stored bytes")
-    size = property(lambda self: len(self) - Item.HEADER.size, doc="len(value)")
-    cas = property(lambda self: Item.HEADER.unpack_from(self)[0])
-    exptime = property(lambda self: Item.HEADER.unpack_from(self)[1])
-    atime = property(lambda self: Item.HEADER.unpack_from(self)[2])
-    flags = property(lambda self: Item.HEADER.unpack_from(self)[3])
-    state = property(lambda self: self[Item.HEADER.size - 1])
+    value = property(lambda self: self[VALUE_START:], doc="the stored bytes")
+    size = property(lambda self: len(self) - VALUE_START, doc="len(value)")
+    cas = property(lambda self: item_fields(self)[0])
+    exptime = property(lambda self: item_fields(self)[1])
+    atime = property(lambda self: item_fields(self)[2])
+    flags = property(lambda self: item_fields(self)[3])
+    state = property(lambda self: self[VALUE_START - 1])
     fetched = property(lambda self: bool(self.state & Item.FETCHED),
                        doc="read since stored (meta 'h', expired_unfetched)")
     stale = property(lambda self: bool(self.state & Item.STALE),
                      doc="marked by 'md I': served with X until replaced")
     won = property(lambda self: bool(self.state & Item.WON),
                    doc="a client holds the recache token (meta W/Z)")
+
+
+# (cas, exptime, atime, flags, state) of an Item, and where its value starts: the
+# hot paths read these directly (a property costs a Python call each).
+item_fields = Item.HEADER.unpack_from
+VALUE_START = Item.HEADER.size
 
 
 def item_cost(key, value_size):
@@ -310,7 +316,7 @@ class Store:
         item = self.items.get(key)
         if item is None:
             return None
-        exptime = item.exptime
+        exptime = item_fields(item)[1]
         if exptime and exptime <= now:
             self._unlink(key, item)
             self.counters["get_expired"] += 1
@@ -337,10 +343,14 @@ class Store:
             self._clear()
 
     def _bump(self, key, item, now):
-        """Mark item read now and most recently used; returns it as it now is."""
-        cas, exptime, atime, flags, state = item.fields()
-        if atime != now or not state & Item.FETCHED:
-            item = item.repacked(cas, exptime, now, flags, state | Item.FETCHED)
+        """Mark item read now and most recently used; returns it as it now is.  As
+        memcached moves an item up its LRU at most once a minute, an item read again
+        within the second it was last read or stored stays where it is: a read then
+        costs no copy."""
+        cas, exptime, atime, flags, state = item_fields(item)
+        if atime == now and state & Item.FETCHED:
+            return item
+        item = item.repacked(cas, exptime, now, flags, state | Item.FETCHED)
         self._to_most_recent(key, item)
         return item
 
@@ -450,22 +460,21 @@ class Store:
         """The items under keys, None for each miss, under one hold of the lock."""
         with self.lock:
             now = self.now()
-            counters = self.counters
-            command, hits, misses = (("cmd_get", "get_hits", "get_misses") if exptime is None
-                                     else ("cmd_touch", "touch_hits", "touch_misses"))
             items = []
             for key in keys:
                 item = self._find(key, now)
-                counters[command] += 1
-                if item is None:
-                    counters[misses] += 1
-                else:
-                    counters[hits] += 1
+                if item is not None:
                     if exptime is not None:
                         item = self._relink(key, item.changed(exptime=self.expiry(exptime, now)))
                     if bump:
                         item = self._bump(key, item, now)
                 items.append(item)
+            command, hits, misses = (("cmd_get", "get_hits", "get_misses") if exptime is None
+                                     else ("cmd_touch", "touch_hits", "touch_misses"))
+            missed = items.count(None)
+            self.counters[command] += len(items)
+            self.counters[hits] += len(items) - missed
+            self.counters[misses] += missed
             return items
 
     # -- storage --------------------------------------------------------------
@@ -879,7 +888,6 @@ class Protocol:
         self.out = []             # replies not yet sent
         self.out_bytes = 0
         self.noreply = False
-        self.bytes_read = 0
 
     # -- output -------------------------------------------------------------
 
@@ -922,9 +930,8 @@ class Protocol:
             line = self.read_long_line(line)
             if line is None:
                 return None
-        self.bytes_read += len(line)
-        if b"\0" in line:
-            line = line[:line.index(b"\0")] + b"\n"     # memcached's C strings end at NUL
+        if 0 in line:         # a NUL byte (a test for b"\0" would cost an exception)
+            line = line[:line.index(0)] + b"\n"     # memcached's C strings end at NUL
         # As memcached: strip "\r\n" or "\n", but a lone "\r\n" keeps its "\r".
         return line[:-2] if line[-2:-1] == b"\r" and len(line) > 2 else line[:-1]
 
@@ -970,7 +977,6 @@ class Protocol:
                 parts.append(part)
                 remaining -= len(part)
             data = b"".join(parts)
-        self.bytes_read += len(data)
         if len(data) < nbytes + 2:
             raise EOFError
         return data[:-2] if data[-2:] == b"\r\n" else None
@@ -982,7 +988,6 @@ class Protocol:
             part = self.rfile.read(min(nbytes, READ_CHUNK))
             if not part:
                 raise EOFError
-            self.bytes_read += len(part)
             nbytes -= len(part)
 
     # -- dispatch -------------------------------------------------------------
@@ -1099,8 +1104,8 @@ class Protocol:
         out = []
         for key, item in zip(keys, items):
             if item is not None:
-                cas, _, _, flags, _ = item.fields()
-                value = item.value
+                cas, _, _, flags, _ = item_fields(item)
+                value = item[VALUE_START:]
                 if with_cas:
                     out.append(b"VALUE %s %d %d %d\r\n%s\r\n" % (
                         key, flags, len(value), cas, value))
@@ -1669,6 +1674,7 @@ class SocketReader:
             connection.arm_idle_timeout()
         received = connection.sock.recv_into(self.view[self.end:])
         self.end += received
+        connection.bytes_read += received
         return received > 0
 
     def take(self, count):
@@ -1703,6 +1709,10 @@ class SocketReader:
 
     def read(self, count):
         """count bytes of input; fewer only at its end."""
+        start = self.start
+        if self.end - start >= count:      # the usual case: all of them are here
+            self.start = start + count
+            return self.buffer[start:start + count]
         parts = [self.take(count)]
         count -= len(parts[0])
         while count and self.receive():
@@ -1727,7 +1737,7 @@ class Connection:
         self.address = address
         self.fileno = sock.fileno()
         self.started = time.time()
-        self.bytes_written = 0
+        self.bytes_read = self.bytes_written = 0
         self.idle_timeout = server.settings.idle_timeout
         self.reader = SocketReader(self)
         self.protocol = Protocol(server, self.reader, name=str(self.fileno))
@@ -2091,7 +2101,7 @@ class Server:
         finally:
             with self.lock:
                 del self.connections[connection]
-                self.counters["closed_bytes_read"] += connection.protocol.bytes_read
+                self.counters["closed_bytes_read"] += connection.bytes_read
                 self.counters["closed_bytes_written"] += connection.bytes_written
             if self.settings.verbose > 1:
                 print("<%d connection closed." % connection.fileno, file=sys.stderr)
@@ -2145,7 +2155,7 @@ class Server:
     def _traffic(self):
         """(bytes read, bytes written) since the start; the caller holds the lock."""
         live = self.connections
-        return (self.counters["closed_bytes_read"] + sum(c.protocol.bytes_read for c in live),
+        return (self.counters["closed_bytes_read"] + sum(c.bytes_read for c in live),
                 self.counters["closed_bytes_written"] + sum(c.bytes_written for c in live))
 
     def general_stats(self):

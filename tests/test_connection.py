@@ -64,12 +64,14 @@ def read_until(sock, terminator, count=1):
 
 class Sender:
     """What SocketReader needs of a connection: its socket, its idle timeout (none),
-    and the call it makes before each wait for input (counted here)."""
+    its count of bytes read, and the call it makes before each wait for input
+    (counted here)."""
 
     idle_timeout = 0
 
     def __init__(self, sock):
         self.sock = sock
+        self.bytes_read = 0
         self.waits = 0
 
     def flush(self):
@@ -108,12 +110,14 @@ def test_reader_line_limit_stops_a_line_without_newline():
 
 
 def test_reader_reads_exact_counts_and_never_past_the_input():
-    reader = reader_over([b"set k 0 0 10\r\nabc", b"defghij\r\n" + b"v" * 40, b"end"])
+    chunks = [b"set k 0 0 10\r\nabc", b"defghij\r\n" + b"v" * 40, b"end"]
+    reader = reader_over(chunks)
     assert reader.readline(100) == b"set k 0 0 10\r\n"
     assert reader.read(12) == b"abcdefghij\r\n"
     assert reader.read(40) == b"v" * 40                # longer than the buffer
     assert reader.read(10) == b"end"                   # short: the input ended
     assert reader.read(10) == b""
+    assert reader.connection.bytes_read == len(b"".join(chunks))   # all it received
 
 
 def test_reader_peek_does_not_consume():

@@ -169,6 +169,22 @@ def test_get_protects_an_item_from_eviction(clock):
     assert value_of(store, b"k0") == b"0123456789"
 
 
+def test_a_read_moves_an_item_up_once_a_second(clock):
+    # As memcached moves an item up at most once a minute: a read in the second the
+    # item was last read leaves it where it was; a read in a later second moves it.
+    store = small_store(clock)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    store.get(b"k0")
+    store.get(b"k1")
+    store.get(b"k0")                           # the same second: k0 stays behind k1
+    assert list(store.items) == [b"k2", b"k0", b"k1"]
+    clock.advance(1)
+    store.get(b"k0")
+    assert list(store.items) == [b"k2", b"k1", b"k0"]
+    assert store.get(b"k0").atime == int(clock())
+
+
 def test_get_without_bump_does_not_protect(clock):
     store = small_store(clock)
     for i in range(3):
