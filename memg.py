@@ -174,9 +174,10 @@ SET, ADD, REPLACE, CAS = "set", "add", "replace", "cas"
 APPEND, PREPEND = "append", "prepend"
 
 # Counters the store keeps under its lock; ``stats`` shows them, ``stats reset`` zeroes
-# them.
+# them.  (cmd_get and cmd_touch are not kept: every get is a hit or a miss, and so is
+# every touch, so ``snapshot`` adds them up.)
 STORE_COUNTERS = (
-    "cmd_get", "cmd_set", "cmd_flush", "cmd_touch",
+    "cmd_set", "cmd_flush",
     "get_hits", "get_misses", "get_expired", "get_flushed",
     "delete_misses", "delete_hits", "incr_misses", "incr_hits", "decr_misses", "decr_hits",
     "cas_misses", "cas_hits", "cas_badval", "touch_hits", "touch_misses",
@@ -199,22 +200,11 @@ class Item(bytes):
     HEADER = struct.Struct("<QqIIB")
     FETCHED, STALE, WON = 1, 2, 4     # state bits
 
-    def __new__(cls, value, flags, exptime, cas, atime, state=0):
-        # exptime: absolute Unix time in whole seconds, 0 never expires, -1 expired;
-        # atime: last access (LRU statistics, meta 'l', flush_all's deadline).
-        return super().__new__(cls, cls.HEADER.pack(cas, exptime, atime, flags, state)
-                               + value)
-
-    def repacked(self, cas, exptime, atime, flags, state):
-        """This item's value under a header of new fields."""
-        return bytes.__new__(Item, b"".join((self.HEADER.pack(cas, exptime, atime, flags, state),
-                                             memoryview(self)[VALUE_START:])))
-
     def changed(self, **changes):
         """This item with some of its header fields changed."""
         names = ("cas", "exptime", "atime", "flags", "state")
         fields = dict(zip(names, item_fields(self)), **changes)
-        return self.repacked(**fields)
+        return make_item(self.value, **fields)
 
     def with_state(self, bit):
         """This item with a state bit set."""
@@ -238,7 +228,15 @@ class Item(bytes):
 # (cas, exptime, atime, flags, state) of an Item, and where its value starts: the
 # hot paths read these directly (a property costs a Python call each).
 item_fields = Item.HEADER.unpack_from
+pack_header = Item.HEADER.pack
 VALUE_START = Item.HEADER.size
+
+
+def make_item(value, flags, exptime, cas, atime, state=0):
+    """A new Item.  exptime: absolute Unix time in whole seconds, 0 never expires,
+    -1 expired; atime: last access (LRU statistics, meta 'l', flush_all's deadline).
+    (A function rather than Item.__new__: a Python __new__ doubles the cost.)"""
+    return Item(pack_header(cas, exptime, atime, flags, state) + value)
 
 
 def item_cost(key, value_size):
@@ -350,7 +348,7 @@ class Store:
         cas, exptime, atime, flags, state = item_fields(item)
         if atime == now and state & Item.FETCHED:
             return item
-        item = item.repacked(cas, exptime, now, flags, state | Item.FETCHED)
+        item = make_item(item[VALUE_START:], flags, exptime, cas, now, state | Item.FETCHED)
         self._to_most_recent(key, item)
         return item
 
@@ -469,10 +467,9 @@ class Store:
                     if bump:
                         item = self._bump(key, item, now)
                 items.append(item)
-            command, hits, misses = (("cmd_get", "get_hits", "get_misses") if exptime is None
-                                     else ("cmd_touch", "touch_hits", "touch_misses"))
             missed = items.count(None)
-            self.counters[command] += len(items)
+            hits, misses = ("get_hits", "get_misses") if exptime is None else (
+                "touch_hits", "touch_misses")
             self.counters[hits] += len(items) - missed
             self.counters[misses] += missed
             return items
@@ -528,7 +525,7 @@ class Store:
                 else:
                     expires = self.expiry(exptime, now)
             state = Item.STALE | (old.state & Item.WON) if stale else 0
-            item = Item(value, flags, expires, new_cas or self._next_cas(), now, state)
+            item = make_item(value, flags, expires, new_cas or self._next_cas(), now, state)
             if not self._link(key, item, old):
                 counters["store_no_memory"] += 1
                 if mode == SET and old is not None:
@@ -571,7 +568,7 @@ class Store:
             value = b"" if drop_value else item.value
             expires = item.exptime if exptime is None else self.expiry(exptime, now)
             stale = Item.STALE if not drop_value or item.stale else 0
-            new = Item(value, item.flags, expires, new_cas or self._next_cas(), now, stale)
+            new = make_item(value, item.flags, expires, new_cas or self._next_cas(), now, stale)
             self._link(key, new, item)            # no larger than item: cannot fail
             return STORED
 
@@ -590,7 +587,7 @@ class Store:
                 if vivify is None:
                     counters["incr_misses" if incr else "decr_misses"] += 1
                     return NOT_FOUND, None
-                new = Item(b"%d" % initial, 0, self.expiry(vivify, now),
+                new = make_item(b"%d" % initial, 0, self.expiry(vivify, now),
                            new_cas or self._next_cas(), now)
                 if not self._link(key, new):
                     counters["store_no_memory"] += 1
@@ -610,7 +607,7 @@ class Store:
             if len(digits) < len(item.value):
                 digits = digits.ljust(len(item.value))
             expires = item.exptime if exptime is None else self.expiry(exptime, now)
-            new = Item(digits, item.flags, expires, new_cas or self._next_cas(), now,
+            new = make_item(digits, item.flags, expires, new_cas or self._next_cas(), now,
                        item.state & Item.FETCHED)
             if not self._link(key, new, item):
                 counters["store_no_memory"] += 1
@@ -630,12 +627,11 @@ class Store:
             item = self._find(key, now)
             created = False
             if item is None and vivify is not None:
-                item = Item(b"", 0, self.expiry(vivify, now), self._next_cas(), now)
+                item = make_item(b"", 0, self.expiry(vivify, now), self._next_cas(), now)
                 created = self._link(key, item)
                 if not created:
                     item = None
             touched = exptime is not None
-            counters["cmd_touch" if touched else "cmd_get"] += 1
             if item is None:
                 counters["touch_misses" if touched else "get_misses"] += 1
                 return None
@@ -725,7 +721,10 @@ class Store:
         with self.lock:
             now = self.now()
             oldest = next(iter(self.items.values()), None)
-            return dict(self.counters, curr_items=len(self.items), bytes=self.bytes,
+            counters = self.counters
+            return dict(counters, curr_items=len(self.items), bytes=self.bytes,
+                        cmd_get=counters["get_hits"] + counters["get_misses"],
+                        cmd_touch=counters["touch_hits"] + counters["touch_misses"],
                         limit_maxbytes=self.memory_limit, evicted_time=self.evicted_time,
                         oldest_age=now - oldest.atime if oldest else 0)
 
@@ -920,10 +919,11 @@ class Protocol:
 
     # -- input --------------------------------------------------------------
 
-    def read_line(self):
-        """The next command line without its terminator; None at EOF or when the line
-        is too long to be a command (memcached closes the connection then)."""
-        line = self.rfile.readline(LINE_LIMIT + 2)
+    def strip_line(self, line):
+        """The command in a line as read, without its terminator, for the lines that
+        do not simply end in "\\r\\n" (process takes those itself); None at EOF or
+        when the line is too long to be a command (memcached closes the connection
+        then)."""
         if line[-1:] != b"\n":
             if len(line) < LINE_LIMIT + 2:
                 return None                      # EOF, perhaps mid-line
@@ -1002,9 +1002,13 @@ class Protocol:
                 self.refuse_binary()
                 return False
         try:
-            line = self.read_line()
-            if line is None:
-                return False
+            line = self.rfile.readline(LINE_LIMIT + 2)
+            if line[-2:] == b"\r\n" and len(line) > 2 and 0 not in line:
+                line = line[:-2]                 # the usual command line
+            else:
+                line = self.strip_line(line)
+                if line is None:
+                    return False
             self.last_command = time.monotonic()
             if self.settings.verbose > 1:
                 self.log("<", line)
@@ -1014,14 +1018,14 @@ class Protocol:
                 tokens = [token for token in tokens if token]
             if not self.authenticated:
                 return self.authenticate(tokens)
-            entry = self.COMMANDS.get(tokens[0]) if tokens else None
-            if entry is None:
+            try:
+                handler, fewest, most = self.COMMANDS[tokens[0]]
+            except (KeyError, IndexError):
                 return self.unknown(tokens)
-            handler, fewest, most, arguments = entry
             if not fewest <= len(tokens) <= most:
                 self.reply(ERROR)
                 return True
-            return handler(self, tokens, *arguments) is not False
+            return handler(self, tokens) is not False
         except EOFError:
             return False             # the input ended inside a data block
 
@@ -1080,14 +1084,14 @@ class Protocol:
     # -- retrieval: get gets gat gats -------------------------------------------
 
     def retrieve(self, tokens, with_cas, touch):
-        keys = tokens[1:]
-        exptime = None
         if touch:
             exptime = parse_int32(tokens[1])
             if exptime is None:
                 self.reply(BAD_EXPTIME)
                 return
             keys = tokens[2:]
+        else:
+            exptime, keys = None, tokens[1:]
         # As memcached, the keys before a bad one are fetched (and counted) first.
         valid = keys
         for index, key in enumerate(keys):
@@ -1573,41 +1577,43 @@ class Protocol:
                     b"yes" if item.fetched else b"no", item_cost(key, item.size)))
         return b"".join(lines) + b"END\r\n"
 
-    # The command table: word -> (handler, fewest tokens, most tokens, (switches)).
-    # Commands that differ by a switch share a handler, as in memcached's proto_text.c.
+    # The command table: word -> (handler, fewest tokens, most tokens).  Commands that
+    # differ by a switch share a handler, as in memcached's proto_text.c; the switch is
+    # given here (a lambda rather than the handler and a tuple of switches: a call
+    # with *switches costs the hot path a slow call).
     ANY = 1 << 30
     COMMANDS = {
-        b"get": (retrieve, 2, ANY, (False, False)),
-        b"gets": (retrieve, 2, ANY, (True, False)),
-        b"gat": (retrieve, 2, ANY, (False, True)),
-        b"gats": (retrieve, 2, ANY, (True, True)),
-        b"set": (update, 5, 6, (SET,)),
-        b"add": (update, 5, 6, (ADD,)),
-        b"replace": (update, 5, 6, (REPLACE,)),
-        b"append": (update, 5, 6, (APPEND,)),
-        b"prepend": (update, 5, 6, (PREPEND,)),
-        b"cas": (update, 6, 7, (CAS,)),
-        b"delete": (delete, 2, 4, ()),
-        b"incr": (arithmetic, 3, 4, (True,)),
-        b"decr": (arithmetic, 3, 4, (False,)),
-        b"touch": (touch, 3, 4, ()),
-        b"mg": (meta_get, 2, ANY, ()),
-        b"ms": (meta_set, 2, ANY, ()),
-        b"md": (meta_delete, 2, ANY, ()),
-        b"ma": (meta_arithmetic, 2, ANY, ()),
-        b"mn": (meta_noop, 1, ANY, ()),
-        b"me": (meta_debug, 1, ANY, ()),
-        b"flush_all": (flush_all, 1, 3, ()),
-        b"version": (version, 1, ANY, ()),
-        b"verbosity": (verbosity, 2, 3, ()),
-        b"cache_memlimit": (cache_memlimit, 2, 3, ()),
-        b"stats": (stats, 1, ANY, ()),
-        b"quit": (quit, 1, ANY, ()),
-        b"shutdown": (shutdown, 1, ANY, ()),
-        b"lru_crawler": (lru_crawler, 1, ANY, ()),
-        b"slabs": (slabs, 1, ANY, ()),
-        b"lru": (lru, 2, ANY, ()),
-        b"watch": (watch, 1, ANY, ()),
+        b"get": (lambda self, tokens: self.retrieve(tokens, False, False), 2, ANY),
+        b"gets": (lambda self, tokens: self.retrieve(tokens, True, False), 2, ANY),
+        b"gat": (lambda self, tokens: self.retrieve(tokens, False, True), 2, ANY),
+        b"gats": (lambda self, tokens: self.retrieve(tokens, True, True), 2, ANY),
+        b"set": (lambda self, tokens: self.update(tokens, SET), 5, 6),
+        b"add": (lambda self, tokens: self.update(tokens, ADD), 5, 6),
+        b"replace": (lambda self, tokens: self.update(tokens, REPLACE), 5, 6),
+        b"append": (lambda self, tokens: self.update(tokens, APPEND), 5, 6),
+        b"prepend": (lambda self, tokens: self.update(tokens, PREPEND), 5, 6),
+        b"cas": (lambda self, tokens: self.update(tokens, CAS), 6, 7),
+        b"delete": (delete, 2, 4),
+        b"incr": (lambda self, tokens: self.arithmetic(tokens, True), 3, 4),
+        b"decr": (lambda self, tokens: self.arithmetic(tokens, False), 3, 4),
+        b"touch": (touch, 3, 4),
+        b"mg": (meta_get, 2, ANY),
+        b"ms": (meta_set, 2, ANY),
+        b"md": (meta_delete, 2, ANY),
+        b"ma": (meta_arithmetic, 2, ANY),
+        b"mn": (meta_noop, 1, ANY),
+        b"me": (meta_debug, 1, ANY),
+        b"flush_all": (flush_all, 1, 3),
+        b"version": (version, 1, ANY),
+        b"verbosity": (verbosity, 2, 3),
+        b"cache_memlimit": (cache_memlimit, 2, 3),
+        b"stats": (stats, 1, ANY),
+        b"quit": (quit, 1, ANY),
+        b"shutdown": (shutdown, 1, ANY),
+        b"lru_crawler": (lru_crawler, 1, ANY),
+        b"slabs": (slabs, 1, ANY),
+        b"lru": (lru, 2, ANY),
+        b"watch": (watch, 1, ANY),
     }
     # ``stats <sub>`` reports, each a function of the server returning (name, value)s.
     STATS = {

@@ -196,7 +196,7 @@ def test_an_internal_error_closes_only_that_connection_with_server_error(monkeyp
     def broken(self, tokens):
         raise RuntimeError("a bug")
 
-    monkeypatch.setitem(memg.Protocol.COMMANDS, b"version", (broken, 1, 1, ()))
+    monkeypatch.setitem(memg.Protocol.COMMANDS, b"version", (broken, 1, 1))
     server, sock, _, thread = serve_one()
     sock.sendall(b"set a 0 0 1\r\n1\r\nversion\r\n")
     data = read_to_eof(sock)

@@ -802,7 +802,7 @@ def test_meta_get_counts_gets_and_touches(store):
     store.meta_get(b"nope")
     store.meta_get(b"k", exptime=5)
     store.meta_get(b"nope", exptime=5)
-    c = store.counters
+    c = store.snapshot()
     assert (c["cmd_get"], c["get_hits"], c["get_misses"]) == (2, 1, 1)
     assert (c["cmd_touch"], c["touch_hits"], c["touch_misses"]) == (2, 1, 1)
 
@@ -969,7 +969,7 @@ def test_get_counters(store):
     store.get(b"k")
     store.get(b"k")
     store.get(b"nope")
-    c = store.counters
+    c = store.snapshot()
     assert (c["cmd_get"], c["get_hits"], c["get_misses"]) == (3, 2, 1)
 
 
@@ -985,7 +985,7 @@ def test_touch_counters(store):
     store.store(SET, b"k", b"v")
     store.get(b"k", exptime=10)
     store.get(b"nope", exptime=10)
-    c = store.counters
+    c = store.snapshot()
     assert (c["cmd_touch"], c["touch_hits"], c["touch_misses"]) == (2, 1, 1)
     assert c["cmd_get"] == 0
 

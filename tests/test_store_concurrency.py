@@ -397,7 +397,7 @@ def test_every_value_read_was_written_whole(hammered):
 def test_counters_count_what_the_threads_saw(hammered):
     """No increment of a counter was lost or doubled."""
     store, report = hammered
-    tallies, counters = report.tallies, store.counters
+    tallies, counters = report.tallies, store.snapshot()
 
     def total(*names):
         return sum(count for name, count in tallies.items() if name[0] in names)
