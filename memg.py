@@ -380,7 +380,7 @@ class Store:
     def _unlink(self, key, item):
         del self.items[key]
         self.oldest.pop(key, None)
-        self.bytes -= item_cost(key, item.size)
+        self.bytes -= item_cost(key, len(item) - VALUE_START)
         if self.sizes is not None:
             self.sizes[self.size_class(key, item)] -= 1
 
@@ -392,8 +392,8 @@ class Store:
     def _link(self, key, item, old=None):
         """Store item under key in place of old; False, with old left as it was,
         when memory is exhausted."""
-        cost = item_cost(key, item.size)
-        freed = item_cost(key, old.size) if old is not None else 0
+        cost = item_cost(key, len(item) - VALUE_START)      # (.size: a Python call)
+        freed = item_cost(key, len(old) - VALUE_START) if old is not None else 0
         if self.bytes + cost - freed > self.memory_limit:
             if old is not None:
                 self._to_most_recent(key, old)    # evict everything else first
