@@ -5,35 +5,31 @@ import socket
 import threading
 import time
 
+import pytest
+
 import memg
 
 
-class CountingSocket:
-    """Wraps the server's end of a socket pair and records each send and sendall."""
+@pytest.fixture
+def sends(monkeypatch):
+    """The replies connections send, one entry per send (memg.send_without_waiting,
+    which every flush begins with)."""
+    sent = []
+    send = memg.send_without_waiting
 
-    def __init__(self, sock):
-        self.sock = sock
-        self.sends = []
+    def recording(fileno, data, size, flags):
+        sent.append(bytes(data))
+        return send(fileno, data, size, flags)
 
-    def send(self, data):
-        self.sends.append(data)
-        return self.sock.send(data)
-
-    def sendall(self, data):
-        self.sends.append(data)
-        self.sock.sendall(data)
-
-    def __getattr__(self, name):
-        return getattr(self.sock, name)
+    monkeypatch.setattr(memg, "send_without_waiting", recording)
+    return sent
 
 
 def serve_one(**settings):
-    """A Connection on one end of a socket pair, served by its own thread; its
-    sock is a CountingSocket."""
+    """A Connection on one end of a socket pair, served by its own thread."""
     server = memg.Server(port=0, **settings)
     ours, theirs = socket.socketpair()
-    counting = CountingSocket(theirs)
-    connection = memg.Connection(server, counting, "test")
+    connection = memg.Connection(server, theirs, "test")
     thread = threading.Thread(target=connection.handle, daemon=True)
     thread.start()
     return server, ours, connection, thread
@@ -139,23 +135,23 @@ def test_reader_close_releases_its_buffer():
     reader.close()
     assert reader.buffer.closed
 
-def test_replies_to_commands_that_arrived_together_leave_in_one_send():
+def test_replies_to_commands_that_arrived_together_leave_in_one_send(sends):
     _, sock, connection, thread = serve_one()
     sock.sendall(b"set a 0 0 1\r\n1\r\n" + b"get a\r\n" * 50)
     data = read_until(sock, b"END\r\n", 50)
     assert data == b"STORED\r\n" + b"VALUE a 0 1\r\n1\r\nEND\r\n" * 50
-    assert len(connection.sock.sends) == 1
+    assert sends == [data]
     sock.close()
     thread.join(5)
 
 
-def test_replies_are_sent_before_waiting_for_more_input():
+def test_replies_are_sent_before_waiting_for_more_input(sends):
     _, sock, connection, thread = serve_one()
     sock.sendall(b"version\r\n")
     assert read_until(sock, b"\r\n").startswith(b"VERSION ")
     sock.sendall(b"get nothing\r\n")
     assert read_until(sock, b"END\r\n") == b"END\r\n"
-    assert len(connection.sock.sends) == 2
+    assert len(sends) == 2
     sock.close()
     thread.join(5)
 
@@ -173,14 +169,35 @@ def test_value_split_across_many_packets_is_reassembled():
     thread.join(5)
 
 
-def test_eof_in_the_middle_of_a_value_stores_nothing_and_ends_quietly():
+def test_eof_in_the_middle_of_a_value_stores_nothing_and_ends_quietly(sends):
     server, sock, connection, thread = serve_one()
     sock.sendall(b"set half 0 0 100\r\n" + b"x" * 50)
     sock.close()
     thread.join(5)
     assert not thread.is_alive()
     assert server.store.get(b"half") is None
-    assert connection.sock.sends == []
+    assert sends == []
+
+
+def test_send_without_waiting_takes_what_the_socket_holds_and_returns():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        data = b"x" * (8 * 1024 * 1024)      # more than a socket pair buffers
+        sent = memg.send_without_waiting(theirs.fileno(), data, len(data), memg.SEND_FLAGS)
+        assert 0 < sent < len(data)
+        assert memg.send_without_waiting(-1, data, len(data), memg.SEND_FLAGS) <= 0
+
+
+def test_a_reply_larger_than_the_socket_holds_arrives_whole_and_in_order():
+    server, sock, _, thread = serve_one()
+    value = bytes(range(256)) * 4096          # 1 MiB
+    server.store.store(memg.SET, b"big", value)
+    sock.sendall(b"get big\r\nget big\r\n")
+    time.sleep(0.2)                            # the server fills the socket, then waits
+    expected = b"VALUE big 0 %d\r\n%s\r\nEND\r\n" % (len(value), value)
+    assert read_until(sock, b"END\r\n", 2) == expected * 2
+    sock.close()
+    thread.join(5)
 
 
 def test_quit_closes_after_sending_earlier_replies():
