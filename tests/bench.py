@@ -615,6 +615,10 @@ def chart(path, figures, labels, info):
     figure, axes = pyplot.subplots(figsize=(8, 5))
     for label in labels:
         values = [by_connections[c].values.get(label) for c in connections]
+        if label.startswith("floor"):          # a reference: dashed, without numbers
+            axes.plot(connections, values, marker=".", linestyle="--", alpha=0.6,
+                      label=label)
+            continue
         axes.plot(connections, values, marker="o", label=label)
         for c, value in zip(connections, values):
             # The highest point at a connection count is labelled above, the others
