@@ -192,9 +192,9 @@ class Item(bytes):
     header (CAS unique, expiry, last access, client flags, state bits), then the
     value.  A Python object per field would cost more than the value itself: a
     100-byte item takes about 265 bytes of memory in all this way (with its key and
-    its dict entry), 450 as an object with a value and two ints (memcached: 197).  Items never change; an update links
-    a new one (``changed``), so a reader that got an Item from the store may use it
-    without the lock."""
+    its dict entry), 450 as an object with a value and two ints (memcached: 197).
+    Items never change; an update links a new one (``make_item``, ``changed``), so a
+    reader that got an Item from the store may use it without the lock."""
 
     __slots__ = ()
     HEADER = struct.Struct("<QqIIB")
@@ -588,7 +588,7 @@ class Store:
                     counters["incr_misses" if incr else "decr_misses"] += 1
                     return NOT_FOUND, None
                 new = make_item(b"%d" % initial, 0, self.expiry(vivify, now),
-                           new_cas or self._next_cas(), now)
+                                new_cas or self._next_cas(), now)
                 if not self._link(key, new):
                     counters["store_no_memory"] += 1
                     return NO_MEMORY, None
@@ -608,7 +608,7 @@ class Store:
                 digits = digits.ljust(len(item.value))
             expires = item.exptime if exptime is None else self.expiry(exptime, now)
             new = make_item(digits, item.flags, expires, new_cas or self._next_cas(), now,
-                       item.state & Item.FETCHED)
+                            item.state & Item.FETCHED)
             if not self._link(key, new, item):
                 counters["store_no_memory"] += 1
                 return NO_MEMORY, None

@@ -6,7 +6,8 @@
 
 The first run creates a virtual environment in .venv-bench (once), installs memg's
 ``bench`` extra into it (pylibmc, which the seed's test.py needs, matplotlib for
-the chart, and gevent for ``memg --gevent``) and re-executes itself there, as tests/run.py does for the test suite.
+the chart, and gevent for ``memg --gevent``) and re-executes itself there, as
+tests/run.py does for the test suite.
 Needs /usr/bin/memcaslap (Debian's libmemcached-tools); /usr/bin/memcached is
 optional: without it memg's figures are printed alone.
 
@@ -664,7 +665,8 @@ def report(figures, labels, entries, info, settings, stderr_seen):
           "each key fetched as an op.  CPU per op: the server's utime+stime over its "
           "cmd_get+cmd_set.")
     if REFERENCE in labels:
-        print("Ratios are to memcached; a target is for memg's ratios, met when the ratio is on its side.")
+        print("Ratios are to memcached; a target is for memg's ratios, met when the "
+              "ratio is on its side.")
     else:
         print("No ratios: %s is not installed." % MEMCACHED)
     for label, texts in stderr_seen.items():

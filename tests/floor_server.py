@@ -29,9 +29,9 @@ def serve(port):
             if words[0] == b"get":
                 with lock:
                     counts["cmd_get"] += len(words) - 1
-                    found = [(key, items.get(key)) for key in words[1:]]
-                conn.sendall(b"".join(b"VALUE %s %s %d\r\n%s\r\n" % (key, item[0], len(item[1]), item[1])
-                                      for key, item in found if item) + b"END\r\n")
+                    found = [(key,) + items[key] for key in words[1:] if key in items]
+                conn.sendall(b"".join(b"VALUE %s %s %d\r\n%s\r\n" % (key, flags, len(value), value)
+                                      for key, flags, value in found) + b"END\r\n")
             elif words[0] == b"set":
                 value = rfile.read(int(words[4]) + 2)[:-2]
                 with lock:
