@@ -160,9 +160,10 @@ MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30
 # is the same in both.
 ITEM_HEADER_SIZE = 48 + 8 + 1 + 2
 # What Python spends on an item beyond the bytes of its key and value: the key's
-# and the Item's object headers, the Item's header of fields and the dict's entry.
-# Resident memory grows by 170 to 190 bytes per item beyond key and value (CPython
-# 3.11, 64-bit, 10 to 4000-byte values); tests/test_server.py checks the bound it gives.
+# and the item's object headers, the item's header of fields and the dict's entry.
+# Resident memory grows by 110 to 160 bytes per item beyond key and value (a Store
+# filled with 100,000 items of 10 to 4000 bytes, CPython 3.11, 64-bit);
+# tests/test_server.py checks the bound it gives.
 ITEM_OVERHEAD = 200
 
 # Outcomes of store operations; the protocol turns them into reply lines.
@@ -187,56 +188,55 @@ STORE_COUNTERS = (
 )
 
 
-class Item(bytes):
-    """One stored value and its metadata, packed into a single bytes object: a
-    header (CAS unique, expiry, last access, client flags, state bits), then the
-    value.  A Python object per field would cost more than the value itself: a
-    100-byte item takes about 265 bytes of memory in all this way (with its key and
-    its dict entry), 450 as an object with a value and two ints (memcached: 197).
-    Items never change; an update links a new one (``make_item``, ``changed``), so a
-    reader that got an Item from the store may use it without the lock."""
-
-    __slots__ = ()
-    HEADER = struct.Struct("<QqIIB")
-    FETCHED, STALE, WON = 1, 2, 4     # state bits
-
-    def changed(self, **changes):
-        """This item with some of its header fields changed."""
-        names = ("cas", "exptime", "atime", "flags", "state")
-        fields = dict(zip(names, item_fields(self)), **changes)
-        return make_item(self.value, **fields)
-
-    def with_state(self, bit):
-        """This item with a state bit set."""
-        return self.changed(state=self.state | bit)
-
-    value = property(lambda self: self[VALUE_START:], doc="the stored bytes")
-    size = property(lambda self: len(self) - VALUE_START, doc="len(value)")
-    cas = property(lambda self: item_fields(self)[0])
-    exptime = property(lambda self: item_fields(self)[1])
-    atime = property(lambda self: item_fields(self)[2])
-    flags = property(lambda self: item_fields(self)[3])
-    state = property(lambda self: self[VALUE_START - 1])
-    fetched = property(lambda self: bool(self.state & Item.FETCHED),
-                       doc="read since stored (meta 'h', expired_unfetched)")
-    stale = property(lambda self: bool(self.state & Item.STALE),
-                     doc="marked by 'md I': served with X until replaced")
-    won = property(lambda self: bool(self.state & Item.WON),
-                   doc="a client holds the recache token (meta W/Z)")
-
-
-# (cas, exptime, atime, flags, state) of an Item, and where its value starts: the
-# hot paths read these directly (a property costs a Python call each).
-item_fields = Item.HEADER.unpack_from
-pack_header = Item.HEADER.pack
-VALUE_START = Item.HEADER.size
+# An item is one stored value and its metadata, packed into a single bytes object: a
+# header (CAS unique, expiry, last access, client flags, state bits), then the value.
+# A Python object per field would cost more than the value itself: a 100-byte item
+# takes about 250 bytes of memory in all this way (with its key and its dict entry),
+# 450 as an object with a value and two ints (memcached: 197).  It is a plain bytes
+# object, not a subclass with properties: an instance of a class defined in Python
+# costs 16 bytes more, and the garbage collector tracks it, so that each full
+# collection walked every item (170 ms for a million items, with every thread
+# stopped).  Items never change; an update links a new one (``make_item``), so a
+# reader that got an item from the store may use it without the lock.
+ITEM_HEADER = struct.Struct("<QqIIB")
+# (cas, exptime, atime, flags, state) of an item, and where its value starts.
+item_fields = ITEM_HEADER.unpack_from
+pack_header = ITEM_HEADER.pack
+VALUE_START = ITEM_HEADER.size
+FETCHED, STALE, WON = 1, 2, 4           # the state bits
 
 
 def make_item(value, flags, exptime, cas, atime, state=0):
-    """A new Item.  exptime: absolute Unix time in whole seconds, 0 never expires,
-    -1 expired; atime: last access (LRU statistics, meta 'l', flush_all's deadline).
-    (A function rather than Item.__new__: a Python __new__ doubles the cost.)"""
-    return Item(pack_header(cas, exptime, atime, flags, state) + value)
+    """A new item.  exptime: absolute Unix time in whole seconds, 0 never expires,
+    -1 expired; atime: last access (LRU statistics, meta 'l', flush_all's deadline)."""
+    return pack_header(cas, exptime, atime, flags, state) + value
+
+
+class ItemView(collections.namedtuple("ItemView", "cas exptime atime flags state value")):
+    """An item unpacked, for the code that reads its fields by name (the hot paths
+    read ``item_fields`` instead)."""
+
+    __slots__ = ()
+    size = property(lambda self: len(self.value))
+    fetched = property(lambda self: bool(self.state & FETCHED),
+                       doc="read since stored (meta 'h', expired_unfetched)")
+    stale = property(lambda self: bool(self.state & STALE),
+                     doc="marked by 'md I': served with X until replaced")
+    won = property(lambda self: bool(self.state & WON),
+                   doc="a client holds the recache token (meta W/Z)")
+
+    def pack(self):
+        return make_item(self.value, self.flags, self.exptime, self.cas, self.atime,
+                         self.state)
+
+
+def unpack_item(item):
+    return ItemView(*item_fields(item), item[VALUE_START:])
+
+
+def changed_item(item, **changes):
+    """item with some of its header fields changed."""
+    return unpack_item(item)._replace(**changes).pack()
 
 
 def item_cost(key, value_size):
@@ -261,7 +261,7 @@ class Store:
         self.clock = clock
         self.started = int(clock())
         self.lock = threading.Lock()
-        self.items = {}                          # key -> Item, least recently used first
+        self.items = {}                          # key -> item, least recently used first
         self.oldest = {}                         # a batch of the first keys (_lru_key)
         self.bytes = 0
         self.last_cas = 0
@@ -296,7 +296,8 @@ class Store:
 
     def ttl(self, item, now):
         """Seconds an item has left, -1 for never (meta 't')."""
-        return -1 if item.exptime == 0 else item.exptime - now
+        exptime = item_fields(item)[1]
+        return -1 if exptime == 0 else exptime - now
 
     # -- internals: the caller holds the lock ---------------------------------
 
@@ -318,7 +319,7 @@ class Store:
         if exptime and exptime <= now:
             self._unlink(key, item)
             self.counters["get_expired"] += 1
-            if not item.fetched:
+            if not item_fields(item)[4] & FETCHED:
                 self.counters["expired_unfetched"] += 1
             return None
         if self.flush_deadline and self._flushed(item, now):
@@ -332,7 +333,7 @@ class Store:
         flush hides are usually dropped all at once; this catches those linked in
         the deadline's own second (and under -C those older than a past deadline)."""
         deadline = self.flush_deadline
-        return deadline and deadline <= now and item.atime <= deadline
+        return deadline and deadline <= now and item_fields(item)[2] <= deadline
 
     def _apply_flush(self, now):
         """Drop every item at once when a delayed flush's deadline has come: all
@@ -346,9 +347,9 @@ class Store:
         within the second it was last read or stored stays where it is: a read then
         costs no copy."""
         cas, exptime, atime, flags, state = item_fields(item)
-        if atime == now and state & Item.FETCHED:
+        if atime == now and state & FETCHED:
             return item
-        item = make_item(item[VALUE_START:], flags, exptime, cas, now, state | Item.FETCHED)
+        item = make_item(item[VALUE_START:], flags, exptime, cas, now, state | FETCHED)
         self._to_most_recent(key, item)
         return item
 
@@ -386,13 +387,14 @@ class Store:
 
     def size_class(self, key, item):
         """The 32-byte class ``stats sizes`` counts an item in, by memcached's size."""
-        size = len(key) + item.size + ITEM_HEADER_SIZE + (4 if item.flags else 0)
+        flags = item_fields(item)[3]
+        size = len(key) + len(item) - VALUE_START + ITEM_HEADER_SIZE + (4 if flags else 0)
         return -(-size // 32) * 32
 
     def _link(self, key, item, old=None):
         """Store item under key in place of old; False, with old left as it was,
         when memory is exhausted."""
-        cost = item_cost(key, len(item) - VALUE_START)      # (.size: a Python call)
+        cost = item_cost(key, len(item) - VALUE_START)
         freed = item_cost(key, len(old) - VALUE_START) if old is not None else 0
         if self.bytes + cost - freed > self.memory_limit:
             if old is not None:
@@ -418,7 +420,8 @@ class Store:
             item = items[key]
             if key == keep:
                 return False
-            dead = item.exptime and item.exptime <= now
+            _, exptime, atime, _, state = item_fields(item)
+            dead = exptime and exptime <= now
             if not dead and not self.evict:
                 return False
             self._unlink(key, item)
@@ -426,9 +429,9 @@ class Store:
                 self.counters["reclaimed"] += 1
             else:
                 self.counters["evictions"] += 1
-                self.counters["evicted_nonzero"] += item.exptime != 0
-                self.counters["evicted_unfetched"] += not item.fetched
-                self.evicted_time = now - item.atime
+                self.counters["evicted_nonzero"] += exptime != 0
+                self.counters["evicted_unfetched"] += not state & FETCHED
+                self.evicted_time = now - atime
                 if self.on_evict is not None:
                     self.on_evict(key, item, now)
         return self.bytes + needed <= self.memory_limit
@@ -463,7 +466,8 @@ class Store:
                 item = self._find(key, now)
                 if item is not None:
                     if exptime is not None:
-                        item = self._relink(key, item.changed(exptime=self.expiry(exptime, now)))
+                        item = self._relink(key, changed_item(
+                            item, exptime=self.expiry(exptime, now)))
                     if bump:
                         item = self._bump(key, item, now)
                 items.append(item)
@@ -506,25 +510,27 @@ class Store:
                     self._bump(key, old, now)
                     return NOT_STORED, None
                 if mode == CAS:
-                    if cas == old.cas and self.use_cas:    # under -C, cas never matches
+                    was = unpack_item(old)
+                    if cas == was.cas and self.use_cas:    # under -C, cas never matches
                         counters["cas_hits"] += 1
-                    elif invalidate and cas < old.cas:
+                    elif invalidate and cas < was.cas:
                         counters["cas_hits"] += 1
                         stale = True
                     else:
                         counters["cas_badval"] += 1
                         return EXISTS, None
-                    expires = old.exptime if stale else self.expiry(exptime, now)
+                    expires = was.exptime if stale else self.expiry(exptime, now)
                 elif mode in (APPEND, PREPEND):
-                    if cas and cas != old.cas:
+                    was = unpack_item(old)
+                    if cas and cas != was.cas:
                         return EXISTS, None
-                    if self.too_large(key, len(old.value) + len(value), old.flags):
+                    if self.too_large(key, len(was.value) + len(value), was.flags):
                         return NOT_STORED, None
-                    value = old.value + value if mode == APPEND else value + old.value
-                    flags, expires = old.flags, old.exptime
+                    value = was.value + value if mode == APPEND else value + was.value
+                    flags, expires = was.flags, was.exptime
                 else:
                     expires = self.expiry(exptime, now)
-            state = Item.STALE | (old.state & Item.WON) if stale else 0
+            state = STALE | (was.state & WON) if stale else 0
             item = make_item(value, flags, expires, new_cas or self._next_cas(), now, state)
             if not self._link(key, item, old):
                 counters["store_no_memory"] += 1
@@ -549,7 +555,7 @@ class Store:
         does not match."""
         with self.lock:
             item = self._find(key, self.now())
-            if item is None or (cas is not None and cas != item.cas):
+            if item is None or (cas is not None and cas != item_fields(item)[0]):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
             self._unlink(key, item)
@@ -562,13 +568,14 @@ class Store:
         with self.lock:
             now = self.now()
             item = self._find(key, now)
-            if item is None or (cas is not None and cas != item.cas):
+            if item is None or (cas is not None and cas != item_fields(item)[0]):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
-            value = b"" if drop_value else item.value
-            expires = item.exptime if exptime is None else self.expiry(exptime, now)
-            stale = Item.STALE if not drop_value or item.stale else 0
-            new = make_item(value, item.flags, expires, new_cas or self._next_cas(), now, stale)
+            was = unpack_item(item)
+            value = b"" if drop_value else was.value
+            expires = was.exptime if exptime is None else self.expiry(exptime, now)
+            stale = STALE if not drop_value or was.stale else 0
+            new = make_item(value, was.flags, expires, new_cas or self._next_cas(), now, stale)
             self._link(key, new, item)            # no larger than item: cannot fail
             return STORED
 
@@ -593,9 +600,10 @@ class Store:
                     counters["store_no_memory"] += 1
                     return NO_MEMORY, None
                 return STORED, new
-            if cas and cas != item.cas:
+            was = unpack_item(item)
+            if cas and cas != was.cas:
                 return EXISTS, None
-            number = parse_uint64(item.value) if item.value else None
+            number = parse_uint64(was.value) if was.value else None
             if number is None:
                 return NON_NUMERIC, None
             if incr:
@@ -604,11 +612,11 @@ class Store:
                 number = max(0, number - delta)
             counters["incr_hits" if incr else "decr_hits"] += 1
             digits = b"%d" % number
-            if len(digits) < len(item.value):
-                digits = digits.ljust(len(item.value))
-            expires = item.exptime if exptime is None else self.expiry(exptime, now)
-            new = make_item(digits, item.flags, expires, new_cas or self._next_cas(), now,
-                            item.state & Item.FETCHED)
+            if len(digits) < len(was.value):
+                digits = digits.ljust(len(was.value))
+            expires = was.exptime if exptime is None else self.expiry(exptime, now)
+            new = make_item(digits, was.flags, expires, new_cas or self._next_cas(), now,
+                            was.state & FETCHED)
             if not self._link(key, new, item):
                 counters["store_no_memory"] += 1
                 return NO_MEMORY, None
@@ -636,20 +644,20 @@ class Store:
                 counters["touch_misses" if touched else "get_misses"] += 1
                 return None
             counters["touch_hits" if touched else "get_hits"] += 1
-            hit_before, last_access = item.fetched, item.atime
+            was = unpack_item(item)
             if touched:
-                item = self._relink(key, item.changed(exptime=self.expiry(exptime, now)))
-            token_sent = item.won
+                item = self._relink(key, changed_item(item, exptime=self.expiry(exptime, now)))
+            expires, token_sent = item_fields(item)[1], was.won
             won = created
-            if (recache is not None and not created and not token_sent and item.exptime
-                    and item.exptime < self.expiry(recache, now)):
+            if (recache is not None and not created and not token_sent and expires
+                    and expires < self.expiry(recache, now)):
                 won = True
-            if item.stale and not token_sent:
+            if was.stale and not token_sent:
                 won = True
             if won:
-                item = self._relink(key, item.with_state(Item.WON))
-            view = (hit_before, now - last_access, self.ttl(item, now), won,
-                    token_sent, item.stale)
+                item = self._relink(key, changed_item(item, state=was.state | WON))
+            view = (was.fetched, now - was.atime, self.ttl(item, now), won,
+                    token_sent, was.stale)
             if bump:
                 item = self._bump(key, item, now)
             return item, view
@@ -697,11 +705,13 @@ class Store:
             self.counters["crawler_items_checked"] += len(batch)
             for key in batch:
                 item = self.items.get(key)
-                if item is not None and (item.exptime and item.exptime <= now
-                                         or self._flushed(item, now)):
+                if item is None:
+                    continue
+                _, exptime, _, _, state = item_fields(item)
+                if exptime and exptime <= now or self._flushed(item, now):
                     self._unlink(key, item)
                     self.counters["crawler_reclaimed"] += 1
-                    self.counters["expired_unfetched"] += not item.fetched
+                    self.counters["expired_unfetched"] += not state & FETCHED
 
     def size_histogram(self):
         """(size, items) for each 32-byte class that has items, or None when sizes
@@ -726,7 +736,7 @@ class Store:
                         cmd_get=counters["get_hits"] + counters["get_misses"],
                         cmd_touch=counters["touch_hits"] + counters["touch_misses"],
                         limit_maxbytes=self.memory_limit, evicted_time=self.evicted_time,
-                        oldest_age=now - oldest.atime if oldest else 0)
+                        oldest_age=now - item_fields(oldest)[2] if oldest else 0)
 
     def dump(self, limit=0):
         """(key, item) pairs, most recently used first, at most limit of them if
@@ -1169,7 +1179,7 @@ class Protocol:
             return
         outcome, item = self.store.arithmetic(tokens[1], delta, incr)
         if outcome == STORED:
-            self.reply(item.value.rstrip(b" ") + b"\r\n")
+            self.reply(item[VALUE_START:].rstrip(b" ") + b"\r\n")
         elif outcome == NON_NUMERIC:
             self.reply(NOT_NUMBER)
         elif outcome == NO_MEMORY:
@@ -1234,6 +1244,7 @@ class Protocol:
             return
         self.noreply = False     # q hides only the miss
         item, (hit_before, last_access, ttl, won, token_sent, stale) = found
+        item = unpack_item(item)
         # The recache markers: Z (another client holds the token), X (stale), W (this
         # client has won the right to recache).
         markers = (b" Z" if token_sent else b"") + (b" X" if stale else b"") + (
@@ -1286,7 +1297,8 @@ class Protocol:
             return
         if outcome != STORED:
             self.noreply = False
-        self.reply(flags.reply(META_CODES[outcome], key, {b"c": item.cas if item else 0}))
+        self.reply(flags.reply(META_CODES[outcome], key,
+                               {b"c": item_fields(item)[0] if item else 0}))
 
     def meta_delete(self, tokens):
         parsed = self.meta_key(tokens, 2, flag_error=BAD_META_FLAG)
@@ -1328,9 +1340,9 @@ class Protocol:
             self.noreply = False
             self.reply(flags.reply(META_CODES[outcome], key))
             return
-        number = item.value.rstrip(b" ")
+        number = item[VALUE_START:].rstrip(b" ")
         line = flags.reply(b"VA %d" % len(number) if "v" in flags else b"HD", key, {
-            b"c": item.cas, b"t": self.store.ttl(item, self.store.now())})
+            b"c": item_fields(item)[0], b"t": self.store.ttl(item, self.store.now())})
         self.reply(line + number + b"\r\n" if "v" in flags else line)
 
     def meta_noop(self, tokens):
@@ -1353,8 +1365,10 @@ class Protocol:
             self.reply(b"EN\r\n")
             return
         now = self.store.now()
+        ttl = self.store.ttl(item, now)
+        item = unpack_item(item)
         self.reply(b"ME %s exp=%d la=%d cas=%d fetch=%s cls=1 size=%d\r\n" % (
-            tokens[1], self.store.ttl(item, now), now - item.atime, item.cas,
+            tokens[1], ttl, now - item.atime, item.cas,
             b"yes" if item.fetched else b"no", item_cost(key, item.size)))
 
     # -- everything else -----------------------------------------------------------
@@ -1446,7 +1460,7 @@ class Protocol:
             self.reply(b"CLIENT_ERROR Illegal slab id\r\n")
             return
         lines = [] if slab != 1 else [
-            b"ITEM %s [%d b; %d s]\r\n" % (key, len(item.value), item.exptime)
+            b"ITEM %s [%d b; %d s]\r\n" % (key, len(item) - VALUE_START, item_fields(item)[1])
             for key, item in self.store.dump(limit)]
         self.reply(b"".join(lines) + b"END\r\n")
 
@@ -1549,7 +1563,7 @@ class Protocol:
         self.server.watchers.emit("fetchers", (
             "type=item_get key=%s status=%s clsid=%d cfd=%s size=%d" % (
                 uri(key), "found" if item else "not_found", 1 if item else 0, self.name,
-                len(item.value) if item else 0)))
+                len(item) - VALUE_START if item else 0)))
 
     def watch_store(self, mode, key, outcome, item):
         if "mutations" in self.server.watchers.active:
@@ -1557,7 +1571,7 @@ class Protocol:
             self.server.watchers.emit("mutations", (
                 "type=item_store key=%s status=%s cmd=%s ttl=%d clsid=1 cfd=%s size=%d" % (
                     uri(key), outcome.lower(), mode, ttl, self.name,
-                    len(item.value) if item else 0)))
+                    len(item) - VALUE_START if item else 0)))
 
     def watch_delete(self, command, key):
         if "deletions" in self.server.watchers.active:
@@ -1568,7 +1582,8 @@ class Protocol:
     def metadump(self, include):
         lines = []
         if include:
-            for key, item in self.store.dump():
+            for key, packed in self.store.dump():
+                item = unpack_item(packed)
                 lines.append(b"key=%s exp=%d la=%d cas=%d fetch=%s cls=1 size=%d\n" % (
                     uri(key).encode(),
                     item.exptime or -1, item.atime, item.cas,
@@ -1705,7 +1720,8 @@ class SocketReader:
         connection.flush()
         if connection.idle_timeout:
             connection.arm_idle_timeout()
-        received = connection.sock.recv_into(self.view[self.end:])
+        # (Most reads start an empty buffer: they need no slice of the view.)
+        received = connection.sock.recv_into(self.view[self.end:] if self.end else self.view)
         self.end += received
         connection.bytes_read += received
         return received > 0
@@ -2161,10 +2177,10 @@ class Server:
 
     def watch_eviction(self, key, item, now):
         if "evictions" in self.watchers.active:
+            ttl, item = self.store.ttl(item, now), unpack_item(item)
             self.watchers.emit("evictions", (
                 "type=eviction key=%s fetch=%s ttl=%d la=%d clsid=1" % (
-                    uri(key), "yes" if item.fetched else "no", self.store.ttl(item, now),
-                    now - item.atime)))
+                    uri(key), "yes" if item.fetched else "no", ttl, now - item.atime)))
 
     def sweep(self):
         """Background expiry: reclaim dead items a slice at a time, once a second."""

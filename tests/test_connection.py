@@ -220,7 +220,7 @@ def test_an_internal_error_closes_only_that_connection_with_server_error(monkeyp
     assert data == b"STORED\r\nSERVER_ERROR internal error\r\n"
     thread.join(5)
     assert "RuntimeError: a bug" in capsys.readouterr().err
-    assert server.store.get(b"a").value == b"1"
+    assert memg.unpack_item(server.store.get(b"a")).value == b"1"
 
 
 def test_client_sockets_have_nagle_turned_off():

@@ -282,7 +282,8 @@ def check_binary_refusal(output):
 def check_store(store):
     """The store's accounting agrees with its items."""
     items = store.items
-    assert store.bytes == sum(memg.item_cost(key, item.size) for key, item in items.items())
+    assert store.bytes == sum(memg.item_cost(key, len(memg.unpack_item(item).value))
+                              for key, item in items.items())
     assert store.bytes <= store.memory_limit
     assert all(0 < len(key) <= memg.KEY_MAX_LENGTH for key in items)
     # track_sizes is on: ``stats sizes`` counts every item once, in its class.
@@ -787,7 +788,7 @@ class MemgMachine(CacheMachine):
     def store_is_consistent(self):
         store = self.session.server.store
         assert store.counters["evictions"] == 0      # the model never evicts
-        assert store.bytes == sum(memg.item_cost(key, item.size)
+        assert store.bytes == sum(memg.item_cost(key, memg.unpack_item(item).size)
                                   for key, item in store.items.items())
 
 

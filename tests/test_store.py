@@ -5,6 +5,7 @@ retrieval, storage (and CAS uniques), delete and invalidate, arithmetic, meta ge
 whole-cache operations; then counters, and threads.
 """
 
+import gc
 import threading
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 import memg
 from conftest import Clock
 from memg import (ADD, APPEND, CAS, EXISTS, NO_MEMORY, NON_NUMERIC, NOT_FOUND,
-                  NOT_STORED, PREPEND, REPLACE, SET, STORED)
+                  NOT_STORED, PREPEND, REPLACE, SET, STORED, unpack_item)
 
 START = 1_700_000_000.0
 DAY = 24 * 60 * 60
@@ -34,7 +35,7 @@ def cost(key, value):
 
 def value_of(store, key):
     item = store.get(key)
-    return None if item is None else item.value
+    return None if item is None else unpack_item(item).value
 
 
 # --------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def test_bytes_returns_to_zero(store):
     store.store(SET, b"key5", b"replaced")
     store.store(SET, b"n", b"1")
     store.arithmetic(b"n", 1000)
-    assert store.bytes == sum(cost(k, i.value) for k, i in store.items.items())
+    assert store.bytes == sum(cost(k, unpack_item(i).value) for k, i in store.items.items())
     for key in list(store.items):
         assert store.delete(key) == STORED
     assert store.bytes == 0
@@ -145,7 +146,7 @@ def test_memory_limit_never_exceeded(clock):
         if i % 3 == 0:
             store.store(APPEND, b"k%d" % (i % 11), b"a" * 100)
         assert store.bytes <= store.memory_limit
-        assert store.bytes == sum(cost(k, it.value) for k, it in store.items.items())
+        assert store.bytes == sum(cost(k, unpack_item(it).value) for k, it in store.items.items())
 
 
 def test_lru_evicts_least_recently_used(clock):
@@ -182,7 +183,7 @@ def test_a_read_moves_an_item_up_once_a_second(clock):
     clock.advance(1)
     store.get(b"k0")
     assert list(store.items) == [b"k2", b"k1", b"k0"]
-    assert store.get(b"k0").atime == int(clock())
+    assert unpack_item(store.get(b"k0")).atime == int(clock())
 
 
 def test_get_without_bump_does_not_protect(clock):
@@ -217,7 +218,7 @@ def test_growing_the_least_recently_used_item_when_full(clock, mode, value):
     assert store.get(b"k1") is None
     assert value_of(store, b"k2") == b"0123456789"
     assert store.bytes <= store.memory_limit
-    assert store.bytes == sum(cost(k, it.value) for k, it in store.items.items())
+    assert store.bytes == sum(cost(k, unpack_item(it).value) for k, it in store.items.items())
 
 
 def test_eviction_counters(clock):
@@ -289,6 +290,20 @@ def test_lowering_memory_limit_evicts(clock):
     assert store.bytes == store.memory_limit
 
 
+def test_the_garbage_collector_never_walks_the_items(store):
+    """Items are plain bytes and the store's dict holds nothing else, so neither is
+    tracked: a full collection does not stop every thread to walk the whole cache."""
+    for i in range(10):
+        store.store(SET, b"k%d" % i, b"v", flags=i)
+    store.get(b"k1")
+    store.store(APPEND, b"k2", b"w")
+    store.meta_get(b"k3", exptime=5, recache=10)
+    store.invalidate(b"k4")
+    store.arithmetic(b"n", 1, vivify=0)
+    assert not gc.is_tracked(store.items)
+    assert not any(gc.is_tracked(item) for item in store.items.values())
+
+
 # --------------------------------------------------------------------------
 # Retrieval
 # --------------------------------------------------------------------------
@@ -297,7 +312,7 @@ def test_set_get_round_trip_bytes_and_flags(store):
     value = bytes(range(256)) + b"\r\n\x00end"
     outcome, item = store.store(SET, b"k", value, flags=0xFFFFFFFF)
     assert outcome == STORED
-    got = store.get(b"k")
+    got, item = unpack_item(store.get(b"k")), unpack_item(item)
     assert (got.value, got.flags, got.cas) == (value, 0xFFFFFFFF, item.cas)
     assert (item.fetched, got.fetched) == (False, True)     # items never change
 
@@ -314,13 +329,13 @@ def test_empty_value(store):
 def test_set_overwrites_value_and_flags(store):
     store.store(SET, b"k", b"one", flags=1)
     store.store(SET, b"k", b"two!", flags=2)
-    item = store.get(b"k")
+    item = unpack_item(store.get(b"k"))
     assert (item.value, item.flags) == (b"two!", 2)
 
 
 def test_get_with_exptime_sets_expiry(store, clock):
     store.store(SET, b"k", b"v", exptime=10)
-    assert store.get(b"k", exptime=100).value == b"v"
+    assert unpack_item(store.get(b"k", exptime=100)).value == b"v"
     clock.advance(50)
     assert value_of(store, b"k") == b"v"
     clock.advance(50)
@@ -370,6 +385,7 @@ def test_storage_outcomes(store, mode, exists, outcome, value):
 def test_store_returns_the_stored_item(store):
     outcome, item = store.store(SET, b"k", b"v", flags=3)
     assert outcome == STORED
+    item = unpack_item(item)
     assert (item.value, item.flags) == (b"v", 3)
     assert store.store(ADD, b"k", b"w") == (NOT_STORED, None)
 
@@ -384,17 +400,18 @@ def test_add_over_expired_item(store, clock):
 def test_cas_outcomes(store):
     assert store.store(CAS, b"k", b"v", cas=1)[0] == NOT_FOUND
     _, item = store.store(SET, b"k", b"one")
-    assert store.store(CAS, b"k", b"two", cas=item.cas + 1)[0] == EXISTS
+    assert store.store(CAS, b"k", b"two", cas=unpack_item(item).cas + 1)[0] == EXISTS
     assert value_of(store, b"k") == b"one"
-    assert store.store(CAS, b"k", b"two", flags=9, cas=item.cas)[0] == STORED
-    assert (store.get(b"k").value, store.get(b"k").flags) == (b"two", 9)
-    assert store.store(CAS, b"k", b"three", cas=item.cas)[0] == EXISTS
+    assert store.store(CAS, b"k", b"two", flags=9, cas=unpack_item(item).cas)[0] == STORED
+    assert value_of(store, b"k") == b"two"
+    assert unpack_item(store.get(b"k")).flags == 9
+    assert store.store(CAS, b"k", b"three", cas=unpack_item(item).cas)[0] == EXISTS
     assert value_of(store, b"k") == b"two"
 
 
 def test_cas_sets_new_exptime(store, clock):
     _, item = store.store(SET, b"k", b"one")
-    store.store(CAS, b"k", b"two", exptime=10, cas=item.cas)
+    store.store(CAS, b"k", b"two", exptime=10, cas=unpack_item(item).cas)
     clock.advance(10)
     assert store.get(b"k") is None
 
@@ -403,7 +420,7 @@ def test_cas_sets_new_exptime(store, clock):
 def test_append_prepend_keep_flags_and_expiry(store, clock, mode, value):
     store.store(SET, b"k", b"mid", flags=7, exptime=100)
     assert store.store(mode, b"k", b"end", flags=1, exptime=0)[0] == STORED
-    item = store.get(b"k")
+    item = unpack_item(store.get(b"k"))
     assert (item.value, item.flags) == (value, 7)
     clock.advance(100)
     assert store.get(b"k") is None
@@ -412,9 +429,9 @@ def test_append_prepend_keep_flags_and_expiry(store, clock, mode, value):
 @pytest.mark.parametrize("mode", [APPEND, PREPEND])
 def test_append_prepend_check_cas(store, mode):
     _, item = store.store(SET, b"k", b"a")
-    assert store.store(mode, b"k", b"b", cas=item.cas + 1)[0] == EXISTS
+    assert store.store(mode, b"k", b"b", cas=unpack_item(item).cas + 1)[0] == EXISTS
     assert value_of(store, b"k") == b"a"
-    assert store.store(mode, b"k", b"b", cas=item.cas)[0] == STORED
+    assert store.store(mode, b"k", b"b", cas=unpack_item(item).cas)[0] == STORED
     assert value_of(store, b"k") == b"ab"[::1 if mode == APPEND else -1]
 
 
@@ -422,7 +439,7 @@ def test_append_prepend_check_cas(store, mode):
 def test_append_prepend_vivify_on_miss(store, clock, mode):
     outcome, item = store.store(mode, b"k", b"seed", exptime=5, vivify=50)
     assert outcome == STORED
-    assert item.value == b"seed"
+    assert unpack_item(item).value == b"seed"
     clock.advance(49)
     assert value_of(store, b"k") == b"seed"
     clock.advance(1)
@@ -431,21 +448,23 @@ def test_append_prepend_vivify_on_miss(store, clock, mode):
 
 def test_new_cas_replaces_generated_cas(store):
     _, item = store.store(SET, b"k", b"v", new_cas=12345)
-    assert item.cas == store.get(b"k").cas == 12345
+    assert unpack_item(item).cas == 12345
+    assert unpack_item(store.get(b"k")).cas == 12345
 
 
 def test_cas_invalidate_accepts_older_cas_and_marks_stale(store):
     _, first = store.store(SET, b"k", b"one")
     _, second = store.store(SET, b"k", b"two")
-    outcome, item = store.store(CAS, b"k", b"three", cas=first.cas, invalidate=True)
+    outcome, item = store.store(CAS, b"k", b"three", cas=unpack_item(first).cas, invalidate=True)
     assert outcome == STORED
-    assert item.stale
+    assert unpack_item(item).stale
     assert value_of(store, b"k") == b"three"
 
 
 def test_cas_invalidate_refuses_newer_cas(store):
     _, item = store.store(SET, b"k", b"one")
-    assert store.store(CAS, b"k", b"two", cas=item.cas + 5, invalidate=True)[0] == EXISTS
+    newer = unpack_item(item).cas + 5
+    assert store.store(CAS, b"k", b"two", cas=newer, invalidate=True)[0] == EXISTS
     assert value_of(store, b"k") == b"one"
 
 
@@ -485,7 +504,7 @@ def test_too_large(store, nbytes, expected):
 # --------------------------------------------------------------------------
 
 def cas_of(store, key):
-    return store.get(key).cas
+    return unpack_item(store.get(key)).cas
 
 
 @pytest.mark.parametrize("modify", [
@@ -522,14 +541,14 @@ def test_cas_unique_kept_on_read_and_touch(store, read):
 
 
 def test_cas_uniques_are_unique_across_keys(store):
-    uniques = {store.store(SET, b"k%d" % i, b"v")[1].cas for i in range(50)}
+    uniques = {unpack_item(store.store(SET, b"k%d" % i, b"v")[1]).cas for i in range(50)}
     assert len(uniques) == 50
 
 
 def test_cas_disabled_gives_zero(clock):
     store = memg.Store(use_cas=False, clock=clock)
     _, item = store.store(SET, b"k", b"v")
-    assert item.cas == 0
+    assert unpack_item(item).cas == 0
 
 
 # --------------------------------------------------------------------------
@@ -551,18 +570,18 @@ def test_delete_expired_is_not_found(store, clock):
 
 def test_delete_with_cas(store):
     _, item = store.store(SET, b"k", b"v")
-    assert store.delete(b"k", cas=item.cas + 1) == EXISTS
+    assert store.delete(b"k", cas=unpack_item(item).cas + 1) == EXISTS
     assert value_of(store, b"k") == b"v"
-    assert store.delete(b"k", cas=item.cas) == STORED
+    assert store.delete(b"k", cas=unpack_item(item).cas) == STORED
     assert store.get(b"k") is None
 
 
 def test_invalidate_marks_stale_and_keeps_value(store):
     _, old = store.store(SET, b"k", b"v", flags=4)
     assert store.invalidate(b"k") == STORED
-    item = store.get(b"k")
+    item = unpack_item(store.get(b"k"))
     assert (item.value, item.flags, item.stale) == (b"v", 4, True)
-    assert item.cas != old.cas
+    assert item.cas != unpack_item(old).cas
 
 
 def test_invalidate_with_exptime(store, clock):
@@ -590,7 +609,7 @@ def test_invalidate_new_cas(store):
 def test_invalidate_drop_value(store):
     store.store(SET, b"k", b"value", flags=2)
     assert store.invalidate(b"k", drop_value=True) == STORED
-    item = store.get(b"k")
+    item = unpack_item(store.get(b"k"))
     assert (item.value, item.flags, item.stale) == (b"", 2, False)
     assert store.bytes == cost(b"k", b"")
 
@@ -598,15 +617,15 @@ def test_invalidate_drop_value(store):
 def test_invalidate_missing_and_cas_mismatch(store):
     assert store.invalidate(b"k") == NOT_FOUND
     _, item = store.store(SET, b"k", b"v")
-    assert store.invalidate(b"k", cas=item.cas + 1) == EXISTS
-    assert not store.get(b"k").stale
+    assert store.invalidate(b"k", cas=unpack_item(item).cas + 1) == EXISTS
+    assert not unpack_item(store.get(b"k")).stale
 
 
 def test_set_clears_stale(store):
     store.store(SET, b"k", b"v")
     store.invalidate(b"k")
     store.store(SET, b"k", b"w")
-    assert not store.get(b"k").stale
+    assert not unpack_item(store.get(b"k")).stale
 
 
 # --------------------------------------------------------------------------
@@ -631,14 +650,14 @@ def test_arithmetic_results(store, value, delta, incr, result):
     store.store(SET, b"k", value)
     outcome, item = store.arithmetic(b"k", delta, incr)
     assert outcome == STORED
-    assert item.value == result
+    assert unpack_item(item).value == result
     assert value_of(store, b"k") == result
 
 
 def test_incr_wraps_at_two_to_the_64(store):
     store.store(SET, b"k", b"18446744073709551615")
     _, item = store.arithmetic(b"k", 10)
-    assert int(item.value) == 9
+    assert int(unpack_item(item).value) == 9
 
 
 def test_padded_value_can_be_incremented_again(store):
@@ -646,7 +665,7 @@ def test_padded_value_can_be_incremented_again(store):
     store.arithmetic(b"k", 95, incr=False)
     assert value_of(store, b"k") == b"5  "
     _, item = store.arithmetic(b"k", 1)
-    assert item.value == b"6  "
+    assert unpack_item(item).value == b"6  "
 
 
 @pytest.mark.parametrize("value", [
@@ -667,23 +686,24 @@ def test_arithmetic_missing(store):
 def test_arithmetic_keeps_flags_and_expiry(store, clock):
     store.store(SET, b"k", b"1", flags=42, exptime=10)
     _, item = store.arithmetic(b"k", 1)
-    assert item.flags == 42
+    assert unpack_item(item).flags == 42
     clock.advance(10)
     assert store.get(b"k") is None
 
 
 def test_arithmetic_with_cas(store):
     _, item = store.store(SET, b"k", b"1")
-    assert store.arithmetic(b"k", 1, cas=item.cas + 1) == (EXISTS, None)
-    outcome, new = store.arithmetic(b"k", 1, cas=item.cas)
-    assert (outcome, new.value) == (STORED, b"2")
+    assert store.arithmetic(b"k", 1, cas=unpack_item(item).cas + 1) == (EXISTS, None)
+    outcome, new = store.arithmetic(b"k", 1, cas=unpack_item(item).cas)
+    assert (outcome, unpack_item(new).value) == (STORED, b"2")
 
 
 def test_arithmetic_vivify(store, clock):
     outcome, item = store.arithmetic(b"k", 5, vivify=20, initial=42)
+    item = unpack_item(item)
     assert (outcome, item.value, item.flags) == (STORED, b"42", 0)
     _, item = store.arithmetic(b"k", 5, vivify=20, initial=42)
-    assert item.value == b"47"
+    assert unpack_item(item).value == b"47"
     clock.advance(20)
     assert store.get(b"k") is None
 
@@ -691,7 +711,7 @@ def test_arithmetic_vivify(store, clock):
 def test_arithmetic_new_exptime_and_cas(store, clock):
     store.store(SET, b"k", b"1")
     _, item = store.arithmetic(b"k", 1, new_cas=99, exptime=10)
-    assert item.cas == 99
+    assert unpack_item(item).cas == 99
     clock.advance(10)
     assert store.get(b"k") is None
 
@@ -748,7 +768,7 @@ def test_meta_get_with_exptime_touches(store, clock):
 def test_meta_get_vivify_on_miss(store, clock):
     item, _ = found = store.meta_get(b"k", vivify=30)
     view = view_of(found)
-    assert item.value == b""
+    assert unpack_item(item).value == b""
     assert (view["won"], view["token_sent"], view["ttl"]) == (True, False, 30)
     again = view_of(store.meta_get(b"k", vivify=30))
     assert (again["won"], again["token_sent"]) == (False, True)
@@ -759,7 +779,7 @@ def test_meta_get_vivify_on_miss(store, clock):
 def test_meta_get_vivify_ignored_on_hit(store):
     store.store(SET, b"k", b"v")
     item, _ = found = store.meta_get(b"k", vivify=30)
-    assert item.value == b"v"
+    assert unpack_item(item).value == b"v"
     assert view_of(found)["won"] is False
 
 
@@ -792,7 +812,7 @@ def test_set_after_win_clears_token(store):
     store.store(SET, b"k", b"fresh")
     item, _ = found = store.meta_get(b"k", vivify=30)
     view = view_of(found)
-    assert item.value == b"fresh"
+    assert unpack_item(item).value == b"fresh"
     assert (view["won"], view["token_sent"], view["stale"]) == (False, False, False)
 
 
@@ -955,7 +975,7 @@ def test_dump_most_recent_first(store):
     store.store(SET, b"b", b"22")
     store.store(SET, b"c", b"333")
     store.get(b"a")
-    assert [(key, item.value) for key, item in store.dump()] == [
+    assert [(key, unpack_item(item).value) for key, item in store.dump()] == [
         (b"a", b"1"), (b"c", b"333"), (b"b", b"22")]
     assert [key for key, _ in store.dump(2)] == [b"a", b"c"]
 
@@ -993,8 +1013,8 @@ def test_touch_counters(store):
 def test_cas_counters(store):
     store.store(CAS, b"k", b"v", cas=1)
     _, item = store.store(SET, b"k", b"v")
-    store.store(CAS, b"k", b"v", cas=item.cas + 100)
-    store.store(CAS, b"k", b"v", cas=item.cas)
+    store.store(CAS, b"k", b"v", cas=unpack_item(item).cas + 100)
+    store.store(CAS, b"k", b"v", cas=unpack_item(item).cas)
     c = store.counters
     assert (c["cas_misses"], c["cas_badval"], c["cas_hits"]) == (1, 1, 1)
 
@@ -1074,7 +1094,7 @@ def test_concurrent_incr():
             assert store.arithmetic(b"n", 1)[0] == STORED
 
     run_threads(16, work)
-    assert store.get(b"n").value == b"4800"
+    assert unpack_item(store.get(b"n")).value == b"4800"
 
 
 def test_concurrent_cas_retry_loops():
@@ -1085,11 +1105,11 @@ def test_concurrent_cas_retry_loops():
         done = 0
         while done < 100:
             item = store.get(b"n")
-            new = b"%d" % (int(item.value) + 1)
-            outcome, _ = store.store(CAS, b"n", new, cas=item.cas)
+            new = b"%d" % (int(unpack_item(item).value) + 1)
+            outcome, _ = store.store(CAS, b"n", new, cas=unpack_item(item).cas)
             assert outcome in (STORED, EXISTS)
             done += outcome == STORED
 
     run_threads(8, work)
-    assert store.get(b"n").value == b"800"
+    assert unpack_item(store.get(b"n")).value == b"800"
     assert store.counters["cas_hits"] == 800

@@ -33,7 +33,7 @@ import pytest
 import memg
 from conftest import Clock
 from memg import (ADD, APPEND, CAS, EXISTS, NO_MEMORY, NON_NUMERIC, NOT_FOUND,
-                  NOT_STORED, PREPEND, REPLACE, SET, STORED)
+                  NOT_STORED, PREPEND, REPLACE, SET, STORED, unpack_item)
 
 START = 1_700_000_000.0
 
@@ -100,8 +100,10 @@ def accounting_problems(store, clock_is_monotonic=True):
     """What is wrong with the store's books, recomputed from its items.  The caller
     holds store.lock, so the store is between two commands."""
     items = store.items
+    # (Each item's header only: unpacking whole items would copy every value.)
+    headers = [memg.item_fields(item) for item in items.values()]
     problems = []
-    cost = sum(memg.item_cost(key, item.size) for key, item in items.items())
+    cost = sum(memg.item_cost(key, len(item) - memg.VALUE_START) for key, item in items.items())
     if store.bytes != cost:
         problems.append("bytes %d but the items cost %d" % (store.bytes, cost))
     if not 0 <= store.bytes <= store.memory_limit:
@@ -111,12 +113,12 @@ def accounting_problems(store, clock_is_monotonic=True):
         kept = {size: count for size, count in store.sizes.items() if count}
         if kept != sizes:
             problems.append("size histogram %r, items %r" % (kept, dict(sizes)))
-    uniques = [item.cas for item in items.values()]
+    uniques = [cas for cas, _, _, _, _ in headers]
     if len(set(uniques)) != len(uniques) or max(uniques, default=0) > store.last_cas:
         problems.append("CAS uniques %r, last %d" % (uniques, store.last_cas))
     # memg's LRU is the dict's own order; it agrees with recency if the last access
     # times never decrease from the least to the most recently used end.
-    atimes = [item.atime for item in items.values()]
+    atimes = [atime for _, _, atime, _, _ in headers]
     if clock_is_monotonic and atimes != sorted(atimes):
         problems.append("LRU order has access times %r" % atimes)
     negative = {name: n for name, n in store.counters.items() if n < 0}
@@ -225,10 +227,10 @@ class Hammer:
         self.tallies[command, "hit" if item is not None else "miss"] += 1
         if item is None:
             return
-        whole = (NUMBER.fullmatch(item.value) if key in NUMBER_KEYS
-                 else written_whole(key, item.value))
+        whole = (NUMBER.fullmatch(unpack_item(item).value) if key in NUMBER_KEYS
+                 else written_whole(key, unpack_item(item).value))
         if not whole:
-            self.report.torn.append((command, key, item.value))
+            self.report.torn.append((command, key, unpack_item(item).value))
 
     def write(self, mode, key, value, **options):
         outcome, _ = self.store.store(mode, key, value, **options)
@@ -265,7 +267,7 @@ class Hammer:
         item = self.store.get(key)
         self.check_read(key, item, "get")
         if item is not None:
-            self.write(CAS, key, self.pieces(key, 2), cas=item.cas,
+            self.write(CAS, key, self.pieces(key, 2), cas=unpack_item(item).cas,
                        exptime=self.rng.choice(EXPTIMES))
 
     def get(self):
@@ -441,7 +443,7 @@ def test_appends_and_prepends_from_many_threads_all_land():
             assert store.store(PREPEND, b"log", b"%c" % (ord("a") + thread))[0] == STORED
 
     run_concurrently([lambda i=i: extend(i) for i in range(THREADS)])
-    value = store.get(b"log").value
+    value = unpack_item(store.get(b"log")).value
     front, bar, back = value.partition(b"|")
     assert bar == b"|"
     assert collections.Counter(front) == {ord("a") + i: times for i in range(THREADS)}
@@ -463,11 +465,11 @@ def test_concurrent_incr_and_decr_net_out_exactly():
         incr = thread % 2 == 0
         for _ in range(times):
             outcome, item = store.arithmetic(b"n", deltas[thread], incr=incr)
-            assert outcome == STORED and NUMBER.fullmatch(item.value)
+            assert outcome == STORED and NUMBER.fullmatch(unpack_item(item).value)
 
     run_concurrently([lambda i=i: count(i) for i in range(THREADS)])
     net = sum(delta if thread % 2 == 0 else -delta for thread, delta in deltas.items())
-    assert int(store.get(b"n").value) == start + net * times
+    assert int(unpack_item(store.get(b"n")).value) == start + net * times
     assert store.counters["incr_hits"] == store.counters["decr_hits"] == THREADS // 2 * times
 
 
@@ -508,7 +510,7 @@ class CasRace:
         if self.unique is not None:
             self.check_round()
         _, item = self.store.store(SET, b"c", b"100")
-        self.unique = item.cas
+        self.unique = unpack_item(item).cas
         self.outcomes = [None] * self.racers
 
     def check_round(self):
@@ -521,8 +523,8 @@ class CasRace:
         me = winners[0]
         item = self.store.get(b"c")
         expected = CAS_ATTEMPTS[me % len(CAS_ATTEMPTS)][1](me)
-        if (item and item.value) != expected:
-            self.problems.append(("value", me, item and item.value, expected))
+        if (item and unpack_item(item).value) != expected:
+            self.problems.append(("value", me, item and unpack_item(item).value, expected))
 
     def racer(self, me, rounds):
         attempt = CAS_ATTEMPTS[me % len(CAS_ATTEMPTS)][0]
@@ -573,7 +575,7 @@ def test_nothing_stored_before_a_flush_is_readable_after_it():
                 for k in range(keys_each):
                     item = store.get(b"w%d-%d" % (writer, k))
                     if item is not None:
-                        seq = int(item.value)
+                        seq = int(unpack_item(item).value)
                         (stale if seq <= before[writer] else survivors).append(seq)
 
     run_concurrently([flush_and_check], [write(w) for w in range(writers)])
@@ -628,7 +630,7 @@ def test_an_expired_item_is_never_returned():
                 found = store.meta_get(key)
                 item = found and found[0]
             if item is not None:
-                deadline = int(item.value)
+                deadline = int(unpack_item(item).value)
                 now = clock.seen.now
                 (expired_reads if deadline and deadline <= now else live_reads).append(
                     (key, deadline, now))
@@ -642,6 +644,6 @@ def test_an_expired_item_is_never_returned():
     assert counters["get_expired"] > 0 and counters["crawler_reclaimed"] > 0
     store.sweep(None)
     now = store.now()
-    assert [key for key, item in store.items.items()
-            if item.exptime and item.exptime <= now] == []
+    expiries = {key: unpack_item(item).exptime for key, item in store.items.items()}
+    assert [key for key, exptime in expiries.items() if exptime and exptime <= now] == []
     assert audit(store) == []
