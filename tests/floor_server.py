@@ -17,42 +17,43 @@ import socket
 import threading
 
 
+def handle(conn, items, lock, counts):
+    """Serve one connection: items maps key -> (flags, value) under lock."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    rfile = conn.makefile("rb")
+    for line in rfile:
+        words = line.split()
+        if words[0] == b"get":
+            with lock:
+                counts["cmd_get"] += len(words) - 1
+                found = [(key,) + items[key] for key in words[1:] if key in items]
+            conn.sendall(b"".join(b"VALUE %s %s %d\r\n%s\r\n" % (key, flags, len(value), value)
+                                  for key, flags, value in found) + b"END\r\n")
+        elif words[0] == b"set":
+            value = rfile.read(int(words[4]) + 2)[:-2]
+            with lock:
+                counts["cmd_set"] += 1
+                items[words[1]] = (words[2], value)
+            conn.sendall(b"STORED\r\n")
+        elif words[0] == b"stats":
+            with lock:
+                numbers = dict(counts, curr_items=len(items))
+            conn.sendall(b"".join(b"STAT %s %d\r\n" % (name.encode(), number)
+                                  for name, number in numbers.items()) + b"END\r\n")
+        elif words[0] == b"version":
+            conn.sendall(b"VERSION floor\r\n")
+        else:
+            conn.sendall(b"ERROR\r\n")
+    conn.close()
+
+
 def serve(port):
     items, lock = {}, threading.Lock()
     counts = {"cmd_get": 0, "cmd_set": 0}
-
-    def handle(conn):
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        rfile = conn.makefile("rb")
-        for line in rfile:
-            words = line.split()
-            if words[0] == b"get":
-                with lock:
-                    counts["cmd_get"] += len(words) - 1
-                    found = [(key,) + items[key] for key in words[1:] if key in items]
-                conn.sendall(b"".join(b"VALUE %s %s %d\r\n%s\r\n" % (key, flags, len(value), value)
-                                      for key, flags, value in found) + b"END\r\n")
-            elif words[0] == b"set":
-                value = rfile.read(int(words[4]) + 2)[:-2]
-                with lock:
-                    counts["cmd_set"] += 1
-                    items[words[1]] = (words[2], value)
-                conn.sendall(b"STORED\r\n")
-            elif words[0] == b"stats":
-                with lock:
-                    numbers = dict(counts, curr_items=len(items))
-                conn.sendall(b"".join(b"STAT %s %d\r\n" % (name.encode(), number)
-                                      for name, number in numbers.items()) + b"END\r\n")
-            elif words[0] == b"version":
-                conn.sendall(b"VERSION floor\r\n")
-            else:
-                conn.sendall(b"ERROR\r\n")
-        conn.close()
-
     listener = socket.create_server(("127.0.0.1", port), backlog=1024)
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+        threading.Thread(target=handle, args=(conn, items, lock, counts), daemon=True).start()
 
 
 def main():
