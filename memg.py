@@ -8,11 +8,19 @@ client at 127.0.0.1:11211; ``python memg.py -h`` lists the options.
 
 The file reads top to bottom in the order data flows:
 
-1. settings      -- what the command line and ``Server(**settings)`` can change
-2. the store     -- items, expiry, memory accounting and the LRU, behind one lock
-3. the protocol  -- one handler per command, found through a table
-4. the connection -- one thread per client: read, dispatch, batch the replies
-5. the server    -- accept loop, connection limit, background sweep, signals
+1. settings      -- each option once: its field drives the command line and
+                    ``stats settings``
+2. the store     -- items, expiry, memory accounting and the LRU, behind one lock;
+                    it knows nothing of sockets or the wire format
+3. the service   -- what every connection shares: the store, counters, statistics,
+                    watchers, credentials, the crawler
+4. the protocol  -- memcached's text protocol without I/O: bytes in, replies out,
+                    one handler per command, found through a table
+5. the engines   -- what moves the bytes: a thread per connection (the default) or
+                    an asyncio event loop (on uvloop when it is installed); each
+                    enforces what is about connections (limits, idle time, output
+                    bounds, clean stop); ``Server`` puts a service and an engine
+                    together
 6. the command line
 7. the pytest plugin -- a ``memg_server`` fixture for other projects' tests
 """
@@ -24,11 +32,9 @@ import contextlib
 import dataclasses
 import errno
 import hmac
-import io
 import itertools
 import mmap
 import os
-import queue
 import re
 import select
 import selectors
@@ -56,37 +62,125 @@ MB = 1024 * KB
 # 1. Settings
 # --------------------------------------------------------------------------
 
+def parse_size(text, unit):
+    """A size such as 64, 512k, 2m or 1g; a bare number is in ``unit`` bytes."""
+    match = re.fullmatch(r"(\d+)([kKmMgG]?)", text)
+    if match is None:
+        raise ValueError("bad size %r" % text)
+    scale = {"": unit, "k": KB, "m": MB, "g": 1024 * MB}[match.group(2).lower()]
+    return int(match.group(1)) * scale
+
+
+def yes_no(value):
+    return "yes" if value else "no"
+
+
+def option(default, *flags, help, stat=None, show=str, parse=None, metavar=None,
+           choices=None, extended=False):
+    """A setting: its default; the command-line flags that set it (a flag on a
+    True/False setting flips the default); with extended, ``-o NAME[=VALUE]`` sets
+    it instead; parse turns the command line's text into the value; stat and show
+    give memcached's name for it in ``stats settings`` and how it reads there."""
+    return dataclasses.field(default=default, metadata=dict(
+        flags=flags, help=help, stat=stat, show=show, parse=parse, metavar=metavar,
+        choices=choices, extended=extended))
+
+
 @dataclasses.dataclass
 class Settings:
-    """Everything a user can choose; the command line fills in the same fields."""
+    """Everything a user can choose.  ``Server(**settings)`` takes these fields, the
+    command line is built from them, and ``stats settings`` shows them in this order
+    (memcached's)."""
 
-    host: str = "127.0.0.1"           # -l; memcached listens everywhere, memg on loopback
-    port: int = 11211                  # -p; 0 picks a free port
-    udp_port: int = 0                  # -U; UDP is not served, so only 0 is accepted
-    unix_socket: Optional[str] = None  # -s; replaces TCP, as in memcached
-    unix_mask: int = 0o700             # -a
-    memory_limit: int = 64 * MB        # -m, in bytes here
-    evict: bool = True                 # -M turns eviction off: full means an error
-    max_connections: int = 1024        # -c
-    item_size_max: int = 1 * MB        # -I
-    threads: int = 4                   # -t; reported only: each client has its own thread
-    verbose: int = 0                   # -v, -vv
-    enable_shutdown: bool = False      # -A
-    use_cas: bool = True               # -C turns CAS off
-    flush_enabled: bool = True         # -F turns flush_all off
-    dump_enabled: bool = True          # -X turns stats cachedump off
-    backlog: int = 1024                # -b
-    idle_timeout: int = 0              # -o idle_timeout=N; 0 means never
-    track_sizes: bool = False          # -o track_sizes: keep ``stats sizes``
-    auth_file: Optional[str] = None    # -Y; user:password lines clients must send first
-    user: Optional[str] = None         # -u; privileges are dropped after binding
-    pid_file: Optional[str] = None     # -P
-    single: bool = False               # --single: serve one connection, then exit
+    memory_limit: int = option(
+        64 * MB, "-m", "--memory-limit", parse=lambda text: parse_size(text, MB),
+        metavar="MB", stat="maxbytes", help="item memory in megabytes (default: 64)")
+    max_connections: int = option(
+        1024, "-c", "--conn-limit", parse=int, metavar="N", stat="maxconns",
+        help="max simultaneous connections (default: 1024)")
+    port: int = option(
+        11211, "-p", "--port", parse=int, stat="tcpport",
+        help="TCP port to listen on; 0 picks a free one (default: 11211)")
+    udp_port: int = option(
+        0, "-U", "--udp-port", parse=int, stat="udpport",
+        help="UDP port; only 0 (off) is supported")
+    host: str = option(
+        "127.0.0.1", "-l", "--listen", metavar="ADDR", stat="inter",
+        help="interfaces to listen on, comma separated, host or host:port (default: "
+             "127.0.0.1; memcached's default is every interface)")
+    verbose: int = option(
+        0, "-v", "--verbose", stat="verbosity",
+        help="-v: errors and warnings; -vv: also every command and reply")
+    evict: bool = option(
+        True, "-M", "--disable-evictions", stat="evictions",
+        show=lambda on: "on" if on else "off",
+        help="return an error when memory is full instead of evicting")
+    unix_socket: Optional[str] = option(
+        None, "-s", "--unix-socket", metavar="FILE", stat="domain_socket",
+        show=lambda path: path or "NULL", help="UNIX socket to listen on (disables TCP)")
+    unix_mask: int = option(
+        0o700, "-a", "--unix-mask", parse=lambda text: int(text, 8), metavar="MASK",
+        stat="umask", show=lambda mask: "%o" % mask,
+        help="access mask for the UNIX socket, in octal (default: 700)")
+    enable_shutdown: bool = option(
+        False, "-A", "--enable-shutdown", stat="shutdown_command", show=yes_no,
+        help='enable the "shutdown" command')
+    threads: int = option(
+        4, "-t", "--threads", parse=int, stat="num_threads",
+        help="accepted for compatibility and reported by stats (default: 4)")
+    use_cas: bool = option(
+        True, "-C", "--disable-cas", stat="cas_enabled", show=yes_no, help="disable CAS")
+    backlog: int = option(
+        1024, "-b", "--listen-backlog", parse=int, metavar="N", stat="tcp_backlog",
+        help="listen backlog (default: 1024)")
+    protocol: str = option(
+        "auto", "-B", "--protocol", choices=("ascii", "auto", "binary"),
+        stat="binding_protocol", show=lambda name: "auto-negotiate" if name == "auto" else name,
+        help="protocol: ascii or auto (the binary protocol is not supported)")
+    auth_file: Optional[str] = option(
+        None, "-Y", "--auth-file", metavar="FILE", stat="auth_enabled_ascii",
+        show=lambda path: path or "no",
+        help="require clients to authenticate first with a user:password line of FILE "
+             "(memcached's ASCII authentication; see README)")
+    item_size_max: int = option(
+        1 * MB, "-I", "--max-item-size", parse=lambda text: parse_size(text, 1),
+        metavar="SIZE", stat="item_size_max",
+        help="max item size, as 512k or 2m (default: 1m, min: 1k, max: 1024m)")
+    flush_enabled: bool = option(
+        True, "-F", "--disable-flush-all", stat="flush_enabled", show=yes_no,
+        help="disable flush_all")
+    dump_enabled: bool = option(
+        True, "-X", "--disable-dumping", stat="dump_enabled", show=yes_no,
+        help="disable stats cachedump and lru_crawler metadump")
+    idle_timeout: int = option(
+        0, parse=int, extended=True, stat="idle_timeout",
+        help="-o idle_timeout=SECONDS: close clients idle that long (0: never)")
+    track_sizes: bool = option(
+        False, extended=True, stat="track_sizes", show=yes_no,
+        help="-o track_sizes: keep the item size histogram of stats sizes")
+    user: Optional[str] = option(
+        None, "-u", "--user", help="drop root privileges to this user after binding")
+    pid_file: Optional[str] = option(
+        None, "-P", "--pidfile", metavar="FILE", help="write the process id to FILE")
+    engine: str = option(
+        "threads", "--engine", choices=lambda: sorted(ENGINES),
+        help="how connections are served: threads (a thread per connection, the "
+             "default) or asyncio (an event loop; on uvloop when it is installed)")
+    event_loop: str = option(
+        "auto", "--event-loop", choices=("auto", "uvloop", "stdlib"),
+        help="the asyncio engine's event loop: uvloop's when it is installed (auto), or "
+             "the standard library's")
+    single: bool = option(
+        False, "--single",
+        help="serve one connection, then exit (threads; for python -m cProfile memg.py "
+             "--single)")
 
     def __post_init__(self):
         """Refuse what memg cannot honour, with the option's name in the message."""
         if self.udp_port:
             raise ValueError("UDP is not supported: -U must be 0")
+        if self.protocol == "binary":
+            raise ValueError("the binary protocol is not supported (-B ascii or auto)")
         if self.unix_socket and not hasattr(socket, "AF_UNIX"):
             raise ValueError("Unix sockets (-s) are not available on this platform")
         if not 0 <= self.port <= 65535:
@@ -96,13 +190,31 @@ class Settings:
         if self.item_size_max > self.memory_limit // 2:
             raise ValueError("item size limit (-I) must be at most half the memory "
                              "limit (-m)")
-        for name, option in (("max_connections", "-c"), ("threads", "-t"),
-                             ("backlog", "-b")):
+        for name in ("max_connections", "threads", "backlog"):
             if getattr(self, name) < 1:
-                raise ValueError("%s (%s) must be at least 1"
-                                 % (name.replace("_", " "), option))
+                raise ValueError("%s (%s) must be at least 1" % (
+                    name.replace("_", " "), self.flag(name)))
+        if self.idle_timeout < 0:
+            raise ValueError("idle_timeout must not be negative")
+        if self.engine not in ENGINES:
+            raise ValueError("unknown engine %r (choose from %s)"
+                             % (self.engine, ", ".join(sorted(ENGINES))))
+        if self.single and self.engine != "threads":
+            raise ValueError("--single needs the threads engine")
+
+    @staticmethod
+    def flag(name):
+        """How the command line names a setting: its short flag, or -o name."""
+        metadata = SETTINGS_FIELDS[name].metadata
+        return metadata["flags"][0] if metadata["flags"] else "-o " + name
+
+    def stats(self):
+        """``stats settings``: (memcached's name, value) for each setting it shows."""
+        return [(field.metadata["stat"], field.metadata["show"](getattr(self, field.name)))
+                for field in SETTINGS_FIELDS.values() if field.metadata["stat"]]
 
 
+SETTINGS_FIELDS = {field.name: field for field in dataclasses.fields(Settings)}
 # --------------------------------------------------------------------------
 # 2. The store: items, expiry, memory accounting, LRU
 # --------------------------------------------------------------------------
@@ -199,11 +311,22 @@ STORE_COUNTERS = (
 # stopped).  Items never change; an update links a new one (``make_item``), so a
 # reader that got an item from the store may use it without the lock.
 ITEM_HEADER = struct.Struct("<QqIIB")
-# (cas, exptime, atime, flags, state) of an item, and where its value starts.
+# (cas, exptime, atime, flags, state) of an item, and where its value starts.  The
+# hot paths unpack all five into names at once; other code reads ``header(item)``.
 item_fields = ITEM_HEADER.unpack_from
 pack_header = ITEM_HEADER.pack
 VALUE_START = ITEM_HEADER.size
 FETCHED, STALE, WON = 1, 2, 4           # the state bits
+ItemHeader = collections.namedtuple("ItemHeader", "cas exptime atime flags state")
+
+
+def header(item):
+    """An item's fields by name, without copying its value."""
+    return ItemHeader._make(item_fields(item))
+
+
+def value_size(item):
+    return len(item) - VALUE_START
 
 
 def make_item(value, flags, exptime, cas, atime, state=0):
@@ -239,9 +362,15 @@ def changed_item(item, **changes):
     return unpack_item(item)._replace(**changes).pack()
 
 
-def item_cost(key, value_size):
-    """Bytes an item is charged against the memory limit."""
-    return len(key) + value_size + ITEM_OVERHEAD
+def item_cost(key, size):
+    """Bytes an item with a value of size bytes is charged against the memory limit."""
+    return len(key) + size + ITEM_OVERHEAD
+
+
+# What mg reports of an item as it was before the request (Store.meta_get).
+MetaView = collections.namedtuple("MetaView", "hit_before last_access ttl won token_sent stale")
+# Keys a walk of the whole cache visits under one hold of the store's lock.
+WALK_BATCH = 1000
 
 
 class Store:
@@ -296,7 +425,7 @@ class Store:
 
     def ttl(self, item, now):
         """Seconds an item has left, -1 for never (meta 't')."""
-        exptime = item_fields(item)[1]
+        exptime = header(item).exptime
         return -1 if exptime == 0 else exptime - now
 
     # -- internals: the caller holds the lock ---------------------------------
@@ -315,11 +444,11 @@ class Store:
         item = self.items.get(key)
         if item is None:
             return None
-        exptime = item_fields(item)[1]
+        _, exptime, _, _, state = item_fields(item)
         if exptime and exptime <= now:
             self._unlink(key, item)
             self.counters["get_expired"] += 1
-            if not item_fields(item)[4] & FETCHED:
+            if not state & FETCHED:
                 self.counters["expired_unfetched"] += 1
             return None
         if self.flush_deadline and self._flushed(item, now):
@@ -333,7 +462,7 @@ class Store:
         flush hides are usually dropped all at once; this catches those linked in
         the deadline's own second (and under -C those older than a past deadline)."""
         deadline = self.flush_deadline
-        return deadline and deadline <= now and item_fields(item)[2] <= deadline
+        return deadline and deadline <= now and header(item).atime <= deadline
 
     def _apply_flush(self, now):
         """Drop every item at once when a delayed flush's deadline has come: all
@@ -381,21 +510,21 @@ class Store:
     def _unlink(self, key, item):
         del self.items[key]
         self.oldest.pop(key, None)
-        self.bytes -= item_cost(key, len(item) - VALUE_START)
+        self.bytes -= item_cost(key, value_size(item))
         if self.sizes is not None:
             self.sizes[self.size_class(key, item)] -= 1
 
     def size_class(self, key, item):
         """The 32-byte class ``stats sizes`` counts an item in, by memcached's size."""
-        flags = item_fields(item)[3]
-        size = len(key) + len(item) - VALUE_START + ITEM_HEADER_SIZE + (4 if flags else 0)
+        size = len(key) + value_size(item) + ITEM_HEADER_SIZE + (
+            4 if header(item).flags else 0)
         return -(-size // 32) * 32
 
     def _link(self, key, item, old=None):
         """Store item under key in place of old; False, with old left as it was,
         when memory is exhausted."""
-        cost = item_cost(key, len(item) - VALUE_START)
-        freed = item_cost(key, len(old) - VALUE_START) if old is not None else 0
+        cost = item_cost(key, value_size(item))
+        freed = item_cost(key, value_size(old)) if old is not None else 0
         if self.bytes + cost - freed > self.memory_limit:
             if old is not None:
                 self._to_most_recent(key, old)    # evict everything else first
@@ -480,7 +609,7 @@ class Store:
 
     # -- storage --------------------------------------------------------------
 
-    def store(self, mode, key, value, flags=0, exptime=0, cas=0, new_cas=0,
+    def store(self, mode, key, value, *, flags=0, exptime=0, cas=0, new_cas=0,
               invalidate=False, vivify=None):
         """Run one storage command; returns (outcome, item stored or None).
 
@@ -555,20 +684,20 @@ class Store:
         does not match."""
         with self.lock:
             item = self._find(key, self.now())
-            if item is None or (cas is not None and cas != item_fields(item)[0]):
+            if item is None or (cas is not None and cas != header(item).cas):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
             self._unlink(key, item)
             self.counters["delete_hits"] += 1
             return STORED
 
-    def invalidate(self, key, cas=None, exptime=None, new_cas=0, drop_value=False):
+    def invalidate(self, key, *, cas=None, exptime=None, new_cas=0, drop_value=False):
         """Meta delete's I and x: mark the item stale (new CAS, optionally a new
         expiry) or empty its value, instead of removing it."""
         with self.lock:
             now = self.now()
             item = self._find(key, now)
-            if item is None or (cas is not None and cas != item_fields(item)[0]):
+            if item is None or (cas is not None and cas != header(item).cas):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
             was = unpack_item(item)
@@ -579,7 +708,7 @@ class Store:
             self._link(key, new, item)            # no larger than item: cannot fail
             return STORED
 
-    def arithmetic(self, key, delta, incr=True, cas=0, vivify=None, initial=0,
+    def arithmetic(self, key, delta, *, incr=True, cas=0, vivify=None, initial=0,
                    new_cas=0, exptime=None):
         """incr/decr: returns (outcome, item).  The value must be a decimal 64-bit
         unsigned number; incr wraps at 2**64, decr stops at 0.  A shorter result
@@ -624,11 +753,10 @@ class Store:
 
     # -- meta get ---------------------------------------------------------------
 
-    def meta_get(self, key, exptime=None, bump=True, vivify=None, recache=None):
-        """mg's item semantics.  Returns None on a miss, else (item, view): view holds
-        what mg reports as it was before this request -- (hit_before, last_access,
-        ttl_left, won, token_already_sent, stale) -- because mg's h and l flags
-        describe the item before the command touched it."""
+    def meta_get(self, key, *, exptime=None, bump=True, vivify=None, recache=None):
+        """mg's item semantics.  Returns None on a miss, else (item, MetaView): the
+        view holds what mg reports as it was before this request, because mg's h and
+        l flags describe the item before the command touched it."""
         with self.lock:
             now = self.now()
             counters = self.counters
@@ -647,7 +775,7 @@ class Store:
             was = unpack_item(item)
             if touched:
                 item = self._relink(key, changed_item(item, exptime=self.expiry(exptime, now)))
-            expires, token_sent = item_fields(item)[1], was.won
+            expires, token_sent = header(item).exptime, was.won
             won = created
             if (recache is not None and not created and not token_sent and expires
                     and expires < self.expiry(recache, now)):
@@ -656,8 +784,9 @@ class Store:
                 won = True
             if won:
                 item = self._relink(key, changed_item(item, state=was.state | WON))
-            view = (was.fetched, now - was.atime, self.ttl(item, now), won,
-                    token_sent, was.stale)
+            view = MetaView(hit_before=was.fetched, last_access=now - was.atime,
+                            ttl=self.ttl(item, now), won=won, token_sent=token_sent,
+                            stale=was.stale)
             if bump:
                 item = self._bump(key, item, now)
             return item, view
@@ -692,7 +821,7 @@ class Store:
 
     def sweep(self, budget=10000):
         """Drop expired items, checking budget keys per call and going on where the
-        last call stopped, so that the lock is never held for long (the server calls
+        last call stopped, so that the lock is never held for long (the engines call
         this every second).  budget None checks every item now."""
         with self.lock:
             now = self.now()
@@ -702,16 +831,28 @@ class Store:
                 budget = budget or len(self._sweep_keys)
             batch = self._sweep_keys[-budget:]
             del self._sweep_keys[-budget:]
-            self.counters["crawler_items_checked"] += len(batch)
-            for key in batch:
-                item = self.items.get(key)
-                if item is None:
-                    continue
-                _, exptime, _, _, state = item_fields(item)
-                if exptime and exptime <= now or self._flushed(item, now):
-                    self._unlink(key, item)
-                    self.counters["crawler_reclaimed"] += 1
-                    self.counters["expired_unfetched"] += not state & FETCHED
+            self._reclaim(batch, now)
+
+    def crawl(self, batch=WALK_BATCH):
+        """Drop every expired item now (``lru_crawler crawl``), a batch of keys
+        under each hold of the lock; yields after each batch."""
+        with self.lock:
+            keys = list(self.items)
+        for start in range(0, len(keys), batch):
+            with self.lock:
+                now = self.now()
+                self._apply_flush(now)
+                self._reclaim(keys[start:start + batch], now)
+            yield
+
+    def _reclaim(self, keys, now):
+        self.counters["crawler_items_checked"] += len(keys)
+        for key in keys:
+            item = self.items.get(key)
+            if item is not None and self._dead(item, now):
+                self._unlink(key, item)
+                self.counters["crawler_reclaimed"] += 1
+                self.counters["expired_unfetched"] += not header(item).state & FETCHED
 
     def size_histogram(self):
         """(size, items) for each 32-byte class that has items, or None when sizes
@@ -736,18 +877,393 @@ class Store:
                         cmd_get=counters["get_hits"] + counters["get_misses"],
                         cmd_touch=counters["touch_hits"] + counters["touch_misses"],
                         limit_maxbytes=self.memory_limit, evicted_time=self.evicted_time,
-                        oldest_age=now - item_fields(oldest)[2] if oldest else 0)
+                        oldest_age=now - header(oldest).atime if oldest else 0)
 
-    def dump(self, limit=0):
-        """(key, item) pairs, most recently used first, at most limit of them if
-        limit is not 0 (``stats cachedump``, ``lru_crawler metadump``)."""
+    def walk(self, limit=None, batch=WALK_BATCH):
+        """Every live item, most recently used first, as lists of (key, item) pairs,
+        a batch at a time (``stats cachedump``, ``lru_crawler metadump``): the lock is
+        held for one batch, never for the whole walk, so that other clients wait no
+        longer than that.  Only the keys are copied at the start, in one pass of
+        C (3 ms for a million items); an item changed since comes as it now is, one
+        gone since is left out.  limit: at most that many of the most recent keys."""
         with self.lock:
-            pairs = reversed(self.items.items())
-            return list(itertools.islice(pairs, limit) if limit else pairs)
+            keys = list(itertools.islice(reversed(self.items), limit))
+        for start in range(0, len(keys), batch):
+            with self.lock:
+                now = self.now()
+                pairs = [(key, item) for key, item in zip(
+                    keys[start:start + batch], map(self.items.get, keys[start:start + batch]))
+                    if item is not None and not self._dead(item, now)]
+            yield pairs
+
+    def _dead(self, item, now):
+        """Whether item has expired or been flushed (but is still linked)."""
+        exptime = header(item).exptime
+        return bool(exptime and exptime <= now or self._flushed(item, now))
 
 
 # --------------------------------------------------------------------------
-# 3. The protocol
+# 3. The service: what every connection shares
+# --------------------------------------------------------------------------
+
+# What ``watch`` accepts: memcached's kinds of event.  memg emits the first five; the
+# others (its proxy's and raw command logs) never have anything to say here.
+WATCH_KINDS = {"fetchers", "mutations", "evictions", "connevents", "deletions",
+               "proxyreqs", "proxyevents", "proxyuser", "sysevents", "rawcmds"}
+# Log lines a watcher may fall behind by before it misses some.
+WATCH_BACKLOG = 10000
+
+
+class Watcher:
+    """A connection that sent ``watch``: the kinds of event it wants, the lines not
+    yet sent to it, and how to tell its engine that there are some (wake is called
+    when lines arrive for a watcher that had none, from whichever thread emits)."""
+
+    __slots__ = ("kinds", "lines", "wake")
+
+    def __init__(self, kinds, wake):
+        self.kinds = kinds
+        self.lines = collections.deque()
+        self.wake = wake
+
+
+class Watchers:
+    """The watchers, and the events they are sent: one line each,
+    "ts=<time> gid=<sequence> type=..." as memcached writes them.  A watcher that
+    falls WATCH_BACKLOG lines behind misses lines (log_watcher_skipped)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.watchers = []
+        self.active = frozenset()        # kinds someone watches: emitters look here first
+        self.gid = 0
+        self.counters = dict.fromkeys(("log_watcher_sent", "log_watcher_skipped"), 0)
+
+    def add(self, kinds, wake):
+        watcher = Watcher(kinds, wake)
+        with self.lock:
+            self.watchers.append(watcher)
+            self.active = frozenset().union(*(w.kinds for w in self.watchers))
+        return watcher
+
+    def remove(self, watcher):
+        with self.lock:
+            self.watchers.remove(watcher)
+            self.active = frozenset().union(*(w.kinds for w in self.watchers))
+
+    def emit(self, kind, text):
+        woken = []
+        with self.lock:
+            self.gid += 1
+            line = ("ts=%.6f gid=%d %s\n" % (time.time(), self.gid, text)).encode("latin-1")
+            for watcher in self.watchers:
+                if kind not in watcher.kinds:
+                    continue
+                if len(watcher.lines) >= WATCH_BACKLOG:
+                    self.counters["log_watcher_skipped"] += 1
+                    continue
+                if not watcher.lines:
+                    woken.append(watcher)
+                watcher.lines.append(line)
+                self.counters["log_watcher_sent"] += 1
+        for watcher in woken:            # outside the lock: a wake may take the engine's
+            watcher.wake()
+
+    def take(self, watcher):
+        """The lines waiting for watcher, at most WATCH_BACKLOG of them, as bytes."""
+        with self.lock:
+            lines = [watcher.lines.popleft()
+                     for _ in range(min(len(watcher.lines), WATCH_BACKLOG))]
+        return b"".join(lines)
+
+
+def read_auth_file(path):
+    """-Y: memcached's auth file, lines of ``user:password``, as {user: password}.
+    Raises ValueError, naming the file and line, if it cannot be used."""
+    try:
+        with open(path, "rb") as file:
+            lines = file.read().splitlines()
+    except OSError as error:
+        raise ValueError("cannot read the auth file (-Y) %s: %s"
+                         % (path, error.strerror or error))
+    credentials = {}
+    for number, line in enumerate(lines, 1):
+        user, colon, password = line.partition(b":")
+        if not colon or not user:
+            raise ValueError("auth file (-Y) %s, line %d: expected user:password"
+                             % (path, number))
+        credentials[user] = password
+    if not credentials:
+        raise ValueError("auth file (-Y) %s has no user:password line" % path)
+    return credentials
+
+
+# Counters the service keeps under its lock.  Traffic (bytes read and written, and
+# cmd_meta) is counted by each connection's protocol, and added in when it closes.
+SERVICE_COUNTERS = ("total_connections", "rejected_connections", "listen_disabled_num",
+                    "idle_kicks", "auth_cmds", "auth_errors")
+TRAFFIC = ("bytes_read", "bytes_written", "cmd_meta")
+
+
+def socket_name(name):
+    """A socket address as memcached's ``stats conns`` writes it."""
+    if isinstance(name, tuple):
+        return "tcp:%s:%d" % name[:2] if ":" not in name[0] else "tcp6:[%s]:%d" % name[:2]
+    return "unix:%s" % (name or "")
+
+
+class Service:
+    """What every connection of a server shares: the store, the settings, counters
+    and statistics, watchers, credentials and the crawler.  It knows no sockets:
+    an engine registers each connection's protocol here (``open_connection``,
+    ``close_connection``) and tells it what it listens on (``listening``)."""
+
+    def __init__(self, settings):
+        self.settings = s = settings
+        self.store = Store(memory_limit=s.memory_limit, item_size_max=s.item_size_max,
+                           evict=s.evict, use_cas=s.use_cas, track_sizes=s.track_sizes)
+        self.credentials = read_auth_file(s.auth_file) if s.auth_file else None
+        self.watchers = Watchers()
+        self.store.on_evict = self.watch_eviction
+        self.started = time.time()
+        self.lock = threading.Lock()       # guards what follows
+        self.connections = set()           # the protocols of the open connections
+        self.counters = dict.fromkeys(SERVICE_COUNTERS, 0)
+        self.closed_traffic = dict.fromkeys(TRAFFIC, 0)
+        # Traffic at the last ``stats reset``: connections own their counts, so a
+        # reset records where it happened instead of writing to them.
+        self.traffic_at_reset = dict.fromkeys(TRAFFIC, 0)
+        self.crawler_enabled = True        # lru_crawler enable|disable
+        self.crawling = False              # a crawl or dump runs (others get BUSY)
+        self.listening = []                # (fd, address) of each listening socket
+        self.on_shutdown = None            # the engine's request_stop (``shutdown``)
+
+    # -- connections -----------------------------------------------------------
+
+    def open_connection(self, protocol):
+        """Admit a connection (its protocol), or refuse it over the connection limit
+        (-c); the engine then sends TOO_MANY_CONNECTIONS and closes it."""
+        with self.lock:
+            admitted = len(self.connections) < self.settings.max_connections
+            self.counters["total_connections" if admitted else "rejected_connections"] += 1
+            if admitted:
+                self.connections.add(protocol)
+        if admitted:
+            self.watch_connection("conn_new", protocol)
+            if self.settings.verbose > 1:
+                print("%s: Client using the ascii protocol" % protocol.name, file=sys.stderr)
+        return admitted
+
+    def refuse_connection(self):
+        """Count a client the engine could not serve (no thread to be had)."""
+        self.count("rejected_connections")
+
+    def close_connection(self, protocol):
+        """A connection has closed: its traffic joins the totals."""
+        protocol.connection_lost()
+        with self.lock:
+            if protocol not in self.connections:
+                return
+            self.connections.remove(protocol)
+            for name in TRAFFIC:
+                self.closed_traffic[name] += getattr(protocol, name)
+        self.watch_connection("conn_close", protocol)
+        if self.settings.verbose > 1:
+            print("<%s connection closed." % protocol.name, file=sys.stderr)
+
+    def count(self, name):
+        with self.lock:
+            self.counters[name] += 1
+
+    def authenticate(self, user, password):
+        """Whether user and password match a line of the auth file (-Y).  Every
+        password is compared in constant time, so that timing reveals nothing."""
+        matched = (hmac.compare_digest(password, self.credentials.get(user, b""))
+                   and user in self.credentials)
+        with self.lock:
+            self.counters["auth_cmds"] += 1
+            self.counters["auth_errors"] += not matched
+        return matched
+
+    def request_shutdown(self):
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+
+    # -- the crawler: memg's background expiry sweep, and the whole-cache walks --
+
+    def begin_crawl(self):
+        """Claim the crawler for a crawl or a dump; False if one is running."""
+        with self.lock:
+            if self.crawling:
+                return False
+            self.crawling = True
+            return True
+
+    def end_crawl(self):
+        with self.lock:
+            self.crawling = False
+
+    def sweep(self):
+        """Reclaim expired items, a slice at a time: engines call this every second."""
+        if self.crawler_enabled:
+            self.store.sweep()
+
+    # -- watchers -----------------------------------------------------------------
+
+    def watch_connection(self, event, protocol):
+        if "connevents" in self.watchers.active:
+            peer = protocol.peer
+            where = ("rip=%s rport=%d transport=tcp" % peer[:2] if isinstance(peer, tuple)
+                     else "transport=local")
+            self.watchers.emit("connevents", "type=%s %s%s cfd=%s" % (
+                event, where, " reason=normal" if event == "conn_close" else "",
+                protocol.name))
+
+    def watch_eviction(self, key, item, now):
+        if "evictions" in self.watchers.active:
+            ttl, item = self.store.ttl(item, now), header(item)
+            self.watchers.emit("evictions", (
+                "type=eviction key=%s fetch=%s ttl=%d la=%d clsid=1" % (
+                    uri(key), "yes" if item.state & FETCHED else "no", ttl,
+                    now - item.atime)))
+
+    # -- statistics -------------------------------------------------------------
+
+    def reset_stats(self):
+        self.store.reset_counters()
+        with self.lock:
+            self.traffic_at_reset = self._traffic()
+            for name in ("total_connections", "rejected_connections", "listen_disabled_num",
+                         "idle_kicks"):
+                self.counters[name] = 0
+
+    def _traffic(self):
+        """Bytes read and written and meta commands since the start, as a dict; the
+        caller holds the lock."""
+        return {name: self.closed_traffic[name] + sum(
+            getattr(protocol, name) for protocol in self.connections) for name in TRAFFIC}
+
+    def general_stats(self):
+        """``stats``: memcached's general statistics, in memcached's order, for the
+        ones that mean something here."""
+        now = time.time()
+        store = self.store.snapshot()
+        with self.lock:
+            counters = dict(self.counters)
+            live = len(self.connections)
+            traffic, at_reset = self._traffic(), self.traffic_at_reset
+        since_reset = {name: traffic[name] - at_reset[name] for name in TRAFFIC}
+        usage = os.times()
+        return [
+            ("pid", os.getpid()),
+            ("uptime", int(now - self.started)),
+            ("time", int(now)),
+            ("version", VERSION),
+            ("libevent", "none"),
+            ("pointer_size", 64 if sys.maxsize > 2 ** 32 else 32),
+            ("rusage_user", "%.6f" % usage.user),
+            ("rusage_system", "%.6f" % usage.system),
+            ("max_connections", self.settings.max_connections),
+            ("curr_connections", live),
+            ("total_connections", counters["total_connections"]),
+            ("rejected_connections", counters["rejected_connections"]),
+            ("connection_structures", live),
+            ("cmd_get", store["cmd_get"]),
+            ("cmd_set", store["cmd_set"]),
+            ("cmd_flush", store["cmd_flush"]),
+            ("cmd_touch", store["cmd_touch"]),
+            ("cmd_meta", since_reset["cmd_meta"]),
+        ] + [(name, store[name]) for name in (
+            "get_hits", "get_misses", "get_expired", "get_flushed", "delete_misses",
+            "delete_hits", "incr_misses", "incr_hits", "decr_misses", "decr_hits",
+            "cas_misses", "cas_hits", "cas_badval", "touch_hits", "touch_misses",
+            "store_too_large", "store_no_memory")
+        ] + [
+            ("auth_cmds", counters["auth_cmds"]),
+            ("auth_errors", counters["auth_errors"]),
+            ("idle_kicks", counters["idle_kicks"]),
+            ("bytes_read", since_reset["bytes_read"]),
+            ("bytes_written", since_reset["bytes_written"]),
+            ("limit_maxbytes", store["limit_maxbytes"]),
+            ("accepting_conns", 1),
+            ("listen_disabled_num", counters["listen_disabled_num"]),
+            ("threads", self.settings.threads),
+            ("conn_yields", 0),
+        ] + [(name, store[name]) for name in (
+            "bytes", "curr_items", "total_items", "expired_unfetched", "evicted_unfetched",
+            "evictions", "reclaimed", "crawler_reclaimed", "crawler_items_checked")
+        ] + [
+            ("log_watcher_skipped", self.watchers.counters["log_watcher_skipped"]),
+            ("log_watcher_sent", self.watchers.counters["log_watcher_sent"]),
+            ("log_watchers", len(self.watchers.watchers)),
+        ]
+
+    def settings_stats(self):
+        """``stats settings``: the settings as memcached names them, with what is in
+        force now: the port bound, the memory limit after ``cache_memlimit``."""
+        tcp = [address for _, address in self.listening if isinstance(address, tuple)]
+        current = {"maxbytes": self.store.memory_limit,
+                   "tcpport": tcp[0][1] if tcp else 0 if self.settings.unix_socket
+                   else self.settings.port}
+        return [(name, current.get(name, value)) for name, value in self.settings.stats()]
+
+    def item_stats(self):
+        """``stats items``: memg has no slab classes, so all items are in class 1."""
+        store = self.store.snapshot()
+        if not store["curr_items"]:
+            return []
+        return [("items:1:" + name, value) for name, value in (
+            ("number", store["curr_items"]),
+            ("age", store["oldest_age"]),
+            ("mem_requested", store["bytes"]),
+            ("evicted", store["evictions"]),
+            ("evicted_nonzero", store["evicted_nonzero"]),
+            ("evicted_time", store["evicted_time"]),
+            ("outofmemory", store["store_no_memory"]),
+            ("reclaimed", store["reclaimed"]),
+            ("expired_unfetched", store["expired_unfetched"]),
+            ("evicted_unfetched", store["evicted_unfetched"]),
+            ("crawler_reclaimed", store["crawler_reclaimed"]),
+            ("crawler_items_checked", store["crawler_items_checked"]),
+        )]
+
+    def slab_stats(self):
+        """``stats slabs``: one pseudo slab class holding every item."""
+        store = self.store.snapshot()
+        used = []
+        if store["curr_items"]:
+            used = [("1:" + name, value) for name, value in [
+                ("chunk_size", store["bytes"] // store["curr_items"]),
+                ("used_chunks", store["curr_items"]),
+            ] + [(name, store[name]) for name in (
+                "get_hits", "cmd_set", "delete_hits", "incr_hits", "decr_hits", "cas_hits",
+                "cas_badval", "touch_hits")]]
+        return used + [("active_slabs", 1 if used else 0), ("total_malloced", store["bytes"])]
+
+    def size_stats(self):
+        """``stats sizes``: items per 32-byte size class, with -o track_sizes."""
+        histogram = self.store.size_histogram()
+        if histogram is None:
+            return [("sizes_status", "disabled")]
+        return [(str(size), count) for size, count in histogram]
+
+    def connection_stats(self):
+        """``stats conns``: the listening sockets, then one block per client."""
+        now = time.monotonic()
+        rows = []
+        for fd, address in self.listening:
+            rows += [("%d:addr" % fd, socket_name(address)), ("%d:state" % fd, "conn_listening")]
+        with self.lock:
+            live = sorted(self.connections, key=lambda protocol: protocol.fd)
+        for protocol in live:
+            fd = protocol.fd
+            rows += [("%d:addr" % fd, socket_name(protocol.peer)),
+                     ("%d:listen_addr" % fd, socket_name(protocol.local)),
+                     ("%d:state" % fd, protocol.state()),
+                     ("%d:secs_since_last_cmd" % fd, int(now - protocol.last_command))]
+        return rows
+# --------------------------------------------------------------------------
+# 4. The protocol
 # --------------------------------------------------------------------------
 
 # A command line longer than this with no newline closes the connection, except for
@@ -755,9 +1271,12 @@ class Store:
 LINE_LIMIT = 2048
 GET_LINE_LIMIT = 1 * MB
 MEMCACHED_READ_BUFFER = 16 * KB
-# Values are read in slices of this size, so that a claimed length is never
-# allocated before the bytes arrive.
-READ_CHUNK = 64 * KB
+# Replies a connection holds for its client at most before it stops running commands
+# until they are sent: a client that pipelines requests without reading the replies
+# holds at most this much (and its engine stops reading from it, as memcached does).
+OUTPUT_LIMIT = 256 * KB
+# stats cachedump stops before its reply reaches this size, as memcached's does.
+CACHEDUMP_LIMIT = 2 * MB
 # memcached refuses data lengths beyond INT_MAX - 2 as malformed.
 VALUE_LENGTH_MAX = 2 ** 31 - 3
 # memcached's slab class ids run below this; memg keeps every item in class 1.
@@ -783,6 +1302,10 @@ AUTH_FAILURE = b"CLIENT_ERROR authentication failure\r\n"
 BAD_AUTH_FORMAT = b"CLIENT_ERROR bad authentication token format\r\n"
 BAD_TERMINATION = b"CLIENT_ERROR bad command line termination\r\n"
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
+CRAWLER_BUSY = b"BUSY currently processing crawler request\r\n"
+INTERNAL_ERROR = b"SERVER_ERROR internal error\r\n"
+OK = b"OK\r\n"
+END = b"END\r\n"
 
 REPLIES = {STORED: b"STORED\r\n", NOT_STORED: b"NOT_STORED\r\n", EXISTS: b"EXISTS\r\n",
            NOT_FOUND: b"NOT_FOUND\r\n", NO_MEMORY: NO_MEMORY_REPLY}
@@ -873,32 +1396,148 @@ class MetaFlags:
         return b"".join(parts)
 
 
-class Protocol:
-    """memcached's text protocol for one client.
 
-    ``rfile`` is a buffered binary reader (a socket's, or any binary file such as
-    io.BytesIO, which is wrapped in one); replies collect in ``self.out`` until the
-    connection sends them.  ``process()`` handles one command and returns False when
-    the connection should close.  ``server`` gives the store, the settings and the
-    server-wide statistics; it need not be running.
+BINARY_HEADER_SIZE = 24
+
+
+class DataBlock:
+    """The data block a storage command waits for (memcached's conn_nread state):
+    the bytes still to come, those come so far, and what to call with them once
+    they are all there; or (parts and then None) the data of a refused command,
+    discarded as it arrives (memcached's conn_swallow)."""
+
+    __slots__ = ("remaining", "parts", "then")
+
+    def __init__(self, remaining, parts, then):
+        self.remaining = remaining
+        self.parts = parts
+        self.then = then
+
+
+class TextProtocol:
+    """memcached's text protocol for one connection, without any I/O.
+
+    The engine hands it what it receives (``receive_data``; b"" once the input has
+    ended) and sends what that returns.  Every command whose input is complete runs
+    then, in order, and its replies are returned; the rest of the input waits for
+    more.  Afterwards ``closing`` says whether to close the connection once the
+    replies are sent, and ``pending`` whether more replies can be made without more
+    input: a long reply streamed as the client reads it (a dump, a large
+    multi-get), commands held back while the replies before them exceeded
+    OUTPUT_LIMIT, or a watcher's log lines.  ``data_to_send`` makes them, a bounded
+    step at a time, so that an engine can send each step before it asks for the
+    next and serve other clients in between.
+
+    Why a state machine fed with bytes, as memcached's connection states and h11,
+    rather than blocking handlers over a buffer that rewinds: the same handlers
+    then serve a thread that reads its socket and an event loop that is handed
+    bytes, a storage command has no effect until its whole data block is there, and
+    a value that arrives in many pieces is neither parsed again nor copied again at
+    every piece; one over the size limit is discarded as it streams in.
+
+    ``service`` gives the store, the settings and the server-wide state; fd, peer
+    and local (the client's and the listener's addresses) only describe the
+    connection for ``stats conns``, ``watch`` and -vv; wake, if given, is called
+    from any thread when a watcher connection has log lines waiting.
     """
 
-    def __init__(self, server, rfile, name="-"):
-        self.server = server
-        self.store = server.store
-        self.settings = server.settings
-        # Long lines need peek(); wrap readers that lack it (io.BytesIO in tests).
-        self.rfile = rfile if hasattr(rfile, "peek") else io.BufferedReader(rfile)
-        self.name = name          # how -vv and watch name this client
+    def __init__(self, service, fd=-1, peer=None, local=None, wake=None):
+        self.service = service
+        self.store = service.store
+        self.settings = service.settings
+        self.fd, self.peer, self.local, self.wake = fd, peer, local, wake
+        self.name = str(fd)            # how -vv and watch name this client
+        self.buffer = b""              # input received, not yet consumed from pos on
+        self.pos = 0
+        self.block = None              # the DataBlock being waited for, if any
+        self.producer = None           # an iterator of a reply's chunks, if streaming
+        self.watcher = None            # once the client sent watch
+        self.paused = False            # commands wait: replies before them are over the bound
+        self.eof = False               # the input has ended
+        self.closing = False           # close once the replies are sent
         self.first = True
-        self.authenticated = server.credentials is None
-        self.watching = None      # the queue of events, once the client sent watch
-        self.last_command = time.monotonic()     # for stats conns
-        self.out = []             # replies not yet sent
+        self.authenticated = service.credentials is None
+        self.out = []                  # replies not yet taken by the engine
         self.out_bytes = 0
         self.noreply = False
+        self.last_command = time.monotonic()      # idle timeout, stats conns
+        self.bytes_read = self.bytes_written = self.cmd_meta = 0    # the traffic
 
-    # -- output -------------------------------------------------------------
+    # -- the engine's side --------------------------------------------------------
+
+    def receive_data(self, data):
+        """Take bytes the client sent (b"": its input has ended) and return the
+        replies of the commands they complete."""
+        if self.watcher is not None:         # a watcher only listens, until it leaves
+            self.closing = self.closing or not data
+            return b""
+        if not data:
+            self.eof = True
+        else:
+            self.bytes_read += len(data)
+            if self.pos < len(self.buffer):
+                data = self.buffer[self.pos:] + data    # a partial line waited
+            self.buffer, self.pos = data, 0
+        if self.first and self.buffer:
+            if self.buffer[0] == 0x80:       # memcached's binary protocol: its header first
+                if len(self.buffer) < BINARY_HEADER_SIZE and not self.eof:
+                    return b""
+                self.refuse_binary()
+                return self.take_output()
+            self.first = False
+        self.run()
+        return self.take_output()
+
+    @property
+    def pending(self):
+        """Whether ``data_to_send`` has more replies to make without more input."""
+        return bool(self.producer is not None or self.paused
+                    or (self.watcher is not None and self.watcher.lines))
+
+    def data_to_send(self):
+        """The next step of the replies that ``pending`` promised (b"" if there is
+        none yet): a chunk of a streamed reply, the watcher's lines, or the replies
+        of commands that waited for room."""
+        try:
+            if self.producer is not None:
+                chunk = next(self.producer, None)
+                if chunk is None:
+                    self.producer = None
+                    self.run()           # the commands after the streamed one
+                else:
+                    self.queue(chunk)
+            elif self.watcher is not None:
+                self.queue(self.service.watchers.take(self.watcher))
+            else:
+                self.run()
+        except Exception:
+            self.internal_error()
+        if self.eof and not self.pending:
+            self.closing = True
+        return self.take_output()
+
+    def connection_lost(self):
+        """The connection has closed: let go of what it held (a watcher slot, a
+        dump's hold of the crawler)."""
+        self.closing = True
+        if self.producer is not None:
+            self.producer.close()        # its finally clauses release what it held
+            self.producer = None
+        if self.watcher is not None:
+            self.service.watchers.remove(self.watcher)
+            self.watcher = None
+
+    def state(self):
+        """The connection's state as memcached's ``stats conns`` names it."""
+        if self.closing:
+            return "conn_closing"
+        if self.watcher is not None:
+            return "conn_watch"
+        if self.block is not None:
+            return "conn_nread"
+        return "conn_parse_cmd"
+
+    # -- output -----------------------------------------------------------------
 
     def queue(self, data):
         self.out.append(data)
@@ -909,7 +1548,8 @@ class Protocol:
         if self.noreply:
             self.noreply = False
             return
-        self.queue(data)
+        self.out.append(data)
+        self.out_bytes += len(data)
         if self.settings.verbose > 1:
             self.log(">", data)
 
@@ -918,136 +1558,151 @@ class Protocol:
         self.noreply = False
         self.reply(data)
 
+    def stream(self, chunks):
+        """Send an iterator's chunks as the client reads them: the commands after
+        this one wait until it is exhausted."""
+        self.producer = iter(chunks)
+
     def log(self, direction, data):
         """-vv: a command or the first line of a reply, as memcached logs them."""
-        line = data.split(b"\r\n", 1)[0].decode("latin-1")
+        line = bytes(data).split(b"\r\n", 1)[0].decode("latin-1")
         print("%s%s %s" % (direction, self.name, line), file=sys.stderr, flush=True)
 
     def take_output(self):
-        out, self.out, self.out_bytes = self.out, [], 0
-        return b"".join(out)
+        out = self.out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        self.out, self.out_bytes = [], 0
+        self.bytes_written += len(data)
+        return data
 
-    # -- input --------------------------------------------------------------
+    def internal_error(self):
+        """A bug in memg: this client gets memcached's severe-error reply and is
+        closed; the traceback goes to the server's stderr, never to the wire."""
+        traceback.print_exc()
+        self.queue(INTERNAL_ERROR)
+        self.block = None
+        self.connection_lost()
 
-    def strip_line(self, line):
-        """The command in a line as read, without its terminator, for the lines that
-        do not simply end in "\\r\\n" (process takes those itself); None at EOF or
-        when the line is too long to be a command (memcached closes the connection
-        then)."""
-        if line[-1:] != b"\n":
-            if len(line) < LINE_LIMIT + 2:
-                return None                      # EOF, perhaps mid-line
-            line = self.read_long_line(line)
-            if line is None:
-                return None
-        if 0 in line:         # a NUL byte (a test for b"\0" would cost an exception)
-            line = line[:line.index(0)] + b"\n"     # memcached's C strings end at NUL
-        # As memcached: strip "\r\n" or "\n", but a lone "\r\n" keeps its "\r".
-        return line[:-2] if line[-2:-1] == b"\r" and len(line) > 2 else line[:-1]
+    # -- input --------------------------------------------------------------------
 
-    def read_long_line(self, start):
-        """The rest of a line longer than LINE_LIMIT, or None to close.  memcached
-        takes such a line if its newline is already within its 16 KiB read buffer,
-        and lets only get and gets lines grow beyond that."""
-        buffered = self.rfile.peek(MEMCACHED_READ_BUFFER)
-        if b"\n" in buffered[:MEMCACHED_READ_BUFFER - len(start)]:
-            return start + self.rfile.readline(MEMCACHED_READ_BUFFER)
-        command = start.lstrip(b" ")
-        if len(start) - len(command) > 100 or not command.startswith((b"get ", b"gets ")):
-            return None
-        line = start + self.rfile.readline(GET_LINE_LIMIT - len(start))
-        return line if line[-1:] == b"\n" else None
-
-    def receive_value(self, key, nbytes, flags, drop_old, answer):
-        """The data block of a storage command, or None when the command has been
-        answered already: a value over the size limit is swallowed unread (the old
-        value dropped if drop_old), and a block not ended by "\\r\\n" is refused.
-        answer sends those errors: self.reply (noreply hides them) or self.error."""
-        if self.store.too_large(key, nbytes, flags):
-            self.store.refuse_too_large(key, drop_old)
-            answer(TOO_LARGE_REPLY)
-            self.swallow(nbytes + 2)
-            return None
-        value = self.read_block(nbytes)
-        if value is None:
-            answer(BAD_CHUNK)
-        return value
-
-    def read_block(self, nbytes):
-        """nbytes of data and their "\\r\\n", read a slice at a time; None if the
-        terminator is wrong.  Raises EOFError if the input ends first."""
-        if nbytes + 2 <= READ_CHUNK:
-            data = self.rfile.read(nbytes + 2)
-        else:
-            parts, remaining = [], nbytes + 2
-            while remaining:
-                part = self.rfile.read(min(remaining, READ_CHUNK))
-                if not part:
-                    break
-                parts.append(part)
-                remaining -= len(part)
-            data = b"".join(parts)
-        if len(data) < nbytes + 2:
-            raise EOFError
-        return data[:-2] if data[-2:] == b"\r\n" else None
-
-    def swallow(self, nbytes):
-        """Discard nbytes of input (the data of a refused storage command).  Raises
-        EOFError if the input ends first."""
-        while nbytes > 0:
-            part = self.rfile.read(min(nbytes, READ_CHUNK))
-            if not part:
-                raise EOFError
-            nbytes -= len(part)
-
-    # -- dispatch -------------------------------------------------------------
-
-    def process(self):
-        """Read and run one command.  Returns False when the connection should close:
-        at the end of the input, or when the command says so (handlers return False
-        for that; anything else means go on)."""
-        if self.first:
-            self.first = False
-            if self.rfile.peek(1)[:1] == b"\x80":
-                self.refuse_binary()
-                return False
+    def run(self):
+        """Run the commands whose input is complete, until the input runs out, the
+        replies reach OUTPUT_LIMIT, or a streamed reply or a watcher takes over."""
         try:
-            line = self.rfile.readline(LINE_LIMIT + 2)
-            if line[-2:] == b"\r\n" and len(line) > 2 and 0 not in line:
-                line = line[:-2]                 # the usual command line
-            else:
-                line = self.strip_line(line)
-                if line is None:
-                    return False
-            self.last_command = time.monotonic()
-            if self.settings.verbose > 1:
-                self.log("<", line)
-            self.noreply = False
-            tokens = line.split(b" ")
-            if b"" in tokens:
-                tokens = [token for token in tokens if token]
-            if not self.authenticated:
-                return self.authenticate(tokens)
-            try:
-                handler, fewest, most = self.COMMANDS[tokens[0]]
-            except (KeyError, IndexError):
-                return self.unknown(tokens)
-            if not fewest <= len(tokens) <= most:
-                self.reply(ERROR)
-                return True
-            return handler(self, tokens) is not False
-        except EOFError:
-            return False             # the input ended inside a data block
+            self.paused = False
+            while not self.closing:
+                if self.out_bytes >= OUTPUT_LIMIT:
+                    self.paused = self.pos < len(self.buffer) or self.block is not None
+                    break
+                if self.block is not None:
+                    if not self.continue_block():
+                        break
+                elif self.producer is not None or self.watcher is not None:
+                    break
+                elif not self.next_command():
+                    break
+        except Exception:
+            self.internal_error()
+        if self.eof and not self.pending:
+            self.closing = True          # what is left is an incomplete command
+
+    def next_command(self):
+        """Run the next command if its line is complete; False if it is not."""
+        data, pos = self.buffer, self.pos
+        newline = data.find(b"\n", pos)
+        if (newline < 0 or newline - pos > MEMCACHED_READ_BUFFER) and not self.long_line(
+                newline):
+            return False
+        self.pos = newline + 1
+        # As memcached: strip "\r\n" or "\n", but a lone "\r\n" keeps its "\r"; a NUL
+        # ends the line (C's end of string).
+        end = newline - 1 if newline - pos > 1 and data[newline - 1] == 13 else newline
+        line = data[pos:end]
+        if 0 in line:
+            line = strip_at_nul(data[pos:newline + 1])
+        self.last_command = time.monotonic()
+        if self.settings.verbose > 1:
+            self.log("<", line)
+        self.noreply = False
+        tokens = line.split(b" ")
+        if b"" in tokens:
+            tokens = [token for token in tokens if token]
+        if not self.authenticated:
+            self.authenticate(tokens)
+            return True
+        try:
+            handler, fewest, most = self.COMMANDS[tokens[0]]
+        except (KeyError, IndexError):
+            self.unknown(tokens)
+            return True
+        if fewest <= len(tokens) <= most:
+            handler(self, tokens)
+        else:
+            self.reply(ERROR)
+        return True
+
+    def long_line(self, newline):
+        """Whether a line with no newline yet, or a very long one, may run now (False:
+        wait for more of it, or close).  memcached waits for more of a line while
+        what came fits its 2 KiB, takes one whose newline is within its 16 KiB read
+        buffer, and lets only get and gets lines grow beyond that (to
+        GET_LINE_LIMIT); any other closes the connection."""
+        length = (newline if newline >= 0 else len(self.buffer)) - self.pos
+        if newline < 0 and length <= LINE_LIMIT:
+            return False
+        start = self.buffer[self.pos:self.pos + LINE_LIMIT]
+        command = start.lstrip(b" ")
+        if (len(start) - len(command) > 100 or not command.startswith((b"get ", b"gets "))
+                or length > GET_LINE_LIMIT):
+            self.closing = True
+            return False
+        return newline >= 0
+
+    def read_block(self, nbytes, then):
+        """Have then(value) called once the next nbytes of input and their "\\r\\n"
+        are all there: value is None if the terminator is wrong."""
+        data, pos = self.buffer, self.pos
+        end = pos + nbytes + 2
+        if end <= len(data):                 # the usual case: it came with its line
+            self.pos = end
+            then(data[pos:end - 2] if data[end - 2:end] == b"\r\n" else None)
+            return
+        self.block = DataBlock(end - len(data), [data[pos:]], then)
+        self.pos = len(data)
+
+    def discard_block(self, nbytes):
+        """Discard the next nbytes of input as they come."""
+        self.block = DataBlock(nbytes, None, None)
+
+    def continue_block(self):
+        """Take what input there is into the block being waited for; once it is
+        complete, call its then.  False if it needs more input."""
+        block, data, pos = self.block, self.buffer, self.pos
+        taken = min(len(data) - pos, block.remaining)
+        if block.parts is not None and taken:
+            block.parts.append(data[pos:pos + taken])
+        self.pos = pos + taken
+        block.remaining -= taken
+        if block.remaining:
+            return False
+        self.block = None
+        if block.parts is not None:
+            value = b"".join(block.parts)
+            block.then(value[:-2] if value[-2:] == b"\r\n" else None)
+        return True
 
     def refuse_binary(self):
         """A client that opens with memcached's binary protocol (magic byte 0x80)
         gets one binary reply, status 0x83 "not supported", then the connection
         closes: memg speaks only the text protocol."""
-        header = self.rfile.peek(24)[:24].ljust(24, b"\0")
+        header = self.buffer[:BINARY_HEADER_SIZE].ljust(BINARY_HEADER_SIZE, b"\0")
         message = b"memg supports only the text protocol"
         self.queue(struct.pack(">BBHBBHIIQ", 0x81, header[1], 0, 0, 0, 0x83,
-                                    len(message), struct.unpack(">I", header[12:16])[0], 0)
-                        + message)
+                               len(message), struct.unpack(">I", header[12:16])[0], 0)
+                   + message)
+        self.closing = True
 
     def unknown(self, tokens):
         """ERROR, except that a request that looks like HTTP closes the connection
@@ -1055,13 +1710,13 @@ class Protocol:
         memcached only gets this far for words outside its first-letter branches."""
         if not tokens or len(tokens[0]) < 2:
             self.reply(ERROR)                # memcached's shortest command has two
-            return True
+            return
         first = tokens[0][:1]
         if tokens[-1].startswith(b"HTTP/") and first not in b"gsacidt" and not (
                 first == b"m" and len(tokens[0]) == 2):
-            return False
+            self.closing = True
+            return
         self.reply(ERROR)
-        return True
 
     def authenticate(self, tokens):
         """-Y: until it has authenticated, a client may only send memcached's
@@ -1071,25 +1726,36 @@ class Protocol:
         nbytes = parse_uint32(tokens[4]) if len(tokens) >= 5 and tokens[0] == b"set" else None
         if nbytes is None:
             self.reply(UNAUTHENTICATED)
-            return True
-        if nbytes + 2 > MEMCACHED_READ_BUFFER:
-            return False
-        payload = self.read_block(nbytes)
+        elif nbytes + 2 > MEMCACHED_READ_BUFFER:
+            self.closing = True
+        else:
+            self.read_block(nbytes, self.check_credentials)
+
+    def check_credentials(self, payload):
         if payload is None:
             self.reply(BAD_TERMINATION)
-            return True
+            return
         credentials = [token for token in payload.split(b"\0", 1)[0].split(b" ") if token]
         if len(credentials) < 2:
             self.reply(BAD_AUTH_FORMAT)
-            return True
-        self.authenticated = self.server.authenticate(*credentials[:2])
+            return
+        self.authenticated = self.service.authenticate(*credentials[:2])
         self.reply(REPLIES[STORED] if self.authenticated else AUTH_FAILURE)
-        return True
 
     def check_noreply(self, tokens):
         """memcached's set_noreply_maybe: a last token of "noreply" silences the
         reply, errors included."""
         self.noreply = tokens[-1] == b"noreply"
+
+    def dispatch(self, tokens, table):
+        """A sub-command (``stats items``, ``lru_crawler crawl`` ...): its handler
+        from table, keyed by the second word (None when there is none), with the
+        tokens it takes, as the command table has them; ERROR otherwise."""
+        entry = table.get(tokens[1] if len(tokens) > 1 else None)
+        if entry is None or not entry[1] <= len(tokens) <= entry[2]:
+            self.reply(ERROR)
+        else:
+            entry[0](self, tokens)
 
     # -- retrieval: get gets gat gats -------------------------------------------
 
@@ -1107,29 +1773,33 @@ class Protocol:
         if keys and bad_key(max(keys, key=len)):       # (one test for all the keys)
             valid = list(itertools.takewhile(lambda key: not bad_key(key), keys))
         items = self.store.get_many(valid, exptime)
-        if "fetchers" in self.server.watchers.active:
+        if "fetchers" in self.service.watchers.active:
             for key, item in zip(valid, items):
                 self.watch_fetch(key, item)
         if valid is not keys:
             self.reply(BAD_FORMAT)
             return
-        out = []
-        for key, item in zip(keys, items):
-            if item is not None:
-                cas, _, _, flags, _ = item_fields(item)
-                value = item[VALUE_START:]
-                if with_cas:
-                    out.append(b"VALUE %s %d %d %d\r\n%s\r\n" % (
-                        key, flags, len(value), cas, value))
-                else:
-                    out.append(b"VALUE %s %d %d\r\n%s\r\n" % (key, flags, len(value), value))
-        out.append(b"END\r\n")
-        self.queue(b"".join(out))            # (get has no noreply)
         if self.settings.verbose > 1:
             for key, item in zip(keys, items):
                 if item is not None:
                     self.log(">", b"sending key " + key)
-            self.log(">", b"END")
+            self.log(">", END)
+        if len(items) > 1 and sum(map(len, filter(None, items))) > OUTPUT_LIMIT:
+            self.stream(self.values(keys, items, with_cas))     # (get has no noreply)
+            return
+        self.queue(b"".join(value_lines(keys, items, with_cas)) + END)
+
+    def values(self, keys, items, with_cas):
+        """A large multi-get's reply, a chunk of about OUTPUT_LIMIT at a time."""
+        lines, size = [], 0
+        for line in value_lines(keys, items, with_cas):
+            lines.append(line)
+            size += len(line)
+            if size >= OUTPUT_LIMIT:
+                yield b"".join(lines)
+                lines, size = [], 0
+        lines.append(END)
+        yield b"".join(lines)
 
     # -- storage: set add replace append prepend cas ------------------------------------
 
@@ -1144,11 +1814,28 @@ class Protocol:
                 or cas is None or not 0 <= nbytes <= VALUE_LENGTH_MAX):
             self.reply(BAD_FORMAT)
             return
-        value = self.receive_value(key, nbytes, flags, mode == SET, self.reply)
-        if value is not None:
-            outcome, item = self.store.store(mode, key, value, flags, exptime, cas)
-            self.watch_store(mode, key, outcome, item)
-            self.reply(REPLIES[outcome])
+        if self.store.too_large(key, nbytes, flags):
+            self.refuse_value(key, nbytes, drop_old=mode == SET, answer=self.reply)
+            return
+        self.read_block(nbytes, lambda value: self.finish_update(
+            value, mode, key, flags=flags, exptime=exptime, cas=cas))
+
+    def finish_update(self, value, mode, key, **fields):
+        if value is None:
+            self.reply(BAD_CHUNK)
+            return
+        outcome, item = self.store.store(mode, key, value, **fields)
+        self.watch_store(mode, key, outcome, item)
+        self.reply(REPLIES[outcome])
+
+    def refuse_value(self, key, nbytes, drop_old, answer):
+        """A value over the size limit (-I): refused as soon as its command line
+        says so, as memcached refuses it (counted, the old value dropped if
+        drop_old, the error sent with answer: self.reply, which noreply hides, or
+        self.error), then discarded as it arrives, never held."""
+        self.store.refuse_too_large(key, drop_old)
+        answer(TOO_LARGE_REPLY)
+        self.discard_block(nbytes + 2)
 
     # -- delete, incr, decr, touch -------------------------------------------------
 
@@ -1166,7 +1853,7 @@ class Protocol:
         found = self.store.delete(tokens[1]) == STORED
         if found:
             self.watch_delete(b"delete", tokens[1])
-        self.reply(b"DELETED\r\n" if found else b"NOT_FOUND\r\n")
+        self.reply(DELETED if found else REPLIES[NOT_FOUND])
 
     def arithmetic(self, tokens, incr):
         self.check_noreply(tokens)
@@ -1177,7 +1864,7 @@ class Protocol:
         if delta is None:
             self.reply(BAD_DELTA)
             return
-        outcome, item = self.store.arithmetic(tokens[1], delta, incr)
+        outcome, item = self.store.arithmetic(tokens[1], delta, incr=incr)
         if outcome == STORED:
             self.reply(item[VALUE_START:].rstrip(b" ") + b"\r\n")
         elif outcome == NON_NUMERIC:
@@ -1185,7 +1872,7 @@ class Protocol:
         elif outcome == NO_MEMORY:
             self.reply(NO_MEMORY_INCR)
         else:
-            self.reply(b"NOT_FOUND\r\n")
+            self.reply(REPLIES[NOT_FOUND])
 
     def touch(self, tokens):
         self.check_noreply(tokens)
@@ -1197,61 +1884,57 @@ class Protocol:
             self.reply(BAD_EXPTIME)
             return
         found = self.store.get(tokens[1], exptime) is not None
-        self.reply(b"TOUCHED\r\n" if found else b"NOT_FOUND\r\n")
+        self.reply(b"TOUCHED\r\n" if found else REPLIES[NOT_FOUND])
 
     # -- meta commands: mg ms md ma mn me ---------------------------------------------
 
     def meta_key(self, tokens, flag_start, too_long=b"options flags too long",
                  flag_error=None):
-        """The key and flags of a meta command, or None after replying with the error
-        (flag_error, if given, replaces the message for any bad flag, as md and ma)."""
-        self.server.count("cmd_meta")
+        """(key, flags, error) of a meta command: error is the reply to send instead
+        of running it, or None (flag_error, if given, replaces the message for any
+        bad flag, as md and ma)."""
+        self.cmd_meta += 1
         key = tokens[1]
         if len(key) > KEY_MAX_LENGTH:
-            self.error(BAD_FORMAT)
-            return None
+            return key, None, BAD_FORMAT
         if len(tokens) > META_MAX_TOKENS:
-            self.error(b"CLIENT_ERROR %s\r\n" % too_long)
-            return None
+            return key, None, b"CLIENT_ERROR %s\r\n" % too_long
         flags = MetaFlags(tokens[flag_start:])
-        if flags.error and flag_error:
-            flags.error = flag_error
-        if flags.error is None and len(flags.get("O", b"")) >= META_OPAQUE_MAX:
-            flags.error = b"CLIENT_ERROR opaque token too long\r\n"
-        if flags.error is None and "b" in flags:
+        error = flags.error and (flag_error or flags.error)
+        if error is None and len(flags.get("O", b"")) >= META_OPAQUE_MAX:
+            error = b"CLIENT_ERROR opaque token too long\r\n"
+        if error is None and "b" in flags:
             key = decode_key(key)
             if key is None:
-                flags.error = b"CLIENT_ERROR error decoding key\r\n"
-        elif flags.error is None and bad_key(key):
-            flags.error = BAD_FORMAT
-        if flags.error:
-            self.error(flags.error)
-            return None
-        self.noreply = "q" in flags
-        return key, flags
+                error = b"CLIENT_ERROR error decoding key\r\n"
+        elif error is None and bad_key(key):
+            error = BAD_FORMAT
+        if error is None:
+            self.noreply = "q" in flags
+        return key, flags, error
 
     def meta_get(self, tokens):
-        parsed = self.meta_key(tokens, 2, b"options flags are too long")
-        if parsed is None:
+        key, flags, error = self.meta_key(tokens, 2, b"options flags are too long")
+        if error:
+            self.error(error)
             return
-        key, flags = parsed
-        found = self.store.meta_get(key, flags.get("T"), "u" not in flags,
-                                    flags.get("N"), flags.get("R"))
-        if "fetchers" in self.server.watchers.active:
+        found = self.store.meta_get(key, exptime=flags.get("T"), bump="u" not in flags,
+                                    vivify=flags.get("N"), recache=flags.get("R"))
+        if "fetchers" in self.service.watchers.active:
             self.watch_fetch(key, found and found[0])
         if found is None:
             self.reply(flags.reply(b"EN", key))
             return
         self.noreply = False     # q hides only the miss
-        item, (hit_before, last_access, ttl, won, token_sent, stale) = found
+        item, view = found
         item = unpack_item(item)
         # The recache markers: Z (another client holds the token), X (stale), W (this
         # client has won the right to recache).
-        markers = (b" Z" if token_sent else b"") + (b" X" if stale else b"") + (
-            b" W" if won else b"")
+        markers = (b" Z" if view.token_sent else b"") + (b" X" if view.stale else b"") + (
+            b" W" if view.won else b"")
         line = flags.reply(b"VA %d" % len(item.value) if "v" in flags else b"HD", key, {
-            b"s": len(item.value), b"t": ttl, b"c": item.cas, b"f": item.flags,
-            b"l": last_access, b"h": hit_before}, markers)
+            b"s": len(item.value), b"t": view.ttl, b"c": item.cas, b"f": item.flags,
+            b"l": view.last_access, b"h": view.hit_before}, markers)
         self.reply(line + item.value + b"\r\n" if "v" in flags else line)
 
     META_MODES = {None: SET, b"S": SET, b"E": ADD, b"A": APPEND, b"P": PREPEND,
@@ -1261,7 +1944,7 @@ class Protocol:
         if len(tokens) == 2:
             self.error(BAD_FORMAT)
             return
-        # These errors leave the data to be read as commands; later ones swallow it.
+        # These errors leave the data to be read as commands; later ones discard it.
         if len(tokens[1]) > KEY_MAX_LENGTH:
             self.error(BAD_FORMAT)
             return
@@ -1272,25 +1955,30 @@ class Protocol:
         if nbytes is None or not 0 <= nbytes <= VALUE_LENGTH_MAX:
             self.error(BAD_FORMAT)
             return
-        parsed = self.meta_key(tokens, 3)
-        if parsed is None:
-            self.swallow(nbytes + 2)
+        key, flags, error = self.meta_key(tokens, 3)
+        mode = flags and self.META_MODES.get(flags.get("M"))
+        if error is None and mode is None:
+            error = b"CLIENT_ERROR invalid mode for ms M token\r\n"
+        if error:
+            self.error(error)
+            self.discard_block(nbytes + 2)
             return
-        key, flags = parsed
-        mode = self.META_MODES.get(flags.get("M"))
-        if mode is None:
-            self.error(b"CLIENT_ERROR invalid mode for ms M token\r\n")
-            self.swallow(nbytes + 2)
+        if self.store.too_large(key, nbytes, flags.get("F")):
+            self.refuse_value(key, nbytes, drop_old=True, answer=self.error)
             return
-        value = self.receive_value(key, nbytes, flags.get("F"), True, self.error)
+        self.read_block(nbytes, lambda value: self.finish_meta_set(value, key, flags, mode))
+
+    def finish_meta_set(self, value, key, flags, mode):
         if value is None:
+            self.error(BAD_CHUNK)
             return
         cas = flags.get("C") or 0
         if "C" in flags and mode in (SET, REPLACE):
             mode = CAS          # even C0: it compares, and nothing has CAS 0
         outcome, item = self.store.store(
-            mode, key, value, flags.get("F") or 0, flags.get("T") or 0, cas,
-            flags.get("E") or 0, "I" in flags, flags.get("N"))
+            mode, key, value, flags=flags.get("F") or 0, exptime=flags.get("T") or 0,
+            cas=cas, new_cas=flags.get("E") or 0, invalidate="I" in flags,
+            vivify=flags.get("N"))
         self.watch_store(mode, key, outcome, item)
         if outcome == NO_MEMORY:
             self.error(NO_MEMORY_REPLY)
@@ -1298,16 +1986,17 @@ class Protocol:
         if outcome != STORED:
             self.noreply = False
         self.reply(flags.reply(META_CODES[outcome], key,
-                               {b"c": item_fields(item)[0] if item else 0}))
+                               {b"c": header(item).cas if item else 0}))
 
     def meta_delete(self, tokens):
-        parsed = self.meta_key(tokens, 2, flag_error=BAD_META_FLAG)
-        if parsed is None:
+        key, flags, error = self.meta_key(tokens, 2, flag_error=BAD_META_FLAG)
+        if error:
+            self.error(error)
             return
-        key, flags = parsed
         if "I" in flags or "x" in flags:
-            outcome = self.store.invalidate(key, flags.get("C"), flags.get("T"),
-                                            flags.get("E") or 0, "x" in flags)
+            outcome = self.store.invalidate(key, cas=flags.get("C"), exptime=flags.get("T"),
+                                            new_cas=flags.get("E") or 0,
+                                            drop_value="x" in flags)
         else:
             outcome = self.store.delete(key, flags.get("C"))
             if outcome == STORED:
@@ -1317,19 +2006,19 @@ class Protocol:
         self.reply(flags.reply(META_CODES[outcome], key))
 
     def meta_arithmetic(self, tokens):
-        parsed = self.meta_key(tokens, 2, flag_error=BAD_META_FLAG)
-        if parsed is None:
+        key, flags, error = self.meta_key(tokens, 2, flag_error=BAD_META_FLAG)
+        if error:
+            self.error(error)
             return
-        key, flags = parsed
         mode = flags.get("M")
         if mode not in (None, b"I", b"+", b"D", b"-"):
             self.error(b"CLIENT_ERROR invalid mode for ma M token\r\n")
             return
         delta = flags.get("D")
         outcome, item = self.store.arithmetic(
-            key, 1 if delta is None else delta, mode not in (b"D", b"-"),
-            flags.get("C") or 0, flags.get("N"), flags.get("J") or 0, flags.get("E") or 0,
-            flags.get("T"))
+            key, 1 if delta is None else delta, incr=mode not in (b"D", b"-"),
+            cas=flags.get("C") or 0, vivify=flags.get("N"), initial=flags.get("J") or 0,
+            new_cas=flags.get("E") or 0, exptime=flags.get("T"))
         if outcome == NON_NUMERIC:
             self.error(NOT_NUMBER)
             return
@@ -1342,20 +2031,19 @@ class Protocol:
             return
         number = item[VALUE_START:].rstrip(b" ")
         line = flags.reply(b"VA %d" % len(number) if "v" in flags else b"HD", key, {
-            b"c": item_fields(item)[0], b"t": self.store.ttl(item, self.store.now())})
+            b"c": header(item).cas, b"t": self.store.ttl(item, self.store.now())})
         self.reply(line + number + b"\r\n" if "v" in flags else line)
 
     def meta_noop(self, tokens):
         self.reply(b"MN\r\n")
 
     def meta_debug(self, tokens):
-        self.server.count("cmd_meta")
+        self.cmd_meta += 1
         if len(tokens) < 2 or len(tokens[1]) > KEY_MAX_LENGTH:
             self.reply(BAD_FORMAT)
             return
         key = tokens[1]
-        binary = len(tokens) > 2 and tokens[2] == b"b"
-        if binary:
+        if len(tokens) > 2 and tokens[2] == b"b":
             key = decode_key(key)
             if key is None:
                 self.reply(BAD_FORMAT)
@@ -1365,11 +2053,7 @@ class Protocol:
             self.reply(b"EN\r\n")
             return
         now = self.store.now()
-        ttl = self.store.ttl(item, now)
-        item = unpack_item(item)
-        self.reply(b"ME %s exp=%d la=%d cas=%d fetch=%s cls=1 size=%d\r\n" % (
-            tokens[1], ttl, now - item.atime, item.cas,
-            b"yes" if item.fetched else b"no", item_cost(key, item.size)))
+        self.reply(b"ME %s %s\r\n" % (tokens[1], item_description(key, item, now)))
 
     # -- everything else -----------------------------------------------------------
 
@@ -1385,7 +2069,7 @@ class Protocol:
                 self.reply(BAD_EXPTIME)
                 return
         self.store.flush(delay)
-        self.reply(b"OK\r\n")
+        self.reply(OK)
 
     def version(self, tokens):
         self.reply(b"VERSION %s\r\n" % VERSION.encode())
@@ -1397,7 +2081,7 @@ class Protocol:
             self.reply(BAD_FORMAT)
             return
         self.settings.verbose = min(level, 2)
-        self.reply(b"OK\r\n")
+        self.reply(OK)
 
     def cache_memlimit(self, tokens):
         self.check_noreply(tokens)
@@ -1410,40 +2094,32 @@ class Protocol:
             self.reply(b"MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\n")
         else:
             self.store.set_memory_limit(megabytes * MB)
-            self.reply(b"OK\r\n")
+            self.reply(OK)
 
     def quit(self, tokens):
-        return False
+        self.closing = True
 
     def shutdown(self, tokens):
         if not self.settings.enable_shutdown:
             self.reply(b"ERROR: shutdown not enabled\r\n")
-            return
-        if len(tokens) == 1 or (len(tokens) == 2 and tokens[1] == b"graceful"):
-            self.server.request_stop()
-            return False
-        self.reply(b"CLIENT_ERROR invalid shutdown mode\r\n")
+        elif len(tokens) == 1 or (len(tokens) == 2 and tokens[1] == b"graceful"):
+            self.service.request_shutdown()
+            self.closing = True
+        else:
+            self.reply(b"CLIENT_ERROR invalid shutdown mode\r\n")
 
-    def stats(self, tokens):
-        sub = tokens[1] if len(tokens) > 1 else None
-        if sub == b"reset":
-            self.server.reset_stats()
-            self.reply(b"RESET\r\n")
-            return
-        if sub == b"detail":
-            self.reply(b"CLIENT_ERROR usage: stats detail on|off|dump\r\n")
-            return
-        if sub == b"cachedump":
-            self.stats_cachedump(tokens)
-            return
-        report = self.STATS.get(sub)
-        if report is None:
-            self.reply(ERROR)
-            return
-        lines = [b"STAT %s %s\r\n" % (name.encode(), str(value).encode())
-                 for name, value in report(self.server)]
-        lines.append(b"END\r\n")
-        self.reply(b"".join(lines))
+    # -- stats -----------------------------------------------------------------------
+
+    def report(self, rows):
+        self.reply(b"".join(b"STAT %s %s\r\n" % (str(name).encode(), str(value).encode())
+                            for name, value in rows) + END)
+
+    def stats_reset(self, tokens):
+        self.service.reset_stats()
+        self.reply(b"RESET\r\n")
+
+    def stats_detail(self, tokens):
+        self.reply(b"CLIENT_ERROR usage: stats detail on|off|dump\r\n")
 
     def stats_cachedump(self, tokens):
         if not self.settings.dump_enabled:
@@ -1455,146 +2131,197 @@ class Protocol:
         slab, limit = parse_uint32(tokens[2]), parse_uint32(tokens[3])
         if slab is None or limit is None:
             self.reply(BAD_FORMAT)
-            return
-        if slab >= SLAB_CLASSES:
+        elif slab >= SLAB_CLASSES:
             self.reply(b"CLIENT_ERROR Illegal slab id\r\n")
-            return
-        lines = [] if slab != 1 else [
-            b"ITEM %s [%d b; %d s]\r\n" % (key, len(item) - VALUE_START, item_fields(item)[1])
-            for key, item in self.store.dump(limit)]
-        self.reply(b"".join(lines) + b"END\r\n")
-
-    def lru_crawler(self, tokens):
-        """memcached's LRU crawler commands.  memg's background sweep is its crawler:
-        crawl sweeps every item now, metadump lists every item."""
-        sub = tokens[1] if len(tokens) > 1 else b""
-        argument = tokens[2] if len(tokens) > 2 else b""
-        if len(tokens) == 2 and sub in (b"enable", b"disable"):
-            self.server.crawler_enabled = sub == b"enable"
-            self.reply(b"OK\r\n")
-        elif len(tokens) == 3 and sub in (b"sleep", b"tocrawl"):
-            number = parse_uint32(argument)
-            if number is None:
-                self.reply(BAD_FORMAT)
-            elif sub == b"sleep" and number > 1000000:
-                self.reply(b"CLIENT_ERROR sleep must be one second or less\r\n")
-            else:
-                self.reply(b"OK\r\n")
-        elif len(tokens) == 3 and sub in (b"crawl", b"metadump"):
-            classes = argument.split(b",")
-            if argument not in (b"all", b"hash") and not all(
-                    parse_uint32(c) is not None and parse_uint32(c) < SLAB_CLASSES
-                    for c in classes):
-                self.reply(b"BADCLASS invalid class id\r\n")
-            elif sub == b"crawl":
-                self.store.sweep(budget=None)
-                self.reply(b"OK\r\n")
-            elif not self.settings.dump_enabled:
-                self.reply(b"ERROR metadump not allowed\r\n")
-            else:
-                self.reply(self.metadump(argument in (b"all", b"hash") or b"1" in classes))
+        elif slab != 1:
+            self.reply(END)               # memg keeps every item in class 1
         else:
-            self.reply(ERROR)
+            self.stream(self.cachedump(limit or None))
 
-    def slabs(self, tokens):
-        """slabs reassign and automove.  memg has one class and no pages to move, so
-        these answer as memcached does with nothing to do, and change nothing."""
-        sub = tokens[1] if len(tokens) > 1 else b""
-        if len(tokens) == 4 and sub == b"reassign":
-            source, target = parse_int32(tokens[2]), parse_int32(tokens[3])
-            if source is None or target is None:
-                self.reply(BAD_FORMAT)
-            elif source == target:
-                self.reply(b"SAME src and dst class are identical\r\n")
-            elif not (-1 <= source < SLAB_CLASSES and 0 <= target < SLAB_CLASSES):
-                self.reply(b"BADCLASS invalid src or dst class id\r\n")
-            else:
-                self.reply(b"NOSPARE source class has no spare pages\r\n")
-        elif len(tokens) >= 3 and sub == b"automove":
-            self.check_noreply(tokens)
-            level = parse_uint32(tokens[2])
-            if tokens[2] == b"ratio":
-                ratio = parse_float(tokens[3]) if len(tokens) >= 4 else None
-                self.reply(ERROR if ratio is None else b"OK\r\n")
-            elif level is None:
-                self.reply(BAD_FORMAT)
-            else:
-                self.reply(b"OK\r\n" if level <= 2 else ERROR)
+    def cachedump(self, limit):
+        """``stats cachedump 1 limit``: most recently used first, and as memcached's,
+        no larger than CACHEDUMP_LIMIT."""
+        size = len(END)
+        for batch in self.store.walk(limit):
+            lines = []
+            for key, item in batch:
+                line = b"ITEM %s [%d b; %d s]\r\n" % (key, value_size(item),
+                                                      header(item).exptime)
+                size += len(line)
+                if size > CACHEDUMP_LIMIT:
+                    yield b"".join(lines) + END
+                    return
+                lines.append(line)
+            yield b"".join(lines)
+        yield END
+
+    # -- lru_crawler, slabs, lru ---------------------------------------------------
+
+    def crawler_switch(self, tokens):
+        self.service.crawler_enabled = tokens[1] == b"enable"
+        self.reply(OK)
+
+    def crawler_tuning(self, tokens):
+        """lru_crawler sleep|tocrawl: checked as memcached does, then ignored (memg's
+        crawler sweeps a slice every second)."""
+        number = parse_uint32(tokens[2])
+        if number is None:
+            self.reply(BAD_FORMAT)
+        elif tokens[1] == b"sleep" and number > 1000000:
+            self.reply(b"CLIENT_ERROR sleep must be one second or less\r\n")
         else:
-            self.reply(ERROR)
+            self.reply(OK)
+
+    def crawl(self, tokens):
+        """lru_crawler crawl|metadump <classes>: memg's crawler walks every item,
+        streamed a batch at a time; one at a time in the server, as memcached's."""
+        classes = tokens[2].split(b",")
+        everything = tokens[2] in (b"all", b"hash")
+        if not everything and not all(parse_uint32(c) is not None
+                                      and parse_uint32(c) < SLAB_CLASSES for c in classes):
+            self.reply(b"BADCLASS invalid class id\r\n")
+        elif tokens[1] == b"metadump" and not self.settings.dump_enabled:
+            self.reply(b"ERROR metadump not allowed\r\n")
+        elif not self.service.begin_crawl():
+            self.reply(CRAWLER_BUSY)
+        elif tokens[1] == b"crawl":
+            self.stream(self.reclaim())
+        else:
+            self.stream(self.metadump(everything or b"1" in classes))
+
+    def reclaim(self):
+        """lru_crawler crawl: OK, then every expired item reclaimed, a batch at a
+        time (memcached's crawler too answers before it has crawled)."""
+        try:
+            yield OK
+            for _ in self.store.crawl():
+                yield b""
+        finally:
+            self.service.end_crawl()
+
+    def metadump(self, include):
+        """lru_crawler metadump: a line per item (class 1 holds them all)."""
+        try:
+            if include:
+                for batch in self.store.walk():
+                    now = self.store.now()
+                    yield b"".join(b"key=%s %s\n" % (uri(key).encode(), item_description(
+                        key, item, now, absolute=True)) for key, item in batch)
+            yield END
+        finally:
+            self.service.end_crawl()
+
+    def slabs_reassign(self, tokens):
+        """memg has one class and no pages to move, so slabs reassign and automove
+        answer as memcached does with nothing to do, and change nothing."""
+        source, target = parse_int32(tokens[2]), parse_int32(tokens[3])
+        if source is None or target is None:
+            self.reply(BAD_FORMAT)
+        elif source == target:
+            self.reply(b"SAME src and dst class are identical\r\n")
+        elif not (-1 <= source < SLAB_CLASSES and 0 <= target < SLAB_CLASSES):
+            self.reply(b"BADCLASS invalid src or dst class id\r\n")
+        else:
+            self.reply(b"NOSPARE source class has no spare pages\r\n")
+
+    def slabs_automove(self, tokens):
+        self.check_noreply(tokens)
+        level = parse_uint32(tokens[2])
+        if tokens[2] == b"ratio":
+            ratio = parse_float(tokens[3]) if len(tokens) >= 4 else None
+            self.reply(ERROR if ratio is None else OK)
+        elif level is None:
+            self.reply(BAD_FORMAT)
+        else:
+            self.reply(OK if level <= 2 else ERROR)
 
     def lru(self, tokens):
         """lru tune, mode and temp_ttl: memg has one plain LRU, so these check their
         arguments as memcached does and change nothing."""
         self.check_noreply(tokens)
-        sub = tokens[1]
-        if sub == b"tune" and len(tokens) >= 6:
-            hot, warm = parse_uint32(tokens[2]), parse_uint32(tokens[3])
-            hot_factor, warm_factor = parse_float(tokens[4]), parse_float(tokens[5])
-            if None in (hot, warm, hot_factor, warm_factor):
-                self.reply(ERROR)
-            elif hot + warm > 80:
-                self.reply(b"ERROR hot and warm pcts must not exceed 80\r\n")
-            elif hot_factor <= 0 or warm_factor <= 0:
-                self.reply(b"ERROR hot/warm age factors must be greater than 0\r\n")
-            else:
-                self.reply(b"OK\r\n")
-        elif sub == b"mode" and len(tokens) >= 3:
-            self.reply(b"OK\r\n" if tokens[2] in (b"flat", b"segmented") else ERROR)
-        elif sub == b"temp_ttl" and len(tokens) >= 3:
-            self.reply(b"OK\r\n" if parse_int32(tokens[2]) is not None else ERROR)
-        else:
+        self.dispatch(tokens, self.LRU)
+
+    def lru_tune(self, tokens):
+        hot, warm = parse_uint32(tokens[2]), parse_uint32(tokens[3])
+        hot_factor, warm_factor = parse_float(tokens[4]), parse_float(tokens[5])
+        if None in (hot, warm, hot_factor, warm_factor):
             self.reply(ERROR)
+        elif hot + warm > 80:
+            self.reply(b"ERROR hot and warm pcts must not exceed 80\r\n")
+        elif hot_factor <= 0 or warm_factor <= 0:
+            self.reply(b"ERROR hot/warm age factors must be greater than 0\r\n")
+        else:
+            self.reply(OK)
 
     # -- watch: the server's events as log lines ------------------------------------
 
     def watch(self, tokens):
-        """Turn this connection into a watcher of the given kinds of event."""
+        """Turn this connection into a watcher of the given kinds of event: from now
+        on it is sent log lines, and what it sends is ignored."""
         kinds = {token.decode("latin-1") for token in tokens[1:]} or {"fetchers"}
         if not kinds <= WATCH_KINDS:
             self.reply(ERROR)
             return
-        self.watching = self.server.watchers.add(kinds)     # before OK: miss nothing
-        self.reply(b"OK\r\n")
-        return False             # the connection now streams; see Connection.handle
+        self.watcher = self.service.watchers.add(kinds, self.wake or (lambda: None))
+        self.reply(OK)
 
     def watch_fetch(self, key, item):
         """A fetchers line; the caller checked that someone watches fetchers."""
-        self.server.watchers.emit("fetchers", (
+        self.service.watchers.emit("fetchers", (
             "type=item_get key=%s status=%s clsid=%d cfd=%s size=%d" % (
                 uri(key), "found" if item else "not_found", 1 if item else 0, self.name,
-                len(item) - VALUE_START if item else 0)))
+                value_size(item) if item else 0)))
 
     def watch_store(self, mode, key, outcome, item):
-        if "mutations" in self.server.watchers.active:
+        if "mutations" in self.service.watchers.active:
             ttl = max(0, self.store.ttl(item, self.store.now())) if item else 0
-            self.server.watchers.emit("mutations", (
+            self.service.watchers.emit("mutations", (
                 "type=item_store key=%s status=%s cmd=%s ttl=%d clsid=1 cfd=%s size=%d" % (
                     uri(key), outcome.lower(), mode, ttl, self.name,
-                    len(item) - VALUE_START if item else 0)))
+                    value_size(item) if item else 0)))
 
     def watch_delete(self, command, key):
-        if "deletions" in self.server.watchers.active:
-            self.server.watchers.emit("deletions", (
+        if "deletions" in self.service.watchers.active:
+            self.service.watchers.emit("deletions", (
                 "type=deleted key=%s cmd=%s clsid=1 cfd=%s" % (
                     uri(key), command.decode(), self.name)))
 
-    def metadump(self, include):
-        lines = []
-        if include:
-            for key, packed in self.store.dump():
-                item = unpack_item(packed)
-                lines.append(b"key=%s exp=%d la=%d cas=%d fetch=%s cls=1 size=%d\n" % (
-                    uri(key).encode(),
-                    item.exptime or -1, item.atime, item.cas,
-                    b"yes" if item.fetched else b"no", item_cost(key, item.size)))
-        return b"".join(lines) + b"END\r\n"
-
-    # The command table: word -> (handler, fewest tokens, most tokens).  Commands that
+    # The command tables: word -> (handler, fewest tokens, most tokens).  Commands that
     # differ by a switch share a handler, as in memcached's proto_text.c; the switch is
     # given here (a lambda rather than the handler and a tuple of switches: a call
-    # with *switches costs the hot path a slow call).
+    # with *switches costs the hot path a slow call).  A command with sub-commands
+    # has a table of its own, keyed by its second word, which ``dispatch`` reads.
     ANY = 1 << 30
+    STATS = {
+        None: (lambda self, tokens: self.report(self.service.general_stats()), 1, ANY),
+        b"settings": (lambda self, tokens: self.report(self.service.settings_stats()), 2, ANY),
+        b"items": (lambda self, tokens: self.report(self.service.item_stats()), 2, ANY),
+        b"slabs": (lambda self, tokens: self.report(self.service.slab_stats()), 2, ANY),
+        b"conns": (lambda self, tokens: self.report(self.service.connection_stats()), 2, ANY),
+        b"sizes": (lambda self, tokens: self.report(self.service.size_stats()), 2, ANY),
+        b"reset": (stats_reset, 2, ANY),
+        b"detail": (stats_detail, 2, ANY),
+        b"cachedump": (stats_cachedump, 2, ANY),
+    }
+    LRU_CRAWLER = {
+        b"enable": (crawler_switch, 2, 2),
+        b"disable": (crawler_switch, 2, 2),
+        b"sleep": (crawler_tuning, 3, 3),
+        b"tocrawl": (crawler_tuning, 3, 3),
+        b"crawl": (crawl, 3, 3),
+        b"metadump": (crawl, 3, 3),
+    }
+    SLABS = {
+        b"reassign": (slabs_reassign, 4, 4),
+        b"automove": (slabs_automove, 3, ANY),
+    }
+    LRU = {
+        b"tune": (lru_tune, 6, ANY),
+        b"mode": (lambda self, tokens: self.reply(
+            OK if tokens[2] in (b"flat", b"segmented") else ERROR), 3, ANY),
+        b"temp_ttl": (lambda self, tokens: self.reply(
+            OK if parse_int32(tokens[2]) is not None else ERROR), 3, ANY),
+    }
     COMMANDS = {
         b"get": (lambda self, tokens: self.retrieve(tokens, False, False), 2, ANY),
         b"gets": (lambda self, tokens: self.retrieve(tokens, True, False), 2, ANY),
@@ -1620,317 +2347,64 @@ class Protocol:
         b"version": (version, 1, ANY),
         b"verbosity": (verbosity, 2, 3),
         b"cache_memlimit": (cache_memlimit, 2, 3),
-        b"stats": (stats, 1, ANY),
+        b"stats": (lambda self, tokens: self.dispatch(tokens, self.STATS), 1, ANY),
         b"quit": (quit, 1, ANY),
         b"shutdown": (shutdown, 1, ANY),
-        b"lru_crawler": (lru_crawler, 1, ANY),
-        b"slabs": (slabs, 1, ANY),
+        b"lru_crawler": (lambda self, tokens: self.dispatch(tokens, self.LRU_CRAWLER), 1, ANY),
+        b"slabs": (lambda self, tokens: self.dispatch(tokens, self.SLABS), 1, ANY),
         b"lru": (lru, 2, ANY),
         b"watch": (watch, 1, ANY),
     }
-    # ``stats <sub>`` reports, each a function of the server returning (name, value)s.
-    STATS = {
-        None: lambda server: server.general_stats(),
-        b"settings": lambda server: server.settings_stats(),
-        b"items": lambda server: server.item_stats(),
-        b"slabs": lambda server: server.slab_stats(),
-        b"conns": lambda server: server.connection_stats(),
-        b"sizes": lambda server: server.size_stats(),
-    }
+
+
+DELETED = b"DELETED\r\n"
+
+
+def strip_at_nul(line):
+    """A command line (with its newline) cut at its first NUL, as memcached's C
+    strings end there, then stripped of "\\r\\n" or "\\n" as memcached strips it."""
+    if 0 in line:
+        line = line[:line.index(0)] + b"\n"
+    return line[:-2] if line[-2:-1] == b"\r" and len(line) > 2 else line[:-1]
+
+
+def value_lines(keys, items, with_cas):
+    """The VALUE lines (and data) of a get's reply for the items found."""
+    for key, item in zip(keys, items):
+        if item is not None:
+            cas, _, _, flags, _ = item_fields(item)
+            value = item[VALUE_START:]
+            if with_cas:
+                yield b"VALUE %s %d %d %d\r\n%s\r\n" % (key, flags, len(value), cas, value)
+            else:
+                yield b"VALUE %s %d %d\r\n%s\r\n" % (key, flags, len(value), value)
+
+
+def item_description(key, item, now, absolute=False):
+    """An item as ``me`` and ``lru_crawler metadump`` describe it: expiry (the time
+    left, or with absolute the Unix time; -1 for never), last access (seconds ago,
+    or the Unix time), CAS, whether it was fetched, class and size charged."""
+    cas, exptime, atime, _, state = item_fields(item)
+    if absolute:
+        expires, accessed = exptime or -1, atime
+    else:
+        expires, accessed = -1 if exptime == 0 else exptime - now, now - atime
+    return b"exp=%d la=%d cas=%d fetch=%s cls=1 size=%d" % (
+        expires, accessed, cas, b"yes" if state & FETCHED else b"no",
+        item_cost(key, value_size(item)))
 
 
 # --------------------------------------------------------------------------
-# 4. The connection: one thread per client
+# 5. The engines: what moves the bytes
 # --------------------------------------------------------------------------
 
-# Replies are sent when the reader needs more input, or once this much is pending,
-# so that a client pipelining requests without reading the replies holds at most
-# this much memory (its thread then waits in send, as memcached stops reading).
-OUTPUT_LIMIT = 256 * KB
-
-
-# Each connection's input buffer.  Only the pages that input reaches are resident.
+# Each connection's input buffer (threads) and the most an event loop reads at once.
 READ_BUFFER = 64 * KB
-
-
-def replies_sender():
-    """The C library's send(fd, data, size, flags), called without releasing the GIL
-    (ctypes.PyDLL), and the flags that keep it from waiting; where there is no such
-    function, one that sends nothing, so that every reply goes through the socket.
-    (No argtypes: converting through them costs 700 ns a call, four times the rest
-    of it; so size must fit a C int, which SEND_MAX keeps it to.)
-
-    A thread that calls socket.send releases the GIL, and another connection's
-    thread waiting for it takes it: one more switch between threads for every
-    reply, though a reply to a client that reads almost never has to wait.  Sending
-    without waiting and without releasing the GIL cut the server's CPU time per
-    operation by a third at 16 busy connections (tests/bench.py); what the socket
-    does not take at once then goes through socket.sendall, which waits.  (At 200
-    and 1,000 connections it measured the same, within the noise: there, another
-    thread could have run Python while this one was in the kernel.)"""
-    try:
-        import ctypes
-        send = ctypes.PyDLL(None).send
-        flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
-    except (ImportError, OSError, TypeError, AttributeError):
-        return (lambda fileno, data, size, flags: 0), 0
-    send.restype = ctypes.c_ssize_t
-    return send, flags
-
-
-send_without_waiting, SEND_FLAGS = replies_sender()
-SEND_MAX = 1 << 30
-
-
-class SocketReader:
-    """A connection's input, with the three reads Protocol uses (readline, read and
-    peek, as io.BufferedReader has them).
-
-    The buffer is an anonymous memory map of the connection's own, not heap memory:
-    a thousand clients coming and going, each with a heap buffer, leave the heap
-    full of holes (over ten rounds of tests/soak.py, resident memory grew 35 to 56 %
-    with 64 KiB heap buffers, 7 % with maps), while a map goes back to the system
-    whole when the connection closes.  Before
-    it waits for more input, it has the connection send the replies queued so far,
-    so that the replies to commands that arrived together leave in one send.
-    """
-
-    def __init__(self, connection, size=READ_BUFFER):
-        self.connection = connection
-        self.buffer = mmap.mmap(-1, size)
-        self.view = memoryview(self.buffer)    # what recv_into fills
-        self.start = self.end = 0          # the unread input is buffer[start:end]
-
-    def close(self):
-        self.view.release()
-        # A slice of the view that an exception's traceback still holds (gevent's
-        # recv_into is Python code) keeps the map open until the collector frees both.
-        with contextlib.suppress(BufferError):
-            self.buffer.close()
-
-    def receive(self):
-        """Add the socket's next input after what is buffered; False at its end.
-        The caller makes sure the buffer is not full of unread input."""
-        if self.start == self.end:
-            self.start = self.end = 0
-        elif self.end == len(self.buffer):
-            self.buffer.move(0, self.start, self.end - self.start)
-            self.start, self.end = 0, self.end - self.start
-        connection = self.connection
-        connection.flush()
-        if connection.idle_timeout:
-            connection.arm_idle_timeout()
-        # (Most reads start an empty buffer: they need no slice of the view.)
-        received = connection.sock.recv_into(self.view[self.end:] if self.end else self.view)
-        self.end += received
-        connection.bytes_read += received
-        return received > 0
-
-    def take(self, count):
-        """Up to count bytes of the buffered input."""
-        data = self.buffer[self.start:min(self.end, self.start + count)]
-        self.start += len(data)
-        return data
-
-    def readline(self, limit):
-        """Input up to and including the next newline, at most limit bytes; what
-        there is at the end of input."""
-        if self.start == self.end:         # (saves a search of an empty buffer)
-            self.receive()
-        start, end = self.start, self.end
-        newline = self.buffer.find(b"\n", start, end if end - start < limit else start + limit)
-        if newline >= 0:                   # the usual case: the whole line is here
-            self.start = newline + 1
-            return self.buffer[start:newline + 1]
-        parts = []
-        while True:
-            newline = self.buffer.find(b"\n", self.start, min(self.end, self.start + limit))
-            if newline >= 0 or self.end - self.start >= limit:
-                parts.append(self.take(newline + 1 - self.start if newline >= 0 else limit))
-                break
-            if self.start == 0 and self.end == len(self.buffer):
-                limit -= self.end          # a line longer than the buffer (get's)
-                parts.append(self.take(self.end))
-            if not self.receive():
-                parts.append(self.take(self.end - self.start))
-                break
-        return b"".join(parts)
-
-    def read(self, count):
-        """count bytes of input; fewer only at its end."""
-        start = self.start
-        if self.end - start >= count:      # the usual case: all of them are here
-            self.start = start + count
-            return self.buffer[start:start + count]
-        parts = [self.take(count)]
-        count -= len(parts[0])
-        while count and self.receive():
-            parts.append(self.take(count))
-            count -= len(parts[-1])
-        return b"".join(parts)
-
-    def peek(self, count):
-        """The buffered input, receiving some first if there is none; as with
-        io.BufferedReader, count is only a hint."""
-        if self.start == self.end:
-            self.receive()
-        return self.buffer[self.start:self.end]
-
-
-class Connection:
-    """One client connection, served by the thread that calls ``handle()``."""
-
-    def __init__(self, server, sock, address):
-        self.server = server
-        self.sock = sock
-        self.address = address
-        self.fileno = sock.fileno()
-        self.started = time.time()
-        self.bytes_read = self.bytes_written = 0
-        self.idle_timeout = server.settings.idle_timeout
-        self.reader = SocketReader(self)
-        self.protocol = Protocol(server, self.reader, name=str(self.fileno))
-
-    def flush(self):
-        """Send the queued replies, in one send if the socket takes them at once;
-        sendall sends any rest (or all of them after an error, which it reports)."""
-        if self.protocol.out:
-            data = self.protocol.take_output()
-            sent = send_without_waiting(self.sock.fileno(), data, min(len(data), SEND_MAX),
-                                        SEND_FLAGS)
-            if sent < len(data):
-                self.sock.sendall(memoryview(data)[max(sent, 0):])
-            self.bytes_written += len(data)
-
-    def arm_idle_timeout(self):
-        """-o idle_timeout: as in memcached, a client is idle from its last command,
-        so one that trickles a line a byte at a time is idle too."""
-        left = self.idle_timeout - (time.monotonic() - self.protocol.last_command)
-        if left <= 0:
-            raise socket.timeout
-        self.sock.settimeout(left)
-
-    def handle(self):
-        """Serve commands until the client leaves or is sent away, then close."""
-        self.server.watch_connection("conn_new", self)
-        try:
-            protocol = self.protocol
-            while protocol.process():
-                if protocol.out_bytes > OUTPUT_LIMIT:
-                    self.flush()       # a client that does not read blocks here
-            self.flush()
-            if protocol.watching is not None:
-                self.stream(protocol.watching)
-        except socket.timeout:
-            self.server.count("idle_kicks")
-        except OSError:
-            pass             # reset by the peer, or closed by stop(): nothing to say
-        except Exception:
-            # A bug in memg: this client gets memcached's severe-error reply and is
-            # closed; the traceback goes to the server's stderr, not the wire.
-            traceback.print_exc()
-            self.protocol.queue(b"SERVER_ERROR internal error\r\n")
-            with contextlib.suppress(OSError):
-                self.flush()
-        finally:
-            if self.protocol.watching is not None:
-                self.server.watchers.remove(self.protocol.watching)
-            # Before the close, so that no later connection can reuse its number first.
-            self.server.watch_connection("conn_close", self)
-            self.sock.close()
-            self.reader.close()
-
-    def stream(self, events):
-        """Send a watcher its queue of events until it leaves or the server stops."""
-        self.sock.settimeout(self.server.settings.idle_timeout or None)
-        while not self.server.stopping.is_set():
-            try:
-                lines = [events.get(timeout=1.0)]
-            except queue.Empty:
-                if self.peer_closed():
-                    return
-                continue
-            with contextlib.suppress(queue.Empty):
-                while len(lines) < 1000:
-                    lines.append(events.get_nowait())
-            data = b"".join(lines)
-            self.sock.sendall(data)
-            self.bytes_written += len(data)
-
-    def peer_closed(self):
-        """Whether the client has closed its end (a watcher only ever listens)."""
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""
-
-
-# --------------------------------------------------------------------------
-# 5. The server
-# --------------------------------------------------------------------------
-
-# What ``watch`` accepts: memcached's kinds of event.  memg emits the first five; the
-# others (its proxy's and raw command logs) never have anything to say here.
-WATCH_KINDS = {"fetchers", "mutations", "evictions", "connevents", "deletions",
-               "proxyreqs", "proxyevents", "proxyuser", "sysevents", "rawcmds"}
-# Log lines a watcher may fall behind by before it misses some.
-WATCH_BACKLOG = 10000
-
-
-class Watchers:
-    """The connections that sent ``watch``, and the events they are sent: one line
-    each, "ts=<time> gid=<sequence> type=..." as memcached writes them.  A watcher
-    that falls WATCH_BACKLOG lines behind misses lines (log_watcher_skipped)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.queues = {}                 # queue -> the kinds of event it wants
-        self.active = frozenset()        # kinds someone watches: emitters look here first
-        self.gid = 0
-        self.counters = dict.fromkeys(("log_watcher_sent", "log_watcher_skipped"), 0)
-
-    def add(self, kinds):
-        events = queue.Queue(WATCH_BACKLOG)
-        with self.lock:
-            self.queues[events] = kinds
-            self.active = frozenset().union(*self.queues.values())
-        return events
-
-    def remove(self, events):
-        with self.lock:
-            del self.queues[events]
-            self.active = frozenset().union(*self.queues.values())
-
-    def emit(self, kind, text):
-        with self.lock:
-            self.gid += 1
-            line = ("ts=%.6f gid=%d %s\n" % (time.time(), self.gid, text)).encode("latin-1")
-            for events, kinds in self.queues.items():
-                if kind in kinds:
-                    try:
-                        events.put_nowait(line)
-                        self.counters["log_watcher_sent"] += 1
-                    except queue.Full:
-                        self.counters["log_watcher_skipped"] += 1
-
-
-def read_auth_file(path):
-    """-Y: memcached's auth file, lines of ``user:password``, as {user: password}.
-    Raises ValueError, naming the file and line, if it cannot be used."""
-    try:
-        with open(path, "rb") as file:
-            lines = file.read().splitlines()
-    except OSError as error:
-        raise ValueError("cannot read the auth file (-Y) %s: %s"
-                         % (path, error.strerror or error))
-    credentials = {}
-    for number, line in enumerate(lines, 1):
-        user, colon, password = line.partition(b":")
-        if not colon or not user:
-            raise ValueError("auth file (-Y) %s, line %d: expected user:password"
-                             % (path, number))
-        credentials[user] = password
-    if not credentials:
-        raise ValueError("auth file (-Y) %s has no user:password line" % path)
-    return credentials
+# How often the background sweep reclaims a slice of expired items.
+SWEEP_INTERVAL = 1.0
+# How long an engine waits before it tries to accept again when the process is out of
+# file descriptors (memcached stops accepting for a while too).
+ACCEPT_BACKOFF = 0.1
 
 
 def parse_listen(spec, port):
@@ -1950,34 +2424,28 @@ def parse_listen(spec, port):
     return addresses
 
 
-class Server:
-    """A memg server: ``Server(port=0).start()`` serves from background threads,
-    ``serve_forever()`` from the calling thread; ``stop()`` ends both.  Every
-    setting of the command line is a keyword argument (see Settings)."""
+class Engine:
+    """What every engine does alike: open the listening sockets, run ``serve`` in
+    the calling thread or a background one, and stop.  An engine accepts
+    connections, gives each a TextProtocol of the service, moves bytes between the
+    two, and enforces what is about connections: the connection limit (-c), the idle
+    timeout, the bound on replies held for a client that does not read, the
+    back-off when the process is out of file descriptors, a clean stop.
 
-    def __init__(self, host="127.0.0.1", port=0, **settings):
-        self.settings = Settings(host=host, port=port, **settings)
-        s = self.settings
-        self.store = Store(s.memory_limit, s.item_size_max, s.evict, s.use_cas,
-                           s.track_sizes)
-        self.credentials = read_auth_file(s.auth_file) if s.auth_file else None
-        self.watchers = Watchers()
-        self.store.on_evict = self.watch_eviction
-        self.started = time.time()
-        self.lock = threading.Lock()             # guards connections and counters
-        self.connections = {}                    # Connection -> thread
-        self.counters = dict.fromkeys(
-            ("total_connections", "rejected_connections", "listen_disabled_num",
-             "idle_kicks", "cmd_meta", "auth_cmds", "auth_errors", "closed_bytes_read",
-             "closed_bytes_written"), 0)
-        # Traffic totals at the last ``stats reset``: connections own their byte
-        # counts, so a reset records where it happened instead of writing to them.
-        self.traffic_at_reset = (0, 0)
+    A subclass provides ``serve()`` (accept and serve until ``stopping``) and
+    ``close_connections(deadline)``; a new engine is one such class and one row of
+    ENGINES."""
+
+    def __init__(self, service):
+        self.service = service
+        self.settings = service.settings
         self.listeners = []
-        self.crawler_enabled = True              # lru_crawler enable|disable
-        self.stopping = threading.Event()
-        self._wakeup = None                      # socket pair to interrupt the accept loop
-        self._threads = []
+        # Written by request_stop, which a signal handler calls: a flag and a byte
+        # on a socket pair, nothing that takes a lock.
+        self.stopping = False
+        self.wakeup = None             # (read end, write end)
+        self.thread = None             # the background thread of start()
+        service.on_shutdown = self.request_stop
 
     # -- life cycle -------------------------------------------------------------
 
@@ -1992,7 +2460,9 @@ class Server:
     def bind(self):
         """Open the listening sockets; if one cannot be opened, close them all."""
         s = self.settings
-        self._wakeup = socket.socketpair()
+        self.wakeup = socket.socketpair()
+        for end in self.wakeup:
+            end.setblocking(False)
         try:
             if s.unix_socket:
                 if os.path.exists(s.unix_socket):
@@ -2014,114 +2484,246 @@ class Server:
         except BaseException:
             self.close_sockets()
             raise
+        self.service.listening = [(listener.fileno(), listener.getsockname())
+                                  for listener in self.listeners]
 
     def start(self):
-        """Bind and serve from background threads; returns self."""
+        """Bind and serve from a background thread; returns self."""
         self.bind()
-        for target in (self.serve, self.sweep):
-            thread = threading.Thread(target=target, name="memg-" + target.__name__,
-                                      daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.thread = threading.Thread(target=self.serve, name="memg-" + ENGINE_NAMES[
+            type(self)], daemon=True)
+        self.thread.start()
         return self
 
     def serve_forever(self):
         """Bind (if not yet bound) and serve from this thread until stopped."""
         if not self.listeners:
             self.bind()
-        sweeper = threading.Thread(target=self.sweep, name="memg-sweep", daemon=True)
-        sweeper.start()
-        self._threads.append(sweeper)
         self.serve()
 
     def request_stop(self):
-        """Ask the accept loop to end; safe from signal handlers and other threads."""
-        self.stopping.set()
-        if self._wakeup is not None:
+        """Ask the engine to stop.  Safe from any thread and from a signal handler,
+        which may run in the middle of anything the main thread does, stop()
+        included: it only sets a flag and writes a byte to wake the engine (when
+        one is already waiting there, this one is not needed)."""
+        self.stopping = True
+        wakeup = self.wakeup
+        if wakeup is not None:
             with contextlib.suppress(OSError):
-                self._wakeup[1].send(b"x")
+                wakeup[1].send(b"\0")
 
-    def wakeup_on_signals(self):
-        """Have signals wake the accept loop, whichever thread receives them."""
-        self._wakeup[1].setblocking(False)
-        signal.set_wakeup_fd(self._wakeup[1].fileno())
+    def wake_on_signals(self):
+        """Have signals wake the engine, whichever thread the kernel hands them to:
+        Python runs handlers only in the main thread, where the engine then waits
+        (the main thread only)."""
+        signal.set_wakeup_fd(self.wakeup[1].fileno())
 
     def stop(self, timeout=2.0):
-        """Stop accepting, close every connection, join the threads, free the port."""
+        """Stop accepting, close every connection, join the threads, free the port.
+        (Not for signal handlers: request_stop is.)"""
+        deadline = time.monotonic() + timeout
         self.request_stop()
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join(timeout)
-        self.close_connections(timeout)
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+        self.close_connections(deadline)
         self.close_sockets()
         if self.settings.unix_socket and os.path.exists(self.settings.unix_socket):
-            os.unlink(self.settings.unix_socket)
+            with contextlib.suppress(OSError):
+                os.unlink(self.settings.unix_socket)
 
     def close_sockets(self):
-        for sock in self.listeners + list(self._wakeup or ()):
+        for sock in self.listeners:
             sock.close()
         self.listeners = []
+        if self.wakeup is not None and threading.current_thread() is not threading.main_thread():
+            return       # (the main thread may still have it as its signals' wakeup fd)
+        for sock in self.wakeup or ():
+            sock.close()
 
-    def close_connections(self, timeout):
-        with self.lock:
-            connections = list(self.connections.items())
-        for connection, _ in connections:
-            with contextlib.suppress(OSError):
-                connection.sock.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + timeout
-        for _, thread in connections:
-            if thread is not None:
-                thread.join(max(0.0, deadline - time.monotonic()))
+    # -- what every engine does with a new connection ---------------------------
 
-    def __enter__(self):
-        return self.start()
+    def new_protocol(self, sock, address, wake):
+        """A protocol for an accepted socket, admitted by the service; None if it
+        was turned away over the connection limit."""
+        try:
+            local = sock.getsockname()
+        except OSError:
+            local = None
+        protocol = TextProtocol(self.service, sock.fileno(), address, local, wake)
+        if not self.service.open_connection(protocol):
+            self.turn_away(sock)
+            return None
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return protocol
 
-    def __exit__(self, *exc_info):
-        self.stop()
+    @staticmethod
+    def turn_away(sock):
+        """memcached's reply to a client it cannot take, then the close."""
+        with contextlib.suppress(OSError):
+            sock.send(TOO_MANY_CONNECTIONS)
+        sock.close()
 
-    # -- accepting ---------------------------------------------------------------
+    def accept_failed(self, error):
+        """An accept failed: out of file descriptors counts (listen_disabled_num)
+        and means waiting ACCEPT_BACKOFF before accepting again, rather than
+        spinning; anything else (a client gone before it was accepted) is passed."""
+        if error.errno in (errno.EMFILE, errno.ENFILE):
+            self.service.count("listen_disabled_num")
+            return True
+        return False
+
+
+# -- a thread per connection --------------------------------------------------------
+
+def replies_sender():
+    """The C library's send(fd, data, size, flags), called without releasing the GIL
+    (ctypes.PyDLL), and the flags that keep it from waiting; where there is no such
+    function, one that sends nothing, so that every reply goes through the socket.
+    (No argtypes: converting through them costs 700 ns a call, four times the rest
+    of it; so size must fit a C int, which SEND_MAX keeps it to.)
+
+    A thread that calls socket.send releases the GIL, and another connection's
+    thread waiting for it takes it: one more switch between threads for every
+    reply, though a reply to a client that reads almost never has to wait.  Sending
+    without waiting and without releasing the GIL cut the server's CPU time per
+    operation by a third at 16 busy connections (tests/bench.py); what the socket
+    does not take at once then goes through socket.sendall, which waits."""
+    try:
+        import ctypes
+        send = ctypes.PyDLL(None).send
+        flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+    except (ImportError, OSError, TypeError, AttributeError):
+        return (lambda fileno, data, size, flags: 0), 0
+    send.restype = ctypes.c_ssize_t
+    return send, flags
+
+
+SEND_MAX = 1 << 30
+
+
+class ThreadConnection:
+    """A client served by a thread of its own: its socket, its protocol, its input
+    buffer, and the event that wakes it when it watches and has lines to send.
+
+    The buffer is an anonymous memory map of the connection's own, not heap memory:
+    a thousand clients coming and going, each with a heap buffer, leave the heap
+    full of holes (over ten rounds of tests/soak.py, resident memory grew 35 to 56 %
+    with 64 KiB heap buffers, 7 % with maps), while a map goes back to the system
+    whole when the connection closes."""
+
+    def __init__(self, engine, sock, address):
+        self.engine = engine
+        self.sock = sock
+        self.event = threading.Event()
+        self.protocol = engine.new_protocol(sock, address, self.event.set)
+        self.buffer = mmap.mmap(-1, READ_BUFFER) if self.protocol else None
+
+    def serve(self):
+        """Read, run and reply until the client leaves or is sent away, then close."""
+        engine, sock, protocol = self.engine, self.sock, self.protocol
+        view = memoryview(self.buffer)
+        idle_timeout = engine.settings.idle_timeout
+        try:
+            while not protocol.closing:
+                if protocol.watcher is not None:
+                    self.stream()
+                    break
+                if idle_timeout:
+                    # As in memcached, a client is idle from its last command, so one
+                    # that trickles a line a byte at a time is idle too.
+                    left = idle_timeout - (time.monotonic() - protocol.last_command)
+                    if left <= 0:
+                        raise socket.timeout
+                    sock.settimeout(left)
+                received = sock.recv_into(view)
+                self.send(protocol.receive_data(self.buffer[:received]))
+                while protocol.pending and protocol.watcher is None:
+                    self.send(protocol.data_to_send())
+        except socket.timeout:
+            engine.service.count("idle_kicks")
+        except OSError:
+            pass             # reset by the peer, or closed by stop(): nothing to say
+        finally:
+            engine.service.close_connection(protocol)
+            sock.close()
+            view.release()
+            self.buffer.close()
+
+    def send(self, data):
+        """Send replies, in one send if the socket takes them at once; sendall sends
+        any rest (or all of them after an error, which it reports)."""
+        if data:
+            sent = self.engine.send(self.sock.fileno(), data, min(len(data), SEND_MAX),
+                                    self.engine.send_flags)
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[max(sent, 0):])
+
+    def stream(self):
+        """Send a watcher its log lines until it leaves or the server stops."""
+        self.sock.settimeout(self.engine.settings.idle_timeout or None)
+        while not self.engine.stopping:
+            self.event.wait(1.0)
+            self.event.clear()
+            while self.protocol.pending:
+                self.send(self.protocol.data_to_send())
+            if self.peer_closed():
+                return
+
+    def peer_closed(self):
+        """Whether the client has closed its end (a watcher only ever listens)."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""
+
+
+class ThreadsEngine(Engine):
+    """A thread per connection, blocking in its socket's reads and writes: the
+    design card's shape, and the default.  The calling thread accepts; one more
+    thread sweeps expired items every second."""
+
+    def __init__(self, service):
+        super().__init__(service)
+        self.lock = threading.Lock()             # guards connections
+        self.connections = {}                    # ThreadConnection -> its thread
+        self.send, self.send_flags = replies_sender()
+        self.sweeper = None
+        self.swept = threading.Event()           # set by stop(): the sweeper ends
 
     def serve(self):
         """The accept loop: one thread per client, up to the connection limit."""
+        self.sweeper = threading.Thread(target=self.sweep, name="memg-sweep", daemon=True)
+        self.sweeper.start()
         with selectors.DefaultSelector() as selector:
             for listener in self.listeners:
                 selector.register(listener, selectors.EVENT_READ)
-            selector.register(self._wakeup[0], selectors.EVENT_READ)
-            while not self.stopping.is_set():
+            selector.register(self.wakeup[0], selectors.EVENT_READ)
+            while not self.stopping:
                 for key, _ in selector.select():
-                    if key.fileobj is self._wakeup[0] or self.stopping.is_set():
-                        continue
-                    try:
-                        sock, address = key.fileobj.accept()
-                    except OSError as error:
-                        if error.errno in (errno.EMFILE, errno.ENFILE):
-                            # Out of file descriptors: wait for some to close rather
-                            # than spin (memcached stops accepting for a while too).
-                            self.count("listen_disabled_num")
-                            self.stopping.wait(0.1)
-                        continue
-                    if self.accept(sock, address) and self.settings.single:
+                    if key.fileobj is self.wakeup[0]:
+                        with contextlib.suppress(OSError):
+                            self.wakeup[0].recv(4096)
+                    elif not self.stopping and self.accept(key.fileobj):
                         return
 
-    def accept(self, sock, address):
-        """Admit one client, or refuse it over the connection limit.  Returns True
-        if it was served here, in --single mode."""
-        with self.lock:
-            admitted = len(self.connections) < self.settings.max_connections
-            self.counters["total_connections" if admitted else "rejected_connections"] += 1
-        if not admitted:
-            return self.turn_away(sock)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection = Connection(self, sock, address)
+    def accept(self, listener):
+        """Take one client.  Returns True when --single has served its one."""
+        try:
+            sock, address = listener.accept()
+        except OSError as error:
+            if self.accept_failed(error):
+                time.sleep(ACCEPT_BACKOFF)
+            return False
+        connection = ThreadConnection(self, sock, address)
+        if connection.protocol is None:
+            return False
         if self.settings.single:
             # In the calling thread, so that a profiler there sees the work.
             with self.lock:
                 self.connections[connection] = None
-            self.run_connection(connection)
+            self.run(connection)
             return True
-        thread = threading.Thread(target=self.run_connection, args=(connection,),
-                                  name="memg-conn-%d" % connection.fileno, daemon=True)
+        thread = threading.Thread(target=self.run, args=(connection,), daemon=True,
+                                  name="memg-conn-%d" % connection.protocol.fd)
         with self.lock:
             self.connections[connection] = thread
         try:
@@ -2131,267 +2733,275 @@ class Server:
             # client is turned away as if over the limit, and the server goes on.
             with self.lock:
                 del self.connections[connection]
-                self.counters["rejected_connections"] += 1
+            self.service.close_connection(connection.protocol)
+            self.service.refuse_connection()
             self.turn_away(sock)
         return False
 
-    @staticmethod
-    def turn_away(sock):
-        """memcached's reply to a client it cannot take, then the close."""
-        with contextlib.suppress(OSError):
-            sock.sendall(TOO_MANY_CONNECTIONS)
-        sock.close()
-        return False
-
-    def run_connection(self, connection):
-        if self.settings.verbose > 1:
-            print("%d: Client using the ascii protocol" % connection.fileno, file=sys.stderr)
+    def run(self, connection):
         try:
-            connection.handle()
+            connection.serve()
         finally:
             with self.lock:
                 del self.connections[connection]
-                self.counters["closed_bytes_read"] += connection.bytes_read
-                self.counters["closed_bytes_written"] += connection.bytes_written
-            if self.settings.verbose > 1:
-                print("<%d connection closed." % connection.fileno, file=sys.stderr)
-
-    def authenticate(self, user, password):
-        """Whether user and password match a line of the auth file (-Y).  Every
-        password is compared in constant time, so that timing reveals nothing."""
-        matched = (hmac.compare_digest(password, self.credentials.get(user, b""))
-                   and user in self.credentials)
-        with self.lock:
-            self.counters["auth_cmds"] += 1
-            self.counters["auth_errors"] += not matched
-        return matched
-
-    def watch_connection(self, event, connection):
-        if "connevents" in self.watchers.active:
-            peer = connection.address
-            where = ("rip=%s rport=%d transport=tcp" % peer[:2] if isinstance(peer, tuple)
-                     else "transport=local")
-            self.watchers.emit("connevents", "type=%s %s%s cfd=%d" % (
-                event, where, " reason=normal" if event == "conn_close" else "",
-                connection.fileno))
-
-    def watch_eviction(self, key, item, now):
-        if "evictions" in self.watchers.active:
-            ttl, item = self.store.ttl(item, now), unpack_item(item)
-            self.watchers.emit("evictions", (
-                "type=eviction key=%s fetch=%s ttl=%d la=%d clsid=1" % (
-                    uri(key), "yes" if item.fetched else "no", ttl, now - item.atime)))
 
     def sweep(self):
-        """Background expiry: reclaim dead items a slice at a time, once a second."""
-        while not self.stopping.wait(1.0):
-            if self.crawler_enabled:
-                self.store.sweep()
+        while not self.swept.wait(SWEEP_INTERVAL):
+            self.service.sweep()
 
-    def count(self, name):
+    def close_connections(self, deadline):
+        self.swept.set()
         with self.lock:
-            self.counters[name] += 1
+            connections = list(self.connections.items())
+        for connection, _ in connections:
+            with contextlib.suppress(OSError):
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            connection.event.set()
+        for thread in [thread for _, thread in connections] + [self.sweeper]:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
-    # -- statistics -----------------------------------------------------------
 
-    def reset_stats(self):
-        self.store.reset_counters()
-        with self.lock:
-            self.traffic_at_reset = self._traffic()
-            for name in ("total_connections", "rejected_connections", "listen_disabled_num",
-                         "idle_kicks", "cmd_meta"):
-                self.counters[name] = 0
+# -- an asyncio event loop -------------------------------------------------------
 
-    def _traffic(self):
-        """(bytes read, bytes written) since the start; the caller holds the lock."""
-        live = self.connections
-        return (self.counters["closed_bytes_read"] + sum(c.bytes_read for c in live),
-                self.counters["closed_bytes_written"] + sum(c.bytes_written for c in live))
+class AsyncioConnection:
+    """A client served by the event loop: asyncio's protocol callbacks, handing
+    what arrives to the TextProtocol and writing what it returns.  While the
+    transport holds more than OUTPUT_LIMIT unsent, it stops reading and making
+    replies (pause_writing), so that a client that does not read costs a bounded
+    amount; a long reply is made a step per turn of the loop, so that other clients
+    are served in between."""
 
-    def general_stats(self):
-        """``stats``: memcached's general statistics, in memcached's order, for the
-        ones that mean something here."""
-        now = time.time()
-        store = self.store.snapshot()
-        with self.lock:
-            counters = dict(self.counters)
-            live = list(self.connections)
-            (read, written), (read_before, written_before) = (
-                self._traffic(), self.traffic_at_reset)
-        bytes_read, bytes_written = read - read_before, written - written_before
-        usage = os.times()
-        return [
-            ("pid", os.getpid()),
-            ("uptime", int(now - self.started)),
-            ("time", int(now)),
-            ("version", VERSION),
-            ("libevent", "none"),
-            ("pointer_size", 64 if sys.maxsize > 2 ** 32 else 32),
-            ("rusage_user", "%.6f" % usage.user),
-            ("rusage_system", "%.6f" % usage.system),
-            ("max_connections", self.settings.max_connections),
-            ("curr_connections", len(live)),
-            ("total_connections", counters["total_connections"]),
-            ("rejected_connections", counters["rejected_connections"]),
-            ("connection_structures", len(live)),
-            ("cmd_get", store["cmd_get"]),
-            ("cmd_set", store["cmd_set"]),
-            ("cmd_flush", store["cmd_flush"]),
-            ("cmd_touch", store["cmd_touch"]),
-            ("cmd_meta", counters["cmd_meta"]),
-            ("get_hits", store["get_hits"]),
-            ("get_misses", store["get_misses"]),
-            ("get_expired", store["get_expired"]),
-            ("get_flushed", store["get_flushed"]),
-            ("delete_misses", store["delete_misses"]),
-            ("delete_hits", store["delete_hits"]),
-            ("incr_misses", store["incr_misses"]),
-            ("incr_hits", store["incr_hits"]),
-            ("decr_misses", store["decr_misses"]),
-            ("decr_hits", store["decr_hits"]),
-            ("cas_misses", store["cas_misses"]),
-            ("cas_hits", store["cas_hits"]),
-            ("cas_badval", store["cas_badval"]),
-            ("touch_hits", store["touch_hits"]),
-            ("touch_misses", store["touch_misses"]),
-            ("store_too_large", store["store_too_large"]),
-            ("store_no_memory", store["store_no_memory"]),
-            ("auth_cmds", counters["auth_cmds"]),
-            ("auth_errors", counters["auth_errors"]),
-            ("idle_kicks", counters["idle_kicks"]),
-            ("bytes_read", bytes_read),
-            ("bytes_written", bytes_written),
-            ("limit_maxbytes", store["limit_maxbytes"]),
-            ("accepting_conns", 1),
-            ("listen_disabled_num", counters["listen_disabled_num"]),
-            ("threads", self.settings.threads),
-            ("conn_yields", 0),
-            ("bytes", store["bytes"]),
-            ("curr_items", store["curr_items"]),
-            ("total_items", store["total_items"]),
-            ("expired_unfetched", store["expired_unfetched"]),
-            ("evicted_unfetched", store["evicted_unfetched"]),
-            ("evictions", store["evictions"]),
-            ("reclaimed", store["reclaimed"]),
-            ("crawler_reclaimed", store["crawler_reclaimed"]),
-            ("crawler_items_checked", store["crawler_items_checked"]),
-            ("log_watcher_skipped", self.watchers.counters["log_watcher_skipped"]),
-            ("log_watcher_sent", self.watchers.counters["log_watcher_sent"]),
-            ("log_watchers", len(self.watchers.queues)),
-        ]
+    def __init__(self, engine, protocol):
+        self.engine = engine
+        self.protocol = protocol
+        self.transport = None
+        self.writing_paused = False
+        self.scheduled = False           # a send_more waits in the loop
 
-    def settings_stats(self):
-        """``stats settings``, with memcached's names."""
-        s = self.settings
-        return [
-            ("maxbytes", self.store.memory_limit),
-            ("maxconns", s.max_connections),
-            ("tcpport", 0 if s.unix_socket else (self.address or (0, s.port))[1]),
-            ("udpport", s.udp_port),
-            ("inter", s.host),
-            ("verbosity", s.verbose),
-            ("oldest", 0),
-            ("evictions", "on" if s.evict else "off"),
-            ("domain_socket", s.unix_socket or "NULL"),
-            ("umask", "%o" % s.unix_mask),
-            ("shutdown_command", "yes" if s.enable_shutdown else "no"),
-            ("num_threads", s.threads),
-            ("cas_enabled", "yes" if s.use_cas else "no"),
-            ("tcp_backlog", s.backlog),
-            ("binding_protocol", "ascii"),
-            ("auth_enabled_sasl", "no"),
-            ("auth_enabled_ascii", s.auth_file or "no"),
-            ("item_size_max", s.item_size_max),
-            ("flush_enabled", "yes" if s.flush_enabled else "no"),
-            ("idle_timeout", s.idle_timeout),
-            ("track_sizes", "yes" if s.track_sizes else "no"),
-        ]
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(high=OUTPUT_LIMIT)
+        self.engine.connections.add(self)
 
-    def item_stats(self):
-        """``stats items``: memg has no slab classes, so all items are in class 1."""
-        store = self.store.snapshot()
-        if not store["curr_items"]:
-            return []
-        return [("items:1:" + name, value) for name, value in (
-            ("number", store["curr_items"]),
-            ("age", store["oldest_age"]),
-            ("mem_requested", store["bytes"]),
-            ("evicted", store["evictions"]),
-            ("evicted_nonzero", store["evicted_nonzero"]),
-            ("evicted_time", store["evicted_time"]),
-            ("outofmemory", store["store_no_memory"]),
-            ("reclaimed", store["reclaimed"]),
-            ("expired_unfetched", store["expired_unfetched"]),
-            ("evicted_unfetched", store["evicted_unfetched"]),
-            ("crawler_reclaimed", store["crawler_reclaimed"]),
-            ("crawler_items_checked", store["crawler_items_checked"]),
-        )]
+    def data_received(self, data):
+        out = self.protocol.receive_data(data)
+        if out:
+            self.transport.write(out)
+        self.after_output()
 
-    def slab_stats(self):
-        """``stats slabs``: one pseudo slab class holding every item."""
-        store = self.store.snapshot()
-        used = []
-        if store["curr_items"]:
-            used = [("1:" + name, value) for name, value in (
-                ("chunk_size", store["bytes"] // store["curr_items"]),
-                ("used_chunks", store["curr_items"]),
-                ("get_hits", store["get_hits"]),
-                ("cmd_set", store["cmd_set"]),
-                ("delete_hits", store["delete_hits"]),
-                ("incr_hits", store["incr_hits"]),
-                ("decr_hits", store["decr_hits"]),
-                ("cas_hits", store["cas_hits"]),
-                ("cas_badval", store["cas_badval"]),
-                ("touch_hits", store["touch_hits"]),
-            )]
-        return used + [("active_slabs", 1 if used else 0), ("total_malloced", store["bytes"])]
+    def eof_received(self):
+        out = self.protocol.receive_data(b"")
+        if out:
+            self.transport.write(out)
+        self.after_output()
+        return True                      # the transport closes once the replies are out
 
-    def size_stats(self):
-        """``stats sizes``: items per 32-byte size class, with -o track_sizes."""
-        histogram = self.store.size_histogram()
-        if histogram is None:
-            return [("sizes_status", "disabled")]
-        return [(str(size), count) for size, count in histogram]
+    def after_output(self):
+        protocol = self.protocol
+        if protocol.pending:
+            if not self.writing_paused and not self.scheduled:
+                self.scheduled = True
+                self.engine.loop.call_soon(self.send_more)
+        elif protocol.closing:
+            self.transport.close()
 
-    def connection_stats(self):
-        """``stats conns``: the listening sockets, then one block per client."""
-        now = time.monotonic()
-        rows = []
+    def send_more(self):
+        self.scheduled = False
+        if self.writing_paused or self.transport.is_closing():
+            return
+        out = self.protocol.data_to_send()
+        if out:
+            self.transport.write(out)
+        self.after_output()
+
+    def wake(self):
+        """A watcher has lines: from any thread, have the loop send them."""
+        with contextlib.suppress(RuntimeError):      # the loop has closed
+            self.engine.loop.call_soon_threadsafe(self.after_output)
+
+    def pause_writing(self):
+        self.writing_paused = True
+        with contextlib.suppress(RuntimeError, AttributeError):
+            self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.writing_paused = False
+        with contextlib.suppress(RuntimeError, AttributeError):
+            self.transport.resume_reading()
+        self.after_output()
+
+    def connection_lost(self, error):
+        self.engine.connections.discard(self)
+        self.engine.service.close_connection(self.protocol)
+
+
+def new_event_loop(choice):
+    """An event loop: uvloop's when it is installed (choice "auto") or asked for,
+    else the standard library's."""
+    import asyncio
+    if choice != "stdlib":
+        try:
+            import uvloop
+            return uvloop.new_event_loop()
+        except ImportError:
+            if choice == "uvloop":
+                raise ValueError("--event-loop uvloop: uvloop is not installed "
+                                 "(pip install memg[uvloop])")
+    return asyncio.new_event_loop()
+
+
+class AsyncioEngine(Engine):
+    """Every connection on one asyncio event loop, in the thread that serves: no
+    thread per client, no switching between threads.  It accepts by itself (the
+    loop's own server would hide the connection limit's reply and the back-off
+    when out of file descriptors) and hands each socket to the loop's transports;
+    the sweep and the idle check are timers of the loop."""
+
+    def __init__(self, service):
+        super().__init__(service)
+        self.loop = None
+        self.connections = set()            # AsyncioConnections; the loop's thread only
+        self.connecting = set()             # tasks handing accepted sockets to the loop
+
+    def serve(self):
+        self.loop = loop = new_event_loop(self.settings.event_loop)
+        try:
+            for listener in self.listeners:
+                listener.setblocking(False)
+                loop.add_reader(listener.fileno(), self.accept, listener)
+            loop.add_reader(self.wakeup[0].fileno(), self.woken)
+            loop.call_later(SWEEP_INTERVAL, self.sweep)
+            if self.settings.idle_timeout:
+                loop.call_later(self.idle_check_interval(), self.kick_idle)
+            if not self.stopping:
+                loop.run_forever()
+        finally:
+            self.shut_down()
+
+    def woken(self):
+        with contextlib.suppress(OSError):
+            self.wakeup[0].recv(4096)
+        if self.stopping:
+            self.loop.stop()
+
+    def accept(self, listener):
+        """Take the clients waiting on a listener."""
+        for _ in range(self.settings.backlog):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if self.accept_failed(error):
+                    self.loop.remove_reader(listener.fileno())
+                    self.loop.call_later(ACCEPT_BACKOFF, self.resume_accepting, listener)
+                return
+            connection = None
+            protocol = self.new_protocol(sock, address, lambda: connection.wake())
+            if protocol is None:
+                continue
+            connection = AsyncioConnection(self, protocol)
+            sock.setblocking(False)
+            task = self.loop.create_task(self.connect(sock, connection))
+            self.connecting.add(task)
+            task.add_done_callback(self.connecting.discard)
+
+    def resume_accepting(self, listener):
+        if not self.stopping and listener.fileno() >= 0:
+            self.loop.add_reader(listener.fileno(), self.accept, listener)
+
+    async def connect(self, sock, connection):
+        try:
+            await self.loop.connect_accepted_socket(lambda: connection, sock)
+        except BaseException:
+            # Stopped (or failed) before the loop took the socket: it is ours to close.
+            sock.close()
+            self.service.close_connection(connection.protocol)
+
+    def sweep(self):
+        self.service.sweep()
+        self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+
+    def idle_check_interval(self):
+        return min(1.0, self.settings.idle_timeout / 4)
+
+    def kick_idle(self):
+        """-o idle_timeout: close the clients idle since their last command longer
+        than that (watchers, which only listen, excepted)."""
+        oldest = time.monotonic() - self.settings.idle_timeout
+        for connection in list(self.connections):
+            protocol = connection.protocol
+            if protocol.watcher is None and protocol.last_command < oldest:
+                self.service.count("idle_kicks")
+                connection.transport.abort()
+        self.loop.call_later(self.idle_check_interval(), self.kick_idle)
+
+    def shut_down(self):
+        """Close every connection, let the loop deliver their ends, close it."""
+        loop = self.loop
         for listener in self.listeners:
-            fd = listener.fileno()
-            rows += [("%d:addr" % fd, _socket_name(listener.getsockname())),
-                     ("%d:state" % fd, "conn_listening")]
-        with self.lock:
-            live = sorted(self.connections, key=lambda connection: connection.fileno)
-        for connection in live:
-            fd = connection.fileno
-            rows += [("%d:addr" % fd, _socket_name(connection.address)),
-                     ("%d:listen_addr" % fd, _socket_name(connection.sock.getsockname())),
-                     ("%d:state" % fd, "conn_parse_cmd"),
-                     ("%d:secs_since_last_cmd" % fd,
-                      int(now - connection.protocol.last_command))]
-        return rows
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(listener.fileno())
+        for task in list(self.connecting):
+            task.cancel()
+        for connection in list(self.connections):
+            connection.transport.abort()
+        if self.connecting or self.connections:
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+        loop.close()
+
+    def close_connections(self, deadline):
+        pass                     # serve() closes them as it ends, in the loop's thread
 
 
-def _socket_name(name):
-    """A socket address as memcached's ``stats conns`` writes it."""
-    if isinstance(name, tuple):
-        return "tcp:%s:%d" % name[:2] if ":" not in name[0] else "tcp6:[%s]:%d" % name[:2]
-    return "unix:%s" % (name or "")
+ENGINES = {"threads": ThreadsEngine, "asyncio": AsyncioEngine}
+ENGINE_NAMES = {engine: name for name, engine in ENGINES.items()}
+
+
+class Server:
+    """A memg server: a Service and the engine that serves it.
+    ``Server(port=0).start()`` serves from a background thread, ``serve_forever()``
+    from the calling thread; ``stop()`` ends both.  Every setting of the command
+    line is a keyword argument (see Settings), ``engine`` among them."""
+
+    def __init__(self, host="127.0.0.1", port=0, **settings):
+        self.settings = Settings(host=host, port=port, **settings)
+        self.service = Service(self.settings)
+        self.store = self.service.store
+        self.engine = ENGINES[self.settings.engine](self.service)
+
+    @property
+    def address(self):
+        return self.engine.address
+
+    def bind(self):
+        self.engine.bind()
+
+    def start(self):
+        self.engine.start()
+        return self
+
+    def serve_forever(self):
+        self.engine.serve_forever()
+
+    def request_stop(self):
+        self.engine.request_stop()
+
+    def stop(self, timeout=2.0):
+        self.engine.stop(timeout)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
 
 
 # --------------------------------------------------------------------------
 # 6. The command line
 # --------------------------------------------------------------------------
-
-def _size(text, unit):
-    """A size such as 64, 512k, 2m or 1g; a bare number is in ``unit`` bytes."""
-    match = re.fullmatch(r"(\d+)([kKmMgG]?)", text)
-    if match is None:
-        raise ValueError("bad size %r" % text)
-    scale = {"": unit, "k": KB, "m": MB, "g": 1024 * MB}[match.group(2).lower()]
-    return int(match.group(1)) * scale
-
 
 # memcached options that tune machinery memg does not have: accepted, with a warning,
 # so that service files written for memcached keep working.
@@ -2423,6 +3033,9 @@ UNSUPPORTED_OPTIONS = {
 
 
 def build_parser():
+    """memcached's command line, built from the Settings fields (each with its
+    flags, help and choices), plus -o, -h, -V and the options memg ignores or
+    refuses."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -2433,52 +3046,28 @@ def build_parser():
         prog="memg", allow_abbrev=False, add_help=False,
         description="memg %s: a memcached-compatible server in one Python file." % __version__)
     add = parser.add_argument
-    add("-p", "--port", type=int, default=11211, help="TCP port to listen on (default: 11211)")
-    add("-U", "--udp-port", type=int, default=0, help="UDP port; only 0 (off) is supported")
-    add("-s", "--unix-socket", metavar="FILE", help="UNIX socket to listen on (disables TCP)")
-    add("-a", "--unix-mask", default="700", metavar="MASK",
-        help="access mask for the UNIX socket, in octal (default: 700)")
-    add("-A", "--enable-shutdown", action="store_true", help='enable the "shutdown" command')
-    add("-l", "--listen", default="127.0.0.1", metavar="ADDR",
-        help="interfaces to listen on, comma separated, host or host:port "
-             "(default: 127.0.0.1; memcached's default is every interface)")
-    add("-u", "--user", help="drop root privileges to this user after binding")
-    add("-Y", "--auth-file", metavar="FILE",
-        help="require clients to authenticate first with a user:password line of FILE "
-             "(memcached's ASCII authentication; see README)")
-    add("-m", "--memory-limit", default="64", metavar="MB",
-        help="item memory in megabytes (default: 64)")
-    add("-M", "--disable-evictions", action="store_true",
-        help="return an error when memory is full instead of evicting")
-    add("-c", "--conn-limit", type=int, default=1024, metavar="N",
-        help="max simultaneous connections (default: 1024)")
-    add("-v", "--verbose", action="count", default=0,
-        help="-v: errors and warnings; -vv: also every command and reply")
+    for field in SETTINGS_FIELDS.values():
+        meta = field.metadata
+        if not meta["flags"]:
+            continue
+        options = dict(dest=field.name, help=meta["help"], default=argparse.SUPPRESS)
+        if isinstance(field.default, bool):          # the flag flips the default
+            options.update(action="store_const", const=not field.default)
+        elif field.name == "verbose":
+            options.update(action="count")
+        else:
+            choices = meta["choices"]
+            options.update(metavar=meta["metavar"],
+                           choices=choices() if callable(choices) else choices)
+        add(*meta["flags"], **options)
+    add("-o", "--extended", action="append", default=[], metavar="OPTIONS",
+        help="comma separated options: " + "; ".join(
+            field.metadata["help"] for field in SETTINGS_FIELDS.values()
+            if field.metadata["extended"])
+        + "; memcached's slab, LRU and hash tuning options are accepted and ignored")
     add("-h", "--help", action="help", help="print this help and exit")
     add("-V", "--version", action="version", version="memg %s (memcached protocol %s)"
         % (__version__, VERSION.split("-")[0]), help="print version and exit")
-    add("-P", "--pidfile", metavar="FILE", help="write the process id to FILE")
-    add("-t", "--threads", type=int, default=4,
-        help="accepted for compatibility and reported by stats; memg runs a thread "
-             "per connection (default: 4)")
-    add("-C", "--disable-cas", action="store_true", help="disable CAS")
-    add("-b", "--listen-backlog", type=int, default=1024, metavar="N",
-        help="listen backlog (default: 1024)")
-    add("-B", "--protocol", default="auto", choices=("ascii", "auto", "binary"),
-        help="protocol: ascii or auto (the binary protocol is not supported)")
-    add("-I", "--max-item-size", default="1m", metavar="SIZE",
-        help="max item size, as 512k or 2m (default: 1m, min: 1k, max: 1024m)")
-    add("-F", "--disable-flush-all", action="store_true", help="disable flush_all")
-    add("-X", "--disable-dumping", action="store_true", help="disable stats cachedump")
-    add("-o", "--extended", action="append", default=[], metavar="OPTIONS",
-        help="comma separated key=value options: idle_timeout=SECONDS, track_sizes; "
-             "memcached's slab, LRU and hash tuning options are accepted and ignored")
-    add("--gevent", action="store_true",
-        help="run each connection's thread as a gevent greenlet: the same code, one OS "
-             "thread, no switching between threads (needs gevent: pip install "
-             "memg[gevent])")
-    add("--single", action="store_true",
-        help="serve one connection, then exit (for python -m cProfile memg.py --single)")
     for options, label in ((IGNORED_OPTIONS, "ignored: memg has no %s"),
                            (UNSUPPORTED_OPTIONS, "not supported: %s")):
         for flag, (takes_value, what) in options.items():
@@ -2488,49 +3077,39 @@ def build_parser():
 
 
 def parse_command_line(argv):
-    """Settings from memcached-style arguments, plus warnings to print.  Raises
+    """Settings from memcached-style arguments, and warnings to print.  Raises
     SystemExit with a one-line message for anything memg cannot honour."""
-    args = build_parser().parse_args(argv)
+    args = vars(build_parser().parse_args(argv))
     warnings = []
     for flag, (_, what) in UNSUPPORTED_OPTIONS.items():
-        if getattr(args, "option_" + flag[1]):
+        if args.pop("option_" + flag[1]):
             raise SystemExit("memg: %s is not supported (%s)" % (flag, what))
     for flag, (_, what) in IGNORED_OPTIONS.items():
-        if getattr(args, "option_" + flag[1]):
+        if args.pop("option_" + flag[1]):
             warnings.append("%s ignored: memg has no %s" % (flag, what))
-    if args.protocol == "binary":
-        raise SystemExit("memg: the binary protocol is not supported (-B ascii or auto)")
-    idle_timeout, track_sizes = 0, False
-    for group in args.extended:
+    values = {}
+    for group in args.pop("extended"):
         for option in filter(None, group.split(",")):
-            name, _, value = option.partition("=")
-            if name == "idle_timeout":
-                if not value.isdigit():
-                    raise SystemExit("memg: idle_timeout needs a number of seconds")
-                idle_timeout = int(value)
-            elif name == "track_sizes":
-                track_sizes = True
+            name, _, text = option.partition("=")
+            field = SETTINGS_FIELDS.get(name)
+            if field is not None and field.metadata["extended"]:
+                args[name] = True if isinstance(field.default, bool) else text
             elif name in IGNORED_EXTENDED or name.startswith(("ext_", "ssl_")):
                 warnings.append("-o %s ignored: memg has no such tuning" % name)
             else:
                 raise SystemExit("memg: unknown -o option %r" % name)
+    for name, value in args.items():
+        parse = SETTINGS_FIELDS[name].metadata["parse"]
+        try:
+            values[name] = parse(value) if parse and isinstance(value, str) else value
+        except ValueError:
+            raise SystemExit("memg: %s: bad value %r" % (Settings.flag(name), value))
+    if "verbose" in values:
+        values["verbose"] = min(values["verbose"], 2)
     try:
-        memory_limit = _size(args.memory_limit, MB)
-        item_size_max = _size(args.max_item_size, 1)
-        unix_mask = int(args.unix_mask, 8)
+        settings = Settings(**values)
     except ValueError as error:
         raise SystemExit("memg: %s" % error)
-    settings = dict(
-        host=args.listen, port=args.port, udp_port=args.udp_port,
-        unix_socket=args.unix_socket,
-        unix_mask=unix_mask, memory_limit=memory_limit, evict=not args.disable_evictions,
-        max_connections=args.conn_limit, item_size_max=item_size_max,
-        threads=args.threads, verbose=min(args.verbose, 2),
-        enable_shutdown=args.enable_shutdown, use_cas=not args.disable_cas,
-        flush_enabled=not args.disable_flush_all, dump_enabled=not args.disable_dumping,
-        backlog=args.listen_backlog, idle_timeout=idle_timeout, track_sizes=track_sizes,
-        auth_file=args.auth_file, user=args.user,
-        pid_file=args.pidfile, single=args.single, gevent=args.gevent)
     return settings, warnings
 
 
@@ -2573,8 +3152,7 @@ THREAD_STACK_SIZE = 256 * KB
 # lock.  50 ms measured 7 %, 20 % and 37 % more throughput at 16, 200 and 1,000 busy
 # connections (tests/bench.py's load), with up to a third less CPU per operation.
 # The price: a command that runs long in Python (a multi-get of many large values)
-# can hold the others back that much longer.  (Under --gevent, where every
-# connection runs in one thread, it measured 5 % slower, and is left alone.)
+# can hold the others back that much longer.
 SWITCH_INTERVAL = 0.05
 
 # glibc gives a process up to eight malloc arenas per core so that threads seldom wait
@@ -2585,84 +3163,92 @@ MALLOC_ARENAS = 2
 M_ARENA_MAX = -8                 # glibc's mallopt parameter number
 
 
-def limit_malloc_arenas():
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-    except (ImportError, OSError, AttributeError):
-        pass                     # no ctypes, or a C library without mallopt
+def tune_for_threads():
+    """What the memg command does for the threads engine, before any thread starts."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    with contextlib.suppress(ValueError, RuntimeError):   # where sizes cannot be set
+        threading.stack_size(THREAD_STACK_SIZE)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+        except (ImportError, OSError, AttributeError):
+            pass                 # no ctypes, or a C library without mallopt
 
 
 def beyond_loopback(settings):
     """Whether the server listens on an address other machines can reach."""
-    if settings["unix_socket"]:
+    if settings.unix_socket:
         return False
     return any(not (host.startswith("127.") or host in ("localhost", "::1"))
-               for host, _ in parse_listen(settings["host"], settings["port"]))
+               for host, _ in parse_listen(settings.host, settings.port))
 
 
-def use_gevent():
-    """--gevent: gevent's monkey patching turns threads, sockets and locks into
-    greenlets and cooperative sockets, so memg's blocking thread-per-connection code
-    runs unchanged in one OS thread, as gunicorn's gevent worker runs blocking code.
-    Connection threads then never hand the GIL to each other: under many busy
-    clients that switching is most of a threaded server's CPU time.  It must run
-    before the server creates any lock, socket or thread."""
-    try:
-        from gevent import monkey
-    except ImportError:
-        raise SystemExit("memg: --gevent needs gevent (pip install gevent)")
-    monkey.patch_all()
+class StopSignals:
+    """SIGINT and SIGTERM ask the server to stop, however many arrive and whenever:
+    before there is a server, while it serves, while it stops.  The handler runs in
+    the main thread between any two of its steps, so it takes no lock (the main
+    thread might hold it): it only sets flags (Engine.request_stop)."""
+
+    def __init__(self):
+        self.received = False
+        self.engine = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self)
+
+    def __call__(self, signum, frame):
+        self.received = True
+        engine = self.engine
+        if engine is not None:
+            engine.request_stop()
+
+    def serve(self, engine):
+        """Have the signals stop engine from now on (one that came already, at once)."""
+        self.engine = engine
+        if self.received:
+            engine.request_stop()
 
 
 def main(argv=None):
     """The memg command: memcached's options, then serve until SIGINT or SIGTERM."""
-    limit_malloc_arenas()
+    signals = StopSignals()
     settings, warnings = parse_command_line(sys.argv[1:] if argv is None else argv)
-    if settings.pop("gevent"):
-        use_gevent()
-    else:
-        sys.setswitchinterval(SWITCH_INTERVAL)     # (greenlets share one thread)
+    if settings.engine == "threads":
+        tune_for_threads()
     for warning in warnings:
         print("memg: warning: " + warning, file=sys.stderr)
     try:
-        server = Server(**settings)
+        server = Server(**dataclasses.asdict(settings))
         server.bind()
     except ValueError as error:
         raise SystemExit("memg: %s" % error)
     except OSError as error:
         raise SystemExit("memg: cannot listen on %s: %s" % (
-            settings["unix_socket"] or "%s port %d" % (settings["host"], settings["port"]),
+            settings.unix_socket or "%s port %d" % (settings.host, settings.port),
             error.strerror or error))
-    if settings["user"]:
-        drop_privileges(settings["user"])
-    raise_open_file_limit(settings["max_connections"])
-    with contextlib.suppress(ValueError, RuntimeError):   # where sizes cannot be set
-        threading.stack_size(THREAD_STACK_SIZE)
-    if settings["pid_file"]:
-        with open(settings["pid_file"], "w") as pid_file:
+    if settings.user:
+        drop_privileges(settings.user)
+    raise_open_file_limit(settings.max_connections)
+    if settings.pid_file:
+        with open(settings.pid_file, "w") as pid_file:
             pid_file.write("%d\n" % os.getpid())
-    if beyond_loopback(settings) and not settings["auth_file"]:
+    if beyond_loopback(settings) and not settings.auth_file:
         print("memg: warning: listening beyond loopback (%s) with no authentication: "
               "anyone who can reach the port can read and change the cache"
-              % settings["host"], file=sys.stderr)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: server.request_stop())
-    # The kernel may hand a signal to any thread, while Python runs handlers only in
-    # the main one: the wake-up byte gets the accept loop there to run it promptly.
-    server.wakeup_on_signals()
-    if settings["verbose"]:
-        print("memg %s listening on %s" % (__version__, _socket_name(server.address)),
-              file=sys.stderr)
+              % settings.host, file=sys.stderr)
+    server.engine.wake_on_signals()
+    signals.serve(server.engine)
+    if settings.verbose:
+        print("memg %s listening on %s (%s engine)" % (
+            __version__, socket_name(server.address), settings.engine), file=sys.stderr)
     try:
         server.serve_forever()
     finally:
+        signal.set_wakeup_fd(-1)         # before stop() closes that socket
         server.stop()
-        if settings["pid_file"]:
+        if settings.pid_file:
             with contextlib.suppress(OSError):
-                os.unlink(settings["pid_file"])
+                os.unlink(settings.pid_file)
     return 0
 
 

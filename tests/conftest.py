@@ -54,6 +54,20 @@ class Clock:
         self.now += seconds
 
 
+def converse(protocol, *chunks, end=True):
+    """What a memg.TextProtocol answers to chunks received one after another, then
+    (with end) to the end of the input: every reply, the pending ones included, as a
+    client that reads everything gets them.  Stops where the protocol closes."""
+    out = []
+    for chunk in chunks + ((b"",) if end else ()):
+        out.append(protocol.receive_data(chunk))
+        while protocol.pending:
+            out.append(protocol.data_to_send())
+        if protocol.closing:
+            break
+    return b"".join(out)
+
+
 def copy_project(destination):
     """Copy what pip needs to build memg into destination (a build in the checkout
     would leave build/ and *.egg-info behind); returns the copy's path."""

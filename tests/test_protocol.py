@@ -1,22 +1,21 @@
-"""memg.Protocol byte for byte, without sockets.
+"""memg.TextProtocol byte for byte, without sockets.
 
-Each script is fed to a Protocol through io.BytesIO; process() runs until it
-returns False (end of input, or the connection should close) and the replies
-are compared with the exact bytes memcached 1.6 sends (checked against
+Each script is handed to a TextProtocol as received bytes, then the end of the
+input; every reply it makes (conftest.converse) is compared with the exact bytes
+memcached 1.6 sends (checked against
 memcached 1.6.18; the meta features it lacks -- md x, ms/ma E, ms N -- follow
 the protocol spec).  Where memg differs on purpose, the test says so: its
 version string, statistics and item sizes.  The sections
-follow memg.py's Protocol: dispatch and input, retrieval, storage, delete/incr/
+follow memg.py's TextProtocol: dispatch and input, retrieval, storage, delete/incr/
 decr/touch, the meta commands, and everything else.
 """
 
 import base64
-import io
 
 import pytest
 
 import memg
-from conftest import Clock
+from conftest import Clock, converse
 
 BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
@@ -25,18 +24,20 @@ MB = 1024 * 1024
 
 class Session:
     """One memg server (never started: no sockets) with a fake clock.  Each
-    send() is one connection: a fresh Protocol reading the script."""
+    send() is one connection: a fresh TextProtocol handed the script, then the end
+    of its input."""
 
     def __init__(self, **settings):
         self.server = memg.Server(port=0, **settings)
         self.clock = Clock()
         self.server.store.clock = self.clock
 
-    def send(self, script):
-        self.protocol = memg.Protocol(self.server, io.BytesIO(script))
-        while self.protocol.process():
-            pass
-        return self.protocol.take_output()
+    def connect(self):
+        return memg.TextProtocol(self.server.service)
+
+    def send(self, script, *more):
+        self.protocol = self.connect()
+        return converse(self.protocol, script, *more)
 
     def advance(self, seconds):
         self.clock.advance(seconds)
@@ -60,14 +61,57 @@ def test_seed_transcript():
           b"STORED\r\nVALUE greeting 0 11\r\nHello World\r\nEND\r\n")
 
 
-def test_one_protocol_call_per_command():
-    proto = memg.Protocol(memg.Server(port=0), io.BytesIO(b"mn\r\nmn\r\n"))
-    assert proto.process() is True
-    assert b"".join(proto.out) == b"MN\r\n"
-    assert proto.process() is True
-    assert proto.process() is False
-    assert proto.take_output() == b"MN\r\nMN\r\n"
-    assert proto.out == []
+def test_replies_come_back_from_the_bytes_that_complete_their_commands():
+    proto = Session().connect()
+    assert proto.receive_data(b"mn\r\nm") == b"MN\r\n"
+    assert proto.receive_data(b"n\r") == b""
+    assert proto.receive_data(b"\nmn\r\nmn\r\n") == b"MN\r\nMN\r\nMN\r\n"
+    assert not proto.pending and not proto.closing
+    assert proto.receive_data(b"") == b""
+    assert proto.closing
+
+
+def test_a_command_has_no_effect_before_its_data_block_has_all_come():
+    session = Session()
+    proto = session.connect()
+    assert proto.receive_data(b"set k 0 0 10\r\n01234") == b""
+    assert session.server.store.get(b"k") is None
+    assert proto.receive_data(b"56789\r") == b""
+    assert session.server.store.get(b"k") is None
+    assert proto.receive_data(b"\nget k\r\n") == b"STORED\r\nVALUE k 0 10\r\n0123456789\r\nEND\r\n"
+
+
+def test_input_ending_inside_a_data_block_stores_nothing():
+    session = Session()
+    assert session.send(b"set k 0 0 10\r\n01234") == b""
+    assert session.server.store.get(b"k") is None
+    assert session.protocol.closing
+
+
+def test_a_value_over_the_limit_is_discarded_as_it_arrives():
+    session = Session(item_size_max=1024)
+    proto = session.connect()
+    # Refused at once, as memcached refuses it, then discarded as it comes.
+    assert proto.receive_data(b"set k 0 0 100000\r\n" + b"x" * 50000) == TOO_LARGE
+    assert proto.block.parts is None           # nothing of it is held
+    assert proto.receive_data(b"x" * 50000 + b"\r\nmn\r\n") == b"MN\r\n"
+
+
+def test_replies_beyond_the_output_bound_wait_for_the_engine():
+    session = Session()
+    session.send(b"set k 0 0 1000\r\n" + b"x" * 1000 + b"\r\n")
+    proto = session.connect()
+    requests = b"get k\r\n" * 1000
+    first = proto.receive_data(requests)
+    assert memg.OUTPUT_LIMIT <= len(first) < memg.OUTPUT_LIMIT + 2000
+    assert proto.pending
+    rest = b""
+    while proto.pending:
+        step = proto.data_to_send()
+        assert len(step) < memg.OUTPUT_LIMIT + 2000
+        rest += step
+    reply = b"VALUE k 0 1000\r\n" + b"x" * 1000 + b"\r\nEND\r\n"
+    assert first + rest == reply * 1000
 
 
 @pytest.mark.parametrize("line", [b"", b"   ", b"foo", b"g", b"GET k", b"sett k 0 0 1", b"getx k"],
@@ -102,10 +146,10 @@ def test_http_like_lines_of_known_command_families(line, expected):
     check(line + b"\r\nmn\r\n", expected + b"MN\r\n")
 
 
-def test_http_request_returns_false_at_once():
-    proto = memg.Protocol(memg.Server(port=0), io.BytesIO(b"GET / HTTP/1.1\r\nmn\r\n"))
-    assert proto.process() is False
-    assert proto.out == []
+def test_http_request_closes_at_once():
+    proto = Session().connect()
+    assert proto.receive_data(b"GET / HTTP/1.1\r\nmn\r\n") == b""
+    assert proto.closing
 
 
 # memcached reads up to 16 KiB at a time; a line with no newline in there and more
@@ -114,9 +158,16 @@ LONG = 20000
 
 
 def test_long_line_without_newline_closes():
-    proto = memg.Protocol(memg.Server(port=0), io.BytesIO(b"x" * LONG + b"\r\nmn\r\n"))
-    assert proto.process() is False
-    assert proto.out == []
+    proto = Session().connect()
+    assert proto.receive_data(b"x" * LONG) == b""
+    assert proto.closing
+
+
+def test_a_short_line_waits_for_its_newline():
+    proto = Session().connect()
+    assert proto.receive_data(b"x" * 2000) == b""
+    assert not proto.closing
+    assert proto.receive_data(b"\r\nmn\r\n") == b"ERROR\r\nMN\r\n"
 
 
 def test_long_set_line_closes():
@@ -156,9 +207,9 @@ def test_binary_protocol_is_refused():
     # A binary GET (magic 0x80, opcode 0x00, opaque 0x01020304): one binary reply
     # with status 0x83 (not supported), then the connection closes.
     request = bytes([0x80, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 4]) + bytes(8) + b"k"
-    proto = memg.Protocol(memg.Server(port=0), io.BytesIO(request + b"mn\r\n"))
-    assert proto.process() is False
-    reply = proto.take_output()
+    proto = Session().connect()
+    reply = proto.receive_data(request + b"mn\r\n")
+    assert proto.closing
     assert reply[:2] == b"\x81\x00"
     assert reply[6:8] == b"\x00\x83"
     assert int.from_bytes(reply[8:12], "big") == len(reply) - 24
@@ -1316,32 +1367,30 @@ def test_cache_memlimit_changes_the_limit():
 
 @pytest.mark.parametrize("line", [b"quit", b"quit now"])
 def test_quit(line):
-    session = Session()
-    proto = memg.Protocol(session.server, io.BytesIO(b"mn\r\n" + line + b"\r\nmn\r\n"))
-    assert proto.process() is True
-    assert proto.process() is False
-    assert proto.take_output() == b"MN\r\n"
+    proto = Session().connect()
+    assert proto.receive_data(b"mn\r\n" + line + b"\r\nmn\r\n") == b"MN\r\n"
+    assert proto.closing
 
 
 @pytest.mark.parametrize("line", [b"shutdown", b"shutdown graceful", b"shutdown foo"])
 def test_shutdown_not_enabled(line):
     session = Session()
     assert session.send(line + b"\r\nmn\r\n") == b"ERROR: shutdown not enabled\r\nMN\r\n"
-    assert not session.server.stopping.is_set()
+    assert not session.server.engine.stopping
 
 
 @pytest.mark.parametrize("line", [b"shutdown", b"shutdown graceful"])
 def test_shutdown(line):
     session = Session(enable_shutdown=True)
     assert session.send(line + b"\r\nmn\r\n") == b""
-    assert session.server.stopping.is_set()
+    assert session.server.engine.stopping
 
 
 def test_shutdown_bad_mode():
     session = Session(enable_shutdown=True)
     assert session.send(b"shutdown foo\r\nmn\r\n") == \
         b"CLIENT_ERROR invalid shutdown mode\r\nMN\r\n"
-    assert not session.server.stopping.is_set()
+    assert not session.server.engine.stopping
 
 
 def parse_stats(reply):

@@ -3,16 +3,20 @@ memcached's semantics.
 
 Two kinds of test:
 
-1. A byte-level fuzz of memg.Protocol, in-process over io.BytesIO (as
+1. A byte-level fuzz of memg.TextProtocol, in-process without sockets (as
    test_protocol.Session).  Inputs are random bytes, and mutated or spliced copies
    of a corpus of valid commands (every command word, odd numbers, NUL and high
    bytes, lone CR, LF-only lines, lengths claiming 4 GB, truncated data blocks).
-   For each input: process() never raises; nothing prints a traceback; the output
-   is a sequence of well-formed memcached replies (VALUE and VA data blocks parsed
-   by the length their header states); afterwards a fresh connection can still
-   set and get, the store's byte count is the sum of its items' costs, its size
-   histogram matches its items, and ``stats`` agrees with the store.  Hypothesis
-   generates some inputs, and a seeded random loop always runs FUZZ_CASES more.
+   For each input: memg never sends an internal error; nothing prints a traceback;
+   the output is a sequence of well-formed memcached replies (VALUE and VA data
+   blocks parsed by the length their header states); the same input cut into
+   random pieces, handed over one piece at a time, gets the same replies and leaves
+   the same items (unless a line is longer than memcached reads at once, where its
+   own answer depends on how the bytes arrive); afterwards a fresh connection can
+   still set and get, the store's byte count is the sum of its items' costs, its
+   size histogram matches its items, and ``stats`` agrees with the store.
+   Hypothesis generates some inputs, and a seeded random loop always runs
+   FUZZ_CASES more.
 
 2. A Hypothesis state machine sends random command sequences (set add replace
    append prepend cas get gets gat gats delete incr decr touch flush_all, noreply
@@ -33,6 +37,7 @@ import random
 import re
 import struct
 import time
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,6 +46,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
                                  rule, run_state_machine_as_test)
 
 import memg
+import conftest
 from conftest import Clock, start_memcached
 from test_protocol import Session
 
@@ -263,13 +269,34 @@ def split_replies(output):
     return replies
 
 
-def converse(server, script):
-    """Everything memg answers to script on one connection: process() until it
-    returns False (an exception fails the test)."""
-    protocol = memg.Protocol(server, io.BytesIO(script))
-    while protocol.process():
-        pass
-    return protocol.take_output()
+def converse(server, script, cuts=()):
+    """Everything memg answers to script on one connection, handed over whole or
+    cut at the given offsets (an exception fails the test)."""
+    bounds = [0] + list(cuts) + [len(script)]
+    pieces = [script[start:end] for start, end in zip(bounds, bounds[1:])]
+    return conftest.converse(memg.TextProtocol(server.service), *pieces)
+
+
+def random_cuts(script):
+    """Offsets to cut script at, the same for the same script."""
+    rng = random.Random(zlib.crc32(script))
+    return sorted(rng.sample(range(1, len(script)), min(len(script) - 1, rng.randint(1, 20))))
+
+
+# What differs between two runs of the same script: statistics of time, CPU and
+# traffic, and watchers' time stamps.
+_VARYING = re.compile(rb"STAT (\S+) [^\r\n]*|ts=[0-9.]+ gid=\d+")
+
+
+def comparable(output):
+    return _VARYING.sub(lambda match: match.group(1) or b"ts", output)
+
+
+def fresh_server():
+    server = memg.Server(port=0, track_sizes=True)
+    server.store.clock = Clock(1700000000.0)
+    assert converse(server, PRELUDE) == b"STORED\r\n" * 3 + b"HD\r\n"
+    return server
 
 
 def check_binary_refusal(output):
@@ -306,9 +333,7 @@ PRELUDE = (b"set k 0 0 1\r\nx\r\nset n 3 0 2\r\n10\r\nset key 7 100 3\r\nabc\r\n
 
 def fuzz_one(script):
     """Run script on a fresh memg and check everything the module docstring says."""
-    server = memg.Server(port=0, track_sizes=True)
-    server.store.clock = Clock()
-    assert converse(server, PRELUDE) == b"STORED\r\n" * 3 + b"HD\r\n"
+    server = fresh_server()
     log = io.StringIO()
     with contextlib.redirect_stderr(log):       # verbosity 2 in a script logs here
         output = converse(server, script)
@@ -318,6 +343,10 @@ def fuzz_one(script):
             assert b"SERVER_ERROR internal" not in output
             split_replies(output)
         check_store(server.store)
+        if len(script) > 1 and max(map(len, script.split(b"\n"))) <= memg.LINE_LIMIT:
+            twin = fresh_server()
+            assert comparable(converse(twin, script, random_cuts(script))) == comparable(output)
+            assert twin.store.items == server.store.items
         # The cache still works on a new connection, and stats tell the truth.  The
         # clock first passes any flush_all deadline the script set (int32 Unix times
         # end in 2038): memcached hides items stored in a deadline's last second.

@@ -238,7 +238,7 @@ SEED = 20240611
 # design (flush_all, cache_memlimit), make memg log every command to a stderr pipe
 # nobody reads during the test (verbosity), or stream until the client goes away
 # (watch); plus words it does not know.
-WORDS = sorted(set(memg.Protocol.COMMANDS)
+WORDS = sorted(set(memg.TextProtocol.COMMANDS)
                - {b"flush_all", b"cache_memlimit", b"verbosity", b"watch"}) + [
     b"GET", b"POST", b"foo", b"m", b"gets\x00", b"\xff\xfe", b"sett", b"", b"\x80"]
 NUMBERS = [0, 1, -1, 7, 100, 2 ** 20, 2 ** 31 - 3, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32,

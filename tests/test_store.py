@@ -648,7 +648,7 @@ def test_set_clears_stale(store):
 ])
 def test_arithmetic_results(store, value, delta, incr, result):
     store.store(SET, b"k", value)
-    outcome, item = store.arithmetic(b"k", delta, incr)
+    outcome, item = store.arithmetic(b"k", delta, incr=incr)
     assert outcome == STORED
     assert unpack_item(item).value == result
     assert value_of(store, b"k") == result
@@ -721,9 +721,8 @@ def test_arithmetic_new_exptime_and_cas(store, clock):
 # --------------------------------------------------------------------------
 
 def view_of(found):
-    item, (hit_before, last_access, ttl, won, token_sent, stale) = found
-    return dict(hit_before=hit_before, last_access=last_access, ttl=ttl, won=won,
-                token_sent=token_sent, stale=stale)
+    item, view = found
+    return view._asdict()
 
 
 def test_meta_get_miss(store):
@@ -970,14 +969,39 @@ def test_sweep_applies_delayed_flush(store, clock):
     assert store.bytes == 0
 
 
-def test_dump_most_recent_first(store):
+def walked(store, limit=None, batch=memg.WALK_BATCH):
+    return [pair for pairs in store.walk(limit, batch) for pair in pairs]
+
+
+def test_walk_most_recent_first(store):
     store.store(SET, b"a", b"1")
     store.store(SET, b"b", b"22")
     store.store(SET, b"c", b"333")
     store.get(b"a")
-    assert [(key, unpack_item(item).value) for key, item in store.dump()] == [
+    assert [(key, unpack_item(item).value) for key, item in walked(store)] == [
         (b"a", b"1"), (b"c", b"333"), (b"b", b"22")]
-    assert [key for key, _ in store.dump(2)] == [b"a", b"c"]
+    assert [key for key, _ in walked(store, 2)] == [b"a", b"c"]
+
+
+def test_walk_holds_the_lock_a_batch_at_a_time(store):
+    for i in range(10):
+        store.store(SET, b"k%d" % i, b"v")
+    walk = store.walk(batch=4)
+    assert [key for key, _ in next(walk)] == [b"k9", b"k8", b"k7", b"k6"]
+    assert not store.lock.locked()
+    store.delete(b"k5")                       # gone since the walk began: left out
+    store.store(SET, b"k4", b"changed")       # changed since: as it now is
+    store.store(SET, b"new", b"v")            # linked since: not in this walk
+    rest = [pair for pairs in walk for pair in pairs]
+    assert [(key, unpack_item(item).value) for key, item in rest] == [
+        (b"k4", b"changed"), (b"k3", b"v"), (b"k2", b"v"), (b"k1", b"v"), (b"k0", b"v")]
+
+
+def test_walk_leaves_out_expired_and_flushed_items(store, clock):
+    store.store(SET, b"short", b"v", exptime=5)
+    store.store(SET, b"long", b"v", exptime=50)
+    clock.advance(10)
+    assert [key for key, _ in walked(store)] == [b"long"]
 
 
 # --------------------------------------------------------------------------
