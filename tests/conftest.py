@@ -20,25 +20,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMG = os.path.join(ROOT, "memg.py")
 sys.path.insert(0, ROOT)
 
-# How memg processes serve their connections: "threads" (the default), or "gevent"
-# (memg --gevent), which tests/run.py's second pass sets.  That pass runs only the
-# suites below, the ones that talk to memg processes: the others test the module in
+# The engine every server-level suite runs memg on: "threads" (the default),
+# "asyncio" (on uvloop) or "asyncio-stdlib" (the standard library's loop), set by
+# tests/run.py's passes.  Each maps to memg's command-line arguments and to the
+# settings of an embedded memg.Server.  The passes other than threads run only the
+# suites that serve over sockets (SERVER_SUITES): the others test the module in
 # this process, where the engine makes no difference.
 ENGINE = os.environ.get("MEMG_TEST_ENGINE", "threads")
-ENGINE_ARGS = {"threads": [], "gevent": ["--gevent"]}[ENGINE]
-PROCESS_SUITES = {"test_cli.py", "test_clients.py", "test_differential.py", "test_seed.py",
-                  "test_server.py", "test_server_hostile.py"}
+ENGINES = {
+    "threads": ([], {"engine": "threads"}),
+    "asyncio": (["--engine", "asyncio", "--event-loop", "uvloop"],
+                {"engine": "asyncio", "event_loop": "uvloop"}),
+    "asyncio-stdlib": (["--engine", "asyncio", "--event-loop", "stdlib"],
+                       {"engine": "asyncio", "event_loop": "stdlib"}),
+}
+ENGINE_ARGS, ENGINE_SETTINGS = ENGINES[ENGINE]
+SERVER_SUITES = {"test_cli.py", "test_clients.py", "test_differential.py", "test_engines.py",
+                 "test_frameworks.py", "test_seed.py", "test_server.py",
+                 "test_server_embedded.py", "test_server_hostile.py"}
 
 
 def pytest_report_header(config):
-    return "memg processes: %s" % ENGINE
+    return "memg engine: %s" % ENGINE
 
 
 def pytest_collection_modifyitems(config, items):
     if ENGINE != "threads":
-        others = [item for item in items if item.path.name not in PROCESS_SUITES]
+        others = [item for item in items if item.path.name not in SERVER_SUITES]
         config.hook.pytest_deselected(items=others)
-        items[:] = [item for item in items if item.path.name in PROCESS_SUITES]
+        items[:] = [item for item in items if item.path.name in SERVER_SUITES]
+
+
+def embedded(**settings):
+    """A memg.Server (not started) on a free port, serving with the suite's engine."""
+    import memg
+    return memg.Server(port=0, **dict(ENGINE_SETTINGS, **settings))
 
 
 class Clock:

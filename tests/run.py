@@ -2,10 +2,12 @@
 """Run the whole test suite on a fresh machine: ``python3 tests/run.py [pytest args]``.
 
 Creates a virtual environment in .venv-test (once), installs memg with its test
-extra into it, and runs pytest there twice: once with memg processes serving from
-threads, the default, then the suites that start memg processes again with
-``memg --gevent`` (see conftest.ENGINE).  The system tools the suite drives
-(Debian's memcached and libmemcached-tools) must be installed; .ci/run installs them.
+extra into it (uvloop among them), and runs pytest there in passes, one per engine
+(see conftest.ENGINE): every suite with memg serving from threads, the default;
+the suites that serve over sockets again on the asyncio engine (uvloop); and the
+differential and hostile suites once more on the standard library's event loop.
+The system tools the suite drives (Debian's memcached and libmemcached-tools) must
+be installed; .ci/run installs them.
 """
 
 import os
@@ -17,6 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv-test")
 PYTHON = os.path.join(VENV, "Scripts" if os.name == "nt" else "bin", "python")
 
+# (engine, the test files of its pass; None: every one the engine runs)
+PASSES = [
+    ("threads", None),
+    ("asyncio", None),
+    ("asyncio-stdlib", ["tests/test_differential.py", "tests/test_server_hostile.py",
+                        "tests/test_engines.py"]),
+]
+
 
 def main(args):
     if not os.path.exists(PYTHON):
@@ -24,10 +34,12 @@ def main(args):
     subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                     "-e", ROOT + "[test]"], check=True)
     failed = 0
-    for engine in ("threads", "gevent"):
-        print("== memg processes serving with %s ==" % engine, flush=True)
+    for engine, files in PASSES:
+        print("== memg serving with the %s engine ==" % engine, flush=True)
         env = dict(os.environ, MEMG_TEST_ENGINE=engine)
-        failed |= subprocess.run([PYTHON, "-m", "pytest"] + args, cwd=ROOT, env=env).returncode
+        selected = [] if files is None or any(not arg.startswith("-") for arg in args) else files
+        failed |= subprocess.run([PYTHON, "-m", "pytest"] + args + selected, cwd=ROOT,
+                                 env=env).returncode
     return failed
 
 
