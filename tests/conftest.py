@@ -99,6 +99,32 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def wait_for(condition, timeout=5.0, what="condition"):
+    """Poll condition until it returns something true, and return that; fail the
+    test if timeout seconds pass first (so ``assert wait_for(...)`` reads well too)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
+        time.sleep(0.02)
+
+
+def parse_stats(reply):
+    """A ``stats`` reply (bytes: STAT lines, then END) as {name: value} of str; fails
+    on anything else in it."""
+    lines = reply.split(b"\r\n")
+    assert lines[-2:] == [b"END", b""], reply[-200:]
+    values = {}
+    for line in lines[:-2]:
+        word, name, value = line.split(b" ", 2)
+        assert word == b"STAT", line
+        values[name.decode()] = value.decode()
+    return values
+
+
 def require_tool(name):
     """The path of a system tool the suite needs; fails (never skips) without it."""
     path = shutil.which(name)
@@ -221,6 +247,16 @@ class RawClient:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def stats(client_or_address, group=b""):
+    """``stats`` (or ``stats <group>``) as {name: value} of str, asked on a RawClient,
+    or on a new connection to an address (or to a server's ``.address``)."""
+    command = b"stats" + (b" " + group if group else b"") + b"\r\n"
+    if isinstance(client_or_address, RawClient):
+        return parse_stats(client_or_address.request(command, b"END\r\n"))
+    with RawClient(getattr(client_or_address, "address", client_or_address)) as client:
+        return parse_stats(client.request(command, b"END\r\n"))
 
 
 @pytest.fixture(scope="session")
