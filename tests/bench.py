@@ -1,24 +1,27 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: memg against Debian's memcached, same load, one run.
+"""Side-by-side benchmark: memg on each of its engines against Debian's memcached,
+same load, one run.
 
     python3 tests/bench.py [--rounds 3] [--seconds 5] [--quick] [--floor]
-                           [--chart PATH] [--json PATH] [--memg-args "..."]
+                           [--extra "LABEL=COMMAND" ...] [--chart PATH]
+                           [--json PATH] [--memg-args "..."]
 
 The first run creates a virtual environment in .venv-bench (once), installs memg's
 ``bench`` extra into it (pylibmc, which the seed's test.py needs, matplotlib for
-the chart, and gevent for ``memg --gevent``) and re-executes itself there, as
+the chart, and uvloop for the asyncio engine) and re-executes itself there, as
 tests/run.py does for the test suite.
 Needs /usr/bin/memcaslap (Debian's libmemcached-tools); /usr/bin/memcached is
 optional: without it memg's figures are printed alone.
 
 Each server is started from the repository root on a free loopback port with the
-same ``-m 1024 -c 1100``: memg in both its modes (``python memg.py ...``, threads,
-and ``python memg.py --gevent ...``) and memcached (``memcached -l 127.0.0.1 ...``,
-with ``-u nobody`` when run as root).  Every figure is measured for the servers in
-turn, memg, memg --gevent, then memcached, for a few rounds, so that drift of the machine (another
-process, the CPU's clock) hits both.  Progress goes to stderr; the report, a
-markdown table with a column per server, the ratio memg/memcached and the project's
-target for it, goes to stdout.  The figures:
+same ``-m 1024 -c 1100``: memg on each engine (``python memg.py --engine threads
+...``; ``--engine asyncio --event-loop uvloop``; ``--engine asyncio --event-loop
+stdlib``), each followed by its floor with --floor, then any --extra servers, then
+memcached (``memcached -l 127.0.0.1 ...``, with ``-u nobody`` when run as root).
+Every figure is measured for the servers in turn, in that order, for a few rounds,
+so that drift of the machine (another process, the CPU's clock) hits them all.  Progress goes to stderr; the report, a markdown table with a column per
+server, then a column per server of its ratio to memcached (a memg engine's with
+its target and whether it is met), goes to stdout.  The figures:
 
 throughput, N conns
     memcaslap's TPS (operations per second, by its own clock) with N connections
@@ -48,19 +51,38 @@ RSS per item
     over one connection in batches whose STORED replies are all read, divided by
     the item count: bytes per item.  One measurement per server.
 
---floor adds two columns: tests/floor_server.py, the least a thread-per-connection
-Python server must do to serve this load (get, set, stats; a dict under a lock),
-with threads and with --gevent.  Its ratios to memcached bound what memg can reach
-in the same run with the same engine.
+The targets are the project's, per engine, for memg's ratio to memcached in the
+same run (TARGETS).  The threads engine's are "no lower than today's": its ratios in
+the README's table measured at d2aea67 on 2026-11-26 (0.22 at 16 and at 200
+connections, 0.21 on the multi-get).
 
-Each row's target is a ratio memg/memcached, marked met or not met.  A memcaslap
-run that reports an error (CLIENT_ERROR, SERVER_ERROR, ERROR, a failure message,
-or get misses beyond a trace) aborts the benchmark instead of printing a bogus
-figure.  The servers are stopped on every exit, Ctrl-C included.
+--floor puts beside each memg engine its floor: tests/floor_server.py with the same
+--engine and --event-loop, the least a Python server on that engine must do to
+serve this load (get, set, stats from a dict).  Its ratios to memcached bound what
+memg can reach in the same run on the same engine.
+
+--extra "LABEL=COMMAND" (repeatable) adds a server for a one-off comparison, e.g.
+the gevent mode memg had at d2aea67:
+
+    git show d2aea67:memg.py > /tmp/memg_old.py
+    .venv-bench/bin/pip install gevent
+    python3 tests/bench.py --extra "gevent (d2aea67)=python /tmp/memg_old.py --gevent"
+
+The command is run as it is (no shell) with the others' ``-m 1024 -c 1100 -p PORT``
+after it; a first word of python or python3 is the benchmark's own interpreter
+(.venv-bench's, memg's), so what it imports must be installed there.  Its column
+comes after memg's and the floors', before memcached's; it has no target.
+
+A memcaslap run that reports an error (CLIENT_ERROR, SERVER_ERROR, ERROR, a failure
+message, or get misses beyond a trace) aborts the benchmark instead of printing a
+bogus figure.  The servers are stopped on every exit, Ctrl-C included.
 
 Not collected by pytest (no test_ prefix), and not a timed test: the default run
-takes about five minutes on two cores.  --quick runs each figure once, briefly, to
-try the script out; its figures are not worth comparing.
+(four servers) takes about seven minutes on two cores, --floor (seven) about twelve;
+each server more adds some 100 s (a 5 s turn at each of 15 memcaslap runs, 5
+test.py runs, one fill).
+--quick runs each figure once, briefly, to try the script out; its figures are not
+worth comparing.
 """
 
 import argparse
@@ -126,6 +148,26 @@ MEMCASLAP_FAILURE = re.compile(
     r"timeout|didn't", re.I)
 MEMCASLAP_SUMMARY = re.compile(r"Run time: ([\d.]+)s Ops: (\d+) TPS: (\d+)")
 
+# memg's engines, as (name, the flags that choose it); a floor takes the same flags.
+ENGINES = (
+    ("threads", ["--engine", "threads"]),
+    ("asyncio uvloop", ["--engine", "asyncio", "--event-loop", "uvloop"]),
+    ("asyncio stdlib", ["--engine", "asyncio", "--event-loop", "stdlib"]),
+)
+THREADS, UVLOOP, STDLIB = ("memg " + name for name, _ in ENGINES)
+# The project's targets for each memg engine's ratio to memcached, by figure (the
+# issue's table; a ratio at least this, or at most for the figures where lower is
+# better).  The threads engine's throughput targets are "no lower than today's":
+# its ratios in the README's table at d2aea67 (measured 2026-11-26).
+TARGETS = {
+    "throughput_16": {UVLOOP: 0.8, STDLIB: 0.5, THREADS: 0.22},
+    "throughput_200": {UVLOOP: 0.7, STDLIB: 0.45, THREADS: 0.22},
+    "multi_get_20": {UVLOOP: 0.7, STDLIB: 0.45, THREADS: 0.21},
+    "cpu_per_op_16": {UVLOOP: 1.5, STDLIB: 2.0},
+    "test_py_10k": {UVLOOP: 1.10},
+    "rss_per_item": {UVLOOP: 1.3, STDLIB: 1.3, THREADS: 1.3},
+}
+
 
 class BenchError(Exception):
     """A figure that cannot be trusted: the run stops with this message."""
@@ -150,7 +192,7 @@ def enter_bench_venv():
 def install_bench_extra():
     """pip install -e ROOT[bench] unless its packages are already there: a second
     run should not wait for pip."""
-    if all(importlib.util.find_spec(name) for name in ("pylibmc", "matplotlib", "gevent")):
+    if all(importlib.util.find_spec(name) for name in ("pylibmc", "matplotlib", "uvloop")):
         return
     print("bench: installing memg[bench] into %s" % VENV, file=sys.stderr)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
@@ -161,21 +203,35 @@ def install_bench_extra():
 # Servers
 # --------------------------------------------------------------------------
 
-def server_list(memg_args, floor=False):
-    """The servers to compare, as (label, command without -p PORT) entries: a
+def server_list(memg_args, floor=False, extras=()):
+    """The servers to compare, as (label, command without -p PORT) entries: memg on
+    each engine (each followed by its floor if asked), the extras, memcached.  A
     variant of memg is one more entry here, and one more column in the table."""
     common = ["-m", str(MEMORY_MB), "-c", str(MAX_CONNECTIONS)]
-    servers = [("memg", [sys.executable, MEMG] + common + memg_args),
-               ("memg --gevent", [sys.executable, MEMG, "--gevent"] + common + memg_args)]
-    if floor:
-        servers += [("floor", [sys.executable, FLOOR] + common),
-                    ("floor --gevent", [sys.executable, FLOOR, "--gevent"] + common)]
+    servers = []
+    for name, flags in ENGINES:
+        servers.append(("memg " + name, [sys.executable, MEMG] + flags + common + memg_args))
+        if floor:
+            servers.append(("floor " + name, [sys.executable, FLOOR] + flags + common))
+    servers += [(label, command + common) for label, command in extras]
     if os.path.exists(MEMCACHED):
         # memcached listens on every interface by default and refuses to run as
         # root without a user to switch to.
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         servers.append((REFERENCE, [MEMCACHED, "-l", "127.0.0.1"] + common + user))
     return servers
+
+
+def parse_extra(text):
+    """--extra "LABEL=COMMAND": (label, command as a list); a first word of python
+    or python3 becomes this interpreter, the one memg runs on."""
+    label, equals, command = text.partition("=")
+    command = shlex.split(command)
+    if not equals or not label.strip() or not command:
+        raise argparse.ArgumentTypeError("wants LABEL=COMMAND, not %r" % text)
+    if command[0] in ("python", "python3"):
+        command[0] = sys.executable
+    return label.strip(), command
 
 
 def free_port():
@@ -223,8 +279,12 @@ class Server:
                 raise BenchError("%s answered version with %r" % (self.label, reply))
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    errors = self.errors()
+                    if "No module named" in errors or "pip install" in errors:
+                        errors += ("\n(python here is %s: install what the server needs "
+                                   "with %s -m pip install PACKAGE)" % (VENV, sys.executable))
                     raise BenchError("%s did not start (exit code %s): %s" % (
-                        self.label, self.process.poll(), self.errors()))
+                        self.label, self.process.poll(), errors))
                 time.sleep(0.05)
 
     def stats(self):
@@ -429,12 +489,13 @@ def memory_per_item(label, command, items, stderr_seen):
 # --------------------------------------------------------------------------
 
 class Figure:
-    """One row of the table: a value per server (from its runs) and a target for
-    the ratio to memcached."""
+    """One row of the table: a value per server (from its runs), and the targets
+    for memg's engines' ratios to memcached (TARGETS, by the figure's key)."""
 
-    def __init__(self, key, title, unit, summary, target=None, higher_is_better=True):
+    def __init__(self, key, title, unit, summary, higher_is_better=True):
         self.key, self.title, self.unit, self.summary = key, title, unit, summary
-        self.target, self.higher_is_better = target, higher_is_better
+        self.targets = TARGETS.get(key, {})     # label -> target for its ratio
+        self.higher_is_better = higher_is_better
         self.runs = {}          # label -> list of run records
         self.values = {}        # label -> the figure
 
@@ -443,23 +504,31 @@ class Figure:
             return None
         return self.values[label] / self.values[REFERENCE]
 
-    def met(self, ratio):
-        if self.target is None or ratio is None:
-            return ""
-        good = ratio >= self.target if self.higher_is_better else ratio <= self.target
-        return "met" if good else "not met"
+    def met(self, label):
+        """Whether label's ratio meets its target; None without either."""
+        target, ratio = self.targets.get(label), self.ratio(label)
+        if target is None or ratio is None:
+            return None
+        return ratio >= target if self.higher_is_better else ratio <= target
 
-    def target_text(self):
-        if self.target is None:
+    def ratio_text(self, label):
+        """A table cell: the ratio, with its target and whether it is met."""
+        ratio = self.ratio(label)
+        if ratio is None:
             return ""
-        return ("%s %.2f" % (">=" if self.higher_is_better else "<=", self.target))
+        if label not in self.targets:
+            return "%.2f" % ratio
+        return "%.2f (%s %.2f: %s)" % (ratio, ">=" if self.higher_is_better else "<=",
+                                       self.targets[label],
+                                       "met" if self.met(label) else "not met")
 
     def as_json(self):
+        others = [label for label in self.values if label != REFERENCE]
         return {"title": self.title, "unit": self.unit, "summary": self.summary,
-                "target": self.target, "higher_is_better": self.higher_is_better,
+                "targets": self.targets, "higher_is_better": self.higher_is_better,
                 "values": self.values, "runs": self.runs,
-                "ratios": {label: self.ratio(label) for label in self.values
-                           if label != REFERENCE}}
+                "ratios": {label: self.ratio(label) for label in others},
+                "met": {label: self.met(label) for label in self.targets}}
 
 
 def say(text):
@@ -472,14 +541,12 @@ def throughput_figures(servers, rounds, seconds, config):
     figures = {connections: Figure("throughput_%d" % connections,
                                    "throughput, %d conn%s, 9:1 get:set"
                                    % (connections, "" if connections == 1 else "s"),
-                                   "ops/s", median,
-                                   0.5 if connections in (16, 200) else None)
+                                   "ops/s", median)
                for connections in CONNECTIONS}
     multi = Figure("multi_get_%d" % MULTI_GET_KEYS,
-                   "multi-get %d keys, 16 conns" % MULTI_GET_KEYS,
-                   "keys+sets/s", median, 0.5)
+                   "multi-get %d keys, 16 conns" % MULTI_GET_KEYS, "keys+sets/s", median)
     cpu = Figure("cpu_per_op_16", "server CPU per op, 16 conns", "µs/op", median,
-                 2.0, higher_is_better=False)
+                 higher_is_better=False)
     # The 16-connection runs come first: they give two figures (throughput and CPU).
     plan = [(figures[16], 16, 1), (figures[200], 200, 1), (multi, 16, MULTI_GET_KEYS),
             (figures[1], 1, 1), (figures[1000], 1000, 1)]
@@ -489,7 +556,7 @@ def throughput_figures(servers, rounds, seconds, config):
             for server in servers:
                 run = memcaslap(server, connections, seconds, config, keys_per_get)
                 figure.runs.setdefault(server.label, []).append(run)
-                say("  round %d  %-10s %9d %s  server CPU %.2f µs/op  sets %.1f %%"
+                say("  round %d  %-22s %9d %s  server CPU %.2f µs/op  sets %.1f %%"
                     % (number, server.label, run["tps"], figure.unit,
                        run["server_cpu_us_per_op"] or 0, 100 * run["set_share"]))
         for label, runs in figure.runs.items():
@@ -505,13 +572,13 @@ def test_py_figure(servers, rounds):
     # core wakes): more rounds, and their median, rather than one lucky run.
     rounds = max(rounds, TEST_PY_ROUNDS)
     figure = Figure("test_py_10k", "test.py %d" % TEST_PY_N, "s", "median of %d" % rounds,
-                    1.10, higher_is_better=False)
+                    higher_is_better=False)
     say(figure.title)
     for number in range(1, rounds + 1):
         for server in servers:
             seconds = run_test_py(server)
             figure.runs.setdefault(server.label, []).append(seconds)
-            say("  round %d  %-10s %.3f s" % (number, server.label, seconds))
+            say("  round %d  %-22s %.3f s" % (number, server.label, seconds))
     figure.values = {label: statistics.median(runs) for label, runs in figure.runs.items()}
     return figure
 
@@ -519,13 +586,13 @@ def test_py_figure(servers, rounds):
 def memory_figure(entries, items, stderr_seen):
     figure = Figure("rss_per_item", "RSS growth per %d-byte item (%d items)"
                     % (VALUE_SIZE, items), "bytes/item", "fresh server, once",
-                    1.5, higher_is_better=False)
+                    higher_is_better=False)
     say(figure.title)
     for label, command in entries:
         run = memory_per_item(label, command, items, stderr_seen)
         figure.runs[label] = [run]
         figure.values[label] = run["bytes_per_item"]
-        say("  %-10s %.1f bytes/item (RSS %.1f -> %.1f MB)" % (
+        say("  %-22s %.1f bytes/item (RSS %.1f -> %.1f MB)" % (
             label, run["bytes_per_item"], run["rss_before"] / 2**20, run["rss_after"] / 2**20))
     return figure
 
@@ -582,29 +649,29 @@ def number(value, unit):
 
 
 def table(figures, labels):
-    """The markdown table: a column per server, then a ratio to memcached for each
-    other server, the target and whether each of memg's ratios meets it."""
+    """The markdown table: a column per server, then a column per other server of
+    its ratio to memcached; a memg engine's ratio comes with its target for the
+    figure and whether it is met."""
     others = [label for label in labels if label != REFERENCE]
-    targeted = [label for label in others if label.startswith("memg")]
     compare = REFERENCE in labels
     header = ["figure", "unit", "summary"] + labels
     if compare:
-        header += ["%s/%s" % (label, REFERENCE) for label in others] + ["target", "met"]
+        header += ["%s/%s" % (label, REFERENCE) for label in others]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for figure in figures:
         row = [figure.title, figure.unit, figure.summary]
         row += [number(figure.values.get(label), figure.unit) for label in labels]
         if compare:
-            ratios = [figure.ratio(label) for label in others]
-            row += ["" if ratio is None else "%.2f" % ratio for ratio in ratios]
-            met = [figure.met(figure.ratio(label)) for label in targeted]
-            row += [figure.target_text(), ", ".join(filter(None, met))]
+            row += [figure.ratio_text(label) for label in others]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def chart(path, figures, labels, info):
-    """Throughput against connections, a line per server."""
+    """Throughput against connections, a line per server: memg's engines and the
+    extras solid, each floor dashed in its engine's colour, memcached black.  The
+    solid lines' points carry their figures, moved apart where they are close."""
+    import itertools
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
@@ -613,26 +680,42 @@ def chart(path, figures, labels, info):
     by_connections = {int(figure.key.split("_")[1]): figure for figure in figures
                       if figure.key.startswith("throughput_")}
     connections = sorted(by_connections)
-    figure, axes = pyplot.subplots(figsize=(8, 5))
+    highest = max(value for f in by_connections.values() for value in f.values.values())
+    figure, axes = pyplot.subplots(figsize=(9, 5.5))
+    palette = itertools.cycle(pyplot.rcParams["axes.prop_cycle"].by_key()["color"])
+    colours = {REFERENCE: "black"}      # an engine (or another server) -> its colour
+    numbered = []
     for label in labels:
+        engine = label.split(" ", 1)[1] if label.startswith(("memg ", "floor ")) else label
+        if engine not in colours:
+            colours[engine] = next(palette)
+        colour = colours[engine]
         values = [by_connections[c].values.get(label) for c in connections]
-        if label.startswith("floor"):          # a reference: dashed, without numbers
+        if label.startswith("floor "):          # a reference: dashed, without numbers
             axes.plot(connections, values, marker=".", linestyle="--", alpha=0.6,
-                      label=label)
-            continue
-        axes.plot(connections, values, marker="o", label=label)
-        for c, value in zip(connections, values):
-            # The highest point at a connection count is labelled above, the others
-            # below, so that close values do not print over each other.
-            highest = value == max(by_connections[c].values.values())
-            axes.annotate("{:,.0f}".format(value), (c, value), textcoords="offset points",
-                          xytext=(0, 6 if highest else -13), ha="center", fontsize=8)
+                      color=colour, label=label)
+        else:
+            axes.plot(connections, values, marker="o", color=colour, label=label)
+            numbered.append((values, colour))
+    # At each connection count, the figures from the lowest up, each at least a
+    # line's height above the one below, beside its point (left of the last ones).
+    gap = highest * 0.045
+    for index, c in enumerate(connections):
+        last = index == len(connections) - 1
+        free = 0.0              # the lowest height the next figure may take
+        for value, colour in sorted((values[index], colour) for values, colour in numbered):
+            y = max(value, free)
+            free = y + gap
+            axes.annotate("{:,.0f}".format(value), (c, y), textcoords="offset points",
+                          xytext=(-6 if last else 6, 0), ha="right" if last else "left",
+                          va="center", fontsize=7, color=colour,
+                          bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none",
+                                    alpha=0.7))
     axes.set_xscale("log")
     axes.set_xticks(connections)
     axes.set_xticklabels([str(c) for c in connections])
     axes.minorticks_off()
-    highest = max(value for f in by_connections.values() for value in f.values.values())
-    axes.set_ylim(0, highest * 1.12)    # room for the top label under the title
+    axes.set_ylim(0, highest * 1.15)    # room for the top labels under the title
     axes.yaxis.set_major_formatter(
         matplotlib.ticker.FuncFormatter(lambda value, _: "{:,.0f}".format(value)))
     axes.set_xlabel("connections (memcaslap -c)")
@@ -665,8 +748,9 @@ def report(figures, labels, entries, info, settings, stderr_seen):
           "each key fetched as an op.  CPU per op: the server's utime+stime over its "
           "cmd_get+cmd_set.")
     if REFERENCE in labels:
-        print("Ratios are to memcached; a target is for memg's ratios, met when the "
-              "ratio is on its side.")
+        print("Ratios are to memcached; a memg engine's ratio shows the project's target "
+              "for it and whether it is met.  The threads engine's throughput targets "
+              "are its ratios at d2aea67 (README, 2026-11-26): no lower than those.")
     else:
         print("No ratios: %s is not installed." % MEMCACHED)
     for label, texts in stderr_seen.items():
@@ -697,8 +781,14 @@ def parse_args():
                         help="where to write the throughput chart (default tests/bench.png)")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--floor", action="store_true",
-                        help="also measure tests/floor_server.py, the least a threaded "
-                             "Python server does (threads and --gevent)")
+                        help="also measure tests/floor_server.py beside each engine: the "
+                             "least a Python server on that engine does")
+    parser.add_argument("--extra", action="append", default=[], type=parse_extra,
+                        metavar="LABEL=COMMAND",
+                        help="also measure this server, started as COMMAND -m ... -c ... "
+                             "-p PORT (repeatable; a first word python is this "
+                             "interpreter), e.g. --extra \"gevent (d2aea67)=python "
+                             "/tmp/memg_old.py --gevent\"")
     parser.add_argument("--memg-args", default="",
                         help='extra arguments for memg, e.g. --memg-args "-t 8"')
     args = parser.parse_args()
@@ -718,7 +808,7 @@ def main():
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     started = time.monotonic()
     raise_file_limit()
-    entries = server_list(shlex.split(args.memg_args), args.floor)
+    entries = server_list(shlex.split(args.memg_args), args.floor, args.extra)
     labels = [label for label, _ in entries]
     info = machine()
     if REFERENCE not in labels:
@@ -735,7 +825,7 @@ def main():
     figures = loads[:4] + [test_py, memory] + loads[4:]
     chart(args.chart, figures, labels, info)
     settings = {"rounds": args.rounds, "seconds": args.seconds, "quick": args.quick,
-                "floor": args.floor,
+                "floor": args.floor, "extras": [label for label, _ in args.extra],
                 "memory_items": args.items, "memg_args": args.memg_args,
                 "elapsed_seconds": round(time.monotonic() - started, 1)}
     report(figures, labels, entries, info, settings, stderr_seen)
