@@ -185,30 +185,41 @@ def start_memcached(*args, port=None):
 class RawClient:
     """A plain TCP connection for byte-exact conversations."""
 
-    def __init__(self, address, timeout=5.0):
-        self.sock = socket.create_connection(address, timeout=timeout)
+    def __init__(self, address, timeout=5.0, receive_buffer=None):
+        """receive_buffer: a small SO_RCVBUF (set before connecting, as the window is
+        agreed then), so that the server's replies back up soon when we do not read."""
+        if receive_buffer is None:
+            self.sock = socket.create_connection(address, timeout=timeout)
+            return
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(timeout)
+        self.sock.connect(address)
 
     def send(self, data):
         self.sock.sendall(data)
 
     def recv_exact(self, n):
-        data = b""
+        data = bytearray()             # (bytes += would copy it all at every piece)
         while len(data) < n:
             chunk = self.sock.recv(n - len(data))
             if not chunk:
                 break
             data += chunk
-        return data
+        return bytes(data)
 
     def recv_until(self, terminator=b"\r\n"):
-        """Bytes up to and including terminator (or whatever came before EOF)."""
-        data = b""
-        while not data.endswith(terminator):
+        """Bytes up to and including terminator (or whatever came before EOF).  In
+        time linear in their length: a streamed dump of many megabytes comes in
+        thousands of pieces."""
+        chunks, tail = [], b""
+        while not tail.endswith(terminator):
             chunk = self.sock.recv(65536)
             if not chunk:
                 break
-            data += chunk
-        return data
+            chunks.append(chunk)
+            tail = (tail + chunk)[-len(terminator):]
+        return b"".join(chunks)
 
     def request(self, data, terminator=b"\r\n"):
         self.send(data)
