@@ -52,9 +52,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def embedded(**settings):
-    """A memg.Server (not started) on a free port, serving with the suite's engine."""
+    """A memg.Server (not started) on a free port unless settings name one, serving
+    with the suite's engine."""
     import memg
-    return memg.Server(port=0, **dict(ENGINE_SETTINGS, **settings))
+    return memg.Server(**{**ENGINE_SETTINGS, "port": 0, **settings})
 
 
 class Clock:

@@ -1,7 +1,10 @@
 """memg.Server embedded in the test process, as a program or a test suite uses it.
 
-What this file shows:
+Every server here is made by conftest.embedded, so that the suite runs on each
+engine (conftest.ENGINE: threads, or asyncio on uvloop or the standard library's
+loop).  What this file shows:
 
+* ``engine`` (and ``event_loop``) choose what serves;
 * ``Server(port=0).start()`` and ``with Server(port=0) as server:`` bind a free port,
   ``.address`` is the (host, port) actually bound, and real clients (pymemcache) are
   served there;
@@ -28,11 +31,12 @@ import time
 import warnings
 
 import pytest
+import uvloop
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheServerError
 
 import memg
-from conftest import RawClient
+from conftest import ENGINE, ENGINE_SETTINGS, RawClient, embedded, stats, wait_for
 
 KB = 1024
 MB = 1024 * KB
@@ -46,27 +50,9 @@ def connect(server):
     return Client(server.address, connect_timeout=5, timeout=5, default_noreply=False)
 
 
-def settings_stats(server):
-    """``stats settings`` of a running server, as str -> str."""
-    with RawClient(server.address) as raw:
-        reply = raw.request(b"stats settings\r\n", b"END\r\n").decode()
-    return dict(line.split(" ", 2)[1:] for line in reply.splitlines()
-                if line.startswith("STAT "))
-
-
 def threads_since(baseline):
     """The threads running now that were not in baseline (a set of threads)."""
     return [thread for thread in threading.enumerate() if thread not in baseline]
-
-
-def wait_for(condition, timeout=5.0):
-    """Poll condition until it holds (True) or timeout passes (False)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class Reader(threading.Thread):
@@ -93,8 +79,21 @@ class Reader(threading.Thread):
 
 # -- life cycle -----------------------------------------------------------------
 
+def test_the_engine_setting_chooses_what_serves():
+    with embedded() as server:
+        assert type(server.engine) is memg.ENGINES[ENGINE_SETTINGS["engine"]]
+        with RawClient(server.address) as client:
+            assert client.request(b"version\r\n").startswith(b"VERSION ")
+        (serving,) = [thread for thread in threading.enumerate()
+                      if thread.name == "memg-" + ENGINE_SETTINGS["engine"]]
+        assert serving is server.engine.thread and serving.is_alive()
+        if ENGINE_SETTINGS["engine"] == "asyncio":
+            assert isinstance(server.engine.loop, uvloop.Loop) == (
+                ENGINE_SETTINGS["event_loop"] == "uvloop")
+
+
 def test_start_binds_a_free_port_and_serves_real_clients():
-    server = memg.Server(port=0)
+    server = embedded()
     assert server.address is None                 # nothing is bound before start()
     assert server.start() is server
     try:
@@ -109,7 +108,7 @@ def test_start_binds_a_free_port_and_serves_real_clients():
 
 
 def test_context_manager_serves_inside_the_block_and_stops_after_it():
-    with memg.Server(port=0) as server:
+    with embedded() as server:
         address = server.address
         client = connect(server)
         assert client.set("k", b"v")
@@ -123,7 +122,7 @@ def test_context_manager_serves_inside_the_block_and_stops_after_it():
 def test_context_manager_stops_the_server_when_the_block_raises():
     baseline = set(threading.enumerate())
     with pytest.raises(RuntimeError):
-        with memg.Server(port=0) as server:
+        with embedded() as server:
             address = server.address
             raise RuntimeError("the code under test failed")
     assert threads_since(baseline) == []
@@ -132,7 +131,7 @@ def test_context_manager_stops_the_server_when_the_block_raises():
 
 
 def test_servers_in_one_process_are_independent():
-    with memg.Server(port=0) as first, memg.Server(port=0) as second:
+    with embedded() as first, embedded() as second:
         assert first.address != second.address
         a, b = connect(first), connect(second)
         assert a.set("shared-name", b"first's")
@@ -161,13 +160,13 @@ def test_servers_in_one_process_are_independent():
     ({"threads": 9}, "num_threads", "9"),
 ])
 def test_each_setting_reaches_the_server(setting, stat, shown):
-    with memg.Server(port=0, **setting) as server:
-        assert settings_stats(server)[stat] == shown
+    with embedded(**setting) as server:
+        assert stats(server, b"settings")[stat] == shown
 
 
 def test_a_small_memory_limit_evicts_the_oldest_items():
     value = b"x" * (50 * KB)
-    with memg.Server(port=0, memory_limit=2 * MB, item_size_max=64 * KB) as server:
+    with embedded(memory_limit=2 * MB, item_size_max=64 * KB) as server:
         client = connect(server)
         for index in range(100):                  # 5 MB into 2 MB
             assert client.set("item%d" % index, value)
@@ -181,8 +180,7 @@ def test_a_small_memory_limit_evicts_the_oldest_items():
 
 def test_without_eviction_a_full_cache_refuses_new_items():
     value = b"x" * (50 * KB)
-    with memg.Server(port=0, memory_limit=2 * MB, item_size_max=64 * KB,
-                     evict=False) as server:
+    with embedded(memory_limit=2 * MB, item_size_max=64 * KB, evict=False) as server:
         client = connect(server)
         with pytest.raises(MemcacheServerError, match="out of memory storing object"):
             for index in range(100):
@@ -194,7 +192,7 @@ def test_without_eviction_a_full_cache_refuses_new_items():
 
 
 def test_item_size_max_refuses_a_larger_value():
-    with memg.Server(port=0, item_size_max=64 * KB) as server:
+    with embedded(item_size_max=64 * KB) as server:
         client = connect(server)
         assert client.set("fits", b"x" * (60 * KB))
         with pytest.raises(MemcacheServerError, match="object too large for cache"):
@@ -205,7 +203,7 @@ def test_item_size_max_refuses_a_larger_value():
 
 
 def test_max_connections_turns_further_clients_away_until_a_slot_frees():
-    with memg.Server(port=0, max_connections=1) as server:
+    with embedded(max_connections=1) as server:
         first = RawClient(server.address)
         assert first.request(b"version\r\n").startswith(b"VERSION ")
         with RawClient(server.address) as second:
@@ -222,7 +220,7 @@ def test_max_connections_turns_further_clients_away_until_a_slot_frees():
 
 
 def test_use_cas_false_disables_cas_as_memcached_minus_capital_c():
-    with memg.Server(port=0, use_cas=False) as server:
+    with embedded(use_cas=False) as server:
         client = connect(server)
         assert client.set("k", b"1")
         value, token = client.gets("k")
@@ -235,7 +233,7 @@ def test_use_cas_false_disables_cas_as_memcached_minus_capital_c():
 
 
 def test_idle_timeout_closes_a_client_that_says_nothing():
-    with memg.Server(port=0, idle_timeout=1) as server:
+    with embedded(idle_timeout=1) as server:
         with RawClient(server.address) as idle:
             assert idle.request(b"version\r\n").startswith(b"VERSION ")
             assert idle.is_closed(timeout=5)
@@ -247,7 +245,7 @@ def test_idle_timeout_closes_a_client_that_says_nothing():
 def test_auth_file_demands_a_login_before_anything_else(tmp_path):
     path = tmp_path / "auth"
     path.write_text("alice:secret\n")
-    with memg.Server(port=0, auth_file=str(path)) as server:
+    with embedded(auth_file=str(path)) as server:
         with RawClient(server.address) as raw:
             assert raw.request(b"get x\r\n") == b"CLIENT_ERROR unauthenticated\r\n"
             assert (raw.request(b"set x 0 0 11\r\nalice wrong\r\n")
@@ -261,7 +259,7 @@ def test_auth_file_demands_a_login_before_anything_else(tmp_path):
 
 def test_a_unix_socket_server_serves_at_its_path_and_removes_it(tmp_path):
     path = str(tmp_path / "m.sock")
-    with memg.Server(unix_socket=path) as server:
+    with embedded(unix_socket=path) as server:
         assert server.address == path
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(5)
@@ -284,17 +282,17 @@ def test_a_unix_socket_server_serves_at_its_path_and_removes_it(tmp_path):
 def test_a_bad_setting_raises_value_error_before_binding(setting):
     baseline = set(threading.enumerate())
     with pytest.raises(ValueError):
-        memg.Server(**dict({"port": 0}, **setting))
+        embedded(**setting)
     assert threads_since(baseline) == []
 
 
 def test_a_start_that_cannot_bind_raises_and_leaves_no_socket_open():
     gc.collect()                  # what earlier tests left is not this test's business
-    with memg.Server(port=0) as running:
+    with embedded() as running:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
             with pytest.raises(OSError):
-                with memg.Server(port=running.address[1]):     # the port is taken
+                with embedded(port=running.address[1]):     # the port is taken
                     pass
             # What start() opened and did not close, the collector now reports.
             gc.collect()
@@ -305,7 +303,7 @@ def test_a_start_that_cannot_bind_raises_and_leaves_no_socket_open():
 # -- stop() ---------------------------------------------------------------------
 
 def test_stop_closes_every_open_connection_promptly():
-    server = memg.Server(port=0).start()
+    server = embedded().start()
     readers = []
     for _ in range(3):
         sock = socket.create_connection(server.address, timeout=5)
@@ -326,13 +324,14 @@ def test_stop_closes_every_open_connection_promptly():
 
 def test_stop_joins_every_thread_the_server_started():
     baseline = set(threading.enumerate())
-    server = memg.Server(port=0).start()
+    server = embedded().start()
     clients = [RawClient(server.address) for _ in range(3)]
     for client in clients:
         assert client.request(b"version\r\n").startswith(b"VERSION ")
-    # The accept loop, the sweeper and one thread per client, all named memg-*.
+    # Threads: the accept loop, the sweeper and one thread per client; asyncio: the
+    # event loop's thread, which serves every client.  All are named memg-*.
     started = threads_since(baseline)
-    assert len(started) == 2 + len(clients)
+    assert len(started) == (2 + len(clients) if ENGINE == "threads" else 1)
     assert all(thread.name.startswith("memg-") for thread in started)
     server.stop()
     assert threads_since(baseline) == []
@@ -342,17 +341,17 @@ def test_stop_joins_every_thread_the_server_started():
 
 
 def test_stop_frees_the_port_for_a_new_server():
-    first = memg.Server(port=0).start()
+    first = embedded().start()
     host, port = first.address
     # While first listens the port is taken, so the rebinding below means something.
-    busy = memg.Server(port=port)
+    busy = embedded(port=port)
     with pytest.raises(OSError):
         busy.start()
     busy.stop()
     with RawClient(first.address) as client:          # a connection open at the stop
         assert client.request(b"set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
         first.stop()
-    with memg.Server(port=port) as second:
+    with embedded(port=port) as second:
         assert second.address == (host, port)
         client = connect(second)
         assert client.get("k") is None                # a new server, a new cache
@@ -363,7 +362,7 @@ def test_stop_frees_the_port_for_a_new_server():
 
 def test_stop_does_not_wait_for_a_client_in_the_middle_of_a_value():
     baseline = set(threading.enumerate())
-    server = memg.Server(port=0).start()
+    server = embedded().start()
     with RawClient(server.address) as client:
         assert client.request(b"version\r\n").startswith(b"VERSION ")
         client.send(b"set half 0 0 100\r\n" + b"x" * 50)    # 50 bytes never come
@@ -378,7 +377,7 @@ def test_stop_does_not_wait_for_a_client_in_the_middle_of_a_value():
 
 def test_stop_does_not_wait_for_a_client_that_does_not_read_its_replies():
     baseline = set(threading.enumerate())
-    server = memg.Server(port=0).start()
+    server = embedded().start()
     value = b"v" * (500 * KB)
     with RawClient(server.address) as client:
         reply = client.request(b"set big 0 0 %d\r\n%s\r\n" % (len(value), value))
@@ -393,7 +392,7 @@ def test_stop_does_not_wait_for_a_client_that_does_not_read_its_replies():
 
 
 def test_stop_twice_is_harmless():
-    server = memg.Server(port=0).start()
+    server = embedded().start()
     address = server.address
     server.stop()
     server.stop()
@@ -403,5 +402,5 @@ def test_stop_twice_is_harmless():
 
 def test_stop_of_a_server_never_started_is_harmless():
     baseline = set(threading.enumerate())
-    memg.Server(port=0).stop()
+    embedded().stop()
     assert threads_since(baseline) == []
