@@ -5,6 +5,7 @@ real processes on free loopback ports, and talk to them with real clients and ra
 sockets.
 """
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -56,6 +57,31 @@ def embedded(**settings):
     with the suite's engine."""
     import memg
     return memg.Server(**{**ENGINE_SETTINGS, "port": 0, **settings})
+
+
+@dataclasses.dataclass
+class Point:
+    """A user-defined class: only pickling can store it."""
+
+    x: int
+    y: int
+
+
+# Python values of each kind an application stores through a client library, whose
+# serialisation must bring each back with its type.
+PYTHON_VALUES = {
+    "str": "hello world",
+    "unicode": "naïve café ☃",
+    "bytes": b"\x00\xffraw bytes",
+    "int": 42,
+    "negative_int": -7,
+    "big_int": 2 ** 70,
+    "float": 1.5,
+    "list": [1, "two", 3.0],
+    "dict": {"a": 1, "b": [2, 3]},
+    "tuple": (1, 2),
+    "object": Point(3, 4),
+}
 
 
 class Clock:

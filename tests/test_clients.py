@@ -6,7 +6,6 @@ same values (its own serialisation round-trips through the flags), the same hits
 misses and refusals, the same errors.
 """
 
-import dataclasses
 import threading
 import time
 
@@ -19,7 +18,7 @@ from pymemcache.client.base import PooledClient
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from conftest import RawClient, start_memg
+from conftest import PYTHON_VALUES, Point, RawClient, start_memg
 
 CLIENTS = ["pylibmc", "pymemcache", "python-memcached"]
 
@@ -27,14 +26,6 @@ CLIENTS = ["pylibmc", "pymemcache", "python-memcached"]
 # the item header and key too); these are safely either side of it.
 NEAR_LIMIT = 1024 * 1024 - 1024
 OVER_LIMIT = 1024 * 1024 + 1
-
-
-@dataclasses.dataclass
-class Point:
-    """A user-defined class: only pickling can store it."""
-
-    x: int
-    y: int
 
 
 def connect(kind, address, **options):
@@ -116,25 +107,10 @@ def stats_of(kind, client):
 
 # -- values and their serialisation -------------------------------------------------
 
-VALUES = {
-    "str": "hello world",
-    "bytes": b"\x00\xffraw bytes",
-    "int": 42,
-    "negative int": -7,
-    "long int": 2 ** 70,
-    "float": 1.5,
-    "list": [1, "two", 3.0],
-    "dict": {"a": 1, "b": [2, 3]},
-    "tuple": (1, 2),
-    "object": Point(3, 4),
-}
-
-
 def test_values_round_trip_with_their_type(mc):
-    for name, value in VALUES.items():
-        key = name.replace(" ", "_")
-        assert mc.set(key, value), name
-        got = mc.get(key)
+    for name, value in PYTHON_VALUES.items():
+        assert mc.set(name, value), name
+        got = mc.get(name)
         assert got == value, name
         assert type(got) is type(value), name
 

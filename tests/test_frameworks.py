@@ -1,4 +1,5 @@
-"""Real frameworks against a memg.Server embedded in the test process.
+"""Real frameworks against a memg.Server embedded in the test process, on the
+suite's engine (conftest.embedded).
 
 What this file shows:
 
@@ -17,10 +18,8 @@ tested here.
 """
 
 import asyncio
-import dataclasses
 import pickle
 import threading
-import time
 
 import aiomcache
 import django
@@ -31,8 +30,7 @@ from django.conf import settings
 from django.core.signals import request_finished
 from pymemcache.exceptions import MemcacheServerError
 
-import memg
-from conftest import RawClient
+from conftest import PYTHON_VALUES, RawClient, embedded, wait_for
 
 BACKENDS = {
     "pymemcache": "django.core.cache.backends.memcached.PyMemcacheCache",
@@ -48,31 +46,9 @@ TOO_LARGE = {"pymemcache": MemcacheServerError, "pylibmc": pylibmc.TooBig}
 DAY = 24 * 60 * 60
 
 
-@dataclasses.dataclass
-class Point:
-    """A user-defined class: only pickling can store it."""
-
-    x: int
-    y: int
-
-
-VALUES = {
-    "str": "hello world",
-    "unicode": "naïve café ☃",
-    "bytes": b"\x00\xffraw",
-    "int": 42,
-    "big_int": 2 ** 70,
-    "float": 1.5,
-    "list": [1, "two", 3.0],
-    "dict": {"a": 1, "b": [2, 3]},
-    "tuple": (1, 2),
-    "object": Point(3, 4),
-}
-
-
 @pytest.fixture(scope="module")
 def server():
-    with memg.Server(port=0) as server:
+    with embedded() as server:
         yield server
 
 
@@ -86,15 +62,6 @@ def ttl(server, key):
     word, flag = reply.split()
     assert word == b"HD" and flag.startswith(b"t"), reply
     return int(flag[1:])
-
-
-def wait_until(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # -- Django ---------------------------------------------------------------------
@@ -127,9 +94,9 @@ def cache(alias, django_caches):
 
 
 def test_django_values_round_trip_with_their_type(cache):
-    for name, value in VALUES.items():
+    for name, value in PYTHON_VALUES.items():
         cache.set(name, value)
-    for name, value in VALUES.items():
+    for name, value in PYTHON_VALUES.items():
         assert cache.get(name) == value, name
         assert type(cache.get(name)) is type(value), name
 
@@ -218,7 +185,7 @@ def test_django_timeouts_expire_in_real_time(cache):
     cache.set("default", "v")
     cache.set("forever", "v", timeout=None)
     assert cache.get("short") == "v"
-    assert wait_until(lambda: cache.get("short") is None)
+    assert wait_for(lambda: cache.get("short") is None)
     assert cache.get("default") == "v"
     assert cache.get("forever") == "v"
     assert cache.add("short", "again") is True      # an expired key is free for add
@@ -461,10 +428,10 @@ def test_aiomcache_flag_client_round_trips_python_objects(flushed):
         return pickle.loads(data)
 
     async def scenario(mc):
-        for name, value in VALUES.items():
+        for name, value in PYTHON_VALUES.items():
             if not isinstance(value, bytes):
                 assert await mc.set(name.encode(), value) is True
-        for name, value in VALUES.items():
+        for name, value in PYTHON_VALUES.items():
             if not isinstance(value, bytes):
                 assert await mc.get(name.encode()) == value, name
     run(flushed, scenario, client_class=aiomcache.FlagClient,
