@@ -4,6 +4,7 @@ Every test starts ``python memg.py`` as a real process with the options under te
 and talks to it over real sockets; processes are always stopped at teardown.
 """
 
+import itertools
 import os
 import pstats
 import re
@@ -16,7 +17,8 @@ import time
 
 import pytest
 
-from conftest import MEMG, RawClient, copy_project, free_port, start_memg
+from conftest import (ENGINE_ARGS, MEMG, RawClient, copy_project, free_port, start_memg,
+                      stats)
 
 KB = 1024
 MB = 1024 * KB
@@ -51,8 +53,9 @@ def processes():
 
 
 def run_memg(*args, timeout=10):
-    """Run memg to completion (it is expected to exit by itself): (code, out, err)."""
-    process = subprocess.Popen([sys.executable, MEMG] + list(args),
+    """Run memg on the suite's engine to completion (it is expected to exit by
+    itself): (code, out, err)."""
+    process = subprocess.Popen([sys.executable, MEMG] + ENGINE_ARGS + list(args),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = process.communicate(timeout=timeout)
@@ -72,16 +75,6 @@ def wait_exit(process, timeout=5.0):
         _, err = process.communicate()
         pytest.fail("process did not exit within %s s; stderr: %r" % (timeout, err))
     return process.returncode, err
-
-
-def stats(client, sub=b""):
-    reply = client.request(b"stats" + (b" " + sub if sub else b"") + b"\r\n", b"END\r\n")
-    values = {}
-    for line in reply.decode().splitlines():
-        if line.startswith("STAT "):
-            _, name, value = line.split(" ", 2)
-            values[name] = value
-    return values
 
 
 def connect_admitted(address, family=socket.AF_INET, timeout=5.0):
@@ -280,7 +273,7 @@ def test_unix_socket_serves_and_is_removed(tmp_path, processes):
     path = str(tmp_path / "memg.sock")
     port = free_port()
     process = subprocess.Popen([sys.executable, MEMG, "-p", str(port), "-s", path,
-                                "-a", "600"],
+                                "-a", "600"] + ENGINE_ARGS,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     processes.append(process)
     client = connect_admitted(path, family=socket.AF_UNIX)
@@ -321,15 +314,20 @@ def test_shutdown_command_without_A_is_refused(launch):
 
 # -- signals ------------------------------------------------------------------------
 
-def signal_with_clients_connected(launch, signum):
-    server = launch()
-    idle = [connect_admitted(server.address) for _ in range(3)]
+def clients_mid_command(server, idle=3):
+    """Clients of a running server caught mid-command: idle ones (served once), one
+    half through a value, one half through a command line, one that never spoke."""
+    clients = [connect_admitted(server.address) for _ in range(idle)]
     busy_value = connect_admitted(server.address)
     busy_value.send(b"set k 0 0 10\r\nabc")            # data block half sent
     busy_line = connect_admitted(server.address)
     busy_line.send(b"get fo")                          # command line half sent
-    never_spoke = RawClient(server.address)
-    clients = idle + [busy_value, busy_line, never_spoke]
+    return clients + [busy_value, busy_line, RawClient(server.address)]
+
+
+def signal_with_clients_connected(launch, signum):
+    server = launch()
+    clients = clients_mid_command(server)
     try:
         time.sleep(0.1)                                # let the partial sends arrive
         sent = time.monotonic()
@@ -358,7 +356,60 @@ def test_sigint_with_clients_exits_zero_quickly(launch):
     signal_with_clients_connected(launch, signal.SIGINT)
 
 
-# -- --single ------------------------------------------------------------------------
+def signal_storm(process, signums, duration=0.3, deadline=2.0):
+    """Send process the signals in turn, as fast as os.kill goes, for duration
+    seconds, through its shutdown and after it (an exited process not yet waited
+    for still takes them); then wait for it to exit.  Returns its exit code and
+    stderr, or None and stderr if it was still running deadline seconds after the
+    first signal (it is then killed)."""
+    started = time.monotonic()
+    for signum in itertools.cycle(signums):
+        if time.monotonic() - started > duration:
+            break
+        try:
+            os.kill(process.pid, signum)
+        except ProcessLookupError:
+            break
+    try:
+        _, err = process.communicate(timeout=max(0.0, started + deadline - time.monotonic()))
+        return process.returncode, err
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return None, process.communicate()[1]
+
+
+# SIGTERM alone, SIGINT alone, and the two interleaved.
+STORMS = [(signal.SIGTERM,), (signal.SIGINT,), (signal.SIGTERM, signal.SIGINT)]
+
+
+def test_signal_storms_end_in_exit_zero_within_2_s(launch):
+    # Signals arrive at any moment: while memg serves, while it closes connections,
+    # joins threads or closes its event loop.  A handler that took a lock the
+    # interrupted code held would hang the process for good (as it did: 16 of 30
+    # processes sent SIGTERM in a loop for 0.3 s never exited).  Every other round
+    # has clients caught mid-command, so that there are connections to close.
+    failures = []
+    rounds = 12
+    for round_number in range(rounds):
+        signums = STORMS[round_number % len(STORMS)]
+        server = launch()
+        clients = clients_mid_command(server) if round_number % 2 else []
+        try:
+            code, err = signal_storm(server.process, signums)
+        finally:
+            for client in clients:
+                client.close()
+        if code != 0 or err:
+            failures.append("round %d, %s%s: %s; stderr %r" % (
+                round_number, "+".join(signal.Signals(n).name for n in signums),
+                " with clients" if clients else "",
+                "still running after 2 s" if code is None else "exit %d" % code,
+                err.decode(errors="replace")[-300:]))
+    assert failures == [], "%d of %d rounds failed:\n%s" % (
+        len(failures), rounds, "\n".join(failures))
+
+
+# -- --single (the threads engine's: it serves its one client in the main thread) ------
 
 def first_connection(port, process, timeout=10.0):
     """Connect to a --single server without wasting its one connection on a probe."""
@@ -373,9 +424,12 @@ def first_connection(port, process, timeout=10.0):
             time.sleep(0.02)
 
 
+SINGLE = ["--single", "--engine", "threads"]
+
+
 def test_single_serves_one_connection_then_exits(processes):
     port = free_port()
-    process = subprocess.Popen([sys.executable, MEMG, "--single", "-p", str(port)],
+    process = subprocess.Popen([sys.executable, MEMG, "-p", str(port)] + SINGLE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     processes.append(process)
     first = first_connection(port, process)
@@ -403,11 +457,11 @@ def test_single_serves_one_connection_then_exits(processes):
             assert b"VERSION" not in reply
 
 
-def test_single_under_cprofile_writes_a_profile(tmp_path, processes):
+def test_single_under_cprofile_shows_the_command_path(tmp_path, processes):
     port = free_port()
     profile = str(tmp_path / "memg.prof")
     process = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", profile, MEMG,
-                                "--single", "-p", str(port)],
+                                "-p", str(port)] + SINGLE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     processes.append(process)
     with first_connection(port, process) as client:
@@ -422,17 +476,27 @@ def test_single_under_cprofile_writes_a_profile(tmp_path, processes):
     in_memg = {name for filename, _, name in functions
                if os.path.basename(filename) == "memg.py"}
     assert "main" in in_memg
-    assert "process" in in_memg              # Protocol.process, the command loop
+    # The command path, run in the profiled thread: the protocol's bytes in and its
+    # command loop, down to the store that the sets reached.
+    assert {"receive_data", "run", "store"} <= in_memg, sorted(in_memg)
 
 
-# -- --gevent ----------------------------------------------------------------------------
+def test_single_is_refused_on_the_asyncio_engine():
+    code, _, err = run_memg("--single", "--engine", "asyncio", "-p", str(free_port()))
+    assert code == 1
+    assert one_line(err) == "memg: --single needs the threads engine"
+
+
+# -- the asyncio engine ---------------------------------------------------------------------
 
 def os_threads(pid):
     return len(os.listdir("/proc/%d/task" % pid))
 
 
-def test_gevent_serves_many_clients_from_one_thread(launch):
-    server = launch("--gevent")
+@pytest.mark.parametrize("event_loop", ["uvloop", "stdlib"])
+def test_asyncio_serves_many_clients_from_one_thread(launch, event_loop):
+    # (The options given here come after the suite's engine options, and win.)
+    server = launch("--engine", "asyncio", "--event-loop", event_loop)
     clients = [server.connect() for _ in range(50)]
     try:
         for number, client in enumerate(clients):
@@ -441,8 +505,9 @@ def test_gevent_serves_many_clients_from_one_thread(launch):
             assert client.recv_until() == b"STORED\r\n"
             assert client.request(b"get k%d\r\n" % number, b"END\r\n") == \
                 b"VALUE k%d 0 2\r\n%02d\r\nEND\r\n" % (number, number)
-        # Greenlets in the main thread; at most gevent's resolver has a thread too.
-        assert os_threads(server.process.pid) <= 2
+        # Every connection, the sweep and the idle checks on the main thread's loop;
+        # uvloop starts no thread of its own either (libuv's pool only for DNS).
+        assert os_threads(server.process.pid) == 1
     finally:
         for client in clients:
             client.close()
@@ -450,14 +515,15 @@ def test_gevent_serves_many_clients_from_one_thread(launch):
     assert code == 0 and err == b"", err
 
 
-def test_gevent_missing_exits_with_one_line():
-    # A Python that cannot import gevent (None in sys.modules makes any import fail).
+def test_uvloop_missing_exits_with_one_line():
+    # A Python that cannot import uvloop (None in sys.modules makes any import fail).
     process = subprocess.run(
-        [sys.executable, "-c", "import runpy, sys; sys.modules['gevent'] = None; "
-         "sys.argv = ['memg', '--gevent', '-p', '0']; runpy.run_path(%r, run_name='__main__')"
-         % MEMG], capture_output=True, timeout=10)
+        [sys.executable, "-c", "import runpy, sys; sys.modules['uvloop'] = None; "
+         "sys.argv = ['memg', '--engine', 'asyncio', '--event-loop', 'uvloop', '-p', '0']; "
+         "runpy.run_path(%r, run_name='__main__')" % MEMG], capture_output=True, timeout=10)
     assert process.returncode == 1
-    assert process.stderr == b"memg: --gevent needs gevent (pip install gevent)\n"
+    assert process.stderr == (b"memg: --event-loop uvloop: uvloop is not installed "
+                              b"(pip install memg[uvloop])\n")
 
 
 # -- -c: connection limit ------------------------------------------------------------------
