@@ -3,8 +3,10 @@
 a thousand clients connecting at once, working, and leaving?
 
     python tests/soak.py [--rounds 10] [--clients 1000] [--threshold 5]
+                         [--engine threads|asyncio|asyncio-stdlib]
 
-Starts ``python memg.py`` on a free loopback port.  In each round every client
+Starts ``python memg.py`` on a free loopback port, serving with the engine asked for
+(the names and arguments of conftest.ENGINES, as the test passes use them).  In each round every client
 connects (all of them are open at once: the round waits until the server counts
 them all), runs 14 commands whose replies are checked byte for byte, and closes;
 the round then waits until the server has let every connection go.  One line per
@@ -15,14 +17,17 @@ server wrote anything to stderr (memg prints tracebacks there), or if the reside
 memory after the last round differs from that after round 2 by more than the
 threshold in percent: what a leak per connection or per round would show.
 
-Not collected by pytest (no test_ prefix): it takes a minute or two.  Standard
-library only.  The clients are asyncio streams in this one process: a thousand
-open sockets cost no thread each, so the server, with its thread per connection,
-is what is measured (the summary prints both processes' CPU time to show it).
+Not collected by pytest (no test_ prefix): it takes a minute or two.  It needs what
+the tests need to import conftest (pytest), and for the asyncio engine a Python with
+uvloop: where this one has none, memg runs on the test environment's (.venv-test,
+which tests/run.py creates).  The clients are asyncio streams in this one process:
+a thousand open sockets cost no thread each, so the server is what is measured
+(the summary prints both processes' CPU time to show it).
 """
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import re
 import resource
@@ -32,8 +37,12 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEMG = os.path.join(ROOT, "memg.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from conftest import ENGINES, MEMG, ROOT, free_port, parse_stats  # noqa: E402 (after the path)
+
+TEST_PYTHON = os.path.join(ROOT, ".venv-test", "bin", "python")
 
 TIMEOUT = 15.0              # seconds for any one connect, reply or wait
 COMMANDS_PER_CLIENT = 14
@@ -50,12 +59,6 @@ class WrongReply(Exception):
 # The server process
 # --------------------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def raise_file_limit(needed):
     """Allow this process, and the server it starts, needed open files."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -66,11 +69,22 @@ def raise_file_limit(needed):
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-def start_memg(clients, stderr):
-    """``python memg.py`` with room for every client and the probe, once it answers."""
+def server_python(engine_args):
+    """The Python to run memg with: this one, unless the engine needs uvloop and this
+    Python has none while the test environment has it."""
+    if ("uvloop" in engine_args and importlib.util.find_spec("uvloop") is None
+            and os.path.exists(TEST_PYTHON)):
+        print("soak: this Python has no uvloop; memg runs on " + TEST_PYTHON)
+        return TEST_PYTHON
+    return sys.executable
+
+
+def start_memg(clients, engine_args, stderr):
+    """``python memg.py`` on an engine, with room for every client and the probe, once
+    it answers."""
     port = free_port()
-    argv = [sys.executable, MEMG, "-p", str(port), "-c", str(clients + 64),
-            "-b", str(max(1024, clients))]
+    argv = [server_python(engine_args), MEMG, "-p", str(port), "-c", str(clients + 64),
+            "-b", str(max(1024, clients))] + engine_args
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 10
     while True:
@@ -79,7 +93,9 @@ def start_memg(clients, stderr):
             return process, port
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                sys.exit("soak: memg did not start (exit code %s)" % process.poll())
+                stderr.seek(0)
+                sys.exit("soak: memg did not start (exit code %s): %s" % (
+                    process.poll(), stderr.read().decode(errors="replace").strip()))
             time.sleep(0.05)
 
 
@@ -151,9 +167,7 @@ class Connection:
         return reply
 
     async def stats(self):
-        reply = await asyncio.wait_for(self.request(b"stats\r\n"), TIMEOUT)
-        return {name.decode(): value.decode()
-                for name, value in re.findall(rb"STAT (\S+) (\S+)\r\n", reply)}
+        return parse_stats(await asyncio.wait_for(self.request(b"stats\r\n"), TIMEOUT))
 
     async def close(self):
         self.writer.close()
@@ -351,11 +365,14 @@ def main():
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--threshold", type=float, default=5.0,
                         help="largest RSS change from round 2 to the last, in percent")
+    parser.add_argument("--engine", choices=list(ENGINES), default="threads",
+                        help="the engine memg serves with (default: threads)")
     args = parser.parse_args()
     raise_file_limit(args.clients + 256)
     results, lost = [], None
     with tempfile.TemporaryFile() as stderr:
-        process, port = start_memg(args.clients, stderr)
+        process, port = start_memg(args.clients, ENGINES[args.engine][0], stderr)
+        print("memg (pid %d) serving with the %s engine" % (process.pid, args.engine))
         try:
             asyncio.run(soak(process.pid, port, args.rounds, args.clients, results))
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
