@@ -119,12 +119,12 @@ def test_replies_to_commands_that_arrived_together_leave_together(server):
 
 
 def test_a_reply_larger_than_the_socket_holds_arrives_whole_and_in_order(server):
-    value = bytes(range(256)) * 4096                  # 1 MiB, twice
+    value = bytes(range(256)) * 4096                  # 1 MiB, four times
     server.store.store(memg.SET, b"big", value)
     with RawClient(server.address, receive_buffer=4096) as client:
-        client.send(b"get big\r\nget big\r\nversion\r\n")
+        client.send(b"get big\r\n" * 4 + b"version\r\n")
         time.sleep(0.2)                               # the server fills the socket, waits
-        expected = value_reply(b"big", value) * 2
+        expected = value_reply(b"big", value) * 4
         assert client.recv_exact(len(expected)) == expected
         assert client.recv_until().startswith(b"VERSION ")
 
@@ -241,13 +241,10 @@ def test_a_client_that_does_not_read_holds_a_bounded_amount(server, monkeypatch)
         # 7,000 pipelined gets: 70 MB of replies that the client never reads.
         greedy.send(b"get big\r\n" * 7000)
 
-        def written():
-            return protocol.bytes_written
-
         # Until the server stops making replies for it.
         settled = None
-        while settled != written():
-            settled = written()
+        while settled != protocol.bytes_written:
+            settled = protocol.bytes_written
             time.sleep(0.3)
         assert memg.OUTPUT_LIMIT < settled < 7000 * reply / 2
         assert 0 < largest[0] <= memg.OUTPUT_LIMIT + reply
@@ -331,7 +328,7 @@ def test_a_second_metadump_while_one_streams_is_busy(server):
             assert second.request(b"lru_crawler crawl all\r\n") == memg.CRAWLER_BUSY
             # The first, read to its end, is complete, and frees the crawler.
             dump = first.recv_until(b"END\r\n")
-            assert dump.count(b"\n") == 60000 + 1
+            assert dump.endswith(b"\nEND\r\n") and dump.count(b"\n") == 60000 + 1
             assert second.request(b"lru_crawler metadump 2\r\n") == b"END\r\n"
 
 
