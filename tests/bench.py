@@ -19,9 +19,10 @@ same ``-m 1024 -c 1100``: memg on each engine (``python memg.py --engine threads
 stdlib``), each followed by its floor with --floor, then any --extra servers, then
 memcached (``memcached -l 127.0.0.1 ...``, with ``-u nobody`` when run as root).
 Every figure is measured for the servers in turn, in that order, for a few rounds,
-so that drift of the machine (another process, the CPU's clock) hits them all.  Progress goes to stderr; the report, a markdown table with a column per
-server, then a column per server of its ratio to memcached (a memg engine's with
-its target and whether it is met), goes to stdout.  The figures:
+so that drift of the machine (another process, the CPU's clock) hits them all.
+Progress goes to stderr; the report, a markdown table with a column per server,
+then a column per server of its ratio to memcached (a memg engine's with its target
+and whether it is met), goes to stdout.  The figures:
 
 throughput, N conns
     memcaslap's TPS (operations per second, by its own clock) with N connections

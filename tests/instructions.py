@@ -17,11 +17,11 @@ memg
     memg's TextProtocol, what every engine runs: ``receive_data(command)``, then
     its reply sent.  Neither engine's own part is in it (a thread's recv, an event
     loop's turn); the benchmark's floors show what those cost.
-floor asyncio
+floor-asyncio
     The asyncio floor's protocol: ``FloorProtocol.data_received(command)``, its
     transport's write sending the reply.  The same work as memg's, done as simply
     as it can be: the difference is what memg's protocol costs beyond the least.
-floor threads
+floor-threads
     The threaded floor's ``handle``: it reads each command through the socket's
     makefile (a fake socket's recv_into hands it over) and sends the reply with
     sendall.  It has no part without I/O to count alone, so its reads are in.
