@@ -126,6 +126,11 @@ def free_port():
         return sock.getsockname()[1]
 
 
+# How long something that should happen "at once" (a stop, a close, an event) may
+# take: generous, to tell "promptly" from "hangs", never fast from slow.
+PROMPTLY = 3.0
+
+
 def wait_for(condition, timeout=5.0, what="condition"):
     """Poll condition until it returns something true, and return that; fail the
     test if timeout seconds pass first (so ``assert wait_for(...)`` reads well too)."""
@@ -295,6 +300,17 @@ def stats(client_or_address, group=b""):
         return parse_stats(client_or_address.request(command, b"END\r\n"))
     with RawClient(getattr(client_or_address, "address", client_or_address)) as client:
         return parse_stats(client.request(command, b"END\r\n"))
+
+
+def set_many(client, keys, value, exptime=0, batch=5000):
+    """Store value under each key (bytes) over a RawClient, fast: sets pipelined
+    with noreply, a batch at a time, each batch ended by ``mn`` and its ``MN``
+    awaited, so that all are stored when this returns."""
+    keys = list(keys)
+    for start in range(0, len(keys), batch):
+        client.send(b"".join(b"set %s 0 %d %d noreply\r\n%s\r\n" % (
+            key, exptime, len(value), value) for key in keys[start:start + batch]) + b"mn\r\n")
+        assert client.recv_until(b"MN\r\n") == b"MN\r\n"
 
 
 @pytest.fixture(scope="session")
