@@ -23,10 +23,7 @@ import urllib.parse
 import pytest
 
 import memg
-from conftest import ENGINE, RawClient, embedded, stats, wait_for
-
-# How long something that should happen "at once" may take.
-PROMPTLY = 3.0
+from conftest import ENGINE, PROMPTLY, RawClient, embedded, stats, wait_for
 
 
 @pytest.fixture

@@ -36,13 +36,11 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheServerError
 
 import memg
-from conftest import ENGINE, ENGINE_SETTINGS, RawClient, embedded, stats, wait_for
+from conftest import (ENGINE, ENGINE_SETTINGS, PROMPTLY, RawClient, embedded, stats,
+                      wait_for)
 
 KB = 1024
 MB = 1024 * KB
-
-# How long a client may wait for something that should happen "at once".
-PROMPTLY = 3.0
 
 
 def connect(server):
