@@ -47,6 +47,7 @@ import time
 import traceback
 import types
 import urllib.parse
+from time import monotonic
 from typing import Optional
 
 __version__ = "0.1.0"
@@ -1468,25 +1469,33 @@ class TextProtocol:
     def receive_data(self, data):
         """Take bytes the client sent (b"": its input has ended) and return the
         replies of the commands they complete."""
-        if self.watcher is not None:         # a watcher only listens, until it leaves
-            self.closing = self.closing or not data
-            return b""
-        if not data:
-            self.eof = True
-        else:
+        if data and self.watcher is None:
             self.bytes_read += len(data)
             if self.pos < len(self.buffer):
                 data = self.buffer[self.pos:] + data    # a partial line waited
-            self.buffer, self.pos = data, 0
-        if self.first and self.buffer:
-            if self.buffer[0] == 0x80:       # memcached's binary protocol: its header first
-                if len(self.buffer) < BINARY_HEADER_SIZE and not self.eof:
-                    return b""
-                self.refuse_binary()
+            self.buffer = data
+            self.pos = 0
+            if self.first and self.opens_binary():
                 return self.take_output()
-            self.first = False
+        elif self.watcher is not None:       # a watcher only listens, until it leaves
+            self.closing = self.closing or not data
+            return b""
+        else:
+            self.eof = True
+            if self.first and self.buffer and self.opens_binary():
+                return self.take_output()
         self.run()
         return self.take_output()
+
+    def opens_binary(self):
+        """The first bytes: whether they open memcached's binary protocol (magic
+        byte 0x80), which is then refused once its header has come."""
+        if self.buffer[0] != 0x80:
+            self.first = False
+            return False
+        if len(self.buffer) >= BINARY_HEADER_SIZE or self.eof:
+            self.refuse_binary()
+        return True
 
     @property
     def pending(self):
@@ -1573,7 +1582,8 @@ class TextProtocol:
         if not out:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
-        self.out, self.out_bytes = [], 0
+        out.clear()
+        self.out_bytes = 0
         self.bytes_written += len(data)
         return data
 
@@ -1589,59 +1599,59 @@ class TextProtocol:
 
     def run(self):
         """Run the commands whose input is complete, until the input runs out, the
-        replies reach OUTPUT_LIMIT, or a streamed reply or a watcher takes over."""
+        replies reach OUTPUT_LIMIT, or a streamed reply or a watcher takes over.
+        (The command loop is written out here, not called per command: it is the
+        path every request takes.)"""
+        self.paused = False
         try:
-            self.paused = False
             while not self.closing:
-                if self.out_bytes >= OUTPUT_LIMIT:
-                    self.paused = self.pos < len(self.buffer) or self.block is not None
-                    break
                 if self.block is not None:
                     if not self.continue_block():
                         break
-                elif self.producer is not None or self.watcher is not None:
+                    continue
+                if self.producer is not None or self.watcher is not None:
                     break
-                elif not self.next_command():
+                data = self.buffer
+                pos = self.pos
+                if pos == len(data):
                     break
+                if self.out_bytes >= OUTPUT_LIMIT:
+                    self.paused = True
+                    break
+                newline = data.find(b"\n", pos)
+                if (newline < 0 or newline - pos > MEMCACHED_READ_BUFFER) and not self.long_line(
+                        newline):
+                    break
+                self.pos = newline + 1
+                # As memcached: strip "\r\n" or "\n", but a lone "\r\n" keeps its "\r";
+                # a NUL ends the line (C's end of string).
+                end = newline - 1 if newline - pos > 1 and data[newline - 1] == 13 else newline
+                line = data[pos:end]
+                if 0 in line:
+                    line = strip_at_nul(data[pos:newline + 1])
+                self.last_command = monotonic()
+                if self.settings.verbose > 1:
+                    self.log("<", line)
+                self.noreply = False
+                tokens = line.split(b" ")
+                if b"" in tokens:
+                    tokens = [token for token in tokens if token]
+                if not self.authenticated:
+                    self.authenticate(tokens)
+                    continue
+                try:
+                    handler, fewest, most = self.COMMANDS[tokens[0]]
+                except (KeyError, IndexError):
+                    self.unknown(tokens)
+                    continue
+                if fewest <= len(tokens) <= most:
+                    handler(self, tokens)
+                else:
+                    self.reply(ERROR)
         except Exception:
             self.internal_error()
         if self.eof and not self.pending:
             self.closing = True          # what is left is an incomplete command
-
-    def next_command(self):
-        """Run the next command if its line is complete; False if it is not."""
-        data, pos = self.buffer, self.pos
-        newline = data.find(b"\n", pos)
-        if (newline < 0 or newline - pos > MEMCACHED_READ_BUFFER) and not self.long_line(
-                newline):
-            return False
-        self.pos = newline + 1
-        # As memcached: strip "\r\n" or "\n", but a lone "\r\n" keeps its "\r"; a NUL
-        # ends the line (C's end of string).
-        end = newline - 1 if newline - pos > 1 and data[newline - 1] == 13 else newline
-        line = data[pos:end]
-        if 0 in line:
-            line = strip_at_nul(data[pos:newline + 1])
-        self.last_command = time.monotonic()
-        if self.settings.verbose > 1:
-            self.log("<", line)
-        self.noreply = False
-        tokens = line.split(b" ")
-        if b"" in tokens:
-            tokens = [token for token in tokens if token]
-        if not self.authenticated:
-            self.authenticate(tokens)
-            return True
-        try:
-            handler, fewest, most = self.COMMANDS[tokens[0]]
-        except (KeyError, IndexError):
-            self.unknown(tokens)
-            return True
-        if fewest <= len(tokens) <= most:
-            handler(self, tokens)
-        else:
-            self.reply(ERROR)
-        return True
 
     def long_line(self, newline):
         """Whether a line with no newline yet, or a very long one, may run now (False:
@@ -1770,7 +1780,7 @@ class TextProtocol:
             exptime, keys = None, tokens[1:]
         # As memcached, the keys before a bad one are fetched (and counted) first.
         valid = keys
-        if keys and bad_key(max(keys, key=len)):       # (one test for all the keys)
+        if keys and max(map(len, keys)) > KEY_MAX_LENGTH:   # (one test for all keys)
             valid = list(itertools.takewhile(lambda key: not bad_key(key), keys))
         items = self.store.get_many(valid, exptime)
         if "fetchers" in self.service.watchers.active:
@@ -1784,22 +1794,28 @@ class TextProtocol:
                 if item is not None:
                     self.log(">", b"sending key " + key)
             self.log(">", END)
-        if len(items) > 1 and sum(map(len, filter(None, items))) > OUTPUT_LIMIT:
-            self.stream(self.values(keys, items, with_cas))     # (get has no noreply)
-            return
-        self.queue(b"".join(value_lines(keys, items, with_cas)) + END)
+        template = VALUE_CAS if with_cas else VALUE
+        if len(items) == 1:                                      # (get has no noreply)
+            item = items[0]
+            self.queue(END if item is None else value_block(template, keys[0], item) + END)
+        elif sum(map(len, filter(None, items))) > OUTPUT_LIMIT:
+            self.stream(self.values(template, keys, items))
+        else:
+            self.queue(b"".join([value_block(template, key, item)
+                                 for key, item in zip(keys, items) if item is not None]) + END)
 
-    def values(self, keys, items, with_cas):
+    def values(self, template, keys, items):
         """A large multi-get's reply, a chunk of about OUTPUT_LIMIT at a time."""
-        lines, size = [], 0
-        for line in value_lines(keys, items, with_cas):
-            lines.append(line)
-            size += len(line)
-            if size >= OUTPUT_LIMIT:
-                yield b"".join(lines)
-                lines, size = [], 0
-        lines.append(END)
-        yield b"".join(lines)
+        blocks, size = [], 0
+        for key, item in zip(keys, items):
+            if item is not None:
+                blocks.append(value_block(template, key, item))
+                size += len(blocks[-1])
+                if size >= OUTPUT_LIMIT:
+                    yield b"".join(blocks)
+                    blocks, size = [], 0
+        blocks.append(END)
+        yield b"".join(blocks)
 
     # -- storage: set add replace append prepend cas ------------------------------------
 
@@ -2368,16 +2384,18 @@ def strip_at_nul(line):
     return line[:-2] if line[-2:-1] == b"\r" and len(line) > 2 else line[:-1]
 
 
-def value_lines(keys, items, with_cas):
-    """The VALUE lines (and data) of a get's reply for the items found."""
-    for key, item in zip(keys, items):
-        if item is not None:
-            cas, _, _, flags, _ = item_fields(item)
-            value = item[VALUE_START:]
-            if with_cas:
-                yield b"VALUE %s %d %d %d\r\n%s\r\n" % (key, flags, len(value), cas, value)
-            else:
-                yield b"VALUE %s %d %d\r\n%s\r\n" % (key, flags, len(value), value)
+# A get's VALUE block, and a gets's (with the CAS unique).
+VALUE = b"VALUE %s %d %d\r\n%s\r\n"
+VALUE_CAS = b"VALUE %s %d %d %d\r\n%s\r\n"
+
+
+def value_block(template, key, item):
+    """An item found by a get (template VALUE) or gets (VALUE_CAS)."""
+    cas, _, _, flags, _ = item_fields(item)
+    value = item[VALUE_START:]
+    if template is VALUE:
+        return template % (key, flags, len(value), value)
+    return template % (key, flags, len(value), cas, value)
 
 
 def item_description(key, item, now, absolute=False):
