@@ -131,6 +131,16 @@ def free_port():
 PROMPTLY = 3.0
 
 
+def proc_status(pid, field):
+    """A /proc/PID/status figure: kB fields (VmRSS, VmSize) in bytes, others as int."""
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                number = int(line.split()[1])
+                return number * 1024 if line.rstrip().endswith("kB") else number
+    raise AssertionError("no %s for pid %d" % (field, pid))
+
+
 def wait_for(condition, timeout=5.0, what="condition"):
     """Poll condition until it returns something true, and return that; fail the
     test if timeout seconds pass first (so ``assert wait_for(...)`` reads well too)."""

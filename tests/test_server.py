@@ -7,20 +7,7 @@ import subprocess
 import threading
 import time
 
-from conftest import require_tool, start_memg
-
-
-def resident_bytes(pid):
-    with open("/proc/%d/status" % pid) as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS for pid %d" % pid)
-
-
-def stat(client, name):
-    reply = client.request(b"stats\r\n", b"END\r\n").decode()
-    return dict(line.split(" ", 2)[1:] for line in reply.splitlines() if line.startswith("STAT "))[name]
+from conftest import proc_status, require_tool, set_many, start_memg, stats, wait_for
 
 
 # -- conformance ------------------------------------------------------------------
@@ -50,22 +37,18 @@ def test_six_times_the_memory_limit_stays_bounded_and_newest_items_readable():
         pid = server.process.pid
         with server.connect() as client:
             value = b"v" * 1000
-            batch = b"".join(b"set key:%d 0 0 %d noreply\r\n%s\r\n" % (i, len(value), value)
-                             for i in range(1000))
-            client.request(batch + b"mn\r\n", b"MN\r\n")      # warm up the allocator
-            baseline = resident_bytes(pid)
+            set_many(client, (b"key:%d" % i for i in range(1000)), value)   # warm up
+            baseline = proc_status(pid, "VmRSS")
             total = 6 * 16 * 1024 * 1024
             written = 0
             round_number = 0
             while written < total:
                 round_number += 1
-                batch = b"".join(b"set key:%d:%d 0 0 %d noreply\r\n%s\r\n" % (
-                    round_number, i, len(value), value) for i in range(1000))
-                client.request(batch + b"mn\r\n", b"MN\r\n")
+                set_many(client, (b"key:%d:%d" % (round_number, i) for i in range(1000)), value)
                 written += 1000 * len(value)
-            grown = resident_bytes(pid) - baseline
-            assert int(stat(client, "bytes")) <= 16 * 1024 * 1024
-            assert int(stat(client, "evictions")) > 0
+            grown = proc_status(pid, "VmRSS") - baseline
+            assert int(stats(client)["bytes"]) <= 16 * 1024 * 1024
+            assert int(stats(client)["evictions"]) > 0
             # Item memory is bounded by -m; allow for the allocator's slack.
             assert grown < 2 * 16 * 1024 * 1024, grown
             for i in range(990, 1000):
@@ -81,20 +64,14 @@ def test_expired_items_are_swept_without_being_touched_and_evict_nothing():
     try:
         with server.connect() as client:
             value = b"v" * 1000
-            batch = b"".join(b"set short:%d 0 1 %d noreply\r\n%s\r\n" % (i, len(value), value)
-                             for i in range(5000))
-            client.request(batch + b"mn\r\n", b"MN\r\n")
-            assert int(stat(client, "curr_items")) == 5000
-            deadline = time.monotonic() + 10
-            while int(stat(client, "curr_items")) and time.monotonic() < deadline:
-                time.sleep(0.2)             # the background sweep runs once a second
-            assert stat(client, "curr_items") == "0"
-            assert stat(client, "crawler_reclaimed") == "5000"
-            batch = b"".join(b"set long:%d 0 0 %d noreply\r\n%s\r\n" % (i, len(value), value)
-                             for i in range(5000))
-            client.request(batch + b"mn\r\n", b"MN\r\n")
-            assert stat(client, "evictions") == "0"
-            assert stat(client, "curr_items") == "5000"
+            set_many(client, (b"short:%d" % i for i in range(5000)), value, exptime=1)
+            assert int(stats(client)["curr_items"]) == 5000
+            wait_for(lambda: stats(client)["curr_items"] == "0", timeout=10,
+                     what="the background sweep (once a second) to reclaim them")
+            assert stats(client)["crawler_reclaimed"] == "5000"
+            set_many(client, (b"long:%d" % i for i in range(5000)), value)
+            assert stats(client)["evictions"] == "0"
+            assert stats(client)["curr_items"] == "5000"
     finally:
         server.stop()
 
@@ -165,7 +142,7 @@ def test_many_clients_at_once_are_all_served(memg):
             assert client.request(b"get k%d\r\n" % i, b"END\r\n") == (
                 b"VALUE k%d 0 %d\r\n%d\r\nEND\r\n" % (i, len(b"%d" % i), i))
         with memg.connect() as probe:
-            assert int(stat(probe, "curr_connections")) >= 201
+            assert int(stats(probe)["curr_connections"]) >= 201
     finally:
         for client in clients:
             client.close()
@@ -176,14 +153,13 @@ def test_stats_count_commands_and_bytes(memg):
         client.request(b"stats reset\r\n")
         client.request(b"set a 0 0 1\r\n1\r\n")
         client.request(b"get a b\r\n", b"END\r\n")
-        assert stat(client, "cmd_set") == "1"
-        assert stat(client, "cmd_get") == "2"
-        assert stat(client, "get_hits") == "1"
-        assert stat(client, "get_misses") == "1"
-        assert stat(client, "curr_items") == "1"
-        assert int(stat(client, "bytes_read")) > 0
-        assert int(stat(client, "bytes_written")) > 0
-        assert stat(client, "limit_maxbytes") == str(64 * 1024 * 1024)
+        numbers = stats(client)
+        assert (numbers["cmd_set"], numbers["cmd_get"]) == ("1", "2")
+        assert (numbers["get_hits"], numbers["get_misses"]) == ("1", "1")
+        assert numbers["curr_items"] == "1"
+        assert int(numbers["bytes_read"]) > 0
+        assert int(numbers["bytes_written"]) > 0
+        assert numbers["limit_maxbytes"] == str(64 * 1024 * 1024)
 
 
 def test_server_never_sends_a_traceback():

@@ -39,7 +39,7 @@ import pytest
 
 import memg
 from conftest import (ENGINE_ARGS, ENGINE_SETTINGS, MEMG, RawClient, ServerProcess, free_port,
-                      set_many, start_memcached, start_memg, stats, wait_for)
+                      proc_status, set_many, start_memcached, start_memg, stats, wait_for)
 
 KB = 1024
 MB = 1024 * KB
@@ -53,16 +53,6 @@ THREADS = ENGINE_SETTINGS["engine"] == "threads"
 
 
 # -- helpers ------------------------------------------------------------------------
-
-def proc_status(pid, field):
-    """A /proc/PID/status figure: kB fields (VmRSS, VmSize) in bytes, others as int."""
-    with open("/proc/%d/status" % pid) as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                number = int(line.split()[1])
-                return number * KB if line.rstrip().endswith("kB") else number
-    raise AssertionError("no %s for pid %d" % (field, pid))
-
 
 def resident(server):
     return proc_status(server.process.pid, "VmRSS")
