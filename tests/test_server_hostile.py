@@ -10,13 +10,17 @@ What this file shows:
 * nothing is allocated on a client's say-so: claimed values and over-long lines
   cost the server memory only for bytes that actually arrived;
 * the connection limit (-c) admits exactly that many clients and refuses the rest
-  with memcached's error, 1,000 connections fit, and slots come back;
+  with memcached's error, 1,000 connections fit, and slots come back; out of file
+  descriptors, memg waits for some without spinning, and serves again;
+* eight clients asking for a dump at once: one streams it as it reads, the others
+  are told the crawler is busy, and memg holds a bounded part of the dump;
 * slow and half-finished clients do not delay anyone else;
 * ``-o idle_timeout`` closes idle and half-finished clients but spares busy ones;
 * SIGTERM and SIGINT stop the server cleanly however hostile the clients are.
 
 Every test starts its own memg (it takes well under a second) so that a traceback
-on its stderr is pinned on the test that caused it.
+on its stderr is pinned on the test that caused it; each runs on the suite's engine
+(conftest.ENGINE).
 """
 
 import contextlib
@@ -96,7 +100,7 @@ def hostile(server, payload, timeout=5.0):
             pytest.fail("server kept the connection open %.0f s after %r..."
                         % (timeout, payload[:60]))
     reply = b"".join(chunks)
-    # What memg's catch-all for its own bugs answers (Connection.handle).
+    # What memg's catch-all for its own bugs answers (TextProtocol.internal_error).
     assert b"SERVER_ERROR internal error" not in reply, payload[:200]
     assert b"Traceback" not in reply
     return reply
@@ -383,9 +387,9 @@ def quiet_server():
 
 
 def warm_up(server, count=20):
-    """Serve count clients once, so that the threads, buffers and allocator arenas
-    a client costs have been paid for before a baseline is taken.  Nobody else may
-    be connected."""
+    """Serve count clients once, so that the threads (threads engine), buffers and
+    allocator arenas a client costs have been paid for before a baseline is taken.
+    Nobody else may be connected."""
     warm = [server.connect() for _ in range(count)]
     for client in warm:
         assert client.request(b"set warm 0 0 1000\r\n" + b"w" * 1000 + b"\r\n") == b"STORED\r\n"
@@ -522,8 +526,9 @@ def test_connection_limit_with_1500_clients_at_once(open_files):
     try:
         control = RawClient(server.address)
         assert control.request(b"version\r\n").startswith(b"VERSION ")
-        # Server.accept admits while fewer than -c connections are open, so with the
-        # start-up probe gone and control in, exactly 999 more get in.
+        # Every engine admits while fewer than -c connections are open
+        # (Service.open_connection), so with the start-up probe gone and control in,
+        # exactly 999 more get in.
         wait_for(lambda: stats(control)["curr_connections"] == "1", what="an idle server")
         before = stats(control)
         baseline = resident(server)
@@ -995,7 +1000,8 @@ def test_signal_under_hostile_load_exits_zero_promptly(signum, clients):
         hostile_clients["mid-value"].send(b"set k 0 0 100000\r\n" + b"x" * 5000)
         hostile_clients["mid-line"].send(b"get fo")
         assert hostile_clients["swallowing"].request(b"set huge 0 0 2147483645\r\n") == TOO_LARGE
-        # Pipelined gets of a 512 kB value, never read: memg's thread blocks sending.
+        # Pipelined gets of a 512 kB value, never read: memg's thread blocks sending
+        # (threads), or its transport's buffer stops the replies (asyncio).
         for _ in range(200):
             hostile_clients["not-reading"].send(b"get big\r\n" * 10)
         for target, args in ((trickle, (hostile_clients["trickling"], b"get " + b"k" * 1000)),
