@@ -252,6 +252,15 @@ def parse_uint32(token):
     return None if number is None else number & 0xFFFFFFFF
 
 
+def storage_numbers(tokens):
+    """(flags, exptime, bytes) of a storage command, each None if malformed."""
+    flags, exptime, nbytes = tokens[2], tokens[3], tokens[4]
+    if flags.isdigit() and exptime.isdigit() and nbytes.isdigit() and len(
+            flags) < 10 and len(exptime) < 10 and len(nbytes) < 10:
+        return int(flags), int(exptime), int(nbytes)        # the common case
+    return parse_uint32(flags), parse_int32(exptime), parse_int32(nbytes)
+
+
 def parse_int32(token):
     """memcached's safe_strtol (exptimes, lengths): C's 64-bit strtol, kept in an
     int32, so that large numbers wrap as they do in memcached."""
@@ -511,7 +520,7 @@ class Store:
     def _unlink(self, key, item):
         del self.items[key]
         self.oldest.pop(key, None)
-        self.bytes -= item_cost(key, value_size(item))
+        self.bytes -= item_cost(key, len(item) - VALUE_START)
         if self.sizes is not None:
             self.sizes[self.size_class(key, item)] -= 1
 
@@ -524,8 +533,8 @@ class Store:
     def _link(self, key, item, old=None):
         """Store item under key in place of old; False, with old left as it was,
         when memory is exhausted."""
-        cost = item_cost(key, value_size(item))
-        freed = item_cost(key, value_size(old)) if old is not None else 0
+        cost = item_cost(key, len(item) - VALUE_START)
+        freed = item_cost(key, len(old) - VALUE_START) if old is not None else 0
         if self.bytes + cost - freed > self.memory_limit:
             if old is not None:
                 self._to_most_recent(key, old)    # evict everything else first
@@ -625,8 +634,9 @@ class Store:
         store a stale item (meta I).  vivify, an exptime, lets append and prepend
         create a missing item (meta N).
         """
-        with self.lock:
-            now = self.now()
+        self.lock.acquire()          # (not ``with``: see get_many)
+        try:
+            now = int(self.clock())
             counters = self.counters
             counters["cmd_set"] += 1
             old = self._find(key, now)
@@ -639,7 +649,7 @@ class Store:
                     return NOT_STORED, None
                 if vivify is not None and mode in (APPEND, PREPEND):
                     exptime = vivify
-                expires = self.expiry(exptime, now)
+                expires = self.expiry(exptime, now) if exptime else 0
             else:
                 if mode == ADD:
                     self._bump(key, old, now)
@@ -664,15 +674,17 @@ class Store:
                     value = was.value + value if mode == APPEND else value + was.value
                     flags, expires = was.flags, was.exptime
                 else:
-                    expires = self.expiry(exptime, now)
+                    expires = self.expiry(exptime, now) if exptime else 0
             state = STALE | (was.state & WON) if stale else 0
-            item = make_item(value, flags, expires, new_cas or self._next_cas(), now, state)
+            item = pack_header(new_cas or self._next_cas(), expires, now, flags, state) + value
             if not self._link(key, item, old):
                 counters["store_no_memory"] += 1
                 if mode == SET and old is not None:
                     self._unlink(key, old)    # as memcached: a failed set leaves no value
                 return NO_MEMORY, None
             return STORED, item
+        finally:
+            self.lock.release()
 
     def refuse_too_large(self, key, drop_old):
         """Count a storage command refused for its size (-I) and drop the old value
@@ -1412,12 +1424,13 @@ class DataBlock:
     they are all there; or (parts and then None) the data of a refused command,
     discarded as it arrives (memcached's conn_swallow)."""
 
-    __slots__ = ("remaining", "parts", "then")
+    __slots__ = ("remaining", "parts", "then", "args")
 
-    def __init__(self, remaining, parts, then):
+    def __init__(self, remaining, parts, then, args=()):
         self.remaining = remaining
         self.parts = parts
         self.then = then
+        self.args = args
 
 
 class TextProtocol:
@@ -1459,6 +1472,7 @@ class TextProtocol:
         self.producer = None           # an iterator of a reply's chunks, if streaming
         self.watcher = None            # once the client sent watch
         self.paused = False            # commands wait: replies before them are over the bound
+        self.pending = False           # more replies can be made without more input
         self.eof = False               # the input has ended
         self.closing = False           # close once the replies are sent
         self.first = True
@@ -1502,12 +1516,6 @@ class TextProtocol:
             self.refuse_binary()
         return True
 
-    @property
-    def pending(self):
-        """Whether ``data_to_send`` has more replies to make without more input."""
-        return bool(self.producer is not None or self.paused
-                    or (self.watcher is not None and self.watcher.lines))
-
     def data_to_send(self):
         """The next step of the replies that ``pending`` promised (b"" if there is
         none yet): a chunk of a streamed reply, the watcher's lines, or the replies
@@ -1526,9 +1534,17 @@ class TextProtocol:
                 self.run()
         except Exception:
             self.internal_error()
-        if self.eof and not self.pending:
-            self.closing = True
+        self.settle()
         return self.take_output()
+
+    def settle(self):
+        """After a step: is more to come without input (``pending``), and is the
+        conversation over?  (Lines that reach a watcher later are announced by wake.)"""
+        self.pending = pending = bool(
+            self.paused or self.producer is not None
+            or (self.watcher is not None and self.watcher.lines))
+        if self.eof and not pending:
+            self.closing = True          # what is left is an incomplete command
 
     def connection_lost(self):
         """The connection has closed: let go of what it held (a watcher slot, a
@@ -1655,8 +1671,7 @@ class TextProtocol:
                     self.reply(ERROR)
         except Exception:
             self.internal_error()
-        if self.eof and not self.pending:
-            self.closing = True          # what is left is an incomplete command
+        self.settle()
 
     def long_line(self, newline):
         """Whether a line with no newline yet, or a very long one, may run now (False:
@@ -1675,16 +1690,16 @@ class TextProtocol:
             return False
         return newline >= 0
 
-    def read_block(self, nbytes, then):
-        """Have then(value) called once the next nbytes of input and their "\\r\\n"
-        are all there: value is None if the terminator is wrong."""
+    def read_block(self, nbytes, then, *args):
+        """Have then(value, *args) called once the next nbytes of input and their
+        "\\r\\n" are all there: value is None if the terminator is wrong."""
         data, pos = self.buffer, self.pos
         end = pos + nbytes + 2
         if end <= len(data):                 # the usual case: it came with its line
             self.pos = end
-            then(data[pos:end - 2] if data[end - 2:end] == b"\r\n" else None)
+            then(data[pos:end - 2] if data[end - 2:end] == b"\r\n" else None, *args)
             return
-        self.block = DataBlock(end - len(data), [data[pos:]], then)
+        self.block = DataBlock(end - len(data), [data[pos:]], then, args)
         self.pos = len(data)
 
     def discard_block(self, nbytes):
@@ -1705,7 +1720,7 @@ class TextProtocol:
         self.block = None
         if block.parts is not None:
             value = b"".join(block.parts)
-            block.then(value[:-2] if value[-2:] == b"\r\n" else None)
+            block.then(value[:-2] if value[-2:] == b"\r\n" else None, *block.args)
         return True
 
     def refuse_binary(self):
@@ -1829,19 +1844,15 @@ class TextProtocol:
         mode = self.UPDATES[tokens[0]]
         self.check_noreply(tokens)
         key = tokens[1]
-        flags = parse_uint32(tokens[2])
-        exptime = parse_int32(tokens[3])
-        nbytes = parse_int32(tokens[4])
+        flags, exptime, nbytes = numbers = storage_numbers(tokens)
         cas = parse_uint64(tokens[5]) if mode == CAS else 0
-        if (bad_key(key) or flags is None or exptime is None or nbytes is None
-                or cas is None or not 0 <= nbytes <= VALUE_LENGTH_MAX):
+        if (len(key) > KEY_MAX_LENGTH or None in numbers or cas is None
+                or not 0 <= nbytes <= VALUE_LENGTH_MAX):
             self.reply(BAD_FORMAT)
-            return
-        if self.store.too_large(key, nbytes, flags):
+        elif self.store.too_large(key, nbytes, flags):
             self.refuse_value(key, nbytes, drop_old=mode == SET, answer=self.reply)
-            return
-        self.read_block(nbytes, lambda value: self.finish_update(
-            value, mode, key, flags, exptime, cas))
+        else:
+            self.read_block(nbytes, self.finish_update, mode, key, flags, exptime, cas)
 
     def finish_update(self, value, mode, key, flags, exptime, cas):
         if value is None:
@@ -1849,7 +1860,8 @@ class TextProtocol:
             return
         outcome, item = self.store.store(mode, key, value, flags=flags, exptime=exptime,
                                          cas=cas)
-        self.watch_store(mode, key, outcome, item)
+        if self.service.watchers.active:
+            self.watch_store(mode, key, outcome, item)
         self.reply(REPLIES[outcome])
 
     def refuse_value(self, key, nbytes, drop_old, answer):
@@ -1991,7 +2003,7 @@ class TextProtocol:
         if self.store.too_large(key, nbytes, flags.get("F")):
             self.refuse_value(key, nbytes, drop_old=True, answer=self.error)
             return
-        self.read_block(nbytes, lambda value: self.finish_meta_set(value, key, flags, mode))
+        self.read_block(nbytes, self.finish_meta_set, key, flags, mode)
 
     def finish_meta_set(self, value, key, flags, mode):
         if value is None:
@@ -2697,6 +2709,7 @@ class ThreadConnection:
         while not self.engine.stopping:
             self.event.wait(1.0)
             self.event.clear()
+            self.send(self.protocol.data_to_send())      # (pending says if more is left)
             while self.protocol.pending:
                 self.send(self.protocol.data_to_send())
             if self.peer_closed():
@@ -2817,10 +2830,12 @@ class AsyncioConnection:
         self.engine.connections.add(self)
 
     def data_received(self, data):
-        out = self.protocol.receive_data(data)
+        protocol = self.protocol
+        out = protocol.receive_data(data)
         if out:
             self.transport.write(out)
-        self.after_output()
+        if protocol.pending or protocol.closing:
+            self.after_output()
 
     def eof_received(self):
         out = self.protocol.receive_data(b"")
@@ -2850,7 +2865,7 @@ class AsyncioConnection:
     def wake(self):
         """A watcher has lines: from any thread, have the loop send them."""
         with contextlib.suppress(RuntimeError):      # the loop has closed
-            self.engine.loop.call_soon_threadsafe(self.after_output)
+            self.engine.loop.call_soon_threadsafe(self.send_more)
 
     def pause_writing(self):
         self.writing_paused = True
