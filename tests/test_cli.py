@@ -134,7 +134,7 @@ def listening_addresses(port):
 
 HELP_OPTIONS = ["-p", "-U", "-s", "-a", "-A", "-l", "-u", "-m", "-M", "-c", "-I", "-t",
                 "-v", "-vv", "-V", "-o", "-P", "-C", "-b", "-B", "-F", "-X", "--single",
-                "-h",
+                "--engine", "--event-loop", "-h",
                 # memcached's options that memg ignores or refuses
                 "-r", "-k", "-f", "-n", "-L", "-D", "-R", "-W", "-d", "-S", "-Y", "-Z",
                 "-e"]
@@ -179,6 +179,9 @@ BAD_COMMAND_LINES = [
     ["-d"],
     ["-S"],
     ["-Y", "/nonexistent/memg-auth"],
+    ["--engine", "gevent"],
+    ["--gevent"],                    # retired: asyncio took its place
+    ["--event-loop", "tornado"],
 ]
 
 
