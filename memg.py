@@ -2560,7 +2560,7 @@ class Engine:
         """Have signals wake the engine, whichever thread the kernel hands them to:
         Python runs handlers only in the main thread, where the engine then waits
         (the main thread only)."""
-        signal.set_wakeup_fd(self.wakeup[1].fileno())
+        signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
 
     def stop(self, timeout=2.0):
         """Stop accepting, close every connection, join the threads, free the port.
@@ -2576,13 +2576,9 @@ class Engine:
                 os.unlink(self.settings.unix_socket)
 
     def close_sockets(self):
-        for sock in self.listeners:
+        for sock in self.listeners + list(self.wakeup or ()):
             sock.close()
         self.listeners = []
-        if self.wakeup is not None and threading.current_thread() is not threading.main_thread():
-            return       # (the main thread may still have it as its signals' wakeup fd)
-        for sock in self.wakeup or ():
-            sock.close()
 
     # -- what every engine does with a new connection ---------------------------
 
