@@ -704,12 +704,14 @@ def test_user_option_drops_root_after_binding(launch):
     """As root, -u becomes that user; otherwise, as in memcached, it changes nothing."""
     import pwd
     server = launch("-u", "nobody")
+    # Served first: the listening socket takes connections from bind() on, before
+    # memg has dropped root; it serves only after.
+    with server.connect() as client:
+        assert client.request(b"set a 0 0 1\r\n1\r\n") == b"STORED\r\n"
     with open("/proc/%d/status" % server.process.pid) as status:
         uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
     expected = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid()
     assert set(uids) == {str(expected)}
-    with server.connect() as client:
-        assert client.request(b"set a 0 0 1\r\n1\r\n") == b"STORED\r\n"
 
 
 def test_unknown_user_exits_with_one_line():
