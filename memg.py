@@ -1488,6 +1488,8 @@ class TextProtocol:
     def receive_data(self, data):
         """Take bytes the client sent (b"": its input has ended) and return the
         replies of the commands they complete."""
+        if self.closing:
+            return b""                       # what comes after the end is not read
         if data and self.watcher is None:
             self.bytes_read += len(data)
             if self.pos < len(self.buffer):
@@ -1545,11 +1547,14 @@ class TextProtocol:
             or (self.watcher is not None and self.watcher.lines))
         if self.eof and not pending:
             self.closing = True          # what is left is an incomplete command
+        if self.closing:
+            self.buffer, self.pos, self.block = b"", 0, None
 
     def connection_lost(self):
-        """The connection has closed: let go of what it held (a watcher slot, a
-        dump's hold of the crawler)."""
+        """The connection has closed: let go of what it held (its input, a watcher
+        slot, a dump's hold of the crawler) at once, whoever still holds it."""
         self.closing = True
+        self.buffer, self.pos, self.block = b"", 0, None
         if self.producer is not None:
             self.producer.close()        # its finally clauses release what it held
             self.producer = None
@@ -2553,14 +2558,10 @@ class Engine:
         self.stopping = True
         wakeup = self.wakeup
         if wakeup is not None:
-            with contextlib.suppress(OSError):
+            try:
                 wakeup[1].send(b"\0")
-
-    def wake_on_signals(self):
-        """Have signals wake the engine, whichever thread the kernel hands them to:
-        Python runs handlers only in the main thread, where the engine then waits
-        (the main thread only)."""
-        signal.set_wakeup_fd(self.wakeup[1].fileno(), warn_on_full_buffer=False)
+            except OSError:
+                pass
 
     def stop(self, timeout=2.0):
         """Stop accepting, close every connection, join the threads, free the port.
@@ -2879,19 +2880,21 @@ class AsyncioConnection:
         self.engine.service.close_connection(self.protocol)
 
 
-def new_event_loop(choice):
-    """An event loop: uvloop's when it is installed (choice "auto") or asked for,
-    else the standard library's."""
+def event_loop_factory(choice):
+    """What makes the event loop: uvloop's when it is installed (choice "auto") or
+    asked for, else the standard library's.  (Imported when the engine is made,
+    before the memg command drops its privileges: after, the files may be out of
+    reach.)"""
     import asyncio
     if choice != "stdlib":
         try:
             import uvloop
-            return uvloop.new_event_loop()
+            return uvloop.new_event_loop
         except ImportError:
             if choice == "uvloop":
                 raise ValueError("--event-loop uvloop: uvloop is not installed "
                                  "(pip install memg[uvloop])")
-    return asyncio.new_event_loop()
+    return asyncio.new_event_loop
 
 
 class AsyncioEngine(Engine):
@@ -2903,12 +2906,13 @@ class AsyncioEngine(Engine):
 
     def __init__(self, service):
         super().__init__(service)
+        self.new_event_loop = event_loop_factory(self.settings.event_loop)
         self.loop = None
         self.connections = set()            # AsyncioConnections; the loop's thread only
         self.connecting = set()             # tasks handing accepted sockets to the loop
 
     def serve(self):
-        self.loop = loop = new_event_loop(self.settings.event_loop)
+        self.loop = loop = self.new_event_loop()
         try:
             for listener in self.listeners:
                 listener.setblocking(False)
@@ -3201,7 +3205,24 @@ SWITCH_INTERVAL = 0.05
 # thread per connection every arena keeps holes of its own: with two, resident memory
 # over tests/soak.py's rounds of a thousand clients grows half as much.
 MALLOC_ARENAS = 2
-M_ARENA_MAX = -8                 # glibc's mallopt parameter number
+# glibc serves allocations from this size up with a memory map of their own, which
+# goes back to the system when freed; left to itself, it raises the size to that of
+# the largest block freed (up to 32 MB), and from then on a client's long line or
+# large value leaves the heap larger for good.
+MMAP_THRESHOLD = 128 * KB
+M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3       # glibc's mallopt parameter numbers
+
+
+def tune_malloc():
+    """What the memg command asks of glibc's malloc, before any thread allocates."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            mallopt = ctypes.CDLL(None).mallopt
+            mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+            mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        except (ImportError, OSError, AttributeError):
+            pass                 # no ctypes, or a C library without mallopt
 
 
 def tune_for_threads():
@@ -3209,12 +3230,6 @@ def tune_for_threads():
     sys.setswitchinterval(SWITCH_INTERVAL)
     with contextlib.suppress(ValueError, RuntimeError):   # where sizes cannot be set
         threading.stack_size(THREAD_STACK_SIZE)
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-        except (ImportError, OSError, AttributeError):
-            pass                 # no ctypes, or a C library without mallopt
 
 
 def beyond_loopback(settings):
@@ -3225,19 +3240,39 @@ def beyond_loopback(settings):
                for host, _ in parse_listen(settings.host, settings.port))
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 class StopSignals:
     """SIGINT and SIGTERM ask the server to stop, however many arrive and whenever:
-    before there is a server, while it serves, while it stops.  The handler runs in
-    the main thread between any two of its steps, so it takes no lock (the main
-    thread might hold it): it only sets flags (Engine.request_stop)."""
+    before there is a server, while it serves, while it stops.
+
+    Where the system allows, they are blocked in every thread and taken by one
+    thread of their own with sigwait, so that no handler ever runs in the middle
+    of the main thread's steps: a handler can deadlock on a lock the main thread
+    holds, a storm of signals runs handlers inside handlers up to Python's
+    recursion limit, and one that arrives while the handler is being changed
+    raises an error anywhere.  What a signal does (Engine.request_stop) takes no
+    lock either: it sets a flag and writes a byte.  Where there is no sigwait
+    (Windows), a plain handler does the same."""
 
     def __init__(self):
         self.received = False
         self.engine = None
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self)
+        if hasattr(signal, "pthread_sigmask"):
+            # Before any other thread starts: threads inherit the mask.
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            threading.Thread(target=self.wait, name="memg-signals", daemon=True).start()
+        else:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self.stop)
 
-    def __call__(self, signum, frame):
+    def wait(self):
+        while True:
+            signal.sigwait(STOP_SIGNALS)
+            self.stop()
+
+    def stop(self, *_):
         self.received = True
         engine = self.engine
         if engine is not None:
@@ -3252,6 +3287,7 @@ class StopSignals:
 
 def main(argv=None):
     """The memg command: memcached's options, then serve until SIGINT or SIGTERM."""
+    tune_malloc()
     signals = StopSignals()
     settings, warnings = parse_command_line(sys.argv[1:] if argv is None else argv)
     if settings.engine == "threads":
@@ -3277,7 +3313,6 @@ def main(argv=None):
         print("memg: warning: listening beyond loopback (%s) with no authentication: "
               "anyone who can reach the port can read and change the cache"
               % settings.host, file=sys.stderr)
-    server.engine.wake_on_signals()
     signals.serve(server.engine)
     if settings.verbose:
         print("memg %s listening on %s (%s engine)" % (
@@ -3285,7 +3320,6 @@ def main(argv=None):
     try:
         server.serve_forever()
     finally:
-        signal.set_wakeup_fd(-1)         # before stop() closes that socket
         server.stop()
         if settings.pid_file:
             with contextlib.suppress(OSError):
