@@ -446,15 +446,15 @@ class Store:
         self.last_cas += 1
         return self.last_cas
 
-    def _find(self, key, now):
+    def _find(self, key, now, bump=False):
         """The live item under key, or None; drops it if it has expired or been
-        flushed."""
+        flushed.  With bump, the item as a read leaves it (see _bump)."""
         if self.flush_pending:
             self._apply_flush(now)
         item = self.items.get(key)
         if item is None:
             return None
-        _, exptime, _, _, state = item_fields(item)
+        _, exptime, atime, _, state = item_fields(item)
         if exptime and exptime <= now:
             self._unlink(key, item)
             self.counters["get_expired"] += 1
@@ -465,6 +465,8 @@ class Store:
             self._unlink(key, item)
             self.counters["get_flushed"] += 1
             return None
+        if bump and not (atime == now and state & FETCHED):
+            return self._bump(key, item, now)
         return item
 
     def _flushed(self, item, now):
@@ -605,14 +607,8 @@ class Store:
             now = int(self.clock())
             items = []
             for key in keys:
-                item = self._find(key, now)
-                if item is not None:
-                    if exptime is not None:
-                        item = self._relink(key, changed_item(
-                            item, exptime=self.expiry(exptime, now)))
-                    if bump:
-                        item = self._bump(key, item, now)
-                items.append(item)
+                items.append(self._find(key, now, bump) if exptime is None
+                             else self._touch(key, exptime, now, bump))
             missed = items.count(None)
             hits, misses = ("get_hits", "get_misses") if exptime is None else (
                 "touch_hits", "touch_misses")
@@ -621,6 +617,15 @@ class Store:
             return items
         finally:
             self.lock.release()
+
+    def _touch(self, key, exptime, now, bump):
+        """A gat's or touch's lookup: the item with its new expiry, or None."""
+        item = self._find(key, now)
+        if item is not None:
+            item = self._relink(key, changed_item(item, exptime=self.expiry(exptime, now)))
+            if bump:
+                item = self._bump(key, item, now)
+        return item
 
     # -- storage --------------------------------------------------------------
 
@@ -1526,29 +1531,15 @@ class TextProtocol:
             if self.producer is not None:
                 chunk = next(self.producer, None)
                 if chunk is None:
-                    self.producer = None
-                    self.run()           # the commands after the streamed one
+                    self.producer = None     # run() goes on with the commands after it
                 else:
                     self.queue(chunk)
             elif self.watcher is not None:
                 self.queue(self.service.watchers.take(self.watcher))
-            else:
-                self.run()
         except Exception:
             self.internal_error()
-        self.settle()
+        self.run()
         return self.take_output()
-
-    def settle(self):
-        """After a step: is more to come without input (``pending``), and is the
-        conversation over?  (Lines that reach a watcher later are announced by wake.)"""
-        self.pending = pending = bool(
-            self.paused or self.producer is not None
-            or (self.watcher is not None and self.watcher.lines))
-        if self.eof and not pending:
-            self.closing = True          # what is left is an incomplete command
-        if self.closing:
-            self.buffer, self.pos, self.block = b"", 0, None
 
     def connection_lost(self):
         """The connection has closed: let go of what it held (its input, a watcher
@@ -1676,7 +1667,15 @@ class TextProtocol:
                     self.reply(ERROR)
         except Exception:
             self.internal_error()
-        self.settle()
+        # Is more to come without input (``pending``), and is the conversation over?
+        # (Lines that reach a watcher later are announced by its wake.)
+        self.pending = pending = bool(
+            self.paused or self.producer is not None
+            or (self.watcher is not None and self.watcher.lines))
+        if self.eof and not pending:
+            self.closing = True          # what is left is an incomplete command
+        if self.closing:
+            self.buffer, self.pos, self.block = b"", 0, None
 
     def long_line(self, newline):
         """Whether a line with no newline yet, or a very long one, may run now (False:
@@ -1823,7 +1822,9 @@ class TextProtocol:
         template = VALUE_CAS if with_cas else VALUE
         if len(items) == 1:                                      # (get has no noreply)
             item = items[0]
-            self.queue(END if item is None else value_block(template, keys[0], item) + END)
+            reply = END if item is None else value_block(template, keys[0], item) + END
+            self.out.append(reply)
+            self.out_bytes += len(reply)
         elif sum(map(len, filter(None, items))) > OUTPUT_LIMIT:
             self.stream(self.values(template, keys, items))
         else:
