@@ -3206,24 +3206,7 @@ SWITCH_INTERVAL = 0.05
 # thread per connection every arena keeps holes of its own: with two, resident memory
 # over tests/soak.py's rounds of a thousand clients grows half as much.
 MALLOC_ARENAS = 2
-# glibc serves allocations from this size up with a memory map of their own, which
-# goes back to the system when freed; left to itself, it raises the size to that of
-# the largest block freed (up to 32 MB), and from then on a client's long line or
-# large value leaves the heap larger for good.
-MMAP_THRESHOLD = 128 * KB
-M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3       # glibc's mallopt parameter numbers
-
-
-def tune_malloc():
-    """What the memg command asks of glibc's malloc, before any thread allocates."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            mallopt = ctypes.CDLL(None).mallopt
-            mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-            mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        except (ImportError, OSError, AttributeError):
-            pass                 # no ctypes, or a C library without mallopt
+M_ARENA_MAX = -8                 # glibc's mallopt parameter number
 
 
 def tune_for_threads():
@@ -3231,6 +3214,12 @@ def tune_for_threads():
     sys.setswitchinterval(SWITCH_INTERVAL)
     with contextlib.suppress(ValueError, RuntimeError):   # where sizes cannot be set
         threading.stack_size(THREAD_STACK_SIZE)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+        except (ImportError, OSError, AttributeError):
+            pass                 # no ctypes, or a C library without mallopt
 
 
 def beyond_loopback(settings):
@@ -3288,7 +3277,6 @@ class StopSignals:
 
 def main(argv=None):
     """The memg command: memcached's options, then serve until SIGINT or SIGTERM."""
-    tune_malloc()
     signals = StopSignals()
     settings, warnings = parse_command_line(sys.argv[1:] if argv is None else argv)
     if settings.engine == "threads":
