@@ -1819,30 +1819,19 @@ class TextProtocol:
                 if item is not None:
                     self.log(">", b"sending key " + key)
             self.log(">", END)
-        template = VALUE_CAS if with_cas else VALUE
-        if len(items) == 1:                                      # (get has no noreply)
-            item = items[0]
-            reply = END if item is None else value_block(template, keys[0], item) + END
-            self.out.append(reply)
-            self.out_bytes += len(reply)
-        elif sum(map(len, filter(None, items))) > OUTPUT_LIMIT:
-            self.stream(self.values(template, keys, items))
-        else:
-            self.queue(b"".join([value_block(template, key, item)
-                                 for key, item in zip(keys, items) if item is not None]) + END)
+        if len(items) > 1 and sum(map(len, filter(None, items))) > OUTPUT_LIMIT:
+            self.stream(self.values(with_cas, keys, items))
+            return
+        reply = b"".join(value_blocks(with_cas, keys, items)) + END   # (no noreply)
+        self.out.append(reply)
+        self.out_bytes += len(reply)
 
-    def values(self, template, keys, items):
-        """A large multi-get's reply, a chunk of about OUTPUT_LIMIT at a time."""
-        blocks, size = [], 0
-        for key, item in zip(keys, items):
-            if item is not None:
-                blocks.append(value_block(template, key, item))
-                size += len(blocks[-1])
-                if size >= OUTPUT_LIMIT:
-                    yield b"".join(blocks)
-                    blocks, size = [], 0
-        blocks.append(END)
-        yield b"".join(blocks)
+    def values(self, with_cas, keys, items):
+        """A large multi-get's reply, made VALUES_PER_CHUNK items at a time."""
+        for start in range(0, len(keys), VALUES_PER_CHUNK):
+            yield b"".join(value_blocks(with_cas, keys[start:start + VALUES_PER_CHUNK],
+                                        items[start:start + VALUES_PER_CHUNK]))
+        yield END
 
     # -- storage: set add replace append prepend cas ------------------------------------
 
@@ -2419,15 +2408,20 @@ def strip_at_nul(line):
 # A get's VALUE block, and a gets's (with the CAS unique).
 VALUE = b"VALUE %s %d %d\r\n%s\r\n"
 VALUE_CAS = b"VALUE %s %d %d %d\r\n%s\r\n"
+# A multi-get's reply larger than OUTPUT_LIMIT is made this many items at a time.
+VALUES_PER_CHUNK = 64
 
 
-def value_block(template, key, item):
-    """An item found by a get (template VALUE) or gets (VALUE_CAS)."""
-    cas, _, _, flags, _ = item_fields(item)
-    value = item[VALUE_START:]
-    if template is VALUE:
-        return template % (key, flags, len(value), value)
-    return template % (key, flags, len(value), cas, value)
+def value_blocks(with_cas, keys, items):
+    """The VALUE blocks of a get's reply (gets's, with_cas), for the items found."""
+    blocks = []
+    for key, item in zip(keys, items):
+        if item is not None:
+            cas, _, _, flags, _ = item_fields(item)
+            value = item[VALUE_START:]
+            blocks.append(VALUE_CAS % (key, flags, len(value), cas, value) if with_cas
+                          else VALUE % (key, flags, len(value), value))
+    return blocks
 
 
 def item_description(key, item, now, absolute=False):
