@@ -25,6 +25,7 @@ The file reads top to bottom in the order data flows:
 7. the pytest plugin -- a ``memg_server`` fixture for other projects' tests
 """
 
+import asyncio
 import base64
 import binascii
 import collections
@@ -2801,13 +2802,18 @@ class ThreadsEngine(Engine):
 
 # -- an asyncio event loop -------------------------------------------------------
 
-class AsyncioConnection:
+class AsyncioConnection(asyncio.BufferedProtocol):
     """A client served by the event loop: asyncio's protocol callbacks, handing
     what arrives to the TextProtocol and writing what it returns.  While the
     transport holds more than OUTPUT_LIMIT unsent, it stops reading and making
     replies (pause_writing), so that a client that does not read costs a bounded
     amount; a long reply is made a step per turn of the loop, so that other clients
-    are served in between."""
+    are served in between.
+
+    The loop reads into the engine's one buffer (a BufferedProtocol's get_buffer),
+    whose bytes are taken out at once: the standard library's loop otherwise reads
+    into a new 256 KiB object each time, and a thousand clients coming and going
+    left the heap 28 % larger after ten rounds of tests/soak.py (uvloop's, 12 %)."""
 
     def __init__(self, engine, sock, address):
         self.engine = engine
@@ -2821,9 +2827,12 @@ class AsyncioConnection:
         transport.set_write_buffer_limits(high=OUTPUT_LIMIT)
         self.engine.connections.add(self)
 
-    def data_received(self, data):
+    def get_buffer(self, sizehint):
+        return self.engine.read_view
+
+    def buffer_updated(self, nbytes):
         protocol = self.protocol
-        out = protocol.receive_data(data)
+        out = protocol.receive_data(self.engine.read_buffer[:nbytes])
         if out:
             self.transport.write(out)
         if protocol.pending or protocol.closing:
@@ -2880,7 +2889,6 @@ def event_loop_factory(choice):
     asked for, else the standard library's.  (Imported when the engine is made,
     before the memg command drops its privileges: after, the files may be out of
     reach.)"""
-    import asyncio
     if choice != "stdlib":
         try:
             import uvloop
@@ -2903,11 +2911,14 @@ class AsyncioEngine(Engine):
         super().__init__(service)
         self.new_event_loop = event_loop_factory(self.settings.event_loop)
         self.loop = None
+        self.read_buffer = self.read_view = None   # what every connection reads into
         self.connections = set()            # AsyncioConnections; the loop's thread only
         self.connecting = set()             # tasks handing accepted sockets to the loop
 
     def serve(self):
         self.loop = loop = self.new_event_loop()
+        self.read_buffer = mmap.mmap(-1, READ_BUFFER)
+        self.read_view = memoryview(self.read_buffer)
         try:
             for listener in self.listeners:
                 listener.setblocking(False)
@@ -2991,6 +3002,8 @@ class AsyncioEngine(Engine):
             loop.call_soon(loop.stop)
             loop.run_forever()
         loop.close()
+        self.read_view.release()
+        self.read_buffer.close()
 
     def close_connections(self, deadline):
         pass                     # serve() closes them as it ends, in the loop's thread
