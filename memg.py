@@ -2477,16 +2477,16 @@ class Engine:
     timeout, the bound on replies held for a client that does not read, the
     back-off when the process is out of file descriptors, a clean stop.
 
-    A subclass provides ``serve()`` (accept and serve until ``stopping``) and
-    ``close_connections(deadline)``; a new engine is one such class and one row of
-    ENGINES."""
+    A subclass provides ``serve()`` (accept and serve until ``stopping``), and
+    ``close_connections(deadline)`` if serve() leaves connections open; a new engine
+    is one such class and one row of ENGINES."""
 
     def __init__(self, service):
         self.service = service
         self.settings = service.settings
         self.listeners = []
-        # Written by request_stop, which a signal handler calls: a flag and a byte
-        # on a socket pair, nothing that takes a lock.
+        # Written by request_stop, from any thread (the signals' too): a flag and a
+        # byte on a socket pair, nothing that takes a lock.
         self.stopping = False
         self.wakeup = None             # (read end, write end)
         self.thread = None             # the background thread of start()
@@ -2547,10 +2547,9 @@ class Engine:
         self.serve()
 
     def request_stop(self):
-        """Ask the engine to stop.  Safe from any thread and from a signal handler,
-        which may run in the middle of anything the main thread does, stop()
-        included: it only sets a flag and writes a byte to wake the engine (when
-        one is already waiting there, this one is not needed)."""
+        """Ask the engine to stop, from any thread, at any moment, stop() included:
+        it takes no lock, only sets a flag and writes a byte to wake the engine
+        (when one is already waiting there, this one is not needed)."""
         self.stopping = True
         wakeup = self.wakeup
         if wakeup is not None:
@@ -2572,6 +2571,10 @@ class Engine:
             with contextlib.suppress(OSError):
                 os.unlink(self.settings.unix_socket)
 
+    def close_connections(self, deadline):
+        """Close the connections serve() leaves open, by deadline: none, for an
+        engine whose serve() closes them as it ends (asyncio, in its loop's thread)."""
+
     def close_sockets(self):
         for sock in self.listeners + list(self.wakeup or ()):
             sock.close()
@@ -2591,7 +2594,8 @@ class Engine:
             self.turn_away(sock)
             return None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):          # (a client already gone)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return protocol
 
     @staticmethod
@@ -2682,10 +2686,13 @@ class ThreadConnection:
         except OSError:
             pass             # reset by the peer, or closed by stop(): nothing to say
         finally:
-            engine.service.close_connection(protocol)
-            sock.close()
             view.release()
-            self.buffer.close()
+            self.close()
+
+    def close(self):
+        self.engine.service.close_connection(self.protocol)
+        self.sock.close()
+        self.buffer.close()
 
     def send(self, data):
         """Send replies, in one send if the socket takes them at once; sendall sends
@@ -2771,9 +2778,9 @@ class ThreadsEngine(Engine):
             # client is turned away as if over the limit, and the server goes on.
             with self.lock:
                 del self.connections[connection]
-            self.service.close_connection(connection.protocol)
-            self.service.refuse_connection()
             self.turn_away(sock)
+            connection.close()
+            self.service.refuse_connection()
         return False
 
     def run(self, connection):
@@ -3004,9 +3011,6 @@ class AsyncioEngine(Engine):
         loop.close()
         self.read_view.release()
         self.read_buffer.close()
-
-    def close_connections(self, deadline):
-        pass                     # serve() closes them as it ends, in the loop's thread
 
 
 ENGINES = {"threads": ThreadsEngine, "asyncio": AsyncioEngine}
