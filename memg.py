@@ -52,9 +52,10 @@ from time import monotonic
 from typing import Optional
 
 __version__ = "0.1.0"
-# What ``version`` and ``stats`` report: the memcached release whose protocol memg
-# follows, tagged so that people can tell the servers apart.
-VERSION = "1.6.21-memg-" + __version__
+# What ``version`` answers, in both protocols: the memcached release whose protocol
+# memg follows.  Clients read the version as the last x.y.z in the reply, so it is
+# that alone; ``stats`` (memg_version) and ``memg -V`` tell memg apart.
+VERSION = "1.6.21"
 
 KB = 1024
 MB = 1024 * KB
@@ -135,10 +136,18 @@ class Settings:
     backlog: int = option(
         1024, "-b", "--listen-backlog", parse=int, metavar="N", stat="tcp_backlog",
         help="listen backlog (default: 1024)")
-    protocol: str = option(
-        "auto", "-B", "--protocol", choices=("ascii", "auto", "binary"),
+    protocol: Optional[str] = option(
+        None, "-B", "--protocol", choices=("ascii", "auto", "binary"),
         stat="binding_protocol", show=lambda name: "auto-negotiate" if name == "auto" else name,
-        help="protocol: ascii or auto (the binary protocol is not supported)")
+        help="protocol: ascii, binary or auto (the first byte decides; the default, but "
+             "binary with -S and ascii with -Y)")
+    sasl: bool = option(
+        False, "-S", "--enable-sasl", stat="auth_enabled_sasl", show=yes_no,
+        help="require SASL authentication (PLAIN; the binary protocol only) with the "
+             "user:password lines of the file named by $MEMCACHED_SASL_PWDB")
+    sasl_pwdb: Optional[str] = option(
+        None, help="the user:password file of -S (the command line takes it from the "
+                   "environment variable MEMCACHED_SASL_PWDB, as memcached)")
     auth_file: Optional[str] = option(
         None, "-Y", "--auth-file", metavar="FILE", stat="auth_enabled_ascii",
         show=lambda path: path or "no",
@@ -181,8 +190,17 @@ class Settings:
         """Refuse what memg cannot honour, with the option's name in the message."""
         if self.udp_port:
             raise ValueError("UDP is not supported: -U must be 0")
-        if self.protocol == "binary":
-            raise ValueError("the binary protocol is not supported (-B ascii or auto)")
+        # As memcached: SASL exists only in the binary protocol, -Y only in the text.
+        for enabled, needed, name in ((self.sasl, "binary", "-S"),
+                                      (self.auth_file, "ascii", "-Y")):
+            if enabled and self.protocol is None:
+                self.protocol = needed
+            elif enabled and self.protocol != needed:
+                raise ValueError("%s needs the %s protocol (-B %s)" % (name, needed, needed))
+        self.protocol = self.protocol or "auto"
+        if self.sasl and not self.sasl_pwdb:
+            raise ValueError("-S needs the environment variable MEMCACHED_SASL_PWDB naming "
+                             "a file of user:password lines")
         if self.unix_socket and not hasattr(socket, "AF_UNIX"):
             raise ValueError("Unix sockets (-s) are not available on this platform")
         if not 0 <= self.port <= 65535:
@@ -1001,24 +1019,23 @@ class Watchers:
         return b"".join(lines)
 
 
-def read_auth_file(path):
-    """-Y: memcached's auth file, lines of ``user:password``, as {user: password}.
-    Raises ValueError, naming the file and line, if it cannot be used."""
+def read_auth_file(path, what="the auth file (-Y)"):
+    """-Y's auth file or -S's password database (MEMCACHED_SASL_PWDB): lines of
+    ``user:password``, as {user: password}.  Raises ValueError, naming the file and
+    line, if it cannot be used."""
     try:
         with open(path, "rb") as file:
             lines = file.read().splitlines()
     except OSError as error:
-        raise ValueError("cannot read the auth file (-Y) %s: %s"
-                         % (path, error.strerror or error))
+        raise ValueError("cannot read %s %s: %s" % (what, path, error.strerror or error))
     credentials = {}
     for number, line in enumerate(lines, 1):
         user, colon, password = line.partition(b":")
         if not colon or not user:
-            raise ValueError("auth file (-Y) %s, line %d: expected user:password"
-                             % (path, number))
+            raise ValueError("%s %s, line %d: expected user:password" % (what, path, number))
         credentials[user] = password
     if not credentials:
-        raise ValueError("auth file (-Y) %s has no user:password line" % path)
+        raise ValueError("%s %s has no user:password line" % (what, path))
     return credentials
 
 
@@ -1047,6 +1064,8 @@ class Service:
         self.store = Store(memory_limit=s.memory_limit, item_size_max=s.item_size_max,
                            evict=s.evict, use_cas=s.use_cas, track_sizes=s.track_sizes)
         self.credentials = read_auth_file(s.auth_file) if s.auth_file else None
+        self.sasl_credentials = (read_auth_file(s.sasl_pwdb, "the SASL password database")
+                                 if s.sasl else None)
         self.watchers = Watchers()
         self.store.on_evict = self.watch_eviction
         self.started = time.time()
@@ -1063,6 +1082,10 @@ class Service:
         self.on_shutdown = None            # the engine's request_stop (``shutdown``)
 
     # -- connections -----------------------------------------------------------
+
+    def new_protocol(self, fd=-1, peer=None, local=None, wake=None):
+        """The protocol a new connection begins with (-B: see Protocol)."""
+        return PROTOCOLS[self.settings.protocol](self, fd, peer, local, wake)
 
     def open_connection(self, protocol):
         """Admit a connection (its protocol), or refuse it over the connection limit
@@ -1099,15 +1122,22 @@ class Service:
         with self.lock:
             self.counters[name] += 1
 
-    def authenticate(self, user, password):
-        """Whether user and password match a line of the auth file (-Y).  Every
-        password is compared in constant time, so that timing reveals nothing."""
-        matched = (hmac.compare_digest(password, self.credentials.get(user, b""))
-                   and user in self.credentials)
+    def authenticate(self, user, password, credentials=None):
+        """Whether user and password match a line of the auth file (-Y), or of the
+        credentials given (-S's).  Every password is compared in constant time, so
+        that timing reveals nothing."""
+        credentials = self.credentials if credentials is None else credentials
+        matched = (hmac.compare_digest(password, credentials.get(user, b""))
+                   and user in credentials)
+        return self.record_authentication(matched)
+
+    def record_authentication(self, succeeded):
+        """Count an attempt to authenticate (auth_cmds, auth_errors); returns
+        whether it succeeded."""
         with self.lock:
             self.counters["auth_cmds"] += 1
-            self.counters["auth_errors"] += not matched
-        return matched
+            self.counters["auth_errors"] += not succeeded
+        return succeeded
 
     def request_shutdown(self):
         if self.on_shutdown is not None:
@@ -1183,6 +1213,7 @@ class Service:
             ("uptime", int(now - self.started)),
             ("time", int(now)),
             ("version", VERSION),
+            ("memg_version", __version__),
             ("libevent", "none"),
             ("pointer_size", 64 if sys.maxsize > 2 ** 32 else 32),
             ("rusage_user", "%.6f" % usage.user),
@@ -1421,26 +1452,26 @@ class MetaFlags:
 
 
 
-BINARY_HEADER_SIZE = 24
-
-
 class DataBlock:
     """The data block a storage command waits for (memcached's conn_nread state):
-    the bytes still to come, those come so far, and what to call with them once
-    they are all there; or (parts and then None) the data of a refused command,
-    discarded as it arrives (memcached's conn_swallow)."""
+    the bytes still to come, those come so far, what to call with them once they
+    are all there, and whether they end in the text protocol's "\\r\\n"; or
+    (parts and then None) the data of a refused command, discarded as it arrives
+    (memcached's conn_swallow)."""
 
-    __slots__ = ("remaining", "parts", "then", "args")
+    __slots__ = ("remaining", "parts", "then", "args", "terminated")
 
-    def __init__(self, remaining, parts, then, args=()):
+    def __init__(self, remaining, parts, then, args=(), terminated=False):
         self.remaining = remaining
         self.parts = parts
         self.then = then
         self.args = args
+        self.terminated = terminated
 
 
-class TextProtocol:
-    """memcached's text protocol for one connection, without any I/O.
+class Protocol:
+    """One connection's conversation in one of memcached's protocols, without any
+    I/O: what the text and the binary protocol share.
 
     The engine hands it what it receives (``receive_data``; b"" once the input has
     ended) and sends what that returns.  Every command whose input is complete runs
@@ -1464,6 +1495,13 @@ class TextProtocol:
     and local (the client's and the listener's addresses) only describe the
     connection for ``stats conns``, ``watch`` and -vv; wake, if given, is called
     from any thread when a watcher connection has log lines waiting.
+
+    Each protocol is a subclass with ``next_command``, which runs the command at
+    the start of the input if all of it is there.  A connection begins as the
+    class ``service.settings.protocol`` names; with "auto", its first byte chooses,
+    as memcached's -B auto does: the binary protocol's magic byte makes it a
+    BinaryProtocol, anything else a TextProtocol (the object changes class, as
+    memcached changes the connection's try_read_command).
     """
 
     def __init__(self, service, fd=-1, peer=None, local=None, wake=None):
@@ -1481,8 +1519,8 @@ class TextProtocol:
         self.pending = False           # more replies can be made without more input
         self.eof = False               # the input has ended
         self.closing = False           # close once the replies are sent
-        self.first = True
-        self.authenticated = service.credentials is None
+        self.negotiating = service.settings.protocol == "auto"   # until the first byte
+        self.authenticated = self.starts_authenticated(service)
         self.out = []                  # replies not yet taken by the engine
         self.out_bytes = 0
         self.noreply = False
@@ -1502,27 +1540,21 @@ class TextProtocol:
                 data = self.buffer[self.pos:] + data    # a partial line waited
             self.buffer = data
             self.pos = 0
-            if self.first and self.opens_binary():
-                return self.take_output()
+            if self.negotiating:
+                self.negotiate()
         elif self.watcher is not None:       # a watcher only listens, until it leaves
             self.closing = self.closing or not data
             return b""
         else:
             self.eof = True
-            if self.first and self.buffer and self.opens_binary():
-                return self.take_output()
         self.run()
         return self.take_output()
 
-    def opens_binary(self):
-        """The first bytes: whether they open memcached's binary protocol (magic
-        byte 0x80), which is then refused once its header has come."""
-        if self.buffer[0] != 0x80:
-            self.first = False
-            return False
-        if len(self.buffer) >= BINARY_HEADER_SIZE or self.eof:
-            self.refuse_binary()
-        return True
+    def negotiate(self):
+        """-B auto: the first byte chooses the protocol (see the class's docstring)."""
+        self.negotiating = False
+        self.__class__ = BinaryProtocol if self.buffer[0] == MAGIC_REQUEST else TextProtocol
+        self.authenticated = self.starts_authenticated(self.service)
 
     def data_to_send(self):
         """The next step of the replies that ``pending`` promised (b"" if there is
@@ -1617,9 +1649,7 @@ class TextProtocol:
 
     def run(self):
         """Run the commands whose input is complete, until the input runs out, the
-        replies reach OUTPUT_LIMIT, or a streamed reply or a watcher takes over.
-        (The command loop is written out here, not called per command: it is the
-        path every request takes.)"""
+        replies reach OUTPUT_LIMIT, or a streamed reply or a watcher takes over."""
         self.paused = False
         try:
             while not self.closing:
@@ -1629,43 +1659,13 @@ class TextProtocol:
                     continue
                 if self.producer is not None or self.watcher is not None:
                     break
-                data = self.buffer
-                pos = self.pos
-                if pos == len(data):
+                if self.pos == len(self.buffer):
                     break
                 if self.out_bytes >= OUTPUT_LIMIT:
                     self.paused = True
                     break
-                newline = data.find(b"\n", pos)
-                if (newline < 0 or newline - pos > MEMCACHED_READ_BUFFER) and not self.long_line(
-                        newline):
+                if not self.next_command():
                     break
-                self.pos = newline + 1
-                # As memcached: strip "\r\n" or "\n", but a lone "\r\n" keeps its "\r";
-                # a NUL ends the line (C's end of string).
-                end = newline - 1 if newline - pos > 1 and data[newline - 1] == 13 else newline
-                line = data[pos:end]
-                if 0 in line:
-                    line = strip_at_nul(data[pos:newline + 1])
-                self.last_command = monotonic()
-                if self.settings.verbose > 1:
-                    self.log("<", line)
-                self.noreply = False
-                tokens = line.split(b" ")
-                if b"" in tokens:
-                    tokens = [token for token in tokens if token]
-                if not self.authenticated:
-                    self.authenticate(tokens)
-                    continue
-                try:
-                    handler, fewest, most = self.COMMANDS[tokens[0]]
-                except (KeyError, IndexError):
-                    self.unknown(tokens)
-                    continue
-                if fewest <= len(tokens) <= most:
-                    handler(self, tokens)
-                else:
-                    self.reply(ERROR)
         except Exception:
             self.internal_error()
         # Is more to come without input (``pending``), and is the conversation over?
@@ -1678,23 +1678,6 @@ class TextProtocol:
         if self.closing:
             self.buffer, self.pos, self.block = b"", 0, None
 
-    def long_line(self, newline):
-        """Whether a line with no newline yet, or a very long one, may run now (False:
-        wait for more of it, or close).  memcached waits for more of a line while
-        what came fits its 2 KiB, takes one whose newline is within its 16 KiB read
-        buffer, and lets only get and gets lines grow beyond that (to
-        GET_LINE_LIMIT); any other closes the connection."""
-        length = (newline if newline >= 0 else len(self.buffer)) - self.pos
-        if newline < 0 and length <= LINE_LIMIT:
-            return False
-        start = self.buffer[self.pos:self.pos + LINE_LIMIT]
-        command = start.lstrip(b" ")
-        if (len(start) - len(command) > 100 or not command.startswith((b"get ", b"gets "))
-                or length > GET_LINE_LIMIT):
-            self.closing = True
-            return False
-        return newline >= 0
-
     def read_block(self, nbytes, then, *args):
         """Have then(value, *args) called once the next nbytes of input and their
         "\\r\\n" are all there: value is None if the terminator is wrong."""
@@ -1704,7 +1687,19 @@ class TextProtocol:
             self.pos = end
             then(data[pos:end - 2] if data[end - 2:end] == b"\r\n" else None, *args)
             return
-        self.block = DataBlock(end - len(data), [data[pos:]], then, args)
+        self.block = DataBlock(end - len(data), [data[pos:]], then, args, terminated=True)
+        self.pos = len(data)
+
+    def read_body(self, nbytes, then, *args):
+        """Have then(body, *args) called once the next nbytes of input are all there
+        (the binary protocol's values, which no terminator ends)."""
+        data, pos = self.buffer, self.pos
+        end = pos + nbytes
+        if end <= len(data):
+            self.pos = end
+            then(data[pos:end], *args)
+            return
+        self.block = DataBlock(end - len(data), [data[pos:]], then, args, terminated=False)
         self.pos = len(data)
 
     def discard_block(self, nbytes):
@@ -1725,19 +1720,93 @@ class TextProtocol:
         self.block = None
         if block.parts is not None:
             value = b"".join(block.parts)
-            block.then(value[:-2] if value[-2:] == b"\r\n" else None, *block.args)
+            if block.terminated:
+                value = value[:-2] if value[-2:] == b"\r\n" else None
+            block.then(value, *block.args)
         return True
 
-    def refuse_binary(self):
-        """A client that opens with memcached's binary protocol (magic byte 0x80)
-        gets one binary reply, status 0x83 "not supported", then the connection
-        closes: memg speaks only the text protocol."""
-        header = self.buffer[:BINARY_HEADER_SIZE].ljust(BINARY_HEADER_SIZE, b"\0")
-        message = b"memg supports only the text protocol"
-        self.queue(struct.pack(">BBHBBHIIQ", 0x81, header[1], 0, 0, 0, 0x83,
-                               len(message), struct.unpack(">I", header[12:16])[0], 0)
-                   + message)
-        self.closing = True
+    # -- what both protocols tell watchers ----------------------------------------
+
+    def watch_fetch(self, key, item):
+        """A fetchers line; the caller checked that someone watches fetchers."""
+        self.service.watchers.emit("fetchers", (
+            "type=item_get key=%s status=%s clsid=%d cfd=%s size=%d" % (
+                uri(key), "found" if item else "not_found", 1 if item else 0, self.name,
+                value_size(item) if item else 0)))
+
+    def watch_store(self, mode, key, outcome, item):
+        if "mutations" in self.service.watchers.active:
+            ttl = max(0, self.store.ttl(item, self.store.now())) if item else 0
+            self.service.watchers.emit("mutations", (
+                "type=item_store key=%s status=%s cmd=%s ttl=%d clsid=1 cfd=%s size=%d" % (
+                    uri(key), outcome.lower(), mode, ttl, self.name,
+                    value_size(item) if item else 0)))
+
+    def watch_delete(self, command, key):
+        if "deletions" in self.service.watchers.active:
+            self.service.watchers.emit("deletions", (
+                "type=deleted key=%s cmd=%s clsid=1 cfd=%s" % (
+                    uri(key), command.decode(), self.name)))
+
+
+class TextProtocol(Protocol):
+    """memcached's text protocol: the classic commands and the meta commands."""
+
+    @staticmethod
+    def starts_authenticated(service):
+        """Whether a new connection may send commands before it logs in (-Y)."""
+        return service.credentials is None
+
+    def next_command(self):
+        data, pos = self.buffer, self.pos
+        newline = data.find(b"\n", pos)
+        if (newline < 0 or newline - pos > MEMCACHED_READ_BUFFER) and not self.long_line(
+                newline):
+            return False
+        self.pos = newline + 1
+        # As memcached: strip "\r\n" or "\n", but a lone "\r\n" keeps its "\r"; a NUL
+        # ends the line (C's end of string).
+        end = newline - 1 if newline - pos > 1 and data[newline - 1] == 13 else newline
+        line = data[pos:end]
+        if 0 in line:
+            line = strip_at_nul(data[pos:newline + 1])
+        self.last_command = monotonic()
+        if self.settings.verbose > 1:
+            self.log("<", line)
+        self.noreply = False
+        tokens = line.split(b" ")
+        if b"" in tokens:
+            tokens = [token for token in tokens if token]
+        if not self.authenticated:
+            self.authenticate(tokens)
+            return True
+        try:
+            handler, fewest, most = self.COMMANDS[tokens[0]]
+        except (KeyError, IndexError):
+            self.unknown(tokens)
+            return True
+        if fewest <= len(tokens) <= most:
+            handler(self, tokens)
+        else:
+            self.reply(ERROR)
+        return True
+
+    def long_line(self, newline):
+        """Whether a line with no newline yet, or a very long one, may run now (False:
+        wait for more of it, or close).  memcached waits for more of a line while
+        what came fits its 2 KiB, takes one whose newline is within its 16 KiB read
+        buffer, and lets only get and gets lines grow beyond that (to
+        GET_LINE_LIMIT); any other closes the connection."""
+        length = (newline if newline >= 0 else len(self.buffer)) - self.pos
+        if newline < 0 and length <= LINE_LIMIT:
+            return False
+        start = self.buffer[self.pos:self.pos + LINE_LIMIT]
+        command = start.lstrip(b" ")
+        if (len(start) - len(command) > 100 or not command.startswith((b"get ", b"gets "))
+                or length > GET_LINE_LIMIT):
+            self.closing = True
+            return False
+        return newline >= 0
 
     def unknown(self, tokens):
         """ERROR, except that a request that looks like HTTP closes the connection
@@ -2298,27 +2367,6 @@ class TextProtocol:
         self.watcher = self.service.watchers.add(kinds, self.wake or (lambda: None))
         self.reply(OK)
 
-    def watch_fetch(self, key, item):
-        """A fetchers line; the caller checked that someone watches fetchers."""
-        self.service.watchers.emit("fetchers", (
-            "type=item_get key=%s status=%s clsid=%d cfd=%s size=%d" % (
-                uri(key), "found" if item else "not_found", 1 if item else 0, self.name,
-                value_size(item) if item else 0)))
-
-    def watch_store(self, mode, key, outcome, item):
-        if "mutations" in self.service.watchers.active:
-            ttl = max(0, self.store.ttl(item, self.store.now())) if item else 0
-            self.service.watchers.emit("mutations", (
-                "type=item_store key=%s status=%s cmd=%s ttl=%d clsid=1 cfd=%s size=%d" % (
-                    uri(key), outcome.lower(), mode, ttl, self.name,
-                    value_size(item) if item else 0)))
-
-    def watch_delete(self, command, key):
-        if "deletions" in self.service.watchers.active:
-            self.service.watchers.emit("deletions", (
-                "type=deleted key=%s cmd=%s clsid=1 cfd=%s" % (
-                    uri(key), command.decode(), self.name)))
-
     # The command tables: word -> (handler, fewest tokens, most tokens).  Commands that
     # differ by a switch share a handler, as in memcached's proto_text.c, which looks
     # its switches up by the command's word (a table here, rather than a lambda per
@@ -2437,6 +2485,348 @@ def item_description(key, item, now, absolute=False):
     return b"exp=%d la=%d cas=%d fetch=%s cls=1 size=%d" % (
         expires, accessed, cas, b"yes" if state & FETCHED else b"no",
         item_cost(key, value_size(item)))
+
+
+# -- the binary protocol -------------------------------------------------------------
+
+# A packet's header: magic, opcode, key length, extras length, data type, vbucket
+# (status, in a response), body length, opaque, CAS.  Big-endian, 24 bytes.
+HEADER = struct.Struct(">BBHBBHIIQ")
+MAGIC_REQUEST, MAGIC_RESPONSE = 0x80, 0x81
+
+# Response statuses, with the text memcached sends in an error's body.
+SUCCESS = 0x00
+KEY_ENOENT, KEY_EEXISTS, E2BIG, EINVAL, BINARY_NOT_STORED, DELTA_BADVAL = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
+AUTH_ERROR, AUTH_CONTINUE, UNKNOWN_COMMAND, ENOMEM = 0x20, 0x21, 0x81, 0x82
+STATUS_TEXT = {
+    KEY_ENOENT: b"Not found", KEY_EEXISTS: b"Data exists for key.", E2BIG: b"Too large.",
+    EINVAL: b"Invalid arguments", BINARY_NOT_STORED: b"Not stored.",
+    DELTA_BADVAL: b"Non-numeric server-side value for incr or decr",
+    AUTH_ERROR: b"Auth failure.", UNKNOWN_COMMAND: b"Unknown command",
+    ENOMEM: b"Out of memory",
+}
+# The binary statuses of the store's outcomes, for each storage mode (memcached
+# reports an add that found the key as "exists", a replace that did not as "not
+# found", and any other refusal as "not stored").
+STORE_STATUS = {EXISTS: KEY_EEXISTS, NOT_FOUND: KEY_ENOENT, NO_MEMORY: ENOMEM}
+REFUSED_STATUS = {ADD: KEY_EEXISTS, REPLACE: KEY_ENOENT}
+SASL_MECHANISMS = b"PLAIN"
+INCR_EXTRAS = struct.Struct(">QQI")        # delta, initial value, expiration
+NO_AUTO_CREATE = 0xFFFFFFFF                # an incr's expiration that creates nothing
+U32 = struct.Struct(">I")
+FLAGS_EXPTIME = struct.Struct(">II")
+
+
+# The lengths memcached accepts for each kind of request: check(extras length, key
+# length, body length).
+def no_body(extlen, keylen, bodylen):
+    return extlen == 0 and keylen == 0 and bodylen == 0
+
+
+def key_only(extlen, keylen, bodylen):
+    return extlen == 0 and 0 < keylen == bodylen
+
+
+def key_and_value(extlen, keylen, bodylen):
+    return extlen == 0 and keylen > 0
+
+
+def storage_lengths(extlen, keylen, bodylen):
+    return extlen == 8 and keylen > 0 and bodylen >= keylen + 8
+
+
+def incr_lengths(extlen, keylen, bodylen):
+    return extlen == INCR_EXTRAS.size and keylen > 0 and bodylen == keylen + extlen
+
+
+def touch_lengths(extlen, keylen, bodylen):
+    return extlen == 4 and keylen > 0
+
+
+def flush_lengths(extlen, keylen, bodylen):
+    return extlen in (0, 4) and keylen == 0 and bodylen == extlen
+
+
+def stat_lengths(extlen, keylen, bodylen):
+    return extlen == 0
+
+
+class BinaryProtocol(Protocol):
+    """memcached's binary protocol: a 24-byte header, extras, key and value.
+
+    Each command has a handler of its own in OPCODES, with the checks memcached
+    makes of its lengths; a quiet command (getq, setq ...) is its loud one with
+    ``quiet`` set, which hides what memcached hides.  The operations are the same
+    store operations the text protocol runs; SASL (-S) authenticates a connection
+    with PLAIN against the password database."""
+
+    # What this connection is in the middle of: the request's header fields, and
+    # where its SASL conversation stands (None, "started" or "done").
+    opcode = opaque = request_cas = 0
+    quiet = False
+    sasl_state = None
+
+    @staticmethod
+    def starts_authenticated(service):
+        """Whether a new connection may send commands before it authenticates (-S)."""
+        return service.sasl_credentials is None
+
+    def next_command(self):
+        data, pos = self.buffer, self.pos
+        if len(data) - pos < HEADER.size:
+            return False
+        magic, opcode, keylen, extlen, _, _, bodylen, opaque, cas = HEADER.unpack_from(
+            data, pos)
+        if magic != MAGIC_REQUEST:
+            self.closing = True                 # as memcached: no reply, the end
+            return False
+        start = pos + HEADER.size
+        if len(data) - start < extlen + keylen:
+            return False                        # the rest of extras and key are to come
+        self.pos = start + extlen + keylen
+        self.last_command = monotonic()
+        self.opcode, self.opaque, self.request_cas = opcode, opaque, cas
+        extras, key = data[start:start + extlen], data[start + extlen:self.pos]
+        if self.settings.verbose > 1:
+            self.log("<", b"binary opcode 0x%02x key %s" % (opcode, key))
+        if keylen > bodylen or keylen + extlen > bodylen:
+            self.fail(UNKNOWN_COMMAND, close=True)
+            return True
+        handler, self.quiet, check = self.OPCODES.get(opcode, (None, False, None))
+        if not self.authenticated and opcode not in self.WITHOUT_AUTHENTICATION:
+            self.fail(AUTH_ERROR, close=True)
+        elif keylen > KEY_MAX_LENGTH:
+            self.fail(EINVAL, close=True)
+        elif handler is None:
+            # As memcached: the body is discarded, though its extras and key were
+            # read already, so that as many bytes again after it go too.
+            self.fail(UNKNOWN_COMMAND)
+            self.discard_block(bodylen)
+        elif not check(extlen, keylen, bodylen):
+            self.fail(EINVAL, close=True)       # lengths that do not fit the command
+        else:
+            handler(self, extras, key, bodylen - extlen - keylen)
+        return True
+
+    # -- replies ------------------------------------------------------------------
+
+    def respond(self, status=SUCCESS, extras=b"", key=b"", value=b"", cas=0):
+        """A response to the current request."""
+        self.queue(HEADER.pack(MAGIC_RESPONSE, self.opcode, len(key), len(extras), 0, status,
+                               len(extras) + len(key) + len(value), self.opaque, cas)
+                   + extras + key + value)
+
+    def succeed(self, **response):
+        """A success response, unless the command is quiet."""
+        if not self.quiet:
+            self.respond(**response)
+
+    def fail(self, status, close=False):
+        """An error response (quiet commands get them too), with memcached's text."""
+        self.respond(status, value=STATUS_TEXT[status])
+        if close:
+            self.closing = True
+
+    # -- retrieval: get getk gat gatk touch, and their quiet forms ------------------
+
+    def retrieve(self, extras, key, _):
+        opcode = self.opcode
+        touch = opcode in self.TOUCHES
+        item = self.store.get(key, U32.unpack(extras)[0] if touch else None)
+        if "fetchers" in self.service.watchers.active:
+            self.watch_fetch(key, item)
+        with_key = opcode in self.WITH_KEY
+        if item is None:
+            if self.quiet:
+                return
+            if with_key:
+                self.respond(KEY_ENOENT, key=key)
+            else:
+                self.fail(KEY_ENOENT)
+            return
+        cas, _, _, flags, _ = item_fields(item)
+        self.respond(extras=U32.pack(flags), key=key if with_key else b"",
+                     value=b"" if opcode == TOUCH else item[VALUE_START:], cas=cas)
+
+    # -- storage: set add replace append prepend (and cas, by the header's CAS) -------
+
+    def update(self, extras, key, size):
+        mode = self.MODES[self.opcode]
+        flags, exptime = FLAGS_EXPTIME.unpack(extras) if extras else (0, 0)
+        if self.store.too_large(key, size, flags):
+            self.store.refuse_too_large(key, drop_old=mode == SET)
+            self.fail(E2BIG)
+            self.discard_block(size)
+            return
+        cas = self.request_cas
+        if cas and mode in (SET, ADD, REPLACE):
+            mode = CAS              # as memcached: any CAS in the header makes it one
+        self.read_body(size, self.finish_update, mode, key, flags, exptime, cas)
+
+    def finish_update(self, value, mode, key, flags, exptime, cas):
+        outcome, item = self.store.store(mode, key, value, flags=flags, exptime=exptime,
+                                         cas=cas)
+        if self.service.watchers.active:
+            self.watch_store(mode, key, outcome, item)
+        if outcome == STORED:
+            self.succeed(cas=header(item).cas)
+        elif outcome == NOT_STORED:
+            self.fail(REFUSED_STATUS.get(self.MODES[self.opcode], BINARY_NOT_STORED))
+        else:
+            self.fail(STORE_STATUS[outcome])
+
+    # -- delete, increment, decrement -------------------------------------------------
+
+    def delete(self, extras, key, _):
+        outcome = self.store.delete(key, self.request_cas or None)
+        if outcome == STORED:
+            self.watch_delete(b"delete", key)
+            self.succeed()
+        else:
+            self.fail(STORE_STATUS[outcome])
+
+    def arithmetic(self, extras, key, _):
+        delta, initial, expiration = INCR_EXTRAS.unpack(extras)
+        outcome, item = self.store.arithmetic(
+            key, delta, incr=self.opcode in (INCREMENT, INCREMENTQ), cas=self.request_cas,
+            vivify=None if expiration == NO_AUTO_CREATE else expiration, initial=initial)
+        if outcome == STORED:
+            self.succeed(value=struct.pack(">Q", int(item[VALUE_START:])),
+                         cas=header(item).cas)
+        elif outcome == NON_NUMERIC:
+            self.fail(DELTA_BADVAL)
+        else:
+            self.fail(STORE_STATUS[outcome])
+
+    # -- everything else -----------------------------------------------------------------
+
+    def flush(self, extras, key, _):
+        if not self.settings.flush_enabled:
+            self.fail(AUTH_ERROR)               # (memcached's status for a refused flush)
+            return
+        self.store.flush(U32.unpack(extras)[0] if extras else 0)
+        self.succeed()
+
+    def noop(self, extras, key, _):
+        self.respond()
+
+    def version(self, extras, key, _):
+        self.respond(value=VERSION.encode())
+
+    def quit(self, extras, key, _):
+        self.succeed()
+        self.closing = True
+
+    def stat(self, extras, key, _):
+        """A packet per statistic (its name the key, its value the value), then an
+        empty one; ``reset`` answers with the empty one alone."""
+        if key == b"reset":
+            self.service.reset_stats()
+        else:
+            report = self.STATS.get(key)
+            if report is None:
+                self.fail(KEY_ENOENT)
+                return
+            for name, value in report(self.service):
+                self.respond(key=str(name).encode(), value=str(value).encode())
+        self.respond()
+
+    # -- SASL: PLAIN against the password database (-S) ------------------------------
+
+    def sasl_mechanisms(self, extras, key, size):
+        if self.service.sasl_credentials is None:
+            self.fail(UNKNOWN_COMMAND)
+            self.discard_block(size)
+            return
+        self.respond(value=SASL_MECHANISMS)
+
+    def sasl_auth(self, extras, key, size):
+        """SASL auth and step.  As memcached (with Cyrus SASL), each attempt first
+        makes the connection unauthenticated; PLAIN with no credentials yet is
+        answered "continue", and the step that follows carries them; a conversation
+        that succeeded takes no second one."""
+        if self.service.sasl_credentials is None:
+            self.fail(UNKNOWN_COMMAND)
+            self.discard_block(size)
+            return
+        self.read_body(size, self.finish_sasl, key)
+
+    def finish_sasl(self, message, mechanism):
+        self.authenticated = False
+        step = self.opcode == SASL_STEP
+        if self.sasl_state == "done" or (step and self.sasl_state != "started") or (
+                not step and mechanism.upper() != SASL_MECHANISMS):
+            authenticated = self.service.record_authentication(False)
+        elif not message and not step:
+            self.sasl_state = "started"
+            self.respond(AUTH_CONTINUE)
+            return
+        else:
+            # PLAIN's message: an identity to act as (not used), the user, the password.
+            fields = message.split(b"\0")
+            authenticated = (self.service.authenticate(
+                fields[1], fields[2], self.service.sasl_credentials) if len(fields) == 3
+                else self.service.record_authentication(False))
+        if authenticated:
+            self.authenticated, self.sasl_state = True, "done"
+            self.respond(value=b"Authenticated")
+        else:
+            self.sasl_state = "done" if self.sasl_state == "done" else None
+            self.fail(AUTH_ERROR)
+
+    # opcode -> (handler, quiet, the lengths memcached accepts for it).
+    OPCODES = {
+        0x00: (retrieve, False, key_only),               # get
+        0x09: (retrieve, True, key_only),                # getq
+        0x0C: (retrieve, False, key_only),               # getk
+        0x0D: (retrieve, True, key_only),                # getkq
+        0x1C: (retrieve, False, touch_lengths),          # touch
+        0x1D: (retrieve, False, touch_lengths),          # gat
+        0x1E: (retrieve, True, touch_lengths),           # gatq
+        0x23: (retrieve, False, touch_lengths),          # gatk
+        0x24: (retrieve, True, touch_lengths),           # gatkq
+        0x01: (update, False, storage_lengths),                  # set
+        0x02: (update, False, storage_lengths),                  # add
+        0x03: (update, False, storage_lengths),                  # replace
+        0x11: (update, True, storage_lengths),                   # setq
+        0x12: (update, True, storage_lengths),                   # addq
+        0x13: (update, True, storage_lengths),                   # replaceq
+        0x0E: (update, False, key_and_value),                 # append
+        0x0F: (update, False, key_and_value),                 # prepend
+        0x19: (update, True, key_and_value),                  # appendq
+        0x1A: (update, True, key_and_value),                  # prependq
+        0x04: (delete, False, key_only),                 # delete
+        0x14: (delete, True, key_only),                  # deleteq
+        0x05: (arithmetic, False, incr_lengths),                 # increment
+        0x06: (arithmetic, False, incr_lengths),                 # decrement
+        0x15: (arithmetic, True, incr_lengths),                  # incrementq
+        0x16: (arithmetic, True, incr_lengths),                  # decrementq
+        0x07: (quit, False, no_body),                      # quit
+        0x17: (quit, True, no_body),                       # quitq
+        0x08: (flush, False, flush_lengths),             # flush
+        0x18: (flush, True, flush_lengths),              # flushq
+        0x0A: (noop, False, no_body),                      # noop
+        0x0B: (version, False, no_body),                   # version
+        0x10: (stat, False, stat_lengths),               # stat
+        0x20: (sasl_mechanisms, False, no_body),           # sasl list mechs
+        0x21: (sasl_auth, False, key_and_value),              # sasl auth
+        0x22: (sasl_auth, False, key_and_value),              # sasl step
+    }
+    MODES = {0x01: SET, 0x11: SET, 0x02: ADD, 0x12: ADD, 0x03: REPLACE, 0x13: REPLACE,
+             0x0E: APPEND, 0x19: APPEND, 0x0F: PREPEND, 0x1A: PREPEND}
+    TOUCHES = {0x1C, 0x1D, 0x1E, 0x23, 0x24}
+    WITH_KEY = {0x0C, 0x0D, 0x23, 0x24}
+    WITHOUT_AUTHENTICATION = {0x20, 0x21, 0x22, 0x0B}        # sasl's, and version
+    STATS = {
+        b"": Service.general_stats, b"settings": Service.settings_stats,
+        b"items": Service.item_stats, b"slabs": Service.slab_stats,
+        b"sizes": Service.size_stats, b"conns": Service.connection_stats,
+    }
+
+
+TOUCH, INCREMENT, INCREMENTQ, SASL_STEP = 0x1C, 0x05, 0x15, 0x22
+# The class a new connection begins as, by -B (see Protocol).
+PROTOCOLS = {"ascii": TextProtocol, "binary": BinaryProtocol, "auto": TextProtocol}
 
 
 # --------------------------------------------------------------------------
@@ -2589,7 +2979,7 @@ class Engine:
             local = sock.getsockname()
         except OSError:
             local = None
-        protocol = TextProtocol(self.service, sock.fileno(), address, local, wake)
+        protocol = self.service.new_protocol(sock.fileno(), address, local, wake)
         if not self.service.open_connection(protocol):
             self.turn_away(sock)
             return None
@@ -3084,7 +3474,6 @@ IGNORED_EXTENDED = {
 # memcached options whose feature memg does not have: refused, never silently ignored.
 UNSUPPORTED_OPTIONS = {
     "-d": (False, "daemon mode: run memg under a service manager instead"),
-    "-S": (False, "SASL authentication"),
     "-Z": (False, "TLS"), "-e": (True, "memory files (restartable cache)"),
 }
 
@@ -3124,7 +3513,7 @@ def build_parser():
         + "; memcached's slab, LRU and hash tuning options are accepted and ignored")
     add("-h", "--help", action="help", help="print this help and exit")
     add("-V", "--version", action="version", version="memg %s (memcached protocol %s)"
-        % (__version__, VERSION.split("-")[0]), help="print version and exit")
+        % (__version__, VERSION), help="print version and exit")
     for options, label in ((IGNORED_OPTIONS, "ignored: memg has no %s"),
                            (UNSUPPORTED_OPTIONS, "not supported: %s")):
         for flag, (takes_value, what) in options.items():
@@ -3145,6 +3534,8 @@ def parse_command_line(argv):
         if args.pop("option_" + flag[1]):
             warnings.append("%s ignored: memg has no %s" % (flag, what))
     values = {}
+    if args.get("sasl"):
+        args["sasl_pwdb"] = os.environ.get("MEMCACHED_SASL_PWDB")
     for group in args.pop("extended"):
         for option in filter(None, group.split(",")):
             name, _, text = option.partition("=")

@@ -175,9 +175,11 @@ BAD_COMMAND_LINES = [
     ["-c", "0"],
     ["-o", "nosuch=1"],
     ["-U", "11211"],
-    ["-B", "binary"],
+    ["-B", "bogus"],
     ["-d"],
-    ["-S"],
+    ["-S"],                          # without MEMCACHED_SASL_PWDB
+    ["-S", "-B", "ascii"],           # SASL is the binary protocol's
+    ["-Y", "/dev/null", "-B", "binary"],     # and -Y the text protocol's
     ["-Y", "/nonexistent/memg-auth"],
     ["--engine", "gevent"],
     ["--gevent"],                    # retired: asyncio took its place

@@ -33,7 +33,7 @@ class Session:
         self.server.store.clock = self.clock
 
     def connect(self):
-        return memg.TextProtocol(self.server.service)
+        return self.server.service.new_protocol()
 
     def send(self, script, *more):
         self.protocol = self.connect()
@@ -203,17 +203,31 @@ def test_incomplete_last_line_is_ignored():
     check(b"mn\r\nget k", b"MN\r\n")
 
 
-def test_binary_protocol_is_refused():
-    # A binary GET (magic 0x80, opcode 0x00, opaque 0x01020304): one binary reply
-    # with status 0x83 (not supported), then the connection closes.
+def test_a_first_byte_of_0x80_makes_the_connection_binary():
+    # A binary GET (magic 0x80, opcode 0x00, opaque 0x01020304) of a missing key: a
+    # binary reply with status 0x01 (not found) and the opaque echoed; what follows
+    # is read as binary too.
     request = bytes([0x80, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 4]) + bytes(8) + b"k"
     proto = Session().connect()
-    reply = proto.receive_data(request + b"mn\r\n")
-    assert proto.closing
+    reply = proto.receive_data(request)
+    assert isinstance(proto, memg.BinaryProtocol)
     assert reply[:2] == b"\x81\x00"
-    assert reply[6:8] == b"\x00\x83"
-    assert int.from_bytes(reply[8:12], "big") == len(reply) - 24
+    assert reply[6:8] == b"\x00\x01"
     assert reply[12:16] == b"\x01\x02\x03\x04"
+    assert reply[24:] == b"Not found"
+    assert proto.receive_data(b"mn\r\n") == b""          # not a binary header yet
+    assert not proto.closing
+
+
+@pytest.mark.parametrize("protocol", ["ascii", "binary"])
+def test_a_set_protocol_is_not_negotiated(protocol):
+    proto = Session(protocol=protocol).connect()
+    assert isinstance(proto, memg.TextProtocol if protocol == "ascii" else memg.BinaryProtocol)
+    reply = proto.receive_data(b"mn\r\n" + bytes(20))
+    if protocol == "ascii":
+        assert reply == b"MN\r\n"
+    else:
+        assert reply == b"" and proto.closing              # bad magic: closed, as memcached
 
 
 # --------------------------------------------------------------------------
