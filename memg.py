@@ -3704,7 +3704,7 @@ def main(argv=None):
     if settings.pid_file:
         with open(settings.pid_file, "w") as pid_file:
             pid_file.write("%d\n" % os.getpid())
-    if beyond_loopback(settings) and not settings.auth_file:
+    if beyond_loopback(settings) and not (settings.auth_file or settings.sasl):
         print("memg: warning: listening beyond loopback (%s) with no authentication: "
               "anyone who can reach the port can read and change the cache"
               % settings.host, file=sys.stderr)
