@@ -2824,7 +2824,7 @@ class BinaryProtocol(Protocol):
     STATS = {
         b"": Service.general_stats, b"settings": Service.settings_stats,
         b"items": Service.item_stats, b"slabs": Service.slab_stats,
-        b"sizes": Service.size_stats, b"conns": Service.connection_stats,
+        b"sizes": Service.size_stats,             # (memcached's binary stat has no conns)
     }
 
 
