@@ -210,18 +210,20 @@ class ServerProcess:
         return self.process.returncode, err
 
 
-def start_memg(*args, port=None):
+def start_memg(*args, port=None, **popen):
+    """memg on the suite's engine with args; popen goes to subprocess.Popen (env=,
+    preexec_fn= ...)."""
     port = port or free_port()
     return ServerProcess([sys.executable, MEMG, "-p", str(port)] + ENGINE_ARGS + list(args),
-                         port)
+                         port, **popen)
 
 
-def start_memcached(*args, port=None):
+def start_memcached(*args, port=None, **popen):
     port = port or free_port()
     argv = [require_tool("memcached"), "-l", "127.0.0.1", "-p", str(port), "-U", "0"]
     if os.geteuid() == 0:
         argv += ["-u", "root"]
-    return ServerProcess(argv + list(args), port)
+    return ServerProcess(argv + list(args), port, **popen)
 
 
 class RawClient:
