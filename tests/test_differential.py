@@ -7,13 +7,21 @@ script, closes its sending side and reads until the server closes, so every repl
 servers' histories, so each distinct unique is renamed by order of appearance: the
 comparison still sees which replies share a unique and which changed.  The version
 string names the server, so it is left out too.
+
+The text protocol's scripts come first, then -Y's, then the binary protocol's
+(request packets built by test_binary's helpers, replies compared packet by
+packet), then SASL's, against a memcached that authenticates with Cyrus SASL.
 """
 
 import re
+import shutil
+import subprocess
 
 import pytest
 
 from conftest import start_memcached, start_memg
+from test_binary import (Op, Status, counter, flush, parse, plain, request, response, store,
+                         touching)
 
 # (name, script) pairs; names show in test ids.
 SCRIPTS = [
@@ -271,3 +279,382 @@ def test_same_authentication_replies_as_memcached(auth_servers, script):
     memg_server, memcached_server = auth_servers
     expected = converse(memcached_server, script, LOGIN)
     assert converse(memg_server, script, LOGIN) == expected
+
+
+# -- the binary protocol ---------------------------------------------------------------
+
+NOOP = request(Op.NOOP)
+BIG = 2000000                 # over the item size limit (-I 1m)
+
+
+def values(*packets):
+    """Packets, then a noop: the replies a quiet pipeline held back are all sent
+    by then, in both servers."""
+    return b"".join(packets) + NOOP
+
+
+# Every opcode memcached 1.6.18 answers, its quiet forms and its error statuses, as
+# scripts of request packets; opaques are set where a reply must echo them.  Left
+# out, because memcached's answer depends on how its reads fall: a bad magic byte
+# right after commands whose replies are not yet sent (memcached closes at once and
+# drops them unless a read ended in between); the noop before each bad packet
+# below makes memcached send what came before it first.
+BINARY_SCRIPTS = [
+    # -- retrieval -------------------------------------------------------------------------
+    ("get", values(store(Op.SET, b"k", b"value", flags=5), request(Op.GET, b"k", opaque=1),
+                   request(Op.GET, b"nope", opaque=2), request(Op.GETK, b"k", opaque=3),
+                   request(Op.GETK, b"nope", opaque=4))),
+    ("get-quiet", values(store(Op.SET, b"k", b"v"), request(Op.GETQ, b"k", opaque=1),
+                         request(Op.GETQ, b"nope", opaque=2), request(Op.GETKQ, b"k", opaque=3),
+                         request(Op.GETKQ, b"nope", opaque=4))),
+    ("touch-gat", values(store(Op.SET, b"k", b"v", flags=9), touching(Op.TOUCH, b"k", 100),
+                         touching(Op.TOUCH, b"nope", 100), touching(Op.GAT, b"k", 0),
+                         touching(Op.GAT, b"nope", 0), touching(Op.GATK, b"k", 1000),
+                         touching(Op.GATK, b"nope", 1000))),
+    ("gat-quiet", values(store(Op.SET, b"k", b"v"), touching(Op.GATQ, b"k", 100, opaque=1),
+                         touching(Op.GATQ, b"nope", 100, opaque=2),
+                         touching(Op.GATKQ, b"k", 100, opaque=3),
+                         touching(Op.GATKQ, b"nope", 100, opaque=4))),
+    # An absolute time before the server started: expired at once.
+    ("gat-expires", values(store(Op.SET, b"k", b"v"), touching(Op.GAT, b"k", 2592001),
+                           request(Op.GET, b"k"))),
+    # -- storage ----------------------------------------------------------------------------
+    ("set-add-replace", values(store(Op.ADD, b"k", b"a"), store(Op.ADD, b"k", b"b"),
+                               store(Op.REPLACE, b"nope", b"c"), store(Op.REPLACE, b"k", b"d", 3),
+                               store(Op.SET, b"k", b"e", 4), request(Op.GET, b"k"))),
+    ("storage-quiet", values(store(Op.SETQ, b"k", b"a", opaque=1), store(Op.ADDQ, b"k", b"b", opaque=2),
+                             store(Op.REPLACEQ, b"nope", b"c", opaque=3),
+                             store(Op.ADDQ, b"new", b"d", opaque=4),
+                             store(Op.REPLACEQ, b"new", b"e", opaque=5),
+                             request(Op.APPENDQ, b"k", b"f", opaque=6),
+                             request(Op.PREPENDQ, b"k", b"g", opaque=7),
+                             request(Op.APPENDQ, b"nope", b"h", opaque=8),
+                             request(Op.PREPENDQ, b"nope", b"i", opaque=9),
+                             request(Op.GETK, b"k"), request(Op.GETK, b"new"))),
+    ("append-prepend", values(request(Op.APPEND, b"k", b"x"), request(Op.PREPEND, b"k", b"x"),
+                              store(Op.SET, b"k", b"b", flags=7), request(Op.APPEND, b"k", b"c"),
+                              request(Op.PREPEND, b"k", b"a"), request(Op.GET, b"k"))),
+    ("cas-mismatch", values(store(Op.SET, b"k", b"v"), store(Op.SET, b"k", b"w", cas=999999),
+                            store(Op.SET, b"nope", b"w", cas=1), store(Op.ADD, b"nope", b"w", cas=1),
+                            store(Op.REPLACE, b"k", b"w", cas=999999),
+                            request(Op.APPEND, b"k", b"w", cas=999999),
+                            request(Op.PREPEND, b"nope", b"w", cas=1),
+                            request(Op.DELETE, b"k", cas=999999), request(Op.DELETE, b"nope", cas=1),
+                            request(Op.GET, b"k"))),
+    ("flags-expiry", values(store(Op.SET, b"k", b"v", flags=0xFFFFFFFF, exptime=0xFFFFFFFF),
+                            request(Op.GET, b"k"), store(Op.SET, b"old", b"v", exptime=2592001),
+                            request(Op.GET, b"old"), store(Op.SET, b"month", b"v", exptime=2592000),
+                            request(Op.GET, b"month"))),
+    ("empty-value", values(store(Op.SET, b"k", b""), request(Op.GET, b"k"),
+                           request(Op.APPEND, b"k", b""), request(Op.GETK, b"k"))),
+    ("binary-key-and-value", values(store(Op.SET, b"\x00\r\n \xff", bytes(range(256))),
+                                    request(Op.GETK, b"\x00\r\n \xff"))),
+    ("key-250", values(store(Op.SET, b"k" * 250, b"v"), request(Op.GETK, b"k" * 250))),
+    ("too-large", values(store(Op.SET, b"big", b"x" * BIG), request(Op.GET, b"big"))),
+    ("too-large-quiet", values(store(Op.SETQ, b"big", b"x" * BIG, opaque=7))),
+    ("too-large-drops-old", values(store(Op.SET, b"big", b"a"), store(Op.SET, b"big", b"x" * BIG),
+                                   request(Op.GET, b"big"))),
+    ("too-large-add-keeps-old", values(store(Op.SET, b"big", b"a"),
+                                       store(Op.ADD, b"big", b"x" * BIG),
+                                       store(Op.REPLACE, b"big", b"x" * BIG),
+                                       request(Op.APPEND, b"big", b"x" * BIG),
+                                       request(Op.GET, b"big"))),
+    ("largest-value", values(store(Op.SET, b"k", b"v" * 1048516), request(Op.TOUCH, b"k", extras=bytes(4)),
+                             store(Op.SET, b"k", b"v" * 1048517), request(Op.GET, b"k"))),
+    ("largest-value-flags", values(store(Op.SET, b"k", b"v" * 1048512, flags=1),
+                                   touching(Op.TOUCH, b"k", 0),
+                                   store(Op.SET, b"k", b"v" * 1048513, flags=1),
+                                   request(Op.GET, b"k"))),
+    ("append-beyond-limit", values(store(Op.SET, b"k", b"v" * 1048000),
+                                   request(Op.APPEND, b"k", b"w" * 1000), touching(Op.TOUCH, b"k", 0))),
+    # -- delete, increment, decrement ------------------------------------------------------
+    ("delete", values(store(Op.SET, b"k", b"v"), request(Op.DELETE, b"k"), request(Op.DELETE, b"k"),
+                      request(Op.DELETEQ, b"k", opaque=1), store(Op.SET, b"k", b"v"),
+                      request(Op.DELETEQ, b"k", opaque=2), request(Op.GET, b"k"))),
+    ("incr-decr", values(store(Op.SET, b"n", b"10", flags=5), counter(Op.INCREMENT, b"n", 5),
+                         counter(Op.DECREMENT, b"n", 100), request(Op.GET, b"n"),
+                         counter(Op.INCREMENT, b"n", 2 ** 64 - 1), counter(Op.DECREMENT, b"n", 0))),
+    ("incr-initial", values(counter(Op.INCREMENT, b"n", 5, initial=7),
+                            counter(Op.INCREMENT, b"n", 5, initial=7),
+                            counter(Op.DECREMENT, b"m", 5, initial=3, expiration=1000),
+                            counter(Op.INCREMENT, b"none", 1, initial=1, expiration=0xFFFFFFFF),
+                            counter(Op.DECREMENT, b"none", 1, initial=1, expiration=0xFFFFFFFF),
+                            request(Op.GET, b"n"), request(Op.GET, b"m"), request(Op.GET, b"none"))),
+    ("incr-initial-large", values(counter(Op.INCREMENT, b"n", 1, initial=2 ** 64 - 1),
+                                  counter(Op.INCREMENT, b"n", 1), request(Op.GET, b"n"))),
+    ("incr-non-numeric", values(store(Op.SET, b"s", b"abc"), counter(Op.INCREMENT, b"s"),
+                                store(Op.SET, b"e", b""), counter(Op.DECREMENT, b"e"),
+                                store(Op.SET, b"big", b"18446744073709551616"),
+                                counter(Op.INCREMENT, b"big"))),
+    ("incr-quiet", values(store(Op.SET, b"n", b"1"), counter(Op.INCREMENTQ, b"n", 2, opaque=1),
+                          counter(Op.DECREMENTQ, b"n", 1, opaque=2),
+                          counter(Op.INCREMENTQ, b"none", 1, expiration=0xFFFFFFFF, opaque=3),
+                          counter(Op.INCREMENTQ, b"new", 1, initial=9, opaque=4),
+                          store(Op.SET, b"s", b"x"), counter(Op.DECREMENTQ, b"s", opaque=5),
+                          request(Op.GET, b"n"), request(Op.GET, b"new"))),
+    ("decr-shortens", values(store(Op.SET, b"n", b"100"), counter(Op.DECREMENT, b"n", 1),
+                             request(Op.GET, b"n"), counter(Op.INCREMENT, b"n", 1),
+                             request(Op.GET, b"n"))),
+    ("incr-cas-mismatch", values(store(Op.SET, b"n", b"1"), counter(Op.INCREMENT, b"n", cas=999999),
+                                 counter(Op.DECREMENT, b"none", expiration=0xFFFFFFFF, cas=1),
+                                 request(Op.GET, b"n"))),
+    ("incr-cas-on-empty-value", values(store(Op.SET, b"e", b""),
+                                       counter(Op.INCREMENT, b"e", cas=999999))),
+    # -- everything else -------------------------------------------------------------------
+    ("noop-version", values(request(Op.NOOP, opaque=5), request(Op.VERSION, opaque=6))),
+    ("quit", store(Op.SET, b"k", b"v") + request(Op.QUIT, opaque=3) + request(Op.GET, b"k")),
+    ("quitq", store(Op.SET, b"k", b"v") + request(Op.QUITQ, opaque=3) + request(Op.GET, b"k")),
+    ("flush", values(store(Op.SET, b"k", b"v"), flush(), request(Op.GET, b"k"),
+                     store(Op.SET, b"k", b"v"), flush(0), request(Op.GET, b"k"),
+                     store(Op.SET, b"k", b"v"), flush(opcode=Op.FLUSHQ, opaque=1),
+                     request(Op.GET, b"k"))),
+    ("flush-delayed", values(store(Op.SET, b"k", b"v"), flush(1000), request(Op.GET, b"k"),
+                             flush(0, opcode=Op.FLUSHQ))),
+    ("flush-past-is-noop", values(store(Op.SET, b"k", b"v"), flush(1000000000),
+                                  request(Op.GET, b"k"))),
+    ("stat-groups", values(request(Op.STAT, b"sizes"), request(Op.STAT, b"reset", opaque=4),
+                           request(Op.STAT, b"nosuch", opaque=5), request(Op.STAT, b"conns"),
+                           request(Op.STAT, b"detail"))),
+    # Unknown opcodes: memcached discards as many bytes as the body length after
+    # the extras and key it has read, so that many bytes again follow here.
+    ("verbosity-is-unknown", values(request(Op.VERBOSITY, extras=b"\0\0\0\1") + b"pad!")),
+    ("unknown-opcodes", values(*[request(opcode, b"k", b"vvv") + b"p" for opcode in (
+        0x25, 0x30, 0x3F, 0x48, 0x80, 0xFE, 0xFF)])),
+    ("sasl-without-S", values(request(Op.SASL_LIST_MECHS),
+                              request(Op.SASL_AUTH, b"PLAIN", plain(b"alice", b"secret")),
+                              request(Op.SASL_STEP, b"PLAIN", plain(b"alice", b"secret")))),
+    # -- lengths and framing -------------------------------------------------------------
+    ("key-251-closes", NOOP + request(Op.GET, b"k" * 251) + NOOP),
+    ("key-251-set-closes", NOOP + store(Op.SET, b"k" * 251, b"v") + NOOP),
+    ("key-longer-than-body-closes", NOOP + request(Op.GET, b"kk", bodylen=1) + NOOP),
+    ("extras-and-key-longer-than-body-closes", NOOP + store(Op.SET, b"k", b"", bodylen=8) + NOOP),
+    ("bad-magic-closes", NOOP + request(Op.NOOP, magic=0x81) + NOOP),
+    ("text-after-binary-closes", NOOP + b"version\r\n"),
+    ("truncated-header", store(Op.SET, b"k", b"v") + NOOP + NOOP[:20]),
+    ("truncated-key", NOOP + request(Op.GET, b"key")[:26]),
+    ("truncated-value-stores-nothing", store(Op.SET, b"k", b"v") + NOOP
+     + store(Op.SET, b"k", b"0123456789")[:-3]),
+    # (A body claimed larger than what follows it is discarded as it comes, but
+    # memcached sends its error reply only once the body has all come, and drops
+    # it when the input ends first; body lengths of 2 GB and more overflow its
+    # int.  So only the claims it refuses by the lengths alone are compared.)
+    ("claims-4gb-get", NOOP + request(Op.GET, b"k", bodylen=0xFFFFFFFF) + NOOP),
+    ("claims-4gb-noop", NOOP + request(Op.NOOP, bodylen=0xFFFFFFFF) + NOOP),
+    ("body-beyond-key-is-read-as-packets", values(
+        touching(Op.TOUCH, b"k", 0, bodylen=5 + 24) + NOOP,
+        request(Op.STAT, b"reset", bodylen=5 + 24) + NOOP)),
+] + [
+    # Lengths that do not fit the opcode: "Invalid arguments", then the close.
+    ("bad-lengths-%s-%d" % (opcode.name.lower(), number), NOOP + packet + NOOP)
+    for opcode, packets in [
+        (Op.GET, [request(Op.GET, b"k", extras=b"x"), request(Op.GET), request(Op.GET, b"k", b"v")]),
+        (Op.GETKQ, [request(Op.GETKQ, b"k", b"v")]),
+        (Op.SET, [request(Op.SET, b"k", b"v", b"1234"), store(Op.SET, b"", b"v"),
+                  request(Op.SET, b"k", b"v")]),
+        (Op.ADDQ, [request(Op.ADDQ, b"k", b"v")]),
+        (Op.APPEND, [request(Op.APPEND, b"", b"v"), request(Op.APPEND, b"k", b"v", b"12345678")]),
+        (Op.DELETE, [request(Op.DELETE), request(Op.DELETE, b"k", b"v"),
+                     request(Op.DELETE, b"k", extras=b"1234")]),
+        (Op.INCREMENT, [request(Op.INCREMENT, b"k"), counter(Op.INCREMENT, b""),
+                        request(Op.INCREMENT, b"k", b"v", bytes(20))]),
+        (Op.DECREMENTQ, [request(Op.DECREMENTQ, b"k", extras=bytes(8))]),
+        (Op.TOUCH, [request(Op.TOUCH, b"k"), touching(Op.TOUCH, b"", 0)]),
+        (Op.GATKQ, [request(Op.GATKQ, b"k", extras=bytes(8))]),
+        (Op.FLUSH, [request(Op.FLUSH, extras=bytes(8)), request(Op.FLUSH, b"k"),
+                    request(Op.FLUSH, value=b"v")]),
+        (Op.NOOP, [request(Op.NOOP, b"k"), request(Op.NOOP, value=b"v")]),
+        (Op.VERSION, [request(Op.VERSION, extras=b"x")]),
+        (Op.QUIT, [request(Op.QUIT, b"k")]),
+        (Op.STAT, [request(Op.STAT, extras=b"x")]),
+        (Op.SASL_LIST_MECHS, [request(Op.SASL_LIST_MECHS, value=b"v")]),
+        (Op.SASL_AUTH, [request(Op.SASL_AUTH, value=b"v")]),
+    ]
+    for number, packet in enumerate(packets)
+]
+
+
+def normalise_binary(replies):
+    """Response packets (as test_binary.parse reads them), with each distinct CAS
+    unique but 0 renamed by order of first appearance, and the version's body
+    hidden."""
+    names = {0: 0}
+    packets = []
+    for packet in replies:
+        if packet.opcode == Op.VERSION and packet.status == Status.SUCCESS:
+            packet = packet._replace(value=b"<version>")
+        packets.append(packet._replace(cas=names.setdefault(packet.cas, len(names))))
+    return packets
+
+
+def converse_binary(server, script, login=b""):
+    """The replies to script on a fresh connection, after a flush (sent after
+    login, if given)."""
+    with server.connect() as flusher:
+        assert parse(flusher.converse(login + flush()))[-1].status == Status.SUCCESS
+    with server.connect() as client:
+        return normalise_binary(parse(client.converse(script)))
+
+
+@pytest.mark.parametrize("script", [s for _, s in BINARY_SCRIPTS],
+                         ids=["binary-" + n for n, _ in BINARY_SCRIPTS])
+def test_same_binary_replies_as_memcached(memg_process, memcached_process, script):
+    expected = converse_binary(memcached_process, script)
+    assert converse_binary(memg_process, script) == expected
+
+
+def test_binary_stats_of_an_empty_server_as_memcached():
+    # memcached counts flushed items until it has unlinked them: a server of its own.
+    script = values(request(Op.STAT, b"items"), request(Op.STAT, b"slabs"),
+                    request(Op.STAT, b"sizes"))
+    replies = []
+    for start in (start_memg, start_memcached):
+        server = start()
+        try:
+            replies.append(converse_binary(server, script))
+        finally:
+            server.stop()
+    assert replies[0] == replies[1]
+
+
+def exchange(client, packets):
+    """Send packets and a noop on a RawClient; the replies that come before the
+    noop's."""
+    client.send(packets + NOOP)
+    return parse(client.recv_until(response(Op.NOOP)))[:-1]
+
+
+def test_compare_and_swap_as_memcached(memg_process, memcached_process):
+    # Each step may send a CAS unique a reply before it gave: cas holds the
+    # uniques of the replies so far, in order.
+    steps = [
+        lambda cas: store(Op.SET, b"k", b"a"),
+        lambda cas: store(Op.SET, b"k", b"b", cas=cas[-1]),          # swapped
+        lambda cas: store(Op.SET, b"k", b"c", cas=cas[0]),           # stale: exists
+        lambda cas: store(Op.ADD, b"k", b"d", cas=cas[-1]),          # any CAS swaps
+        lambda cas: store(Op.REPLACE, b"k", b"e", cas=cas[-1]),
+        lambda cas: request(Op.APPEND, b"k", b"f", cas=cas[-1]),
+        lambda cas: request(Op.PREPEND, b"k", b"g", cas=cas[0]),
+        lambda cas: request(Op.GETK, b"k"),
+        lambda cas: store(Op.SET, b"n", b"5"),
+        lambda cas: counter(Op.INCREMENT, b"n", 1, cas=cas[-1]),
+        lambda cas: counter(Op.DECREMENT, b"n", 1, cas=cas[-2]),
+        lambda cas: touching(Op.GAT, b"n", 0),
+        lambda cas: request(Op.DELETE, b"n", cas=cas[0]),
+        lambda cas: request(Op.DELETE, b"n", cas=cas[-1]),
+        lambda cas: request(Op.GET, b"n"),
+    ]
+    conversations = []
+    for server in (memcached_process, memg_process):
+        converse_binary(server, b"")                  # (a flush)
+        replies = []
+        with server.connect() as client:
+            for step in steps:
+                replies += exchange(client, step([reply.cas for reply in replies
+                                                  if reply.cas]))
+        conversations.append(normalise_binary(replies))
+    assert conversations[1] == conversations[0]
+
+
+def test_out_of_memory_as_memcached():
+    # memcached's slabs and memg's accounting fill at different points, so the
+    # distinct replies are compared: each refusal's status and text.
+    script = values(*[store(Op.SETQ, b"k%d" % i, b"v" * 100000) for i in range(60)],
+                    *[store(Op.SETQ, b"small%d" % i, b"v" * 10) for i in range(20000)],
+                    counter(Op.INCREMENT, b"new", initial=5))
+    replies = []
+    for start in (start_memg, start_memcached):
+        server = start("-M", "-m", "2")
+        try:
+            replies.append(set(converse_binary(server, script)))
+        finally:
+            server.stop()
+    assert replies[0] == replies[1]
+    assert {reply.status for reply in replies[1]} == {Status.NO_MEMORY, Status.SUCCESS}
+
+
+# -- SASL (-S): memcached authenticates with Cyrus SASL's PLAIN ------------------------
+
+USERS = {b"alice": b"secret", b"bob": b"pw"}
+AUTH = request(Op.SASL_AUTH, b"PLAIN", plain(b"alice", b"secret"))
+WRONG = request(Op.SASL_AUTH, b"PLAIN", plain(b"alice", b"wrong"))
+START = request(Op.SASL_AUTH, b"PLAIN")                      # PLAIN with no data yet
+STEP = request(Op.SASL_STEP, b"PLAIN", plain(b"alice", b"secret"))
+WRONG_STEP = request(Op.SASL_STEP, b"PLAIN", plain(b"alice", b"wrong"))
+VERSION = request(Op.VERSION)
+GET = request(Op.GET, b"k")
+
+SASL_SCRIPTS = [
+    ("list-mechanisms", request(Op.SASL_LIST_MECHS, opaque=3) + VERSION),
+    ("right-password", AUTH + store(Op.SET, b"k", b"v") + GET + NOOP),
+    ("wrong-password", WRONG + GET + NOOP),
+    ("unknown-user", request(Op.SASL_AUTH, b"PLAIN", plain(b"carol", b"secret")) + VERSION),
+    ("other-user", request(Op.SASL_AUTH, b"PLAIN", plain(b"bob", b"pw")) + GET),
+    ("mechanism-in-lower-case", request(Op.SASL_AUTH, b"plain", plain(b"alice", b"secret")) + GET),
+    ("unknown-mechanism", request(Op.SASL_AUTH, b"CRAM-MD5", b"x") + VERSION),
+    ("mechanism-too-long", request(Op.SASL_AUTH, b"P" * 33, plain(b"alice", b"secret")) + VERSION),
+    ("authzid-the-same-user", request(Op.SASL_AUTH, b"PLAIN",
+                                      plain(b"alice", b"secret", b"alice")) + GET),
+    ("authzid-another-user", request(Op.SASL_AUTH, b"PLAIN",
+                                     plain(b"alice", b"secret", b"bob")) + GET),
+    ("two-fields", request(Op.SASL_AUTH, b"PLAIN", b"alice\0secret") + VERSION),
+    ("four-fields", request(Op.SASL_AUTH, b"PLAIN", plain(b"alice", b"secret") + b"\0") + VERSION),
+    ("data-too-large", request(Op.SASL_AUTH, b"PLAIN", plain(b"alice", b"x" * BIG)) + VERSION),
+    # The conversations: PLAIN with no data continues, a step carries the credentials.
+    ("start-then-step", START + STEP + GET),
+    ("start-twice-then-step", START + START + STEP + GET),
+    ("step-first", STEP + VERSION),
+    ("wrong-step-then-right-step", START + WRONG_STEP + STEP + GET),
+    ("empty-step-then-step", START + request(Op.SASL_STEP, b"PLAIN") + STEP + GET),
+    ("wrong-auth-ends-the-conversation", START + WRONG + STEP + VERSION),
+    ("wrong-then-right", WRONG + AUTH + GET),
+    ("step-after-success", AUTH + STEP + GET),
+    ("second-auth-after-success", AUTH + AUTH + GET),
+    ("third-auth", AUTH + AUTH + AUTH + GET),
+    ("start-after-success", AUTH + START + STEP + VERSION),
+    ("start-after-success-then-auth", AUTH + START + AUTH + AUTH + GET),
+    # Before authenticating, only version and the SASL commands are answered.
+    ("unauthenticated-get", GET + VERSION),
+    ("unauthenticated-noop", NOOP + VERSION),
+    ("unauthenticated-set", store(Op.SET, b"k", b"v") + VERSION),
+    ("unauthenticated-stat", request(Op.STAT) + VERSION),
+    ("unauthenticated-unknown-opcode", request(0x50) + VERSION),
+    ("unauthenticated-bad-lengths", request(Op.GET, b"k", extras=b"x") + VERSION),
+    ("unauthenticated-key-longer-than-body", request(Op.GET, b"kk", bodylen=1) + VERSION),
+    ("version-allowed", VERSION + VERSION),
+    ("bad-lengths", request(Op.SASL_LIST_MECHS, b"k") + VERSION),
+    ("auth-without-mechanism", request(Op.SASL_AUTH, value=b"x") + VERSION),
+]
+
+
+@pytest.fixture(scope="module")
+def sasl_servers(tmp_path_factory):
+    """memg with -S and a password file, memcached with -S and a Cyrus sasldb of the
+    same users."""
+    saslpasswd2 = shutil.which("saslpasswd2")
+    if saslpasswd2 is None:
+        pytest.fail("saslpasswd2 is not installed; .ci/run installs it (Debian: "
+                    "apt-get install sasl2-bin)")
+    directory = tmp_path_factory.mktemp("sasl")
+    sasldb = directory / "sasldb2"
+    (directory / "memcached.conf").write_text("mech_list: plain\nsasldb_path: %s\n" % sasldb)
+    for user, password in USERS.items():
+        subprocess.run([saslpasswd2, "-p", "-a", "memcached", "-c", "-f", str(sasldb),
+                        user.decode()], input=password + b"\n", check=True)
+    sasldb.chmod(0o644)                     # memcached may read it as another user
+    pwdb = directory / "pwdb"
+    pwdb.write_bytes(b"".join(b"%s:%s\n" % pair for pair in USERS.items()))
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("SASL_CONF_PATH", str(directory))
+        environment.setenv("MEMCACHED_SASL_PWDB", str(pwdb))
+        servers = [start("-S") for start in (start_memg, start_memcached)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.parametrize("script", [s for _, s in SASL_SCRIPTS],
+                         ids=[n for n, _ in SASL_SCRIPTS])
+def test_same_sasl_replies_as_memcached(sasl_servers, script):
+    memg_server, memcached_server = sasl_servers
+    expected = converse_binary(memcached_server, script, AUTH)
+    assert converse_binary(memg_server, script, AUTH) == expected
