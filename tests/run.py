@@ -6,8 +6,9 @@ extra into it (uvloop among them), and runs pytest there in passes, one per engi
 (see conftest.ENGINE): every suite with memg serving from threads, the default;
 the suites that serve over sockets again on the asyncio engine (uvloop); and the
 differential and hostile suites once more on the standard library's event loop.
-The system tools the suite drives (Debian's memcached and libmemcached-tools) must
-be installed; .ci/run installs them.
+The system tools the suite drives (Debian's memcached, libmemcached-tools, sasl2-bin
+and perl's prove) must be installed, and memcached 1.6.18's source unpacked for its
+own tests (tests/test_memcached_suite.py); .ci/run does both.
 """
 
 import os
