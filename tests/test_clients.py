@@ -1,26 +1,41 @@
 """Real memcached clients against a real memg process.
 
-Each of pylibmc, pymemcache and python-memcached (``import memcache``) is used the
-way an application uses it, and must see what it sees against memcached 1.6: the
-same values (its own serialisation round-trips through the flags), the same hits,
-misses and refusals, the same errors.
+Each of pylibmc (in the text and in the binary protocol), pymemcache and
+python-memcached (``import memcache``) is used the way an application uses it, and
+must see what it sees against memcached 1.6: the same values (its own serialisation
+round-trips through the flags), the same hits, misses and refusals, the same
+errors.  Where pylibmc's binary mode reports an outcome differently from its text
+mode, memcached is asked too.  python-binary-memcached (``import bmemcached``)
+speaks the binary protocol only, with SASL when given credentials: against memg and
+memcached requiring it (-S), and against plain ones.
 """
 
+import functools
+import os
+import subprocess
 import threading
 import time
+import types
 
+import bmemcached
 import memcache
 import pylibmc
 import pytest
+from bmemcached.exceptions import MemcachedException
 from pymemcache import serde
 from pymemcache.client.base import Client as PymemcacheClient
 from pymemcache.client.base import PooledClient
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from conftest import PYTHON_VALUES, Point, RawClient, start_memg
+from conftest import (PYTHON_VALUES, Point, RawClient, require_tool, start_memcached,
+                      start_memg)
+from test_binary import Op, Status, failure, request
+from test_seed import TIMING_LINE, load_seed
 
-CLIENTS = ["pylibmc", "pymemcache", "python-memcached"]
+# pylibmc speaks either protocol: every test of it runs in both.
+PYLIBMC = ["pylibmc", "pylibmc-binary"]
+CLIENTS = PYLIBMC + ["pymemcache", "python-memcached"]
 
 # The largest value memcached stores by default is a little under 1 MB (-I 1m counts
 # the item header and key too); these are safely either side of it.
@@ -32,11 +47,11 @@ def connect(kind, address, **options):
     """A client of the given kind for one server, configured as an application would
     (pymemcache with its pickle serde, pylibmc with CAS on, python-memcached caching
     CAS ids).  pymemcache waits for replies unless told otherwise."""
-    if kind == "pylibmc":
+    if kind in PYLIBMC:
         behaviors = {"cas": True}
         behaviors.update(options.pop("behaviors", {}))
-        return pylibmc.Client(["%s:%d" % address], binary=False, behaviors=behaviors,
-                              **options)
+        return pylibmc.Client(["%s:%d" % address], binary=kind == "pylibmc-binary",
+                              behaviors=behaviors, **options)
     if kind == "pymemcache":
         options.setdefault("default_noreply", False)
         return PymemcacheClient(address, serde=serde.pickle_serde, connect_timeout=5,
@@ -201,7 +216,7 @@ def test_value_near_the_size_limit_is_stored(mc):
 def test_value_over_the_size_limit_is_refused(kind, mc, memg):
     value = b"x" * OVER_LIMIT
     assert mc.set("huge", b"old")
-    if kind == "pylibmc":
+    if kind in PYLIBMC:
         with pytest.raises(pylibmc.TooBig):
             mc.set("huge", value)
     elif kind == "pymemcache":
@@ -236,7 +251,7 @@ def test_missing_key(mc):
     assert mc.get_multi(["no_such_key", "nor_this"]) == {}
 
 
-@pytest.mark.parametrize("mapping_kind", ["pylibmc", "pymemcache"])
+@pytest.mark.parametrize("mapping_kind", PYLIBMC + ["pymemcache"])
 def test_missing_key_raises_key_error_through_the_mapping_interface(mapping_kind, memg):
     client = connect(mapping_kind, memg.address)
     try:
@@ -280,8 +295,14 @@ def test_add_stores_only_a_new_key(mc):
     assert mc.get("added") == "first"
 
 
-def test_replace_stores_only_an_existing_key(mc):
-    assert not mc.replace("replaced", "nothing there")
+def test_replace_stores_only_an_existing_key(kind, mc):
+    if kind == "pylibmc-binary":
+        # libmemcached raises the binary protocol's "not found" (as against
+        # memcached: test_pylibmc_binary_mode_raises_where_text_mode_does_not).
+        with pytest.raises(pylibmc.NotFound):
+            mc.replace("replaced", "nothing there")
+    else:
+        assert not mc.replace("replaced", "nothing there")
     assert mc.get("replaced") is None
     assert mc.set("replaced", "old")
     assert mc.replace("replaced", "new")
@@ -365,7 +386,7 @@ def test_incr_wraps_at_64_bits(mc):
 
 
 def test_incr_by_a_64_bit_delta_wraps(kind, mc):
-    if kind == "pylibmc":
+    if kind in PYLIBMC:
         delta = 2 ** 31 - 1            # the largest delta pylibmc accepts (a C int)
     else:
         delta = 2 ** 64 - 1
@@ -374,7 +395,7 @@ def test_incr_by_a_64_bit_delta_wraps(kind, mc):
 
 
 def test_incr_and_decr_of_a_missing_key(kind, mc):
-    if kind == "pylibmc":
+    if kind in PYLIBMC:
         with pytest.raises(pylibmc.NotFound):
             mc.incr("absent", 1)
         with pytest.raises(pylibmc.NotFound):
@@ -385,14 +406,22 @@ def test_incr_and_decr_of_a_missing_key(kind, mc):
     assert mc.get("absent") is None
 
 
-def test_incr_of_a_non_number(kind, mc):
+def test_incr_of_a_non_number(kind, mc, memg):
     assert mc.set("word", "abc")
     errors = {"pylibmc": pylibmc.ClientError, "pymemcache": MemcacheClientError,
+              # libmemcached fails to read the binary protocol's "non-numeric" reply
+              # and takes the server for failed (as against memcached:
+              # test_pylibmc_binary_mode_raises_where_text_mode_does_not).
+              "pylibmc-binary": pylibmc.UnknownReadFailure,
               # python-memcached tries int() on the CLIENT_ERROR line.
               "python-memcached": ValueError}
     with pytest.raises(errors[kind]):
         mc.incr("word", 1)
-    assert mc.get("word") == "abc"
+    checker = connect(kind, memg.address)
+    try:
+        assert checker.get("word") == "abc"
+    finally:
+        close(checker)
 
 
 # -- touch, cas, expiry -------------------------------------------------------------
@@ -420,8 +449,9 @@ def check_gets_and_cas(client):
     return newer
 
 
-def test_cas_pylibmc(memg):
-    client = connect("pylibmc", memg.address)
+@pytest.mark.parametrize("pylibmc_kind", PYLIBMC)
+def test_cas_pylibmc(pylibmc_kind, memg):
+    client = connect(pylibmc_kind, memg.address)
     try:
         newer = check_gets_and_cas(client)
         with pytest.raises(pylibmc.NotFound):
@@ -584,9 +614,10 @@ def test_python_memcached_noreply(memg):
         close(client)
 
 
-def test_pylibmc_noreply_behavior(memg):
-    client = connect("pylibmc", memg.address, behaviors={"_noreply": True})
-    checker = connect("pylibmc", memg.address)
+@pytest.mark.parametrize("pylibmc_kind", PYLIBMC)
+def test_pylibmc_noreply_behavior(pylibmc_kind, memg):
+    client = connect(pylibmc_kind, memg.address, behaviors={"_noreply": True})
+    checker = connect(pylibmc_kind, memg.address)
     try:
         assert client.set("quiet", 5)
         assert client.set("gone", 1)
@@ -609,8 +640,17 @@ def test_pylibmc_noreply_behavior(memg):
     {"tcp_nodelay": True, "no_block": True},
     {"tcp_nodelay": True, "ketama": True, "verify_keys": True},
 ], ids=["tcp_nodelay", "no_block", "ketama"])
-def test_pylibmc_behaviors(memg, behaviors):
-    client = pylibmc.Client(["%s:%d" % memg.address], binary=False, behaviors=behaviors)
+@pytest.mark.parametrize("pylibmc_kind", PYLIBMC)
+def test_pylibmc_behaviors(memg, pylibmc_kind, behaviors):
+    servers = ["%s:%d" % memg.address]
+    binary = pylibmc_kind == "pylibmc-binary"
+    if binary and "verify_keys" in behaviors:
+        # libmemcached has no key check for the binary protocol (keys are counted
+        # there, not ended by a space): it refuses the behavior, before any server.
+        with pytest.raises(pylibmc.Error, match="verify_keys"):
+            pylibmc.Client(servers, binary=True, behaviors=behaviors)
+        behaviors = {name: on for name, on in behaviors.items() if name != "verify_keys"}
+    client = pylibmc.Client(servers, binary=binary, behaviors=behaviors)
     try:
         for name in behaviors:
             assert client.behaviors[name]
@@ -674,8 +714,8 @@ def two_memgs(two_memg_processes):
 
 def connect_many(kind, addresses):
     servers = ["%s:%d" % address for address in addresses]
-    if kind == "pylibmc":
-        return pylibmc.Client(servers, binary=False)
+    if kind in PYLIBMC:
+        return pylibmc.Client(servers, binary=kind == "pylibmc-binary")
     if kind == "pymemcache":
         return HashClient(addresses, serde=serde.pickle_serde, timeout=5,
                           default_noreply=False)
@@ -708,14 +748,21 @@ def test_keys_spread_over_two_servers(kind, two_memgs):
 # -- -Y: a client logs in with a set of "user password" -----------------------------
 
 @pytest.fixture(scope="module")
-def auth_memg(tmp_path_factory):
+def auth_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("auth") / "auth"
     path.write_text("alice:secret\n")
-    server = start_memg("-Y", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def auth_memg(auth_file):
+    server = start_memg("-Y", str(auth_file))
     yield server
     server.stop()
 
 
+# -Y is the text protocol's (see test_a_binary_client_is_not_answered_under_ascii_auth).
+@pytest.mark.parametrize("kind", ["pylibmc", "pymemcache", "python-memcached"])
 def test_clients_log_in_with_a_set_then_work_normally(kind, auth_memg):
     client = connect(kind, auth_memg.address)
     try:
@@ -735,3 +782,233 @@ def test_a_client_that_has_not_logged_in_is_refused(auth_memg):
             client.set("login", "alice wrong")
     finally:
         close(client)
+
+
+@pytest.mark.parametrize("start", [start_memcached, start_memg], ids=["memcached", "memg"])
+def test_a_binary_client_is_not_answered_under_ascii_auth(start, auth_file):
+    # With -Y memcached serves the text protocol alone, and memg too: a binary
+    # request is read as the start of a line that never ends.
+    server = start("-Y", str(auth_file))
+    client = connect("pylibmc-binary", server.address, behaviors={"_poll_timeout": 500})
+    try:
+        with pytest.raises(pylibmc.Error, match="TIMEOUT"):
+            client.set("login", "alice secret")
+    finally:
+        close(client)
+        server.stop()
+
+
+# -- pylibmc's binary mode, as against memcached ---------------------------------------
+
+@pytest.fixture(params=["memcached", "memg"])
+def either_server(request):
+    """The shared memcached process, then the shared memg one, flushed: for what a
+    client must see the same from both."""
+    process = request.getfixturevalue(request.param + "_process")
+    with process.connect() as client:
+        assert client.request(b"flush_all\r\n") == b"OK\r\n"
+    return process
+
+
+def replace_a_missing_key(client):
+    client.replace("absent", "value")
+
+
+def incr_a_non_number(client):
+    assert client.set("word", "abc")
+    client.incr("word", 1)
+
+
+@pytest.mark.parametrize("call, error", [
+    (replace_a_missing_key, pylibmc.NotFound),
+    # libmemcached cannot read the "non-numeric" reply in binary mode.
+    (incr_a_non_number, pylibmc.UnknownReadFailure),
+], ids=["replace-missing", "incr-non-number"])
+def test_pylibmc_binary_mode_raises_where_text_mode_does_not(either_server, call, error):
+    client = connect("pylibmc-binary", either_server.address)
+    try:
+        with pytest.raises(error):
+            call(client)
+    finally:
+        close(client)
+
+
+def test_seed_loop_in_the_binary_protocol(capsys):
+    """test.py's main (a miss raises KeyError, CR LF round-trips, 10,000 sets and
+    gets over one pylibmc client) with that client in binary mode, against a memg
+    that speaks nothing else (-B binary)."""
+    server = start_memg("-B", "binary")
+    seed = load_seed()
+    seed.pylibmc = types.SimpleNamespace(Client=functools.partial(pylibmc.Client, binary=True))
+    checker = connect("pylibmc-binary", server.address)
+    try:
+        seed.main(10000, "127.0.0.1:%d" % server.port)
+        assert TIMING_LINE.match(capsys.readouterr().out.strip()).groups() == (
+            "10000", "10000")
+        assert checker.get_multi(["crlf", "0", "9999"]) == {
+            "crlf": "one\r\ntwo", "0": 0, "9999": 9999}
+        (_, numbers), = checker.get_stats()
+        assert (numbers["cmd_set"], numbers["get_hits"], numbers["get_misses"]) == (
+            b"10001", b"10004", b"1")
+    finally:
+        close(checker)
+        server.stop()
+
+
+# -- python-binary-memcached, with and without SASL --------------------------------------
+
+USER, PASSWORD = "alice", "secret"
+
+
+@pytest.fixture(scope="module")
+def sasl_processes(tmp_path_factory):
+    """memg and memcached requiring SASL (-S), each knowing alice's password: memg
+    from the user:password file MEMCACHED_SASL_PWDB names, Debian's memcached (built
+    without that) from a Cyrus SASL database for its PLAIN mechanism."""
+    directory = tmp_path_factory.mktemp("sasl")
+    (directory / "pwdb").write_text("%s:%s\n" % (USER, PASSWORD))
+    subprocess.run([require_tool("saslpasswd2"), "-p", "-c", "-a", "memcached", "-f",
+                    str(directory / "sasldb2"), USER], input=PASSWORD.encode(), check=True)
+    (directory / "memcached.conf").write_text(
+        "mech_list: plain\nsasldb_path: %s\n" % (directory / "sasldb2"))
+    processes = {
+        "memcached": start_memcached("-S", env=dict(os.environ,
+                                                    SASL_CONF_PATH=str(directory))),
+        "memg": start_memg("-S", env=dict(os.environ,
+                                          MEMCACHED_SASL_PWDB=str(directory / "pwdb")))}
+    yield processes
+    for process in processes.values():
+        process.stop()
+
+
+def sasl_client(server, *credentials):
+    return bmemcached.Client(["%s:%d" % server.address], *credentials, socket_timeout=5)
+
+
+def as_alice(server, method, *args):
+    """What a call on a client of its own, with alice's password, returns."""
+    client = sasl_client(server, USER, PASSWORD)
+    try:
+        return getattr(client, method)(*args)
+    finally:
+        client.disconnect_all()
+
+
+def auth_counts(server):
+    """(auth_cmds, auth_errors): authentications tried, and failed."""
+    (numbers,) = as_alice(server, "stats").values()
+    return int(numbers["auth_cmds"]), int(numbers["auth_errors"])
+
+
+# A little of everything, and what bmemcached returns for it from a server that
+# serves it: set, get (a miss, a hit), incr (of a missing key: created with 0), set
+# and get many, add (refused), delete, get.
+WORKLOAD = [("set", ("k", "v")), ("get", ("absent",)), ("get", ("k",)), ("incr", ("n", 5)),
+            ("incr", ("n", 5)), ("set_multi", ({"a": 1, "b": [2]},)),
+            ("get_multi", (["a", "b", "k", "absent"],)), ("add", ("k", "w")),
+            ("delete", ("k",)), ("get", ("k",))]
+SERVED = [True, None, "v", 0, 5, [], {"a": 1, "b": [2], "k": "v"}, False, True, None]
+
+
+def run_workload(server, *credentials):
+    """What bmemcached returns for each call of WORKLOAD, ("refused", status) where
+    it raises a refusal."""
+    client = sasl_client(server, *credentials)
+    outcomes = []
+    try:
+        for method, args in WORKLOAD:
+            try:
+                outcomes.append(getattr(client, method)(*args))
+            except MemcachedException as refusal:
+                outcomes.append(("refused", refusal.code))
+    finally:
+        client.disconnect_all()
+    return outcomes
+
+
+def sasl_workload(sasl_processes, *credentials):
+    """WORKLOAD's outcomes with these credentials, the authentications it tried and
+    those that failed, and whether it left anything stored, from memcached and from
+    memg (emptied first): the same from both."""
+    seen = {}
+    for name, process in sasl_processes.items():
+        assert as_alice(process, "flush_all")
+        before = auth_counts(process)
+        outcomes = run_workload(process, *credentials)
+        after = auth_counts(process)
+        stored = as_alice(process, "get_multi", ["k", "n", "a", "b"])
+        # (auth_counts authenticates once itself.)
+        seen[name] = (outcomes, after[0] - before[0] - 1, after[1] - before[1], stored)
+    assert seen["memg"] == seen["memcached"]
+    return seen["memg"]
+
+
+def test_bmemcached_with_the_password_is_served(sasl_processes):
+    outcomes, tried, failed, stored = sasl_workload(sasl_processes, USER, PASSWORD)
+    assert outcomes == SERVED
+    assert (tried, failed) == (1, 0)
+    assert stored == {"n": "5", "a": 1, "b": [2]}       # a counter has no int flag
+
+
+@pytest.mark.parametrize("user, password", [(USER, "wrong"), ("mallory", PASSWORD)],
+                         ids=["wrong-password", "unknown-user"])
+def test_bmemcached_with_wrong_credentials_is_refused(sasl_processes, user, password):
+    outcomes, tried, failed, stored = sasl_workload(sasl_processes, user, password)
+    # bmemcached takes status 0x08 for the refusal of its SASL request, not the
+    # protocol's 0x20, so it raises it as any other failure, not as InvalidCredentials.
+    assert outcomes[0] == ("refused", Status.AUTH_ERROR)
+    assert "v" not in outcomes and {} not in outcomes
+    # The server refuses the next request (unauthenticated) and closes; bmemcached
+    # tries again on a new connection, each time with the same credentials.
+    assert failed == tried > 1
+    assert stored == {}
+
+
+def test_bmemcached_without_credentials_is_refused(sasl_processes):
+    outcomes, tried, failed, stored = sasl_workload(sasl_processes)
+    assert outcomes[0] == ("refused", Status.AUTH_ERROR)
+    assert "v" not in outcomes
+    assert (tried, failed) == (0, 0)
+    assert stored == {}
+
+
+@pytest.fixture(params=["memcached", "memg"])
+def sasl_server(request, sasl_processes):
+    return sasl_processes[request.param]
+
+
+def test_a_request_before_authentication_gets_auth_error_and_a_close(sasl_server):
+    with RawClient(sasl_server.address) as client:
+        client.send(request(Op.GET, b"k"))
+        assert client.read_to_eof() == failure(Op.GET, Status.AUTH_ERROR)
+
+
+def test_a_text_command_under_sasl_is_closed_once_a_header_has_come(sasl_server):
+    # -S serves the binary protocol alone: a text line is read as a request header,
+    # and its first byte is not a request's magic.
+    with RawClient(sasl_server.address) as client:
+        client.send(b"get k\r\n")
+        assert not client.is_closed(timeout=0.5)        # 7 bytes: not a header yet
+        client.send(b"get kkkkkkkkkkkkkkkk\r\n")
+        assert client.read_to_eof() == b""
+
+
+@pytest.mark.parametrize("credentials", [(), (USER, PASSWORD)], ids=["plain", "credentials"])
+def test_bmemcached_against_a_server_without_sasl(either_server, credentials):
+    # With credentials, bmemcached first asks for the SASL mechanisms, and takes
+    # "unknown command" for a server that needs no authentication.
+    assert run_workload(either_server, *credentials) == SERVED
+    client = sasl_client(either_server, *credentials)
+    try:
+        for name, value in PYTHON_VALUES.items():
+            assert client.set(name, value), name
+            assert client.get(name) == value, name
+        assert client.set("word", "abc")
+        with pytest.raises(MemcachedException) as refusal:
+            client.incr("word", 1)
+        assert refusal.value.code == Status.NON_NUMERIC
+        assert client.decr("n", 1) == 4            # after the workload's increments
+        assert client.delete_multi(["a", "b"])
+        assert client.get_multi(["a", "b", "word"]) == {"word": "abc"}
+    finally:
+        client.disconnect_all()
