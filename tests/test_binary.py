@@ -16,6 +16,8 @@ import struct
 
 import pytest
 
+import memg
+
 from conftest import converse
 from test_protocol import Session
 
@@ -199,6 +201,11 @@ def run(*packets, **settings):
     return Session(**settings).send(b"".join(packets))
 
 
+def named(value):
+    """Test ids for parameters that are opcodes or statuses: their names."""
+    return value.name if isinstance(value, enum.Enum) else None
+
+
 def talk(session, *packets):
     """Every reply to the packets, on a new connection to session's server."""
     return session.send(b"".join(packets))
@@ -233,7 +240,7 @@ def test_getk_returns_the_key_with_a_hit_and_a_miss():
           response(Op.GETK, Status.NOT_FOUND, key=b"nope"))
 
 
-@pytest.mark.parametrize("opcode", [Op.GETQ, Op.GETKQ])
+@pytest.mark.parametrize("opcode", [Op.GETQ, Op.GETKQ], ids=named)
 def test_quiet_gets_send_hits_and_hide_misses(opcode):
     key = b"k" if opcode == Op.GETKQ else b""
     check(run(store(Op.SETQ, b"k", b"v", flags=3), request(opcode, b"nope", opaque=1),
@@ -275,7 +282,7 @@ def test_touch_answers_flags_and_cas_without_the_value():
     check(talk(session, request(Op.GET, b"k")), failure(Op.GET, Status.NOT_FOUND))
 
 
-@pytest.mark.parametrize("opcode", [Op.GAT, Op.GATQ, Op.GATK, Op.GATKQ])
+@pytest.mark.parametrize("opcode", [Op.GAT, Op.GATQ, Op.GATK, Op.GATKQ], ids=named)
 def test_gat_returns_the_item_and_sets_its_expiry(opcode):
     session = Session()
     talk(session, store(Op.SET, b"k", b"v", flags=2, exptime=10))
@@ -293,7 +300,7 @@ def test_gat_returns_the_item_and_sets_its_expiry(opcode):
     (Op.GATK, response(Op.GATK, Status.NOT_FOUND, key=b"k")),
     (Op.GATQ, b""),
     (Op.GATKQ, b""),
-], ids=lambda value: value.name if isinstance(value, Op) else None)
+], ids=named)
 def test_gat_miss(opcode, reply):
     check(run(touching(opcode, b"k", 100), NOOP), reply, DONE)
 
@@ -386,7 +393,7 @@ def test_empty_value_and_binary_data():
           hit(Op.GETK, value, cas=2, key=key))
 
 
-@pytest.mark.parametrize("opcode", [Op.SET, Op.ADD, Op.REPLACE, Op.SETQ])
+@pytest.mark.parametrize("opcode", [Op.SET, Op.ADD, Op.REPLACE, Op.SETQ], ids=named)
 def test_a_cas_in_the_header_makes_a_store_compare_and_swap(opcode):
     # As memcached: set, add and replace with a CAS unique all store only over the
     # item that has it (add too: it does not fail for the key existing).
@@ -401,7 +408,7 @@ def test_a_cas_in_the_header_makes_a_store_compare_and_swap(opcode):
     assert (counters["cas_badval"], counters["cas_misses"], counters["cas_hits"]) == (1, 1, 1)
 
 
-@pytest.mark.parametrize("opcode", [Op.APPEND, Op.PREPENDQ])
+@pytest.mark.parametrize("opcode", [Op.APPEND, Op.PREPENDQ], ids=named)
 def test_append_and_prepend_with_a_cas(opcode):
     session = Session()
     talk(session, store(Op.SET, b"k", b"b"))
@@ -463,7 +470,7 @@ def test_the_size_limit(flag, largest):
 
 @pytest.mark.parametrize("opcode, kept", [
     (Op.SET, False), (Op.SETQ, False), (Op.ADD, True), (Op.REPLACE, True), (Op.APPEND, True),
-    (Op.PREPENDQ, True)], ids=lambda value: value.name if isinstance(value, Op) else None)
+    (Op.PREPENDQ, True)], ids=named)
 def test_a_value_over_the_limit_is_refused(opcode, kept):
     # Refused whatever the cache holds; a set drops the old value, as memcached's:
     # a failed write leaves no stale data readable.
@@ -553,3 +560,424 @@ def test_an_incr_that_does_not_fit_creates_nothing():
     check(talk(session, counter(Op.INCREMENT, b"new", initial=1), request(Op.GET, b"new")),
           response(Op.INCREMENT, Status.NO_MEMORY, value=b"Out of memory allocating new item"),
           failure(Op.GET, Status.NOT_FOUND))
+
+
+# --------------------------------------------------------------------------
+# delete, increment, decrement
+# --------------------------------------------------------------------------
+
+def test_delete():
+    session = Session()
+    check(talk(session, store(Op.SET, b"k", b"v"), request(Op.DELETE, b"k", opaque=1),
+               request(Op.DELETE, b"k", opaque=2), request(Op.GET, b"k")),
+          response(Op.SET, cas=1), response(Op.DELETE, opaque=1),
+          failure(Op.DELETE, Status.NOT_FOUND, opaque=2), failure(Op.GET, Status.NOT_FOUND))
+    counters = session.server.store.snapshot()
+    assert (counters["delete_hits"], counters["delete_misses"]) == (1, 1)
+
+
+def test_deleteq_hides_only_success():
+    check(run(store(Op.SET, b"k", b"v"), request(Op.DELETEQ, b"k", opaque=1),
+              request(Op.DELETEQ, b"k", opaque=2), NOOP),
+          response(Op.SET, cas=1), failure(Op.DELETEQ, Status.NOT_FOUND, opaque=2), DONE)
+
+
+def test_delete_with_a_cas():
+    check(run(store(Op.SET, b"k", b"v"), request(Op.DELETE, b"k", cas=2),
+              request(Op.DELETE, b"no", cas=1), request(Op.GET, b"k"),
+              request(Op.DELETE, b"k", cas=1), request(Op.GET, b"k")),
+          response(Op.SET, cas=1), failure(Op.DELETE, Status.EXISTS),
+          failure(Op.DELETE, Status.NOT_FOUND), hit(Op.GET, b"v", cas=1), response(Op.DELETE),
+          failure(Op.GET, Status.NOT_FOUND))
+
+
+@pytest.mark.parametrize("opcode, delta, result", [
+    (Op.INCREMENT, 5, 15), (Op.DECREMENT, 3, 7), (Op.DECREMENT, 100, 0),
+    (Op.INCREMENT, 2 ** 64 - 1, 9), (Op.INCREMENT, 0, 10)], ids=named)
+def test_incr_and_decr_answer_the_new_value_and_cas(opcode, delta, result):
+    # decr stops at 0, incr wraps at 2**64; the item keeps its flags.
+    check(run(store(Op.SET, b"n", b"10", flags=5), counter(opcode, b"n", delta, opaque=3),
+              request(Op.GET, b"n")),
+          response(Op.SET, cas=1), number(opcode, result, cas=2, opaque=3),
+          hit(Op.GET, b"%d" % result if result >= 10 else b"%d " % result, flags=5, cas=2))
+
+
+def test_a_shorter_result_is_padded_and_a_longer_one_grows():
+    # As memcached writes a shorter number in place, padded with spaces.
+    check(run(store(Op.SET, b"n", b"100"), counter(Op.DECREMENT, b"n", 1), request(Op.GET, b"n"),
+              counter(Op.INCREMENT, b"n", 901), request(Op.GET, b"n")),
+          response(Op.SET, cas=1), number(Op.DECREMENT, 99, cas=2), hit(Op.GET, b"99 ", cas=2),
+          number(Op.INCREMENT, 1000, cas=3), hit(Op.GET, b"1000", cas=3))
+
+
+@pytest.mark.parametrize("opcode", [Op.INCREMENT, Op.DECREMENT], ids=named)
+def test_a_miss_creates_the_initial_value(opcode):
+    # The initial value itself, not initial plus or minus delta; flags 0.
+    check(run(counter(opcode, b"n", 5, initial=7, opaque=1), counter(opcode, b"n", 5),
+              request(Op.GET, b"n")),
+          number(opcode, 7, cas=1, opaque=1), number(opcode, 12 if opcode == Op.INCREMENT else 2,
+                                                      cas=2),
+          hit(Op.GET, b"12" if opcode == Op.INCREMENT else b"2", cas=2))
+
+
+def test_a_created_value_takes_the_expiration():
+    session = Session()
+    check(talk(session, counter(Op.INCREMENT, b"n", initial=2 ** 64 - 1, expiration=10)),
+          number(Op.INCREMENT, 2 ** 64 - 1, cas=1))
+    session.advance(9)
+    check(talk(session, request(Op.GET, b"n")), hit(Op.GET, b"18446744073709551615", cas=1))
+    session.advance(1)
+    check(talk(session, request(Op.GET, b"n")), failure(Op.GET, Status.NOT_FOUND))
+
+
+@pytest.mark.parametrize("opcode", [Op.INCREMENT, Op.DECREMENTQ], ids=named)
+def test_an_expiration_of_all_ones_creates_nothing(opcode):
+    session = Session()
+    check(talk(session, counter(opcode, b"n", initial=7, expiration=0xFFFFFFFF),
+               request(Op.GET, b"n")),
+          failure(opcode, Status.NOT_FOUND), failure(Op.GET, Status.NOT_FOUND))
+    counters = session.server.store.snapshot()
+    misses = "incr_misses" if opcode == Op.INCREMENT else "decr_misses"
+    assert counters[misses] == 1
+
+
+def test_a_created_value_is_no_miss():
+    session = Session()
+    talk(session, counter(Op.INCREMENT, b"n"), counter(Op.DECREMENT, b"m"))
+    counters = session.server.store.snapshot()
+    assert (counters["incr_misses"], counters["decr_misses"]) == (0, 0)
+
+
+@pytest.mark.parametrize("value", [b"abc", b"", b"12abc", b"18446744073709551616", b"-1"],
+                         ids=["letters", "empty", "trailing-letters", "2**64", "negative"])
+def test_incr_of_a_value_that_is_no_number(value):
+    check(run(store(Op.SET, b"n", value), counter(Op.INCREMENT, b"n", opaque=4),
+              counter(Op.DECREMENTQ, b"n", opaque=5), request(Op.GET, b"n")),
+          response(Op.SET, cas=1), failure(Op.INCREMENT, Status.NON_NUMERIC, opaque=4),
+          failure(Op.DECREMENTQ, Status.NON_NUMERIC, opaque=5), hit(Op.GET, value, cas=1))
+
+
+def test_quiet_incr_and_decr_hide_only_success():
+    check(run(counter(Op.INCREMENTQ, b"n", initial=5), counter(Op.INCREMENTQ, b"n", 2),
+              counter(Op.DECREMENTQ, b"n", 1),
+              counter(Op.INCREMENTQ, b"no", expiration=0xFFFFFFFF, opaque=9),
+              request(Op.GET, b"n")),
+          failure(Op.INCREMENTQ, Status.NOT_FOUND, opaque=9), hit(Op.GET, b"6", cas=3))
+
+
+def test_incr_and_decr_with_a_cas():
+    check(run(store(Op.SET, b"n", b"5"), counter(Op.INCREMENT, b"n", cas=9),
+              counter(Op.DECREMENT, b"n", cas=1), counter(Op.DECREMENT, b"n", cas=1),
+              counter(Op.INCREMENT, b"no", initial=3, cas=7)),
+          response(Op.SET, cas=1), failure(Op.INCREMENT, Status.EXISTS),
+          number(Op.DECREMENT, 4, cas=2), failure(Op.DECREMENT, Status.EXISTS),
+          number(Op.INCREMENT, 3, cas=3))          # a miss creates, whatever the CAS
+
+
+def test_an_empty_value_is_no_number_before_its_cas_is_compared():
+    # memcached's do_add_delta refuses an empty value before it compares CAS uniques.
+    check(run(store(Op.SET, b"n", b""), counter(Op.INCREMENT, b"n", cas=9)),
+          response(Op.SET, cas=1), failure(Op.INCREMENT, Status.NON_NUMERIC))
+
+
+# --------------------------------------------------------------------------
+# Everything else: quit flush noop version verbosity, unknown opcodes
+# --------------------------------------------------------------------------
+
+def test_quit_answers_then_closes():
+    session = Session()
+    check(talk(session, request(Op.QUIT, opaque=2), request(Op.VERSION)),
+          response(Op.QUIT, opaque=2))
+    assert session.protocol.closing
+
+
+def test_quitq_closes_silently():
+    session = Session()
+    assert talk(session, store(Op.SETQ, b"k", b"v"), request(Op.QUITQ), NOOP) == b""
+    assert session.protocol.closing
+    assert session.server.store.get(b"k") is not None
+
+
+def test_flush():
+    check(run(store(Op.SET, b"k", b"v"), flush(opaque=1), request(Op.GET, b"k"),
+              store(Op.SET, b"k", b"v"), flush(0, opcode=Op.FLUSHQ), NOOP, request(Op.GET, b"k")),
+          response(Op.SET, cas=1), response(Op.FLUSH, opaque=1), failure(Op.GET, Status.NOT_FOUND),
+          response(Op.SET, cas=2), DONE, failure(Op.GET, Status.NOT_FOUND))
+
+
+def test_flush_with_a_delay():
+    # As memcached: the deadline is the second before the delay runs out, and what
+    # is stored until then goes too.
+    session = Session()
+    check(talk(session, store(Op.SET, b"k", b"v"), flush(10), request(Op.GET, b"k")),
+          response(Op.SET, cas=1), response(Op.FLUSH), hit(Op.GET, b"v", cas=1))
+    session.advance(8)
+    check(talk(session, store(Op.SET, b"late", b"v"), request(Op.GET, b"k")),
+          response(Op.SET, cas=2), hit(Op.GET, b"v", cas=1))
+    session.advance(1)
+    check(talk(session, request(Op.GET, b"k"), request(Op.GET, b"late")),
+          failure(Op.GET, Status.NOT_FOUND), failure(Op.GET, Status.NOT_FOUND))
+    assert session.server.store.snapshot()["cmd_flush"] == 1
+
+
+def test_flush_disabled_is_an_auth_error():
+    # memcached's status for a flush that -F forbids.
+    check(run(store(Op.SET, b"k", b"v"), flush(), flush(opcode=Op.FLUSHQ), request(Op.GET, b"k"),
+              flush_enabled=False),
+          response(Op.SET, cas=1), failure(Op.FLUSH, Status.AUTH_ERROR),
+          failure(Op.FLUSHQ, Status.AUTH_ERROR), hit(Op.GET, b"v", cas=1))
+
+
+def test_noop_and_version():
+    # version is the memcached release whose protocol memg follows, alone.
+    check(run(request(Op.NOOP, opaque=1), request(Op.VERSION, opaque=2)),
+          response(Op.NOOP, opaque=1), response(Op.VERSION, value=b"1.6.21", opaque=2))
+
+
+@pytest.mark.parametrize("opcode", [Op.VERBOSITY, 0x25, 0x30, 0x48, 0x80, 0xFF],
+                         ids=lambda opcode: "0x%02x" % opcode)
+def test_unknown_opcodes(opcode):
+    # memcached 1.6.18 answers verbosity (0x1b) as unknown too.  As memcached, the
+    # body is discarded after the extras and key have been read: as many bytes as
+    # the whole body, so that extras and key's length more go too.
+    packet = request(opcode, b"key", b"value", extras=b"ext", opaque=4)
+    proto = Session().connect()
+    check(proto.receive_data(packet + b"ext" + b"key" + NOOP),
+          failure(opcode, Status.UNKNOWN_COMMAND, opaque=4), DONE)
+    assert not proto.closing
+
+
+# --------------------------------------------------------------------------
+# Statistics: stat with and without a group
+# --------------------------------------------------------------------------
+
+def stat_packets(replies, opaque=0):
+    """A stat's reply as {name: value} of bytes: a packet per statistic, then an
+    empty one; each a success echoing opaque."""
+    packets = parse(replies)
+    assert packets[-1] == parse(response(Op.STAT, opaque=opaque))[0]
+    for packet in packets:
+        assert (packet.opcode, packet.status, packet.extras, packet.opaque, packet.cas) == (
+            Op.STAT, Status.SUCCESS, b"", opaque, 0)
+    return {packet.key: packet.value for packet in packets[:-1]}
+
+
+def test_stat_general():
+    session = Session()
+    talk(session, store(Op.SET, b"a", b"x"), request(Op.GET, b"a"), request(Op.GET, b"b"))
+    stats = stat_packets(talk(session, request(Op.STAT, opaque=6)), opaque=6)
+    assert list(stats)[:4] == [b"pid", b"uptime", b"time", b"version"]
+    assert stats[b"version"] == b"1.6.21"
+    assert (stats[b"curr_items"], stats[b"cmd_get"], stats[b"get_hits"], stats[b"cmd_set"]) == (
+        b"1", b"2", b"1", b"1")
+
+
+def test_stat_groups_as_the_text_protocol_reports_them():
+    session = Session(track_sizes=True)
+    talk(session, store(Op.SET, b"a", b"x" * 100))
+    for group in (b"settings", b"items", b"slabs", b"sizes"):
+        text = session.send(b"stats %s\r\n" % group)
+        stats = stat_packets(talk(session, request(Op.STAT, group)))
+        assert b"".join(b"STAT %s %s\r\n" % row for row in stats.items()) + b"END\r\n" == text
+    assert stat_packets(talk(session, request(Op.STAT, b"items")))[b"items:1:number"] == b"1"
+
+
+def test_stat_of_an_empty_cache():
+    check(run(request(Op.STAT, b"items"), request(Op.STAT, b"slabs"), request(Op.STAT, b"sizes")),
+          response(Op.STAT), response(Op.STAT, key=b"active_slabs", value=b"0"),
+          response(Op.STAT, key=b"total_malloced", value=b"0"), response(Op.STAT),
+          response(Op.STAT, key=b"sizes_status", value=b"disabled"), response(Op.STAT))
+
+
+def test_stat_reset():
+    session = Session()
+    talk(session, store(Op.SET, b"a", b"x"), request(Op.GET, b"a"))
+    check(talk(session, request(Op.STAT, b"reset", opaque=3)), response(Op.STAT, opaque=3))
+    stats = stat_packets(talk(session, request(Op.STAT)))
+    assert (stats[b"cmd_get"], stats[b"cmd_set"], stats[b"curr_items"]) == (b"0", b"0", b"1")
+
+
+@pytest.mark.parametrize("group", [b"nosuch", b"conns", b"detail", b"cachedump 1 0", b"RESET"])
+def test_stat_of_an_unknown_group(group):
+    # memcached's binary stat has no conns group (its text protocol's has one).
+    check(run(request(Op.STAT, group, opaque=1)), failure(Op.STAT, Status.NOT_FOUND, opaque=1))
+
+
+def test_settings_show_the_protocol():
+    for settings, shown in [({}, b"auto-negotiate"), ({"protocol": "binary"}, b"binary")]:
+        stats = stat_packets(run(request(Op.STAT, b"settings"), **settings))
+        assert stats[b"binding_protocol"] == shown
+        assert stats[b"auth_enabled_sasl"] == b"no"
+
+
+# --------------------------------------------------------------------------
+# -B: which protocol a connection speaks
+# --------------------------------------------------------------------------
+
+def test_auto_lets_the_first_byte_choose():
+    session = Session()
+    check(talk(session, request(Op.VERSION), b"version\r\n"), response(Op.VERSION, value=b"1.6.21"))
+    assert session.protocol.closing                  # text is a bad magic byte here
+    # A text connection reads a packet as text: the noop's opcode is a newline.
+    assert talk(session, b"version\r\n", NOOP) == b"VERSION 1.6.21\r\nERROR\r\n"
+
+
+def test_ascii_reads_a_packet_as_text():
+    # "\x80" is one line (the noop's opcode is a newline), the rest another, cut at
+    # its first NUL.
+    assert run(NOOP + b"mn\r\n", protocol="ascii") == b"ERROR\r\nERROR\r\n"
+
+
+def test_binary_closes_on_text():
+    session = Session(protocol="binary")
+    assert talk(session, b"version\r\n", NOOP) == b""
+    assert session.protocol.closing
+    check(talk(session, NOOP), DONE)
+
+
+# --------------------------------------------------------------------------
+# Lengths and framing
+# --------------------------------------------------------------------------
+
+def closes(session, *packets):
+    """The replies to packets, received at once on a new connection without the
+    end of the input, and whether the connection then closes."""
+    proto = session.connect()
+    reply = proto.receive_data(b"".join(packets))
+    return reply, proto.closing
+
+
+def test_packets_received_together_are_answered_in_order():
+    session = Session()
+    proto = session.connect()
+    check(proto.receive_data(b"".join(request(Op.NOOP, opaque=n) for n in range(100))),
+          *[response(Op.NOOP, opaque=n) for n in range(100)])
+    assert not proto.closing
+
+
+@pytest.mark.parametrize("magic", [0x00, 0x81, 0x7F, ord("g")])
+def test_a_bad_magic_byte_closes_without_a_reply(magic):
+    reply, closed = closes(Session(), NOOP, request(Op.NOOP, magic=magic), NOOP)
+    check(reply, DONE)
+    assert closed
+
+
+@pytest.mark.parametrize("packet", [
+    request(Op.GET, b"kk", bodylen=1),                  # key longer than the body
+    store(Op.SET, b"k", b"", bodylen=8),                # extras and key longer
+    request(Op.STAT, b"k", extras=b"e", bodylen=1),
+    request(0x50, b"key", bodylen=2),                   # whatever the opcode
+], ids=["key", "extras-and-key", "stat", "unknown-opcode"])
+def test_a_body_shorter_than_extras_and_key_closes(packet):
+    reply, closed = closes(Session(), packet, NOOP)
+    opcode = packet[1]
+    check(reply, failure(opcode, Status.UNKNOWN_COMMAND))
+    assert closed
+
+
+def test_a_key_of_250_bytes_is_the_longest():
+    check(run(store(Op.SET, b"k" * 250, b"v"), request(Op.GETK, b"k" * 250)),
+          response(Op.SET, cas=1), hit(Op.GETK, b"v", cas=1, key=b"k" * 250))
+
+
+@pytest.mark.parametrize("opcode", [Op.GET, Op.SET, Op.DELETE, Op.INCREMENT, Op.APPEND,
+                                    Op.TOUCH, Op.GATKQ, Op.STAT, 0x50], ids=named)
+def test_a_key_over_250_bytes_closes(opcode):
+    reply, closed = closes(Session(), request(opcode, b"k" * 251), NOOP)
+    check(reply, failure(opcode, Status.INVALID))
+    assert closed
+
+
+# Requests whose lengths do not fit their opcode (memcached's checks, as in
+# dispatch_bin_command): each is answered "Invalid arguments", then the close.
+BAD_LENGTHS = [
+    request(Op.GET, b"k", extras=b"x"), request(Op.GETQ), request(Op.GETK, b"k", b"v"),
+    request(Op.GETKQ, extras=b"x"),
+    request(Op.SET, b"k", b"v", b"1234"), store(Op.ADD, b"", b"v"), request(Op.REPLACE, b"k", b"v"),
+    request(Op.SETQ, b"k"),
+    request(Op.APPEND, b"", b"v"), request(Op.PREPEND, b"k", b"v", b"12345678"),
+    request(Op.APPENDQ, extras=b"1"),
+    request(Op.DELETE), request(Op.DELETE, b"k", b"v"), request(Op.DELETEQ, b"k", extras=b"1234"),
+    request(Op.INCREMENT, b"k"), counter(Op.DECREMENT, b""),
+    request(Op.INCREMENTQ, b"k", b"v", bytes(20)), request(Op.DECREMENTQ, b"k", extras=bytes(8)),
+    request(Op.TOUCH, b"k"), touching(Op.GAT, b"", 0), request(Op.GATQ, b"k", extras=bytes(8)),
+    request(Op.GATK, b"k", extras=bytes(3)),
+    request(Op.FLUSH, extras=bytes(8)), request(Op.FLUSHQ, b"k"), request(Op.FLUSH, value=b"v"),
+    request(Op.FLUSH, extras=bytes(4), value=b"v"),
+    request(Op.NOOP, b"k"), request(Op.NOOP, value=b"v"), request(Op.VERSION, extras=b"x"),
+    request(Op.QUIT, b"k"), request(Op.QUITQ, value=b"v"), request(Op.STAT, extras=b"x"),
+    request(Op.SASL_LIST_MECHS, value=b"v"), request(Op.SASL_AUTH, value=b"v"),
+    request(Op.SASL_STEP, b"PLAIN", extras=b"x"),
+]
+
+
+@pytest.mark.parametrize("packet", BAD_LENGTHS,
+                         ids=["%s-%d" % (Op(packet[1]).name, number)
+                              for number, packet in enumerate(BAD_LENGTHS)])
+def test_lengths_that_do_not_fit_the_opcode_close(packet):
+    reply, closed = closes(Session(), packet, NOOP)
+    check(reply, failure(packet[1], Status.INVALID))
+    assert closed
+
+
+def test_a_body_beyond_what_the_opcode_reads_is_read_as_packets():
+    # touch reads its extras and key; stat its key.  As in memcached, what more the
+    # body length claims is the next packet.
+    check(run(touching(Op.TOUCH, b"k", 0, bodylen=5 + 24), NOOP,
+              request(Op.STAT, b"reset", bodylen=5 + 24), NOOP),
+          failure(Op.TOUCH, Status.NOT_FOUND), DONE, response(Op.STAT), DONE)
+
+
+def test_a_packet_cut_anywhere_is_answered_once_complete():
+    packets = [store(Op.SET, b"key", b"value", flags=3, opaque=1), request(Op.GETK, b"key", opaque=2),
+               counter(Op.INCREMENT, b"n", initial=5, opaque=3)]
+    expected = [response(Op.SET, cas=1, opaque=1),
+                hit(Op.GETK, b"value", flags=3, cas=1, key=b"key", opaque=2),
+                number(Op.INCREMENT, 5, cas=2, opaque=3)]
+    script = b"".join(packets)
+    for cut in range(1, len(script)):
+        proto = Session().connect()
+        replies = proto.receive_data(script[:cut]) + proto.receive_data(script[cut:])
+        check(replies, *expected)
+
+
+@pytest.mark.parametrize("packet, reply", [
+    (store(Op.SET, b"k", b"", bodylen=0xFFFFFFFF), failure(Op.SET, Status.TOO_LARGE)),
+    (request(Op.APPENDQ, b"k", bodylen=0xFFFFFFFF), failure(Op.APPENDQ, Status.TOO_LARGE)),
+    (request(0x50, b"k", bodylen=0xFFFFFFFF), failure(0x50, Status.UNKNOWN_COMMAND)),
+], ids=["set", "appendq", "unknown"])
+def test_a_body_of_4_gb_is_refused_at_once_and_discarded(packet, reply):
+    proto = Session().connect()
+    check(proto.receive_data(packet), reply)
+    for _ in range(64):
+        assert proto.receive_data(b"x" * 65536) == b""
+        assert len(proto.buffer) <= 65536 and proto.block.parts is None
+    assert not proto.closing
+
+
+@pytest.mark.parametrize("packet", [request(Op.GET, b"k", bodylen=0xFFFFFFFF),
+                                    request(Op.NOOP, bodylen=0xFFFFFFFF)], ids=["get", "noop"])
+def test_a_body_of_4_gb_that_the_opcode_cannot_have_closes(packet):
+    reply, closed = closes(Session(), packet, b"x" * 1000)
+    check(reply, failure(packet[1], Status.INVALID))
+    assert closed
+
+
+def test_input_ending_inside_a_packet_closes():
+    session = Session()
+    for part in (NOOP[:20], request(Op.GET, b"key")[:26]):
+        assert talk(session, NOOP, part) == DONE
+        assert session.protocol.closing
+
+
+def test_replies_beyond_the_output_bound_wait_for_the_engine():
+    session = Session()
+    talk(session, store(Op.SET, b"k", b"x" * 1000))
+    proto = session.connect()
+    first = proto.receive_data(request(Op.GET, b"k") * 1000)
+    assert memg.OUTPUT_LIMIT <= len(first) < memg.OUTPUT_LIMIT + 2000
+    assert proto.pending
+    rest = b""
+    while proto.pending:
+        rest += proto.data_to_send()
+    check(first + rest, hit(Op.GET, b"x" * 1000, cas=1) * 1000)
