@@ -981,3 +981,205 @@ def test_replies_beyond_the_output_bound_wait_for_the_engine():
     while proto.pending:
         rest += proto.data_to_send()
     check(first + rest, hit(Op.GET, b"x" * 1000, cas=1) * 1000)
+
+
+# --------------------------------------------------------------------------
+# SASL (-S): PLAIN against the password database
+# --------------------------------------------------------------------------
+
+AUTH = request(Op.SASL_AUTH, b"PLAIN", plain(b"alice", b"secret"))
+AUTHENTICATED = response(Op.SASL_AUTH, value=b"Authenticated")
+START = request(Op.SASL_AUTH, b"PLAIN")                    # PLAIN with no data yet
+CONTINUE = response(Op.SASL_AUTH, Status.AUTH_CONTINUE)
+STEP = request(Op.SASL_STEP, b"PLAIN", plain(b"alice", b"secret"))
+STEPPED = response(Op.SASL_STEP, value=b"Authenticated")
+WRONG = request(Op.SASL_AUTH, b"PLAIN", plain(b"alice", b"wrong"))
+WRONG_STEP = request(Op.SASL_STEP, b"PLAIN", plain(b"alice", b"wrong"))
+# What an unauthenticated get gets: an auth error, then the close.
+REFUSED = failure(Op.GET, Status.AUTH_ERROR)
+
+
+@pytest.fixture
+def sasl(tmp_path):
+    """A server with -S and its password database."""
+    path = tmp_path / "sasl-passwords"
+    path.write_bytes(b"alice:secret\nbob:pass:word\n")
+    return Session(sasl=True, sasl_pwdb=str(path))
+
+
+def test_sasl_makes_the_protocol_binary(sasl):
+    assert sasl.server.settings.protocol == "binary"
+    stats = stat_packets(talk(sasl, AUTH, request(Op.STAT, b"settings"))[len(AUTHENTICATED):])
+    assert (stats[b"auth_enabled_sasl"], stats[b"binding_protocol"]) == (b"yes", b"binary")
+
+
+def test_sasl_list_mechanisms(sasl):
+    check(talk(sasl, request(Op.SASL_LIST_MECHS, opaque=8)),
+          response(Op.SASL_LIST_MECHS, value=b"PLAIN", opaque=8))
+
+
+def test_sasl_right_password(sasl):
+    check(talk(sasl, AUTH, store(Op.SET, b"k", b"v"), request(Op.GET, b"k")),
+          AUTHENTICATED, response(Op.SET, cas=1), hit(Op.GET, b"v", cas=1))
+
+
+@pytest.mark.parametrize("message", [
+    plain(b"alice", b"wrong"), plain(b"carol", b"secret"), plain(b"bob", b"pass"),
+    plain(b"alice", b"secret", b"bob"),            # to act as another user
+    b"alice\0secret", plain(b"alice", b"secret") + b"\0", b"",
+], ids=["wrong-password", "unknown-user", "password-prefix", "authzid-another-user",
+        "two-fields", "four-fields", "empty-step"])
+def test_sasl_refusals(sasl, message):
+    # The connection stays open, unauthenticated: the next get is refused and closes.
+    opcode = Op.SASL_STEP if not message else Op.SASL_AUTH
+    first = START if not message else b""
+    reply = talk(sasl, first, request(opcode, b"PLAIN", message), request(Op.GET, b"k"), NOOP)
+    check(reply, CONTINUE if first else b"", failure(opcode, Status.AUTH_ERROR), REFUSED)
+
+
+@pytest.mark.parametrize("message", [
+    plain(b"alice", b"secret", b"alice"), plain(b"bob", b"pass:word")],
+    ids=["authzid-the-same-user", "colon-in-password"])
+def test_sasl_accepted(sasl, message):
+    check(talk(sasl, request(Op.SASL_AUTH, b"PLAIN", message), request(Op.GET, b"k")),
+          AUTHENTICATED, failure(Op.GET, Status.NOT_FOUND))
+
+
+def test_sasl_mechanism_names_are_case_blind(sasl):
+    check(talk(sasl, request(Op.SASL_AUTH, b"plain", plain(b"alice", b"secret"))), AUTHENTICATED)
+
+
+def test_sasl_unknown_mechanism(sasl):
+    check(talk(sasl, request(Op.SASL_AUTH, b"CRAM-MD5", b"x"), request(Op.VERSION)),
+          failure(Op.SASL_AUTH, Status.AUTH_ERROR), response(Op.VERSION, value=b"1.6.21"))
+
+
+def test_sasl_mechanism_name_over_32_bytes(sasl):
+    # memcached refuses it before SASL sees it: invalid, its data discarded, and
+    # the connection's state (authenticated here) unchanged.
+    check(talk(sasl, AUTH, request(Op.SASL_AUTH, b"P" * 33, plain(b"alice", b"secret")),
+               request(Op.GET, b"k")),
+          AUTHENTICATED, failure(Op.SASL_AUTH, Status.INVALID), failure(Op.GET, Status.NOT_FOUND))
+
+
+def test_sasl_data_over_the_item_size_is_refused_at_once(tmp_path):
+    # memcached reads SASL data into an item, so the size limit bounds it ("Out of
+    # memory" when it cannot have one): an unauthenticated client cannot make the
+    # server hold gigabytes.
+    path = tmp_path / "sasl-passwords"
+    path.write_bytes(b"alice:secret\n")
+    proto = Session(sasl=True, sasl_pwdb=str(path), item_size_max=1024).connect()
+    check(proto.receive_data(request(Op.SASL_AUTH, b"PLAIN", bodylen=0xFFFFFFFF)),
+          failure(Op.SASL_AUTH, Status.NO_MEMORY))
+    for _ in range(16):
+        assert proto.receive_data(b"x" * 65536) == b""
+        assert len(proto.buffer) <= 65536 and proto.block.parts is None
+
+
+def test_sasl_plain_without_data_continues_then_a_step_authenticates(sasl):
+    check(talk(sasl, START, START, STEP, request(Op.GET, b"k")),
+          CONTINUE, CONTINUE, STEPPED, failure(Op.GET, Status.NOT_FOUND))
+
+
+def test_sasl_a_failed_step_may_be_tried_again(sasl):
+    # Cyrus's PLAIN ends a conversation only when it succeeds.
+    check(talk(sasl, START, WRONG_STEP, STEP, request(Op.GET, b"k")),
+          CONTINUE, failure(Op.SASL_STEP, Status.AUTH_ERROR), STEPPED,
+          failure(Op.GET, Status.NOT_FOUND))
+
+
+def test_sasl_step_before_auth(sasl):
+    check(talk(sasl, STEP, request(Op.VERSION), request(Op.GET, b"k")),
+          failure(Op.SASL_STEP, Status.AUTH_ERROR), response(Op.VERSION, value=b"1.6.21"),
+          REFUSED)
+
+
+def test_sasl_a_failed_auth_ends_the_conversation(sasl):
+    check(talk(sasl, START, WRONG, STEP, AUTH),
+          CONTINUE, failure(Op.SASL_AUTH, Status.AUTH_ERROR),
+          failure(Op.SASL_STEP, Status.AUTH_ERROR), AUTHENTICATED)
+
+
+def test_sasl_a_second_auth_after_success_fails_and_unauthenticates(sasl):
+    # As memcached with Cyrus: the first auth after a success fails (the
+    # connection is then unauthenticated), and it ends that conversation, so
+    # that the next one may succeed.
+    check(talk(sasl, AUTH, AUTH, request(Op.GET, b"k")),
+          AUTHENTICATED, failure(Op.SASL_AUTH, Status.AUTH_ERROR), REFUSED)
+    check(talk(sasl, AUTH, AUTH, AUTH, request(Op.GET, b"k")),
+          AUTHENTICATED, failure(Op.SASL_AUTH, Status.AUTH_ERROR), AUTHENTICATED,
+          failure(Op.GET, Status.NOT_FOUND))
+
+
+def test_sasl_after_success_a_step_fails_and_so_does_a_new_conversation(sasl):
+    # Cyrus refuses to step a conversation that succeeded, and PLAIN without data
+    # starts none: it continues, and its step fails.
+    check(talk(sasl, AUTH, STEP, request(Op.GET, b"k")),
+          AUTHENTICATED, failure(Op.SASL_STEP, Status.AUTH_ERROR), REFUSED)
+    check(talk(sasl, AUTH, START, STEP, AUTH, AUTH),
+          AUTHENTICATED, CONTINUE, failure(Op.SASL_STEP, Status.AUTH_ERROR),
+          failure(Op.SASL_AUTH, Status.AUTH_ERROR), AUTHENTICATED)
+
+
+def test_sasl_each_connection_authenticates_for_itself(sasl):
+    check(talk(sasl, AUTH), AUTHENTICATED)
+    check(talk(sasl, request(Op.GET, b"k")), REFUSED)
+
+
+UNAUTHENTICATED = [
+    request(Op.GET, b"k"), request(Op.GETKQ, b"k"), store(Op.SET, b"k", b"v"),
+    store(Op.ADDQ, b"k", b"v"), request(Op.APPEND, b"k", b"v"), request(Op.DELETE, b"k"),
+    counter(Op.INCREMENT, b"k"), touching(Op.GAT, b"k", 0), request(Op.QUIT), request(Op.QUITQ),
+    flush(), request(Op.NOOP), request(Op.STAT), request(Op.STAT, b"reset"),
+    request(Op.VERBOSITY, extras=bytes(4)), request(0x50, b"k", b"v"),
+    request(Op.GET, b"k", extras=b"x"),              # lengths are checked after
+    request(Op.GET, b"k" * 251),
+]
+
+
+@pytest.mark.parametrize("packet", UNAUTHENTICATED,
+                         ids=["%02x-%d" % (packet[1], number)
+                              for number, packet in enumerate(UNAUTHENTICATED)])
+def test_sasl_unauthenticated_commands_are_refused_and_close(sasl, packet):
+    reply, closed = closes(sasl, packet, request(Op.VERSION))
+    check(reply, failure(packet[1], Status.AUTH_ERROR))
+    assert closed
+
+
+def test_sasl_version_needs_no_authentication(sasl):
+    check(talk(sasl, request(Op.VERSION), request(Op.VERSION)),
+          response(Op.VERSION, value=b"1.6.21") * 2)
+
+
+def test_sasl_a_body_shorter_than_its_key_closes_before_authentication(sasl):
+    reply, closed = closes(sasl, request(Op.GET, b"kk", bodylen=1))
+    check(reply, failure(Op.GET, Status.UNKNOWN_COMMAND))
+    assert closed
+
+
+def test_sasl_attempts_are_counted(sasl):
+    # Successes and failures count; a "continue" and a refused mechanism name do not.
+    talk(sasl, AUTH)
+    talk(sasl, WRONG)
+    talk(sasl, STEP)
+    talk(sasl, START, STEP)
+    talk(sasl, request(Op.SASL_AUTH, b"P" * 33, b"x"))
+    stats = stat_packets(talk(sasl, AUTH, request(Op.STAT))[len(AUTHENTICATED):])
+    assert (stats[b"auth_cmds"], stats[b"auth_errors"]) == (b"5", b"2")
+
+
+@pytest.mark.parametrize("packet", [
+    request(Op.SASL_LIST_MECHS), request(Op.SASL_AUTH, b"PLAIN", plain(b"alice", b"secret")),
+    request(Op.SASL_STEP, b"PLAIN", b"data")], ids=["list", "auth", "step"])
+def test_without_sasl_its_opcodes_are_unknown(packet):
+    # Their data is discarded: the noop after them is read.
+    proto = Session().connect()
+    check(proto.receive_data(packet + NOOP), failure(packet[1], Status.UNKNOWN_COMMAND), DONE)
+    assert not proto.closing
+
+
+def test_sasl_needs_a_password_database(tmp_path):
+    with pytest.raises(ValueError, match="MEMCACHED_SASL_PWDB"):
+        memg.Server(port=0, sasl=True)
+    with pytest.raises(ValueError, match="needs the binary protocol"):
+        memg.Server(port=0, sasl=True, sasl_pwdb=str(tmp_path), protocol="ascii")
