@@ -1,24 +1,70 @@
 """The server as a real ``python memg.py`` process on a free port: conformance with
-libmemcached's memccapable, memory bounds, abrupt clients, concurrent clients."""
+libmemcached's memccapable in both protocols and its load generator memcslap in the
+binary one (with SASL too), memory bounds, abrupt clients, concurrent clients."""
 
+import os
+import re
 import socket
 import struct
 import subprocess
 import threading
 import time
 
+import bmemcached
+import pytest
+
 from conftest import proc_status, require_tool, set_many, start_memg, stats, wait_for
 
 
 # -- conformance ------------------------------------------------------------------
 
-def test_memccapable_ascii_passes_every_test(memg):
+@pytest.mark.parametrize("protocol", ["-a", "-b"], ids=["ascii", "binary"])
+def test_memccapable_passes_every_test(memg, protocol):
     result = subprocess.run(
-        [require_tool("memccapable"), "-a", "-h", "127.0.0.1", "-p", str(memg.port)],
+        [require_tool("memccapable"), protocol, "-h", "127.0.0.1", "-p", str(memg.port)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All tests passed" in result.stdout
-    assert "[fail]" not in result.stdout
+    assert "[fail]" not in result.stdout.lower()
+
+
+def memcslap(server, test, *options, threads=4, repeat=2000):
+    """Run libmemcached's memcslap in the binary protocol: each of threads does test
+    (set, get or mget) over repeat keys.  Returns how many keys it reports done and
+    what it wrote to stderr (each failed request is a "Fatal error" line there; its
+    exit status does not tell)."""
+    result = subprocess.run(
+        [require_tool("memcslap"), "--binary", "--servers=127.0.0.1:%d" % server.port,
+         "--test=" + test, "--concurrency=%d" % threads, "--execute-number=%d" % repeat]
+        + list(options), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    done = re.search(r"Time to %s +(\d+) keys by +%d threads" % (test, threads),
+                     result.stdout)
+    assert done, result.stdout
+    return int(done.group(1)), result.stderr
+
+
+@pytest.mark.parametrize("test", ["set", "get", "mget"])
+def test_memcslap_binary_load_has_no_errors(memg, test):
+    assert memcslap(memg, test) == (4 * 2000, "")
+
+
+def test_memcslap_binary_with_sasl_needs_the_password(tmp_path):
+    (tmp_path / "pwdb").write_text("alice:secret\n")
+    server = start_memg("-S", env=dict(os.environ, MEMCACHED_SASL_PWDB=str(tmp_path / "pwdb")))
+    try:
+        assert memcslap(server, "get", "--username=alice", "--password=secret",
+                        threads=2, repeat=500) == (2 * 500, "")
+        done, errors = memcslap(server, "set", "--username=alice", "--password=wrong",
+                                threads=2, repeat=500)
+        assert done == 0
+        assert errors.count("AUTHENTICATION FAILURE") == 2, errors     # once a thread
+        admin = bmemcached.Client(["127.0.0.1:%d" % server.port], "alice", "secret")
+        (numbers,) = admin.stats().values()
+        admin.disconnect_all()
+        assert numbers["auth_errors"] == b"2"
+    finally:
+        server.stop()
 
 
 def test_seed_telnet_transcript(client):
