@@ -1,20 +1,24 @@
-"""memg's text protocol under random input: it never breaks, and it keeps
-memcached's semantics.
+"""memg's protocols under random input: they never break, and the text protocol
+keeps memcached's semantics.
 
 Two kinds of test:
 
-1. A byte-level fuzz of memg.TextProtocol, in-process without sockets (as
+1. A byte-level fuzz of memg's protocols, in-process without sockets (as
    test_protocol.Session).  Inputs are random bytes, and mutated or spliced copies
    of a corpus of valid commands (every command word, odd numbers, NUL and high
-   bytes, lone CR, LF-only lines, lengths claiming 4 GB, truncated data blocks).
+   bytes, lone CR, LF-only lines, lengths claiming 4 GB, truncated data blocks),
+   and of a corpus of binary protocol packets (every opcode and its quiet form,
+   lengths that do not fit, bodies claiming 4 GB, truncated packets); an input
+   whose first byte is the binary magic is read as binary packets (-B auto).
    For each input: memg never sends an internal error; nothing prints a traceback;
    the output is a sequence of well-formed memcached replies (VALUE and VA data
-   blocks parsed by the length their header states); the same input cut into
-   random pieces, handed over one piece at a time, gets the same replies and leaves
-   the same items (unless a line is longer than memcached reads at once, where its
-   own answer depends on how the bytes arrive); afterwards a fresh connection can
-   still set and get, the store's byte count is the sum of its items' costs, its
-   size histogram matches its items, and ``stats`` agrees with the store.
+   blocks parsed by the length their header states), or of well-formed response
+   packets; the same input cut into random pieces, handed over one piece at a
+   time, gets the same replies and leaves the same items (unless a text line is
+   longer than memcached reads at once, where its own answer depends on how the
+   bytes arrive); afterwards a fresh connection can still set and get, the
+   store's byte count is the sum of its items' costs, its size histogram matches
+   its items, and ``stats`` agrees with the store.
    Hypothesis generates some inputs, and a seeded random loop always runs
    FUZZ_CASES more.
 
@@ -35,7 +39,6 @@ import contextlib
 import io
 import random
 import re
-import struct
 import time
 import zlib
 
@@ -48,6 +51,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 import memg
 import conftest
 from conftest import Clock, start_memcached
+from test_binary import (HEADER, Op, Status, counter, flush, parse, plain, request, store,
+                         touching)
 from test_protocol import Session
 
 # The seeded loop runs exactly this many inputs, whatever Hypothesis does.
@@ -138,6 +143,64 @@ def mutate(data, edits):
     return bytes(data)
 
 
+# -- the binary protocol's packets ------------------------------------------------
+
+KEYS = [b"k", b"n", b"key", b"\x00\x01\x02", b"nope"]     # (the prelude's, and a miss)
+BINARY_CORPUS = [
+    *[request(opcode, key, opaque=7) for opcode in (Op.GET, Op.GETQ, Op.GETK, Op.GETKQ)
+      for key in KEYS],
+    *[store(opcode, b"k", b"v", flags=5, exptime=100) for opcode in (
+        Op.SET, Op.ADD, Op.REPLACE, Op.SETQ, Op.ADDQ, Op.REPLACEQ)],
+    store(Op.SET, b"n", b"12", cas=1), store(Op.ADD, b"new", b"", exptime=0xFFFFFFFF),
+    store(Op.SET, b"big", b"v" * 70000), store(Op.REPLACEQ, b"key", b"abc", cas=2 ** 64 - 1),
+    store(Op.SET, b"k", b"v", exptime=2592001), store(Op.SETQ, b"\x00\x01\x02", b"\r\n"),
+    *[request(opcode, b"k", b"tail") for opcode in (Op.APPEND, Op.PREPEND, Op.APPENDQ,
+                                                     Op.PREPENDQ)],
+    request(Op.APPEND, b"nope", b"x"), request(Op.PREPEND, b"k", b"x", cas=3),
+    *[request(opcode, key, cas=cas) for opcode in (Op.DELETE, Op.DELETEQ) for key, cas in (
+        (b"k", 0), (b"nope", 0), (b"n", 2))],
+    *[counter(opcode, key, delta, initial, expiration) for opcode in (
+        Op.INCREMENT, Op.DECREMENT, Op.INCREMENTQ, Op.DECREMENTQ) for key, delta, initial,
+      expiration in ((b"n", 1, 0, 0), (b"new", 5, 7, 10), (b"nope", 1, 1, 0xFFFFFFFF),
+                     (b"k", 2 ** 64 - 1, 2 ** 64 - 1, 0))],
+    counter(Op.INCREMENT, b"n", cas=1),
+    *[touching(opcode, key, exptime) for opcode in (
+        Op.TOUCH, Op.GAT, Op.GATQ, Op.GATK, Op.GATKQ) for key, exptime in (
+        (b"k", 0), (b"key", 100), (b"nope", 10), (b"n", 2592001))],
+    flush(), flush(0), flush(10), flush(opcode=Op.FLUSHQ), flush(1000000000, opcode=Op.FLUSHQ),
+    request(Op.NOOP), request(Op.VERSION), request(Op.QUIT), request(Op.QUITQ),
+    *[request(Op.STAT, group) for group in (
+        b"", b"settings", b"items", b"slabs", b"sizes", b"conns", b"reset", b"nosuch")],
+    request(Op.VERBOSITY, extras=bytes(4)) + bytes(4), request(0x50, b"k", b"v") + b"k",
+    request(Op.SASL_LIST_MECHS), request(Op.SASL_AUTH, b"PLAIN", plain(b"a", b"b")),
+    request(Op.SASL_STEP, b"PLAIN", b"x"),
+]
+# Packets that do not fit their opcode, claim more than follows, or are cut short.
+BINARY_ODD = [
+    request(Op.GET, b"k", extras=b"x"), request(Op.GET, b"kk", bodylen=1),
+    store(Op.SET, b"k", b"", bodylen=8), request(Op.SET, b"k", b"v"),
+    request(Op.GET, b"k" * 251), request(Op.INCREMENT, b"n"), request(Op.NOOP, value=b"v"),
+    request(Op.FLUSH, extras=bytes(8)), request(Op.STAT, extras=b"x"),
+    store(Op.SET, b"k", b"v", bodylen=0xFFFFFFFF), store(Op.SET, b"k", b"v", bodylen=1048600),
+    request(Op.APPEND, b"k", bodylen=0x7FFFFFFF), request(0x50, b"k", bodylen=0xFFFFFFFF),
+    request(Op.GET, b"k", bodylen=0xFFFFFFFF), request(Op.NOOP, magic=0x81),
+    request(Op.GET, b"key")[:26], request(Op.NOOP)[:10], store(Op.SET, b"k", b"value")[:-2],
+]
+# Values a length field may be given.
+LENGTH_EDGES = {"keylen": [0, 1, 250, 251, 0xFFFF], "extlen": [0, 4, 8, 20, 255],
+                "bodylen": [0, 1, 8, 28, 0x7FFFFFFF, 0xFFFFFFFF]}
+
+
+def relength(packet, field, value):
+    """packet with one length field of its header replaced (the bytes after stay)."""
+    if len(packet) < 24:
+        return packet
+    fields = dict(zip(("magic", "opcode", "keylen", "extlen", "datatype", "vbucket",
+                       "bodylen", "opaque", "cas"), HEADER.unpack_from(packet)))
+    fields[field] = value
+    return HEADER.pack(*fields.values()) + packet[24:]
+
+
 # -- the same inputs as Hypothesis strategies ---------------------------------
 
 numbers = st.integers(-2 ** 70, 2 ** 70).map(lambda n: b"%d" % n)
@@ -174,8 +237,19 @@ mutated_corpus = st.builds(mutate, st.sampled_from(CORPUS), edits)
 # Whole corpus commands weigh double: they keep the cache busy between the junk.
 pieces = st.one_of(st.sampled_from(CORPUS), st.sampled_from(CORPUS), mutated_corpus,
                    command_lines(), claimed_lengths(), st.binary(max_size=64))
+length_edges = st.sampled_from(sorted(LENGTH_EDGES)).flatmap(
+    lambda field: st.tuples(st.just(field), st.sampled_from(LENGTH_EDGES[field])))
+binary_pieces = st.one_of(
+    st.sampled_from(BINARY_CORPUS), st.sampled_from(BINARY_CORPUS), st.sampled_from(BINARY_ODD),
+    st.builds(mutate, st.sampled_from(BINARY_CORPUS), edits),
+    st.builds(lambda packet, edge: relength(packet, *edge), st.sampled_from(BINARY_CORPUS),
+              length_edges),
+    st.binary(max_size=64))
+# A binary script opens with a whole packet: its magic byte makes the connection binary.
+binary_scripts = st.builds(lambda first, rest: first + b"".join(rest),
+                           st.sampled_from(BINARY_CORPUS), st.lists(binary_pieces, max_size=15))
 scripts = st.one_of(st.lists(pieces, min_size=1, max_size=16).map(b"".join),
-                    st.binary(max_size=512))
+                    st.binary(max_size=512), binary_scripts)
 
 
 # -- the same inputs from a seeded random.Random --------------------------------
@@ -208,9 +282,30 @@ def random_piece(rng):
     return rng.randbytes(rng.randint(0, 64))
 
 
+def random_binary_piece(rng):
+    kind = rng.random()
+    if kind < 0.5:
+        return rng.choice(BINARY_CORPUS)
+    if kind < 0.6:
+        return rng.choice(BINARY_ODD)
+    if kind < 0.75:
+        return mutate(rng.choice(BINARY_CORPUS), [
+            (rng.choice(MUTATIONS), rng.randrange(1 << 17), rng.randbytes(rng.randint(0, 8)))
+            for _ in range(rng.randint(1, 4))])
+    if kind < 0.9:
+        field = rng.choice(sorted(LENGTH_EDGES))
+        return relength(rng.choice(BINARY_CORPUS), field, rng.choice(LENGTH_EDGES[field]))
+    return rng.randbytes(rng.randint(0, 64))
+
+
 def random_script(rng):
-    if rng.random() < 0.1:
+    """A text script, a binary one (three times in ten) or random bytes."""
+    kind = rng.random()
+    if kind < 0.1:
         return rng.randbytes(rng.randint(0, 512))
+    if kind < 0.4:
+        return rng.choice(BINARY_CORPUS) + b"".join(
+            random_binary_piece(rng) for _ in range(rng.randint(0, 15)))
     return b"".join(random_piece(rng) for _ in range(rng.randint(1, 16)))
 
 
@@ -288,7 +383,10 @@ def random_cuts(script):
 _VARYING = re.compile(rb"STAT (\S+) [^\r\n]*|ts=[0-9.]+ gid=\d+")
 
 
-def comparable(output):
+def comparable(output, binary):
+    if binary:       # the value of each statistic's packet
+        return [packet._replace(value=b"") if packet.opcode == Op.STAT and packet.key
+                else packet for packet in parse(output)]
     return _VARYING.sub(lambda match: match.group(1) or b"ts", output)
 
 
@@ -300,16 +398,12 @@ def fresh_server():
 
 
 def split_binary_replies(output):
-    """The binary protocol's response packets in output; fails on anything else:
-    a wrong magic, lengths that do not add up, an internal error's text."""
-    replies, at = [], 0
-    while at < len(output):
-        assert len(output) - at >= 24, "truncated header: %r" % output[at:]
-        magic, _, keylen, extlen, _, status, bodylen, _, _ = memg.HEADER.unpack_from(output, at)
-        assert magic == 0x81, "not a response: %r" % output[at:at + 24]
-        assert keylen + extlen <= bodylen and at + 24 + bodylen <= len(output)
-        replies.append(output[at:at + 24 + bodylen])
-        at += 24 + bodylen
+    """The binary protocol's response packets in output (test_binary.parse: it
+    fails on anything else, an internal error's text included), each with a status
+    memcached sends."""
+    replies = parse(output)
+    for reply in replies:
+        assert isinstance(reply.status, Status), reply
     return replies
 
 
@@ -345,14 +439,16 @@ def fuzz_one(script):
     with contextlib.redirect_stderr(log):       # verbosity 2 in a script logs here
         output = converse(server, script)
         assert b"SERVER_ERROR internal" not in output
-        if script[:1] == b"\x80":
+        binary = script[:1] == b"\x80"
+        if binary:
             split_binary_replies(output)
         else:
             split_replies(output)
         check_store(server.store)
-        if len(script) > 1 and max(map(len, script.split(b"\n"))) <= memg.LINE_LIMIT:
+        if len(script) > 1 and (binary or max(map(len, script.split(b"\n"))) <= memg.LINE_LIMIT):
             twin = fresh_server()
-            assert comparable(converse(twin, script, random_cuts(script))) == comparable(output)
+            assert comparable(converse(twin, script, random_cuts(script)), binary) == \
+                comparable(output, binary)
             assert twin.store.items == server.store.items
         # The cache still works on a new connection, and stats tell the truth.  The
         # clock first passes any flush_all deadline the script set (int32 Unix times
@@ -390,6 +486,31 @@ def test_split_replies_reads_data_blocks_by_length():
         b"key=a exp=-1 la=1 cas=2 fetch=no cls=1 size=301\n"]
 
 
+@pytest.mark.parametrize("output", [
+    b"\x81\x00" + bytes(20),                               # a header cut short
+    b"\x80" + bytes(23),                                    # a request's magic
+    b"\x81\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x05" + bytes(12) + b"abc",   # body cut short
+    b"\x81\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00\x01" + bytes(12) + b"k",     # key beyond body
+    b"\x81\x00\x00\x00\x00\x00\x00\x99" + bytes(16),       # no such status
+    b"SERVER_ERROR internal error\r\n",
+])
+def test_split_binary_replies_refuses_malformed_output(output):
+    with pytest.raises(AssertionError):
+        split_binary_replies(output)
+
+
+def test_binary_corpus_entries_are_whole_packets():
+    # As the text corpus: a noop after each entry is read as the next packet.
+    server = memg.Server(port=0)
+    server.store.clock = Clock()
+    noop = request(Op.NOOP, opaque=0xFEED)
+    for packet in BINARY_CORPUS:
+        if packet[1] in (Op.QUIT, Op.QUITQ):
+            continue                                  # these end the connection
+        replies = split_binary_replies(converse(server, packet + noop))
+        assert (replies[-1].opcode, replies[-1].opaque) == (Op.NOOP, 0xFEED), packet
+
+
 def test_corpus_entries_are_whole_commands():
     # The mutations start from the corpus, so each entry must be one complete
     # command that memg parses: an mn after it is read as the next command.
@@ -411,16 +532,67 @@ def test_fuzz_hypothesis(script):
     fuzz_one(script)
 
 
-def test_fuzz_seeded_random():
+def run_seeded(cases, make_script, check):
+    """check(script) for each of cases scripts make_script(rng) makes from the seed."""
     rng = random.Random(FUZZ_SEED)
-    for case in range(FUZZ_CASES):
-        script = random_script(rng)
+    for case in range(cases):
+        script = make_script(rng)
         try:
-            fuzz_one(script)
+            check(script)
         except AssertionError as error:
             # The seed makes the case reproducible; the script may be megabytes.
             raise AssertionError("case %d (seed %d), script of %d bytes starting %r: %s" % (
                 case, FUZZ_SEED, len(script), script[:200], error)) from error
+
+
+def test_fuzz_seeded_random():
+    run_seeded(FUZZ_CASES, random_script, fuzz_one)
+
+
+# SASL's packets, for a server with -S: each connection must authenticate first.
+SASL_CORPUS = [
+    request(Op.SASL_LIST_MECHS), request(Op.SASL_AUTH, b"PLAIN", plain(b"alice", b"secret")),
+    request(Op.SASL_AUTH, b"PLAIN", plain(b"alice", b"wrong")), request(Op.SASL_AUTH, b"PLAIN"),
+    request(Op.SASL_STEP, b"PLAIN", plain(b"alice", b"secret")), request(Op.SASL_STEP, b"PLAIN"),
+    request(Op.SASL_AUTH, b"plain", plain(b"alice", b"secret", b"alice")),
+    request(Op.SASL_AUTH, b"PLAIN", plain(b"alice", b"secret", b"bob")),
+    request(Op.SASL_AUTH, b"P" * 40, b"x"), request(Op.SASL_AUTH, b"CRAM-MD5", b"\0\0\0"),
+    request(Op.SASL_AUTH, b"PLAIN", b"\0" * 5), request(Op.SASL_AUTH, b"PLAIN", bodylen=0xFFFFFFFF),
+    request(Op.VERSION),
+]
+SASL_FUZZ_CASES = 1000
+
+
+def random_sasl_script(rng):
+    """SASL's packets and binary pieces; half open with the right credentials, so
+    that what follows is served."""
+    first = SASL_CORPUS[1] if rng.random() < 0.5 else rng.choice(SASL_CORPUS)
+    return first + b"".join(
+        rng.choice(SASL_CORPUS) if rng.random() < 0.3 else random_binary_piece(rng)
+        for _ in range(rng.randint(0, 12)))
+
+
+def test_fuzz_sasl_seeded(tmp_path):
+    # Well-formed packets, the same whatever the cuts, a store that adds up.
+    pwdb = tmp_path / "sasl-passwords"
+    pwdb.write_bytes(b"alice:secret\n")
+
+    def check(script):
+        outputs, stores = [], []
+        for cuts in ((), random_cuts(script) if len(script) > 1 else ()):
+            server = memg.Server(port=0, sasl=True, sasl_pwdb=str(pwdb), track_sizes=True)
+            server.store.clock = Clock(1700000000.0)
+            outputs.append(converse(server, script, cuts))
+            stores.append(server.store)
+        split_binary_replies(outputs[0])
+        assert comparable(outputs[1], True) == comparable(outputs[0], True)
+        assert stores[1].items == stores[0].items
+        check_store(stores[0])
+
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        run_seeded(SASL_FUZZ_CASES, random_sasl_script, check)
+    assert "Traceback" not in log.getvalue()
 
 
 # --------------------------------------------------------------------------
