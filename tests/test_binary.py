@@ -6,8 +6,10 @@ the input, and every response packet is compared with the exact bytes memcached
 1.6.18 sends (proto_bin.c; test_differential.py sends the same kind of scripts to
 a real memcached).  The packets are built and read here, field by field, with the
 header layout of the binary protocol's spec, not with memg's own code.  The
-sections follow the opcodes: retrieval, storage, delete, incr/decr, the rest,
-statistics, lengths and framing, then SASL.
+sections follow the opcodes: retrieval, storage, delete and incr/decr, the rest,
+statistics, then -B, lengths and framing, and SASL (where memcached answers as
+Cyrus SASL's PLAIN does).  Where memg differs on purpose, the test says so: the
+version it answers.
 """
 
 import collections
@@ -17,8 +19,6 @@ import struct
 import pytest
 
 import memg
-
-from conftest import converse
 from test_protocol import Session
 
 # magic, opcode, key length, extras length, data type, vbucket (a response's
@@ -153,6 +153,11 @@ def failure(opcode, status, opaque=0):
     return response(opcode, status, value=ERROR_TEXT[status], opaque=opaque)
 
 
+def flags(value):
+    """The extras of a get's (gat's, touch's) response: the client flags."""
+    return struct.pack(">I", value)
+
+
 def hit(opcode, value, flags=0, cas=0, key=b"", opaque=0):
     """A get's (gat's ...) response for an item found."""
     return response(opcode, key=key, extras=struct.pack(">I", flags), value=value,
@@ -189,8 +194,8 @@ def parse(data):
 # -- conversations -------------------------------------------------------------------
 
 def check(replies, *expected):
-    """replies are the bytes of the expected packets; compared packet by packet
-    first, for a readable difference, then byte for byte."""
+    """Assert that replies are the expected packets' bytes: compared packet by
+    packet first, for a readable difference, then byte for byte."""
     wanted = b"".join(expected)
     assert parse(replies) == parse(wanted)
     assert replies == wanted
@@ -209,11 +214,6 @@ def named(value):
 def talk(session, *packets):
     """Every reply to the packets, on a new connection to session's server."""
     return session.send(b"".join(packets))
-
-
-def flags(value):
-    """A hit's extras: the client flags."""
-    return struct.pack(">I", value)
 
 
 NOOP = request(Op.NOOP)
