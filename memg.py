@@ -106,7 +106,7 @@ class Settings:
         help="TCP port to listen on; 0 picks a free one (default: 11211)")
     udp_port: int = option(
         0, "-U", "--udp-port", parse=int, stat="udpport",
-        help="UDP port; only 0 (off) is supported")
+        help="UDP port: accepted, but memg serves no UDP yet (a warning says so)")
     host: str = option(
         "127.0.0.1", "-l", "--listen", metavar="ADDR", stat="inter",
         help="interfaces to listen on, comma separated, host or host:port (default: "
@@ -131,6 +131,12 @@ class Settings:
     threads: int = option(
         4, "-t", "--threads", parse=int, stat="num_threads",
         help="accepted for compatibility and reported by stats (default: 4)")
+    detail_delimiter: str = option(
+        ":", "-D", metavar="CHAR", stat="stat_key_prefix",
+        help="stats detail counts keys by their prefix up to this character (default: :)")
+    detail_enabled: bool = option(
+        False, stat="detail_enabled", show=yes_no,
+        help="stats detail on|off turns this on and off while memg serves")
     use_cas: bool = option(
         True, "-C", "--disable-cas", stat="cas_enabled", show=yes_no, help="disable CAS")
     backlog: int = option(
@@ -188,8 +194,6 @@ class Settings:
 
     def __post_init__(self):
         """Refuse what memg cannot honour, with the option's name in the message."""
-        if self.udp_port:
-            raise ValueError("UDP is not supported: -U must be 0")
         # As memcached: SASL exists only in the binary protocol, -Y only in the text.
         for enabled, needed, name in ((self.sasl, "binary", "-S"),
                                       (self.auth_file, "ascii", "-Y")):
@@ -214,6 +218,8 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ValueError("%s (%s) must be at least 1" % (
                     name.replace("_", " "), self.flag(name)))
+        if len(self.detail_delimiter) != 1:
+            raise ValueError("the stats detail delimiter (-D) must be one character")
         if self.idle_timeout < 0:
             raise ValueError("idle_timeout must not be negative")
         if self.engine not in ENGINES:
@@ -1046,6 +1052,10 @@ SERVICE_COUNTERS = ("total_connections", "rejected_connections", "listen_disable
 TRAFFIC = ("bytes_read", "bytes_written", "cmd_meta")
 
 
+# The counters of stats detail, per prefix.
+GETS, HITS, SETS, DELETES = range(4)
+
+
 def socket_name(name):
     """A socket address as memcached's ``stats conns`` writes it."""
     if isinstance(name, tuple):
@@ -1076,6 +1086,7 @@ class Service:
         # Traffic at the last ``stats reset``: connections own their counts, so a
         # reset records where it happened instead of writing to them.
         self.traffic_at_reset = dict.fromkeys(TRAFFIC, 0)
+        self.prefix_stats = {}             # stats detail: prefix -> [gets, hits, sets, deletes]
         self.crawler_enabled = True        # lru_crawler enable|disable
         self.crawling = False              # a crawl or dump runs (others get BUSY)
         self.listening = []                # (fd, address) of each listening socket
@@ -1183,9 +1194,30 @@ class Service:
 
     # -- statistics -------------------------------------------------------------
 
+    def record_detail(self, key, counter, hit=False):
+        """stats detail: count a get (GETS, and HITS if it hit), a set (SETS) or a
+        delete (DELETES) under key's prefix, the part before the first -D
+        character; a key without one is not counted (as memcached's, nor one with
+        a NUL before it)."""
+        prefix, delimiter, _ = key.partition(self.settings.detail_delimiter.encode())
+        if not delimiter or 0 in prefix:
+            return
+        with self.lock:
+            counts = self.prefix_stats.setdefault(prefix, [0, 0, 0, 0])
+            counts[counter] += 1
+            counts[HITS] += hit
+
+    def detail_dump(self):
+        """``stats detail dump``: a line per prefix, then END."""
+        with self.lock:
+            lines = [b"PREFIX %s get %d hit %d set %d del %d\r\n" % ((prefix,) + tuple(counts))
+                     for prefix, counts in self.prefix_stats.items()]
+        return b"".join(lines) + END
+
     def reset_stats(self):
         self.store.reset_counters()
         with self.lock:
+            self.prefix_stats.clear()
             self.traffic_at_reset = self._traffic()
             for name in ("total_connections", "rejected_connections", "listen_disabled_num",
                          "idle_kicks"):
@@ -1257,7 +1289,7 @@ class Service:
         """``stats settings``: the settings as memcached names them, with what is in
         force now: the port bound, the memory limit after ``cache_memlimit``."""
         tcp = [address for _, address in self.listening if isinstance(address, tuple)]
-        current = {"maxbytes": self.store.memory_limit,
+        current = {"maxbytes": self.store.memory_limit, "udpport": 0,    # (no UDP served)
                    "tcpport": tcp[0][1] if tcp else 0 if self.settings.unix_socket
                    else self.settings.port}
         return [(name, current.get(name, value)) for name, value in self.settings.stats()]
@@ -1885,6 +1917,9 @@ class TextProtocol(Protocol):
         if "fetchers" in self.service.watchers.active:
             for key, item in zip(valid, items):
                 self.watch_fetch(key, item)
+        if self.settings.detail_enabled:
+            for key, item in zip(valid, items):
+                self.service.record_detail(key, GETS, hit=item is not None)
         if valid is not keys:
             self.reply(BAD_FORMAT)
             return
@@ -1918,7 +1953,10 @@ class TextProtocol(Protocol):
         if (len(key) > KEY_MAX_LENGTH or None in numbers or cas is None
                 or not 0 <= nbytes <= VALUE_LENGTH_MAX):
             self.reply(BAD_FORMAT)
-        elif self.store.too_large(key, nbytes, flags):
+            return
+        if self.settings.detail_enabled:
+            self.service.record_detail(key, SETS)
+        if self.store.too_large(key, nbytes, flags):
             self.refuse_value(key, nbytes, drop_old=mode == SET, answer=self.reply)
         else:
             self.read_block(nbytes, self.finish_update, mode, key, flags, exptime, cas)
@@ -1955,6 +1993,8 @@ class TextProtocol(Protocol):
         if bad_key(tokens[1]):
             self.reply(BAD_FORMAT)
             return
+        if self.settings.detail_enabled:
+            self.service.record_detail(tokens[1], DELETES)
         found = self.store.delete(tokens[1]) == STORED
         if found:
             self.watch_delete(b"delete", tokens[1])
@@ -2225,7 +2265,14 @@ class TextProtocol(Protocol):
         self.reply(b"RESET\r\n")
 
     def stats_detail(self, tokens):
-        self.reply(b"CLIENT_ERROR usage: stats detail on|off|dump\r\n")
+        switch = tokens[2] if len(tokens) > 2 else None
+        if switch in (b"on", b"off"):
+            self.settings.detail_enabled = switch == b"on"
+            self.reply(OK)
+        elif switch == b"dump":
+            self.reply(self.service.detail_dump())
+        else:
+            self.reply(b"CLIENT_ERROR usage: stats detail on|off|dump\r\n")
 
     def stats_cachedump(self, tokens):
         if not self.settings.dump_enabled:
@@ -2639,6 +2686,8 @@ class BinaryProtocol(Protocol):
         item = self.store.get(key, U32.unpack(extras)[0] if touch else None)
         if "fetchers" in self.service.watchers.active:
             self.watch_fetch(key, item)
+        if self.settings.detail_enabled:
+            self.service.record_detail(key, GETS, hit=item is not None)
         with_key = opcode in self.WITH_KEY
         if item is None:
             if self.quiet:
@@ -2657,6 +2706,8 @@ class BinaryProtocol(Protocol):
     def update(self, extras, key, size):
         mode = self.MODES[self.opcode]
         flags, exptime = FLAGS_EXPTIME.unpack(extras) if extras else (0, 0)
+        if self.settings.detail_enabled:
+            self.service.record_detail(key, SETS)
         if self.store.too_large(key, size, flags):
             self.store.refuse_too_large(key, drop_old=mode == SET)
             self.fail(E2BIG)
@@ -2682,6 +2733,8 @@ class BinaryProtocol(Protocol):
     # -- delete, increment, decrement -------------------------------------------------
 
     def delete(self, extras, key, _):
+        if self.settings.detail_enabled:
+            self.service.record_detail(key, DELETES)
         outcome = self.store.delete(key, self.request_cas or None)
         if outcome == STORED:
             self.watch_delete(b"delete", key)
@@ -2726,6 +2779,17 @@ class BinaryProtocol(Protocol):
         empty one; ``reset`` answers with the empty one alone."""
         if key == b"reset":
             self.service.reset_stats()
+        elif key.startswith(b"detail"):
+            # As memcached: "detail on" and "detail off" answer with the end packet
+            # alone, "detail dump" with the dump under the key "detailed".
+            switch = key[len(b"detail"):]
+            if switch in (b" on", b" off"):
+                self.settings.detail_enabled = switch == b" on"
+            elif switch == b" dump":
+                self.respond(key=b"detailed", value=self.service.detail_dump())
+            else:
+                self.fail(KEY_ENOENT)
+                return
         else:
             report = self.STATS.get(key)
             if report is None:
@@ -3459,7 +3523,7 @@ class Server:
 IGNORED_OPTIONS = {
     "-r": (False, "core dump limits"), "-k": (False, "memory locking"),
     "-f": (True, "slab growth factor"), "-n": (True, "slab minimum size"),
-    "-L": (False, "large pages"), "-D": (True, "stats detail delimiter"),
+    "-L": (False, "large pages"),
     "-R": (True, "requests per event"), "-W": (False, "watch commands"),
 }
 # memcached -o options memg accepts and ignores (slab, LRU, hash and extstore tuning).
@@ -3687,6 +3751,8 @@ def main(argv=None):
     settings, warnings = parse_command_line(sys.argv[1:] if argv is None else argv)
     if settings.engine == "threads":
         tune_for_threads()
+    if settings.udp_port:
+        warnings.append("-U ignored: memg serves no UDP yet, only TCP")
     for warning in warnings:
         print("memg: warning: " + warning, file=sys.stderr)
     try:

@@ -174,7 +174,6 @@ BAD_COMMAND_LINES = [
     ["-I", "2000m"],
     ["-c", "0"],
     ["-o", "nosuch=1"],
-    ["-U", "11211"],
     ["-B", "bogus"],
     ["-d"],
     ["-S"],                          # without MEMCACHED_SASL_PWDB
@@ -197,7 +196,8 @@ def test_bad_command_line_exits_with_one_line(args):
 
 # -- ignored memcached options ---------------------------------------------------
 
-@pytest.mark.parametrize("args", [["-f", "1.25"], ["-n", "48"], ["-L"], ["-R", "20"]],
+@pytest.mark.parametrize("args", [["-f", "1.25"], ["-n", "48"], ["-L"], ["-R", "20"],
+                                  ["-U", "11211"]],      # (UDP is not served yet)
                          ids=" ".join)
 def test_ignored_option_starts_with_one_warning(launch, args):
     server = launch(*args)

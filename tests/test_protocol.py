@@ -1480,6 +1480,26 @@ def test_stats_errors(line, reply):
     check(line + b"\r\nmn\r\n", reply + b"MN\r\n")
 
 
+def test_stats_detail_counts_per_prefix_while_on():
+    # memcached 1.6.18's t/stats-detail.t, in one conversation.
+    session = Session()
+    assert session.send(b"stats detail dump\r\nstats detail on\r\n") == b"END\r\nOK\r\n"
+    session.send(b"set foo:123 0 0 6\r\nfooval\r\nset bar 0 0 1\r\nx\r\n"
+                 b"get foo:123 foo:124 bar\r\ndelete foo:125\r\n")
+    assert session.send(b"stats detail dump\r\n") == (
+        b"PREFIX foo get 2 hit 1 set 1 del 1\r\nEND\r\n")       # bar: no prefix
+    assert parse_stats(session.send(b"stats settings\r\n"))["detail_enabled"] == "yes"
+    assert session.send(b"stats reset\r\nstats detail dump\r\n") == b"RESET\r\nEND\r\n"
+    assert session.send(b"stats detail off\r\nget foo:1\r\nstats detail dump\r\n") == (
+        b"OK\r\nEND\r\nEND\r\n")
+
+
+def test_stats_detail_delimiter_is_a_setting():
+    session = Session(detail_delimiter="/", detail_enabled=True)
+    session.send(b"set a/b 0 0 1\r\nx\r\nset a:b 0 0 1\r\nx\r\n")
+    assert session.send(b"stats detail dump\r\n") == b"PREFIX a get 0 hit 0 set 1 del 0\r\nEND\r\n"
+
+
 def test_stats_cachedump():
     # memg keeps every item in slab class 1, most recently used first.
     check(b"set a 0 0 1\r\nx\r\nset b 0 0 3\r\nxyz\r\nstats cachedump 1 0\r\n"
