@@ -797,7 +797,33 @@ def test_stat_reset():
     assert (stats[b"cmd_get"], stats[b"cmd_set"], stats[b"curr_items"]) == (b"0", b"0", b"1")
 
 
-@pytest.mark.parametrize("group", [b"nosuch", b"conns", b"detail", b"cachedump 1 0", b"RESET"])
+def test_stat_detail():
+    # As memcached: every get, gat and touch counts a get (and a hit if it found
+    # the item), every set and append a set, every delete a delete, under the key's
+    # prefix (up to the first ":"); off stops the counting, reset clears it.
+    check(run(request(Op.STAT, b"detail on", opaque=1), store(Op.SET, b"a:1", b"v"),
+              request(Op.GET, b"a:1"), request(Op.GETQ, b"a:2"), touching(Op.GAT, b"a:3", 0),
+              touching(Op.TOUCH, b"a:1", 0), request(Op.DELETE, b"a:1"),
+              counter(Op.INCREMENT, b"a:n"), request(Op.APPEND, b"a:1", b"x"),
+              request(Op.GETK, b"nodelimiter"), request(Op.STAT, b"detail dump", opaque=2),
+              request(Op.STAT, b"detail off"), store(Op.SET, b"a:2", b"v"),
+              request(Op.STAT, b"detail dump"), request(Op.STAT, b"reset"),
+              request(Op.STAT, b"detail dump")),
+          response(Op.STAT, opaque=1), response(Op.SET, cas=1), hit(Op.GET, b"v", cas=1),
+          failure(Op.GAT, Status.NOT_FOUND), response(Op.TOUCH, extras=flags(0), cas=1),
+          response(Op.DELETE), number(Op.INCREMENT, 0, cas=2),
+          failure(Op.APPEND, Status.NOT_STORED), response(Op.GETK, Status.NOT_FOUND,
+                                                           key=b"nodelimiter"),
+          response(Op.STAT, key=b"detailed", opaque=2,
+                   value=b"PREFIX a get 4 hit 2 set 2 del 1\r\nEND\r\n"),
+          response(Op.STAT, opaque=2), response(Op.STAT), response(Op.SET, cas=3),
+          response(Op.STAT, key=b"detailed", value=b"PREFIX a get 4 hit 2 set 2 del 1\r\nEND\r\n"),
+          response(Op.STAT), response(Op.STAT),
+          response(Op.STAT, key=b"detailed", value=b"END\r\n"), response(Op.STAT))
+
+
+@pytest.mark.parametrize("group", [b"nosuch", b"conns", b"detail", b"detail x", b"detailon",
+                                   b"cachedump 1 0", b"RESET"])
 def test_stat_of_an_unknown_group(group):
     # memcached's binary stat has no conns group (its text protocol's has one).
     check(run(request(Op.STAT, group, opaque=1)), failure(Op.STAT, Status.NOT_FOUND, opaque=1))

@@ -415,6 +415,17 @@ BINARY_SCRIPTS = [
     ("stat-groups", values(request(Op.STAT, b"sizes"), request(Op.STAT, b"reset", opaque=4),
                            request(Op.STAT, b"nosuch", opaque=5), request(Op.STAT, b"conns"),
                            request(Op.STAT, b"detail"))),
+    # stats detail: what each opcode counts under a key's prefix (one prefix, so
+    # that the order of a dump's lines does not matter).
+    ("stat-detail", values(request(Op.STAT, b"reset"), request(Op.STAT, b"detail on"),
+                           store(Op.SET, b"a:1", b"v"), request(Op.GET, b"a:1"),
+                           request(Op.GETQ, b"a:2"), touching(Op.GAT, b"a:3", 0),
+                           touching(Op.TOUCH, b"a:1", 0), request(Op.DELETE, b"a:1"),
+                           counter(Op.INCREMENT, b"a:n"), request(Op.APPEND, b"a:1", b"x"),
+                           request(Op.GETK, b"nodelimiter"), request(Op.STAT, b"detail dump"),
+                           request(Op.STAT, b"detail off"), store(Op.SET, b"a:2", b"v"),
+                           request(Op.STAT, b"detail dump"), request(Op.STAT, b"detail x"),
+                           request(Op.STAT, b"reset"), request(Op.STAT, b"detail dump"))),
     # Unknown opcodes: memcached discards as many bytes as the body length after
     # the extras and key it has read, so that many bytes again follow here.
     ("verbosity-is-unknown", values(request(Op.VERBOSITY, extras=b"\0\0\0\1") + b"pad!")),
