@@ -7,8 +7,12 @@ What this file shows:
   requests) is answered as memcached answers it or closed, while a bystander on
   another connection keeps getting correct answers, and the server survives
   without a traceback;
-* nothing is allocated on a client's say-so: claimed values and over-long lines
-  cost the server memory only for bytes that actually arrived;
+* so is hostile binary input (bad magic, lengths that do not add up, unknown
+  opcodes, requests cut short, random bytes and random requests after the binary
+  magic), with a bystander in each protocol;
+* nothing is allocated on a client's say-so: claimed values (in either protocol, a
+  binary body of 4 GB among them) and over-long lines cost the server memory only
+  for bytes that actually arrived;
 * the connection limit (-c) admits exactly that many clients and refuses the rest
   with memcached's error, 1,000 connections fit, and slots come back; out of file
   descriptors, memg waits for some without spinning, and serves again;
@@ -34,7 +38,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -42,14 +45,17 @@ import zlib
 import pytest
 
 import memg
-from conftest import (ENGINE_ARGS, ENGINE_SETTINGS, MEMG, RawClient, ServerProcess, free_port,
-                      proc_status, set_many, start_memcached, start_memg, stats, wait_for)
+from conftest import (ENGINE_SETTINGS, RawClient, proc_status, set_many, start_memcached,
+                      start_memg, stats, wait_for)
+from test_binary import (HEADER, Op, Status, counter, failure, hit, parse, request, response,
+                         store, touching)
 
 KB = 1024
 MB = 1024 * KB
 
 TOO_MANY = b"ERROR Too many open connections\r\n"
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+TOO_LARGE_BINARY = failure(Op.SET, Status.TOO_LARGE)
 # Liveness bound for any one reply: generous, so that only a hang or a stall fails.
 PROMPT = 2.0
 # Whether memg serves with a thread per connection (else on one asyncio event loop).
@@ -117,21 +123,15 @@ def served_then_stopped(server):
     assert code == 0, err
 
 
-def start_memg_with(preexec, *args, env=None):
-    """start_memg (on the suite's engine), with preexec run in the child before memg
-    (to set its limits)."""
-    port = free_port()
-    return ServerProcess([sys.executable, MEMG, "-p", str(port)] + ENGINE_ARGS + list(args),
-                         port, preexec_fn=preexec, env=env)
-
-
 class Bystander:
-    """A well-behaved client on its own connection doing set/get round trips in a
-    thread for as long as the test runs; finish() asserts that every answer was
-    right and none took long."""
+    """A well-behaved client on its own connection doing set/get round trips (in
+    the text protocol, or with binary in the binary one) in a thread for as long as
+    the test runs; finish() asserts that every answer was right and none took long."""
 
-    def __init__(self, server):
+    def __init__(self, server, binary=False):
         self.client = server.connect()
+        self.round_trip = self.binary_round_trip if binary else self.text_round_trip
+        self.keys = b"binary-bystander:%d" if binary else b"bystander:%d"
         self.rounds = 0
         self.errors = []
         self.slowest = 0.0
@@ -144,19 +144,43 @@ class Bystander:
             while not self.stopping.is_set():
                 # ':' never occurs in the hostile tests' keys, so nobody else can
                 # touch these.
-                key = b"bystander:%d" % (self.rounds % 32)
+                key = self.keys % (self.rounds % 32)
                 value = b"%d:%s" % (self.rounds, bytes(range(256)))
                 started = time.monotonic()
-                stored = self.client.request(b"set %s 7 0 %d\r\n%s\r\n" % (key, len(value), value))
-                got = self.client.request(b"get %s\r\n" % key, b"END\r\n")
+                wrong = self.round_trip(key, value)
                 self.slowest = max(self.slowest, time.monotonic() - started)
-                expected = b"VALUE %s 7 %d\r\n%s\r\nEND\r\n" % (key, len(value), value)
-                if stored != b"STORED\r\n" or got != expected:
-                    self.errors.append((key, stored, got[:100]))
+                if wrong:
+                    self.errors.append((key,) + wrong)
                 self.rounds += 1
                 time.sleep(0.002)      # leave the GIL to the test thread
         except OSError as error:
             self.errors.append(repr(error))
+
+    def text_round_trip(self, key, value):
+        """Set key to value and get it; None if both were answered right, else the
+        answers."""
+        stored = self.client.request(b"set %s 7 0 %d\r\n%s\r\n" % (key, len(value), value))
+        got = self.client.request(b"get %s\r\n" % key, b"END\r\n")
+        expected = b"VALUE %s 7 %d\r\n%s\r\nEND\r\n" % (key, len(value), value)
+        if stored != b"STORED\r\n" or got != expected:
+            return stored, got[:100]
+        return None
+
+    def binary_round_trip(self, key, value):
+        """text_round_trip in the binary protocol (a getk, whose answer names the key)."""
+        self.client.send(store(Op.SET, key, value, flags=7) + request(Op.GETK, key))
+        stored, got = parse(self.read_packet())[0], self.read_packet()
+        if stored.status != Status.SUCCESS or got != hit(Op.GETK, value, flags=7, key=key,
+                                                         cas=stored.cas):
+            return stored, got[:100]
+        return None
+
+    def read_packet(self):
+        """One response packet, whole."""
+        head = self.client.recv_exact(HEADER.size)
+        if len(head) < HEADER.size:
+            raise ConnectionError("closed after %r" % head)
+        return head + self.client.recv_exact(HEADER.unpack(head)[6])
 
     def finish(self, rounds=20):
         """Stop after at least this many round trips; assert they all went well."""
@@ -186,6 +210,20 @@ def bystander(server):
     watcher = Bystander(server)
     yield watcher
     watcher.stop()
+
+
+@pytest.fixture
+def bystanders(server):
+    """A bystander in each protocol."""
+    watchers = [Bystander(server), Bystander(server, binary=True)]
+    yield watchers
+    for watcher in watchers:
+        watcher.stop()
+
+
+def finish(bystanders, rounds=20):
+    for watcher in bystanders:
+        watcher.finish(rounds)
 
 
 @pytest.fixture
@@ -337,24 +375,38 @@ def test_claims_of_gigabytes_disturb_no_one(server, bystander):
     served_then_stopped(server)
 
 
+def claim(protocol, key, size):
+    """The start of a set of key whose value claims size bytes, in either protocol."""
+    if protocol == "binary":
+        return store(Op.SET, key, b"", bodylen=8 + len(key) + size)
+    return b"set %s 0 0 %d\r\n" % (key, size)
+
+
+def die(client, ending):
+    """Close a client's connection, with a reset (RST) or a close (FIN)."""
+    if ending == "reset":
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+@pytest.mark.parametrize("protocol", ["text", "binary"])
 @pytest.mark.parametrize("ending", ["close", "reset"])
-def test_client_dying_inside_a_value_changes_nothing(server, bystander, ending):
+def test_client_dying_inside_a_value_changes_nothing(server, bystanders, ending, protocol):
     with server.connect() as client:
         assert client.request(b"set torn 0 0 3\r\nold\r\n") == b"STORED\r\n"
     dying = [server.connect() for _ in range(2)]
-    dying[0].send(b"set torn 0 0 900000\r\n" + b"x" * 500000)       # replaces a value
-    dying[1].send(b"set torn-new 0 0 900000\r\n" + b"x" * 899999)   # one byte short
+    dying[0].send(claim(protocol, b"torn", 900000) + b"x" * 500000)      # replaces a value
+    dying[1].send(claim(protocol, b"torn-new", 900000) + b"x" * 899999)  # one byte short
     time.sleep(0.1)                                                  # let it all arrive
     for client in dying:
-        if ending == "reset":
-            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        client.close()
+        die(client, ending)
     # Once memg has let go of both, nothing they sent may have been stored.
-    wait_for(lambda: curr_connections(server) == 1, what="memg to close the dying clients")
+    wait_for(lambda: curr_connections(server) == len(bystanders),
+             what="memg to close the dying clients")
     with server.connect() as client:
         assert client.request(b"get torn torn-new\r\n", b"END\r\n") == (
             b"VALUE torn 0 3\r\nold\r\nEND\r\n")
-    bystander.finish()
+    finish(bystanders)
     served_then_stopped(server)
 
 
@@ -373,6 +425,147 @@ def test_http_request_is_closed_and_stores_nothing(server, bystander, request_by
     served_then_stopped(server)
 
 
+# -- hostile binary input ------------------------------------------------------------------
+# A connection whose first byte is the binary protocol's request magic (0x80) speaks
+# that protocol from then on (-B auto, the default, as memcached's).  Each reply
+# expected here is memcached 1.6.18's.
+
+NOOP, NOOP_REPLY = request(Op.NOOP), response(Op.NOOP)
+
+
+@pytest.mark.parametrize("magic", [0x00, 0x81, 0xFF, ord("g")],
+                         ids=["nul", "response-magic", "ff", "text"])
+def test_bad_magic_after_a_request_is_closed_without_a_reply(server, bystanders, magic):
+    # What follows a packet that is not a request is not read: the connection ends.
+    assert hostile(server, NOOP + request(Op.NOOP, magic=magic) + NOOP) == NOOP_REPLY
+    finish(bystanders, rounds=5)
+    served_then_stopped(server)
+
+
+# Requests whose header's lengths do not add up (key and extras longer than the
+# whole body: "unknown command"), or do not fit the command ("invalid arguments");
+# either way memcached answers and closes the connection, the noop after them unread.
+LENGTHS = [
+    ("key-over-body", request(Op.GET, b"key", bodylen=2), Status.UNKNOWN_COMMAND),
+    ("extras-and-key-over-body", store(Op.SET, b"k", b"value", bodylen=8),
+     Status.UNKNOWN_COMMAND),
+    ("unknown-opcode-over-body", request(0x55, b"key", extras=b"x", bodylen=1),
+     Status.UNKNOWN_COMMAND),
+    ("get-with-extras", request(Op.GET, b"k", extras=bytes(4)), Status.INVALID),
+    ("set-without-extras", request(Op.SET, b"k", b"v"), Status.INVALID),
+    ("incr-short-extras", request(Op.INCREMENT, b"k", extras=bytes(8)), Status.INVALID),
+    ("noop-with-a-body", request(Op.NOOP, value=b"x"), Status.INVALID),
+    ("get-without-key", request(Op.GET), Status.INVALID),
+    ("key-of-251", request(Op.GET, b"k" * 251), Status.INVALID),
+]
+
+
+@pytest.mark.parametrize("packet, status", [(p, s) for _, p, s in LENGTHS],
+                         ids=[name for name, _, _ in LENGTHS])
+def test_lengths_that_do_not_add_up_are_answered_and_closed(server, bystanders, packet,
+                                                            status):
+    assert hostile(server, packet + NOOP) == failure(packet[1], status)
+    finish(bystanders, rounds=5)
+    served_then_stopped(server)
+
+
+def test_every_unknown_opcode_is_answered_unknown_command(server, bystanders,
+                                                          memcached_process):
+    unknown = [opcode for opcode in range(256) if opcode not in memg.BinaryProtocol.OPCODES]
+    script = b"".join(request(opcode, value=b"?" * opcode) for opcode in unknown) + NOOP
+    expected = b"".join(failure(opcode, Status.UNKNOWN_COMMAND) for opcode in unknown)
+    with memcached_process.connect() as reference:
+        assert reference.converse(script) == expected + NOOP_REPLY      # memcached's too
+    assert hostile(server, script) == expected + NOOP_REPLY
+    finish(bystanders)
+    served_then_stopped(server)
+
+
+TRUNCATED = store(Op.SET, b"trunc", b"value")       # header 24, extras 8, key 5, value 5
+
+
+@pytest.mark.parametrize("cut", [1, 2, 12, 23, 24, 28, 35, 41],
+                         ids=lambda cut: "%d-bytes" % cut)
+@pytest.mark.parametrize("first", [b"", NOOP], ids=["first", "after-a-noop"])
+def test_a_request_cut_short_then_the_end_stores_nothing(server, bystanders, cut, first):
+    assert hostile(server, first + TRUNCATED[:cut]) == (NOOP_REPLY if first else b"")
+    with server.connect() as client:
+        assert client.request(b"get trunc\r\n") == b"END\r\n"
+    finish(bystanders, rounds=5)
+    served_then_stopped(server)
+
+
+def test_random_bytes_after_the_binary_magic_disturb_no_one(server, bystanders):
+    rng = random.Random(SEED + 2)
+    for _ in range(200):
+        hostile(server, b"\x80" + rng.randbytes(rng.randint(1, 6000)))
+    finish(bystanders)
+    served_then_stopped(server)
+
+
+# Every opcode but flush and flushq, which would empty the bystanders' keys too.
+OPCODES = [opcode for opcode in range(256) if opcode not in (Op.FLUSH, Op.FLUSHQ)]
+LENGTH_LIES = [0, 1, 7, 8, 24, 250, 251, 2 ** 16 - 1, 2 ** 20, 2 ** 31 - 1, 2 ** 31,
+               2 ** 32 - 1]
+LENGTH_FIELDS = {"keylen": 2 ** 16 - 1, "extlen": 255, "bodylen": 2 ** 32 - 1}
+
+
+def well_formed(rng, key, value):
+    """A request of a kind memg knows (but flush), with the lengths it takes."""
+    shape = rng.randrange(7)
+    if shape == 0:
+        return request(rng.choice([Op.GET, Op.GETQ, Op.GETK, Op.GETKQ, Op.DELETE,
+                                   Op.DELETEQ]), key, cas=rng.choice([0, 1]))
+    if shape == 1:
+        return store(rng.choice([Op.SET, Op.ADD, Op.REPLACE, Op.SETQ, Op.ADDQ, Op.REPLACEQ]),
+                     key, value, flags=rng.getrandbits(32), exptime=rng.choice([0, 1, 2 ** 31]),
+                     cas=rng.choice([0, 0, 1, rng.getrandbits(64)]))
+    if shape == 2:
+        return request(rng.choice([Op.APPEND, Op.PREPEND, Op.APPENDQ, Op.PREPENDQ]), key, value)
+    if shape == 3:
+        return counter(rng.choice([Op.INCREMENT, Op.DECREMENT, Op.INCREMENTQ, Op.DECREMENTQ]),
+                       key, delta=rng.getrandbits(64), initial=rng.getrandbits(64),
+                       expiration=rng.choice([0, 0xFFFFFFFF]))
+    if shape == 4:
+        return touching(rng.choice([Op.TOUCH, Op.GAT, Op.GATQ, Op.GATK, Op.GATKQ]), key,
+                        rng.choice([0, 1, 100]))
+    if shape == 5:
+        return request(rng.choice([Op.NOOP, Op.VERSION, Op.SASL_LIST_MECHS]))
+    return request(Op.STAT, rng.choice([b"", b"settings", b"items", b"slabs", b"sizes", b"x"]))
+
+
+def random_packets(rng):
+    """A few requests: mostly well formed with random keys, values and numbers; now
+    and then one whose header lies about a length, or one of any opcode with random
+    extras, key and value."""
+    packets = []
+    for _ in range(rng.randint(1, 30)):
+        key = bytes(rng.choice(ALPHABET) for _ in range(rng.choice([1, 5, 40, 250, 0, 251])))
+        value = rng.randbytes(rng.choice([0, 1, 10, 3000]))
+        pick = rng.random()
+        if pick < 0.75:
+            packets.append(well_formed(rng, key, value))
+            continue
+        packet = bytearray(well_formed(rng, key, value) if pick < 0.9 else request(
+            rng.choice(OPCODES), key, value, rng.randbytes(rng.choice([0, 3, 4, 8, 20]))))
+        if pick < 0.9:
+            field = rng.choice(sorted(LENGTH_FIELDS))
+            number = rng.choice([n for n in LENGTH_LIES if n <= LENGTH_FIELDS[field]])
+            # Where each length is in the header: key 2-3, extras 4, body 8-11.
+            where, size = {"keylen": (2, 2), "extlen": (4, 1), "bodylen": (8, 4)}[field]
+            packet[where:where + size] = number.to_bytes(size, "big")
+        packets.append(bytes(packet))
+    return b"".join(packets)
+
+
+def test_random_requests_with_random_lengths_disturb_no_one(server, bystanders):
+    rng = random.Random(SEED + 3)
+    for _ in range(300):
+        hostile(server, random_packets(rng))
+    finish(bystanders)
+    served_then_stopped(server)
+
+
 # -- nothing is allocated on a client's say-so ---------------------------------------
 
 @pytest.fixture
@@ -380,7 +573,7 @@ def quiet_server():
     """A fresh memg for measuring memory.  glibc reserves 64 MB of address space for
     each new malloc arena (up to eight per core), which would drown a reservation
     of a few MB; two arenas, both made during warm-up, keep the figure still."""
-    process = start_memg_with(None, env=dict(os.environ, MALLOC_ARENA_MAX="2"))
+    process = start_memg(env=dict(os.environ, MALLOC_ARENA_MAX="2"))
     yield process
     if process.process.poll() is None:
         process.stop()
@@ -398,7 +591,9 @@ def warm_up(server, count=20):
     wait_for(lambda: curr_connections(server) == 0, what="the warm-up clients to leave")
 
 
-def test_twenty_clients_claiming_900_kB_each_cost_only_what_they_sent(quiet_server, clients):
+@pytest.mark.parametrize("protocol", ["text", "binary"])
+def test_twenty_clients_claiming_900_kB_each_cost_only_what_they_sent(quiet_server, clients,
+                                                                      protocol):
     server = quiet_server
     warm_up(server)
     baseline = memory(server)
@@ -406,7 +601,7 @@ def test_twenty_clients_claiming_900_kB_each_cost_only_what_they_sent(quiet_serv
         client = server.connect()
         clients.append(client)
         # Just under the 1 MB item limit, so memg must not refuse it outright.
-        client.send(b"set claim%d 0 0 900000\r\n" % i + b"c" * KB)
+        client.send(claim(protocol, b"claim%d" % i, 900000) + b"c" * KB)
     with server.connect() as probe:                  # all 20 are in, and waiting
         wait_for(lambda: int(stats(probe)["curr_connections"]) == 21, what="20 claimers")
         time.sleep(0.2)
@@ -435,6 +630,40 @@ def test_largest_claim_is_swallowed_without_being_allocated(quiet_server):
         with pytest.raises(socket.timeout):
             client.sock.recv(1)           # nothing answered, and not closed either
     assert max(growth(server, baseline)) < 5 * MB, growth(server, baseline)
+    served_then_stopped(server)
+
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+def test_a_binary_claim_of_4_GB_is_refused_and_never_allocated(quiet_server, ending):
+    server = quiet_server
+    warm_up(server)
+    watchers = [Bystander(server), Bystander(server, binary=True)]
+    try:
+        wait_for(lambda: min(watcher.rounds for watcher in watchers) >= 5,
+                 what="the bystanders' first round trips")
+        baseline = memory(server)
+        with server.connect() as client:
+            # The body length field's largest value: "too large" at once, as memcached
+            # (which then reads on at once; memg swallows the rest as it comes).
+            client.send(claim("binary", b"claim", 2 ** 32 - 1 - 8 - len(b"claim")))
+            assert client.recv_exact(len(TOO_LARGE_BINARY)) == TOO_LARGE_BINARY
+            sent = 0
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for _ in range(16):                          # a megabyte, then die
+                    client.send(b"c" * (64 * KB))
+                    sent += 64 * KB
+                    time.sleep(0.01)
+            grown = growth(server, baseline)
+            print("\n4 GB claimed, %d kB sent: RSS grew %d kB, VmSize %d kB"
+                  % (sent // KB, grown[0] // KB, grown[1] // KB))
+            assert max(grown) < 5 * MB, grown
+            die(client, ending)
+        finish(watchers)
+    finally:
+        for watcher in watchers:
+            watcher.stop()
+    with server.connect() as client:
+        assert client.request(b"get claim\r\n") == b"END\r\n"
     served_then_stopped(server)
 
 
@@ -606,8 +835,8 @@ def test_1000_connections_fit_in_4_GB_of_address_space(open_files, clients):
     open_files(1000 + 200)
     limit = 4 * 1024 * MB
     env = dict(os.environ, MALLOC_ARENA_MAX="2")
-    server = start_memg_with(
-        lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)), "-c", "1024", env=env)
+    server = start_memg("-c", "1024", env=env, preexec_fn=lambda: resource.setrlimit(
+        resource.RLIMIT_AS, (limit, limit)))
     try:
         for _ in range(1000):
             client = RawClient(server.address)
@@ -641,8 +870,8 @@ def test_client_memg_cannot_start_a_thread_for_is_turned_away(clients):
     args, uid = ((["-u", "nobody"], pwd.getpwnam("nobody").pw_uid) if os.geteuid() == 0
                  else ([], os.getuid()))
     limit = tasks_of(uid) + 20
-    server = start_memg_with(
-        lambda: resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit)), *args)
+    server = start_memg(*args, preexec_fn=lambda: resource.setrlimit(
+        resource.RLIMIT_NPROC, (limit, limit)))
     try:
         served = 0
         for _ in range(40):                   # more than the 20 threads memg may start
@@ -780,8 +1009,8 @@ FILE_LIMIT = 64
 def test_out_of_file_descriptors_memg_waits_without_spinning_and_recovers(open_files, clients):
     open_files(4 * FILE_LIMIT)
     # -c 1000 is more than 64 open files allow: the file table is the limit, not -c.
-    server = start_memg_with(lambda: resource.setrlimit(
-        resource.RLIMIT_NOFILE, (FILE_LIMIT, FILE_LIMIT)), "-c", "1000")
+    server = start_memg("-c", "1000", preexec_fn=lambda: resource.setrlimit(
+        resource.RLIMIT_NOFILE, (FILE_LIMIT, FILE_LIMIT)))
     try:
         control = server.connect()
         clients.append(control)
