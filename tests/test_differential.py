@@ -179,6 +179,8 @@ SCRIPTS = [
     ("ma", b"ma k\r\nset k 0 0 1\r\n5\r\nma k\r\nma k v\r\nma k MD D10 v\r\nma k q\r\nmn\r\n"),
     ("ma-vivify", b"ma k N0 J13 v\r\nma k v\r\n"),
     ("ma-errors", b"set k 0 0 1\r\nx\r\nma k\r\nma k MX\r\nma k Dx\r\n"),
+    # memcached finds an empty value non-numeric before it compares CAS uniques.
+    ("ma-cas-on-empty-value", b"set e 0 0 0\r\n\r\nma e C999\r\nma e C999 q\r\nmn\r\n"),
     ("me", b"me k\r\nme\r\n"),
     ("meta-reply-flag-order", b"ms k 1 c k Oop\r\na\r\nmg k c k Ox v\r\nma k k O5 v\r\n"),
     ("meta-too-many-flags", b"mg k " + b"v " * 25 + b"\r\nms k 2 " + b"c " * 25 + b"\r\nhi\r\n"),
