@@ -3793,7 +3793,17 @@ def main(argv=None):
 # --------------------------------------------------------------------------
 # ``pip install memg`` registers this module with pytest (entry point pytest11).  The
 # fixture ``memg_server`` is a memg serving from the test process, started once per
-# session and emptied before every test.  memg imports pytest only when pytest calls.
+# session and emptied before every test.  Its settings are those of the session
+# fixture ``memg_settings``, none by default: a project that wants others overrides
+# it in its conftest.py, with any of Server's keyword arguments (see Settings), e.g.
+# SASL against a file of user:password lines:
+#
+#     @pytest.fixture(scope="session")
+#     def memg_settings():
+#         return {"sasl": True, "sasl_pwdb": "tests/memcached-users"}
+#
+# (--memg-external uses the server it names as it is.)  memg imports pytest only when
+# pytest calls.
 
 def pytest_addoption(parser):
     parser.getgroup("memg").addoption(
@@ -3829,12 +3839,18 @@ def pytest_configure(config):
     import pytest
 
     @pytest.fixture(scope="session")
-    def memg_session_server():
+    def memg_settings():
+        """The keyword arguments of the session's memg.Server: override this fixture
+        to choose settings (see memg.Settings)."""
+        return {}
+
+    @pytest.fixture(scope="session")
+    def memg_session_server(memg_settings):
         external = config.getoption("memg_external")
         if external:
             yield ExternalServer(external)
             return
-        with Server(port=0) as server:
+        with Server(port=0, **memg_settings) as server:
             yield server
 
     @pytest.fixture
@@ -3846,6 +3862,7 @@ def pytest_configure(config):
 
     # pytest finds fixtures among a plugin module's attributes.
     fixtures = types.ModuleType("memg_fixtures")
+    fixtures.memg_settings = memg_settings
     fixtures.memg_session_server, fixtures.memg_server = memg_session_server, memg_server
     config.pluginmanager.register(fixtures, "memg-fixtures")
 

@@ -1,7 +1,8 @@
 """The pytest plugin (memg.py section 7), as another project's test suite meets it.
 
 ``pip install memg`` registers the plugin; a test that names the ``memg_server``
-fixture gets a memg serving from the test process, emptied before every test, or,
+fixture gets a memg serving from the test process, emptied before every test (with
+the settings of the ``memg_settings`` fixture, which a project may override), or,
 with ``--memg-external HOST:PORT``, a server the run did not start.  These tests run
 pytest on small test files: in this environment through pytester, and once in a
 fresh virtual environment that has nothing but pip-installed memg and pytest.
@@ -75,6 +76,60 @@ def test_a_malformed_external_address_is_reported(pytester):
     result = pytester.runpytest("--memg-external", "nowhere")
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(["*--memg-external wants HOST:PORT*"])
+
+
+def test_a_project_gives_the_server_settings_sasl_among_them(pytester):
+    """A project's conftest.py overrides memg_settings: the session's server then
+    requires SASL (-S) with the project's password file, and serves bmemcached with
+    the password."""
+    pytester.path.joinpath("users").write_text("alice:secret\n")
+    pytester.makeconftest('''
+        import pathlib
+
+        import pytest
+
+
+        @pytest.fixture(scope="session")
+        def memg_settings():
+            return {"sasl": True, "sasl_pwdb": str(pathlib.Path(__file__).parent / "users")}
+    ''')
+    pytester.makepyfile('''
+        import socket
+        import struct
+
+        import bmemcached
+        import pytest
+        from bmemcached.exceptions import MemcachedException
+
+        HEADER = struct.Struct(">BBHBBHIIQ")
+
+
+        def test_an_unauthenticated_binary_get_is_refused_and_closed(memg_server):
+            with socket.create_connection(memg_server.address, timeout=5) as sock:
+                sock.sendall(HEADER.pack(0x80, 0x00, 1, 0, 0, 0, 1, 0, 0) + b"k")
+                reply = sock.makefile("rb").read()          # to the close
+            assert HEADER.unpack(reply[:24])[5] == 0x20     # auth error
+            assert reply[24:] == b"Auth failure."
+
+
+        def test_the_password_is_served(memg_server):
+            client = bmemcached.Client(["%s:%d" % memg_server.address], "alice", "secret")
+            assert client.set("k", "v")
+            assert client.get("k") == "v"
+            client.disconnect_all()
+
+
+        def test_a_wrong_password_is_refused(memg_server):
+            client = bmemcached.Client(["%s:%d" % memg_server.address], "alice", "wrong")
+            with pytest.raises(MemcachedException):
+                client.set("k", "v")
+            client.disconnect_all()
+
+
+        def test_the_settings_are_the_servers(memg_server):
+            assert memg_server.settings.sasl and memg_server.settings.protocol == "binary"
+    ''')
+    pytester.runpytest().assert_outcomes(passed=4)
 
 
 def test_the_option_is_in_pytest_help(pytester):
