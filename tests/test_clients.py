@@ -6,8 +6,8 @@ must see what it sees against memcached 1.6: the same values (its own serialisat
 round-trips through the flags), the same hits, misses and refusals, the same
 errors.  Where pylibmc's binary mode reports an outcome differently from its text
 mode, memcached is asked too.  python-binary-memcached (``import bmemcached``)
-speaks the binary protocol only, with SASL when given credentials: against memg and
-memcached requiring it (-S), and against plain ones.
+speaks the binary protocol only, with SASL when given credentials: against memg,
+an embedded memg.Server and memcached requiring it (-S), and against plain ones.
 """
 
 import functools
@@ -28,8 +28,8 @@ from pymemcache.client.base import PooledClient
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from conftest import (PYTHON_VALUES, Point, RawClient, require_tool, start_memcached,
-                      start_memg)
+from conftest import (PYTHON_VALUES, Point, RawClient, embedded, require_tool,
+                      start_memcached, start_memg)
 from test_binary import Op, Status, failure, request
 from test_seed import TIMING_LINE, load_seed
 
@@ -861,24 +861,26 @@ USER, PASSWORD = "alice", "secret"
 
 
 @pytest.fixture(scope="module")
-def sasl_processes(tmp_path_factory):
-    """memg and memcached requiring SASL (-S), each knowing alice's password: memg
-    from the user:password file MEMCACHED_SASL_PWDB names, Debian's memcached (built
-    without that) from a Cyrus SASL database for its PLAIN mechanism."""
+def sasl_servers(tmp_path_factory):
+    """memcached, memg and an embedded memg.Server requiring SASL (-S), each knowing
+    alice's password: memg from the user:password file MEMCACHED_SASL_PWDB names (the
+    Server from its sasl_pwdb setting), Debian's memcached (built without that) from
+    a Cyrus SASL database for its PLAIN mechanism."""
     directory = tmp_path_factory.mktemp("sasl")
     (directory / "pwdb").write_text("%s:%s\n" % (USER, PASSWORD))
     subprocess.run([require_tool("saslpasswd2"), "-p", "-c", "-a", "memcached", "-f",
                     str(directory / "sasldb2"), USER], input=PASSWORD.encode(), check=True)
     (directory / "memcached.conf").write_text(
         "mech_list: plain\nsasldb_path: %s\n" % (directory / "sasldb2"))
-    processes = {
+    servers = {
         "memcached": start_memcached("-S", env=dict(os.environ,
                                                     SASL_CONF_PATH=str(directory))),
         "memg": start_memg("-S", env=dict(os.environ,
-                                          MEMCACHED_SASL_PWDB=str(directory / "pwdb")))}
-    yield processes
-    for process in processes.values():
-        process.stop()
+                                          MEMCACHED_SASL_PWDB=str(directory / "pwdb"))),
+        "embedded": embedded(sasl=True, sasl_pwdb=str(directory / "pwdb")).start()}
+    yield servers
+    for server in servers.values():
+        server.stop()
 
 
 def sasl_client(server, *credentials):
@@ -926,25 +928,26 @@ def run_workload(server, *credentials):
     return outcomes
 
 
-def sasl_workload(sasl_processes, *credentials):
+def sasl_workload(sasl_servers, *credentials):
     """WORKLOAD's outcomes with these credentials, the authentications it tried and
-    those that failed, and whether it left anything stored, from memcached and from
-    memg (emptied first): the same from both."""
+    those that failed, and whether it left anything stored, from each of
+    sasl_servers (emptied first): the same from each."""
     seen = {}
-    for name, process in sasl_processes.items():
-        assert as_alice(process, "flush_all")
-        before = auth_counts(process)
-        outcomes = run_workload(process, *credentials)
-        after = auth_counts(process)
-        stored = as_alice(process, "get_multi", ["k", "n", "a", "b"])
+    for name, server in sasl_servers.items():
+        assert as_alice(server, "flush_all")
+        before = auth_counts(server)
+        outcomes = run_workload(server, *credentials)
+        after = auth_counts(server)
+        stored = as_alice(server, "get_multi", ["k", "n", "a", "b"])
         # (auth_counts authenticates once itself.)
         seen[name] = (outcomes, after[0] - before[0] - 1, after[1] - before[1], stored)
     assert seen["memg"] == seen["memcached"]
+    assert seen["embedded"] == seen["memcached"]
     return seen["memg"]
 
 
-def test_bmemcached_with_the_password_is_served(sasl_processes):
-    outcomes, tried, failed, stored = sasl_workload(sasl_processes, USER, PASSWORD)
+def test_bmemcached_with_the_password_is_served(sasl_servers):
+    outcomes, tried, failed, stored = sasl_workload(sasl_servers, USER, PASSWORD)
     assert outcomes == SERVED
     assert (tried, failed) == (1, 0)
     assert stored == {"n": "5", "a": 1, "b": [2]}       # a counter has no int flag
@@ -952,8 +955,8 @@ def test_bmemcached_with_the_password_is_served(sasl_processes):
 
 @pytest.mark.parametrize("user, password", [(USER, "wrong"), ("mallory", PASSWORD)],
                          ids=["wrong-password", "unknown-user"])
-def test_bmemcached_with_wrong_credentials_is_refused(sasl_processes, user, password):
-    outcomes, tried, failed, stored = sasl_workload(sasl_processes, user, password)
+def test_bmemcached_with_wrong_credentials_is_refused(sasl_servers, user, password):
+    outcomes, tried, failed, stored = sasl_workload(sasl_servers, user, password)
     # bmemcached takes status 0x08 for the refusal of its SASL request, not the
     # protocol's 0x20, so it raises it as any other failure, not as InvalidCredentials.
     assert outcomes[0] == ("refused", Status.AUTH_ERROR)
@@ -964,17 +967,17 @@ def test_bmemcached_with_wrong_credentials_is_refused(sasl_processes, user, pass
     assert stored == {}
 
 
-def test_bmemcached_without_credentials_is_refused(sasl_processes):
-    outcomes, tried, failed, stored = sasl_workload(sasl_processes)
+def test_bmemcached_without_credentials_is_refused(sasl_servers):
+    outcomes, tried, failed, stored = sasl_workload(sasl_servers)
     assert outcomes[0] == ("refused", Status.AUTH_ERROR)
     assert "v" not in outcomes
     assert (tried, failed) == (0, 0)
     assert stored == {}
 
 
-@pytest.fixture(params=["memcached", "memg"])
-def sasl_server(request, sasl_processes):
-    return sasl_processes[request.param]
+@pytest.fixture(params=["memcached", "memg", "embedded"])
+def sasl_server(request, sasl_servers):
+    return sasl_servers[request.param]
 
 
 def test_a_request_before_authentication_gets_auth_error_and_a_close(sasl_server):
