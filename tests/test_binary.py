@@ -419,6 +419,18 @@ def test_append_and_prepend_with_a_cas(opcode):
           hit(Op.GET, joined, cas=2))
 
 
+def test_without_cas_uniques_a_stores_cas_is_ignored():
+    # -C: memcached cannot give the new item the header's CAS, so the store stays
+    # a plain one; delete and incr compare the CAS with the item's 0 and refuse.
+    check(run(store(Op.SET, b"k", b"v", cas=5), store(Op.ADD, b"k", b"v", cas=5),
+              store(Op.REPLACE, b"k", b"x", cas=5), request(Op.APPEND, b"k", b"a", cas=5),
+              request(Op.GETK, b"k"), counter(Op.INCREMENT, b"k", cas=5),
+              request(Op.DELETE, b"k", cas=5), request(Op.DELETE, b"k"), use_cas=False),
+          response(Op.SET), failure(Op.ADD, Status.EXISTS), response(Op.REPLACE),
+          response(Op.APPEND), hit(Op.GETK, b"xa", key=b"k"), failure(Op.INCREMENT, Status.EXISTS),
+          failure(Op.DELETE, Status.EXISTS), response(Op.DELETE))
+
+
 def test_append_and_prepend_keep_flags_and_expiry():
     session = Session()
     talk(session, store(Op.SET, b"k", b"b", flags=5, exptime=10),

@@ -226,17 +226,24 @@ def test_same_reply_as_memcached(memg_process, memcached_process, script):
     assert converse(memg_process, script) == expected
 
 
+def on_new_servers(args, talk):
+    """[memg's, memcached's] answer: talk(server) on a new server of each, started
+    with the command-line args."""
+    answers = []
+    for start in (start_memg, start_memcached):
+        server = start(*args)
+        try:
+            answers.append(talk(server))
+        finally:
+            server.stop()
+    return answers
+
+
 def test_stats_sizes_with_track_sizes_as_memcached():
     script = (b"set a 0 0 1\r\nx\r\nset bb 7 0 100\r\n" + b"y" * 100 + b"\r\n"
               b"set c 0 0 1000\r\n" + b"z" * 1000 + b"\r\nstats sizes\r\n"
               b"delete a\r\nappend bb 0 0 50\r\n" + b"y" * 50 + b"\r\nstats sizes\r\n")
-    replies = []
-    for start in (start_memg, start_memcached):
-        server = start("-o", "track_sizes")
-        try:
-            replies.append(converse(server, script))
-        finally:
-            server.stop()
+    replies = on_new_servers(["-o", "track_sizes"], lambda server: converse(server, script))
     assert replies[0] == replies[1]
     assert b"STAT 1088 1\r\n" in replies[0]
 
@@ -499,13 +506,18 @@ def normalise_binary(replies):
     return packets
 
 
+def replies_to(server, script):
+    """The replies to script on a new connection, normalised."""
+    with server.connect() as client:
+        return normalise_binary(parse(client.converse(script)))
+
+
 def converse_binary(server, script, login=b""):
-    """The replies to script on a fresh connection, after a flush (sent after
+    """The replies to script on a new connection, after a flush (sent after
     login, if given)."""
     with server.connect() as flusher:
         assert parse(flusher.converse(login + flush()))[-1].status == Status.SUCCESS
-    with server.connect() as client:
-        return normalise_binary(parse(client.converse(script)))
+    return replies_to(server, script)
 
 
 @pytest.mark.parametrize("script", [s for _, s in BINARY_SCRIPTS],
@@ -515,17 +527,45 @@ def test_same_binary_replies_as_memcached(memg_process, memcached_process, scrip
     assert converse_binary(memg_process, script) == expected
 
 
-def test_binary_stats_of_an_empty_server_as_memcached():
+# Scripts for servers started with options: (name, command-line args, script).
+BINARY_OPTION_SCRIPTS = [
     # memcached counts flushed items until it has unlinked them: a server of its own.
-    script = values(request(Op.STAT, b"items"), request(Op.STAT, b"slabs"),
-                    request(Op.STAT, b"sizes"))
-    replies = []
-    for start in (start_memg, start_memcached):
-        server = start()
-        try:
-            replies.append(converse_binary(server, script))
-        finally:
-            server.stop()
+    ("empty-stats", [], values(request(Op.STAT, b"items"), request(Op.STAT, b"slabs"),
+                               request(Op.STAT, b"sizes"))),
+    # -F: a flush is refused with an auth error, memcached's status for it.
+    ("flush-disabled", ["-F"], values(store(Op.SET, b"k", b"v"), flush(),
+                                      flush(opcode=Op.FLUSHQ, opaque=2), request(Op.GET, b"k"))),
+    ("track-sizes", ["-o", "track_sizes"], values(
+        store(Op.SET, b"a", b"x"), store(Op.SET, b"bb", b"y" * 100, flags=7),
+        request(Op.STAT, b"sizes"))),
+    # -B binary: text is a bad magic byte.
+    ("binary-only-closes-on-text", ["-B", "binary"], NOOP + b"version\r\n"),
+    # -C: no CAS uniques.  A CAS in a store's header is then ignored (memcached
+    # cannot set it on the new item), but delete and incr compare it with 0.
+    ("cas-disabled", ["-C"], values(
+        store(Op.SET, b"k", b"v", cas=5), store(Op.ADD, b"k", b"v", cas=5),
+        store(Op.REPLACE, b"k", b"x", cas=5), store(Op.REPLACE, b"nope", b"x", cas=5),
+        request(Op.APPEND, b"k", b"a", cas=5), request(Op.PREPEND, b"k", b"p", cas=5),
+        request(Op.GETK, b"k"), store(Op.SET, b"n", b"1"), counter(Op.INCREMENT, b"n", cas=5),
+        counter(Op.INCREMENT, b"n"), request(Op.DELETE, b"n", cas=5), request(Op.DELETE, b"n"))),
+]
+
+
+@pytest.mark.parametrize("args, script", [case[1:] for case in BINARY_OPTION_SCRIPTS],
+                         ids=[case[0] for case in BINARY_OPTION_SCRIPTS])
+def test_same_binary_replies_with_options_as_memcached(args, script):
+    replies = on_new_servers(args, lambda server: replies_to(server, script))
+    assert replies[0] == replies[1]
+
+
+@pytest.mark.parametrize("script", [NOOP + b"mn\r\n", request(Op.GET, b"k") + b"\r\nmn\r\n",
+                                    store(Op.SET, b"k", b"v\r\n") + b"get k\r\n"],
+                         ids=["noop", "get", "set"])
+def test_ascii_only_reads_packets_as_text_as_memcached(script):
+    def talk(server):
+        with server.connect() as client:
+            return client.converse(script)
+    replies = on_new_servers(["-B", "ascii"], talk)
     assert replies[0] == replies[1]
 
 
@@ -574,13 +614,7 @@ def test_out_of_memory_as_memcached():
     script = values(*[store(Op.SETQ, b"k%d" % i, b"v" * 100000) for i in range(60)],
                     *[store(Op.SETQ, b"small%d" % i, b"v" * 10) for i in range(20000)],
                     counter(Op.INCREMENT, b"new", initial=5))
-    replies = []
-    for start in (start_memg, start_memcached):
-        server = start("-M", "-m", "2")
-        try:
-            replies.append(set(converse_binary(server, script)))
-        finally:
-            server.stop()
+    replies = on_new_servers(["-M", "-m", "2"], lambda server: set(replies_to(server, script)))
     assert replies[0] == replies[1]
     assert {reply.status for reply in replies[1]} == {Status.NO_MEMORY, Status.SUCCESS}
 
