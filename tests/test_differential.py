@@ -304,10 +304,18 @@ def values(*packets):
 
 # Every opcode memcached 1.6.18 answers, its quiet forms and its error statuses, as
 # scripts of request packets; opaques are set where a reply must echo them.  Left
-# out, because memcached's answer depends on how its reads fall: a bad magic byte
-# right after commands whose replies are not yet sent (memcached closes at once and
-# drops them unless a read ended in between); the noop before each bad packet
-# below makes memcached send what came before it first.
+# out, because memcached's answer depends on how its reads fall or on its
+# background threads:
+# - a bad magic byte right after commands whose replies are not yet sent
+#   (memcached closes at once and drops them unless a read ended in between); the
+#   noop before each bad packet below makes memcached send what came before it;
+# - a body claimed larger than what follows it (see claims-4gb-get);
+# - a second flush after one whose items have not all been looked up since: a
+#   delayed or past flush revives in memcached what the first hid but its crawler
+#   has not yet unlinked, so each script reads what it flushed before it flushes
+#   again.
+# (A decr or incr whose result is shorter is padded in place unless another
+# thread holds the item just then, as the text protocol's scripts also risk.)
 BINARY_SCRIPTS = [
     # -- retrieval -------------------------------------------------------------------------
     ("get", values(store(Op.SET, b"k", b"value", flags=5), request(Op.GET, b"k", opaque=1),
