@@ -11,7 +11,9 @@ fresh virtual environment that has nothing but pip-installed memg and pytest.
 import subprocess
 import venv
 
-from conftest import copy_project, start_memcached
+import pytest
+
+from conftest import ENGINES, copy_project, start_memcached
 
 # A test module of the kind a user writes: only the fixture and the standard library.
 USER_TESTS = '''
@@ -78,10 +80,11 @@ def test_a_malformed_external_address_is_reported(pytester):
     result.stdout.fnmatch_lines(["*--memg-external wants HOST:PORT*"])
 
 
-def test_a_project_gives_the_server_settings_sasl_among_them(pytester):
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_a_project_gives_the_server_settings_sasl_among_them(pytester, engine):
     """A project's conftest.py overrides memg_settings: the session's server then
     requires SASL (-S) with the project's password file, and serves bmemcached with
-    the password."""
+    the password; on each engine, as the project chooses."""
     pytester.path.joinpath("users").write_text("alice:secret\n")
     pytester.makeconftest('''
         import pathlib
@@ -91,8 +94,9 @@ def test_a_project_gives_the_server_settings_sasl_among_them(pytester):
 
         @pytest.fixture(scope="session")
         def memg_settings():
-            return {"sasl": True, "sasl_pwdb": str(pathlib.Path(__file__).parent / "users")}
-    ''')
+            return dict(SETTINGS, sasl=True,
+                        sasl_pwdb=str(pathlib.Path(__file__).parent / "users"))
+    '''.replace("SETTINGS", repr(ENGINES[engine][1])))
     pytester.makepyfile('''
         import socket
         import struct
@@ -128,7 +132,8 @@ def test_a_project_gives_the_server_settings_sasl_among_them(pytester):
 
         def test_the_settings_are_the_servers(memg_server):
             assert memg_server.settings.sasl and memg_server.settings.protocol == "binary"
-    ''')
+            assert memg_server.settings.engine == ENGINE
+    '''.replace("ENGINE", repr(ENGINES[engine][1]["engine"])))
     pytester.runpytest().assert_outcomes(passed=4)
 
 
