@@ -967,7 +967,8 @@ def test_a_body_beyond_what_the_opcode_reads_is_read_as_packets():
 
 
 def test_a_packet_cut_anywhere_is_answered_once_complete():
-    packets = [store(Op.SET, b"key", b"value", flags=3, opaque=1), request(Op.GETK, b"key", opaque=2),
+    packets = [store(Op.SET, b"key", b"value", flags=3, opaque=1),
+               request(Op.GETK, b"key", opaque=2),
                counter(Op.INCREMENT, b"n", initial=5, opaque=3)]
     expected = [response(Op.SET, cas=1, opaque=1),
                 hit(Op.GETK, b"value", flags=3, cas=1, key=b"key", opaque=2),
