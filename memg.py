@@ -778,9 +778,11 @@ class Store:
                     return NO_MEMORY, None
                 return STORED, new
             was = unpack_item(item)
+            if not was.value:
+                return NON_NUMERIC, None    # as memcached: before the CAS is compared
             if cas and cas != was.cas:
                 return EXISTS, None
-            number = parse_uint64(was.value) if was.value else None
+            number = parse_uint64(was.value)
             if number is None:
                 return NON_NUMERIC, None
             if incr:
@@ -2549,6 +2551,11 @@ MAGIC_REQUEST, MAGIC_RESPONSE = 0x80, 0x81
 SUCCESS = 0x00
 KEY_ENOENT, KEY_EEXISTS, E2BIG, EINVAL, BINARY_NOT_STORED, DELTA_BADVAL = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
 AUTH_ERROR, AUTH_CONTINUE, UNKNOWN_COMMAND, ENOMEM = 0x20, 0x21, 0x81, 0x82
+# What memcached's binary protocol says when memory runs out (its text protocol's
+# SERVER_ERROR lines, without SERVER_ERROR).
+OUT_OF_MEMORY_ITEM = b"Out of memory allocating item"
+OUT_OF_MEMORY_NEW_ITEM = b"Out of memory allocating new item"
+OUT_OF_MEMORY_INCR = b"Out of memory incrementing value"
 STATUS_TEXT = {
     KEY_ENOENT: b"Not found", KEY_EEXISTS: b"Data exists for key.", E2BIG: b"Too large.",
     EINVAL: b"Invalid arguments", BINARY_NOT_STORED: b"Not stored.",
@@ -2562,6 +2569,7 @@ STATUS_TEXT = {
 STORE_STATUS = {EXISTS: KEY_EEXISTS, NOT_FOUND: KEY_ENOENT, NO_MEMORY: ENOMEM}
 REFUSED_STATUS = {ADD: KEY_EEXISTS, REPLACE: KEY_ENOENT}
 SASL_MECHANISMS = b"PLAIN"
+SASL_MECHANISM_MAX = 32
 INCR_EXTRAS = struct.Struct(">QQI")        # delta, initial value, expiration
 NO_AUTO_CREATE = 0xFFFFFFFF                # an incr's expiration that creates nothing
 U32 = struct.Struct(">I")
@@ -2612,10 +2620,10 @@ class BinaryProtocol(Protocol):
     with PLAIN against the password database."""
 
     # What this connection is in the middle of: the request's header fields, and
-    # where its SASL conversation stands (None, "started" or "done").
+    # where its SASL conversation stands (see finish_sasl).
     opcode = opaque = request_cas = 0
     quiet = False
-    sasl_state = None
+    sasl_started = sasl_done = False
 
     @staticmethod
     def starts_authenticated(service):
@@ -2672,9 +2680,9 @@ class BinaryProtocol(Protocol):
         if not self.quiet:
             self.respond(**response)
 
-    def fail(self, status, close=False):
+    def fail(self, status, close=False, text=None):
         """An error response (quiet commands get them too), with memcached's text."""
-        self.respond(status, value=STATUS_TEXT[status])
+        self.respond(status, value=text or STATUS_TEXT[status])
         if close:
             self.closing = True
 
@@ -2713,9 +2721,11 @@ class BinaryProtocol(Protocol):
             self.fail(E2BIG)
             self.discard_block(size)
             return
-        cas = self.request_cas
+        # As memcached: any CAS in the header makes a set, add or replace a CAS, and
+        # under -C (no CAS kept) a store has none to compare.
+        cas = self.request_cas if self.store.use_cas else 0
         if cas and mode in (SET, ADD, REPLACE):
-            mode = CAS              # as memcached: any CAS in the header makes it one
+            mode = CAS
         self.read_body(size, self.finish_update, mode, key, flags, exptime, cas)
 
     def finish_update(self, value, mode, key, flags, exptime, cas):
@@ -2727,6 +2737,8 @@ class BinaryProtocol(Protocol):
             self.succeed(cas=header(item).cas)
         elif outcome == NOT_STORED:
             self.fail(REFUSED_STATUS.get(self.MODES[self.opcode], BINARY_NOT_STORED))
+        elif outcome == NO_MEMORY:
+            self.fail(ENOMEM, text=OUT_OF_MEMORY_ITEM)
         else:
             self.fail(STORE_STATUS[outcome])
 
@@ -2744,14 +2756,18 @@ class BinaryProtocol(Protocol):
 
     def arithmetic(self, extras, key, _):
         delta, initial, expiration = INCR_EXTRAS.unpack(extras)
+        vivify = None if expiration == NO_AUTO_CREATE else expiration
         outcome, item = self.store.arithmetic(
             key, delta, incr=self.opcode in (INCREMENT, INCREMENTQ), cas=self.request_cas,
-            vivify=None if expiration == NO_AUTO_CREATE else expiration, initial=initial)
+            vivify=vivify, initial=initial)
         if outcome == STORED:
             self.succeed(value=struct.pack(">Q", int(item[VALUE_START:])),
                          cas=header(item).cas)
         elif outcome == NON_NUMERIC:
             self.fail(DELTA_BADVAL)
+        elif outcome == NO_MEMORY:
+            self.fail(ENOMEM, text=OUT_OF_MEMORY_NEW_ITEM if vivify is not None
+                      else OUT_OF_MEMORY_INCR)
         else:
             self.fail(STORE_STATUS[outcome])
 
@@ -2809,38 +2825,57 @@ class BinaryProtocol(Protocol):
         self.respond(value=SASL_MECHANISMS)
 
     def sasl_auth(self, extras, key, size):
-        """SASL auth and step.  As memcached (with Cyrus SASL), each attempt first
-        makes the connection unauthenticated; PLAIN with no credentials yet is
-        answered "continue", and the step that follows carries them; a conversation
-        that succeeded takes no second one."""
+        """SASL auth and step, PLAIN, as memcached with Cyrus SASL answers them: a
+        mechanism's name over 32 bytes is refused, and so is a message too large
+        for an item of half the -I limit, each discarded as it arrives."""
         if self.service.sasl_credentials is None:
             self.fail(UNKNOWN_COMMAND)
             self.discard_block(size)
-            return
-        self.read_body(size, self.finish_sasl, key)
+        elif len(key) > SASL_MECHANISM_MAX:
+            self.fail(EINVAL)
+            self.discard_block(size)
+        elif len(key) + size + ITEM_HEADER_SIZE > self.settings.item_size_max // 2:
+            self.fail(ENOMEM)
+            self.discard_block(size)
+        else:
+            self.read_body(size, self.finish_sasl, key)
 
     def finish_sasl(self, message, mechanism):
+        """Where a conversation stands (as Cyrus keeps it): started (an auth came)
+        and done (one succeeded).  Every auth or step first makes the connection
+        unauthenticated.  An auth without data starts one and is answered
+        "continue"; with data (PLAIN: an identity to act as, empty or the user's
+        own, the user, the password) it is checked, unless one is done already,
+        which ends it.  A step carries the data of a started conversation."""
         self.authenticated = False
-        step = self.opcode == SASL_STEP
-        if self.sasl_state == "done" or (step and self.sasl_state != "started") or (
-                not step and mechanism.upper() != SASL_MECHANISMS):
-            authenticated = self.service.record_authentication(False)
-        elif not message and not step:
-            self.sasl_state = "started"
-            self.respond(AUTH_CONTINUE)
+        if self.opcode != SASL_STEP:
+            if not message:
+                self.sasl_started = True
+                self.respond(AUTH_CONTINUE)
+                return
+            if self.sasl_done or mechanism.upper() != SASL_MECHANISMS:
+                self.sasl_started = self.sasl_done = False
+                self.refuse_sasl()
+                return
+            self.sasl_started = True
+        elif not self.sasl_started or self.sasl_done:
+            self.refuse_sasl()
             return
-        else:
-            # PLAIN's message: an identity to act as (not used), the user, the password.
-            fields = message.split(b"\0")
-            authenticated = (self.service.authenticate(
-                fields[1], fields[2], self.service.sasl_credentials) if len(fields) == 3
-                else self.service.record_authentication(False))
-        if authenticated:
-            self.authenticated, self.sasl_state = True, "done"
+        fields = message.split(b"\0")
+        if len(fields) == 3 and fields[0] in (b"", fields[1]) and self.service.authenticate(
+                fields[1], fields[2], self.service.sasl_credentials):
+            self.authenticated = self.sasl_done = True
             self.respond(value=b"Authenticated")
-        else:
-            self.sasl_state = "done" if self.sasl_state == "done" else None
-            self.fail(AUTH_ERROR)
+            return
+        if len(fields) != 3 or fields[0] not in (b"", fields[1]):
+            self.service.record_authentication(False)
+        if self.opcode != SASL_STEP:
+            self.sasl_started = False            # (a failed step leaves it started)
+        self.fail(AUTH_ERROR)
+
+    def refuse_sasl(self):
+        self.service.record_authentication(False)
+        self.fail(AUTH_ERROR)
 
     # opcode -> (handler, quiet, the lengths memcached accepts for it).
     OPCODES = {
