@@ -1679,7 +1679,7 @@ class Protocol:
         """A bug in memg: this client gets memcached's severe-error reply and is
         closed; the traceback goes to the server's stderr, never to the wire."""
         traceback.print_exc()
-        self.queue(INTERNAL_ERROR)
+        self.internal_error_reply()
         self.block = None
         self.connection_lost()
 
@@ -1789,6 +1789,9 @@ class Protocol:
 
 class TextProtocol(Protocol):
     """memcached's text protocol: the classic commands and the meta commands."""
+
+    def internal_error_reply(self):
+        self.queue(INTERNAL_ERROR)
 
     @staticmethod
     def starts_authenticated(service):
@@ -2551,6 +2554,7 @@ MAGIC_REQUEST, MAGIC_RESPONSE = 0x80, 0x81
 SUCCESS = 0x00
 KEY_ENOENT, KEY_EEXISTS, E2BIG, EINVAL, BINARY_NOT_STORED, DELTA_BADVAL = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
 AUTH_ERROR, AUTH_CONTINUE, UNKNOWN_COMMAND, ENOMEM = 0x20, 0x21, 0x81, 0x82
+INTERNAL_ERROR_STATUS = 0x84               # (memg's own trouble: a bug)
 # What memcached's binary protocol says when memory runs out (its text protocol's
 # SERVER_ERROR lines, without SERVER_ERROR).
 OUT_OF_MEMORY_ITEM = b"Out of memory allocating item"
@@ -2660,7 +2664,7 @@ class BinaryProtocol(Protocol):
             # As memcached: the body is discarded, though its extras and key were
             # read already, so that as many bytes again after it go too.
             self.fail(UNKNOWN_COMMAND)
-            self.discard_block(bodylen)
+            self.discard(bodylen)
         elif not check(extlen, keylen, bodylen):
             self.fail(EINVAL, close=True)       # lengths that do not fit the command
         else:
@@ -2679,6 +2683,16 @@ class BinaryProtocol(Protocol):
         """A success response, unless the command is quiet."""
         if not self.quiet:
             self.respond(**response)
+
+    def discard(self, size):
+        """Discard the body of a refused request as it arrives.  memcached holds the
+        length in a signed int, so that one of 2 GB or more discards nothing, and
+        what follows is read as the next request."""
+        if size < 2 ** 31:
+            self.discard_block(size)
+
+    def internal_error_reply(self):
+        self.respond(INTERNAL_ERROR_STATUS, value=b"Internal error")
 
     def fail(self, status, close=False, text=None):
         """An error response (quiet commands get them too), with memcached's text."""
@@ -2719,7 +2733,7 @@ class BinaryProtocol(Protocol):
         if self.store.too_large(key, size, flags):
             self.store.refuse_too_large(key, drop_old=mode == SET)
             self.fail(E2BIG)
-            self.discard_block(size)
+            self.discard(size)
             return
         # As memcached: any CAS in the header makes a set, add or replace a CAS, and
         # under -C (no CAS kept) a store has none to compare.
@@ -2820,7 +2834,7 @@ class BinaryProtocol(Protocol):
     def sasl_mechanisms(self, extras, key, size):
         if self.service.sasl_credentials is None:
             self.fail(UNKNOWN_COMMAND)
-            self.discard_block(size)
+            self.discard(size)
             return
         self.respond(value=SASL_MECHANISMS)
 
@@ -2830,13 +2844,13 @@ class BinaryProtocol(Protocol):
         for an item of half the -I limit, each discarded as it arrives."""
         if self.service.sasl_credentials is None:
             self.fail(UNKNOWN_COMMAND)
-            self.discard_block(size)
+            self.discard(size)
         elif len(key) > SASL_MECHANISM_MAX:
             self.fail(EINVAL)
-            self.discard_block(size)
+            self.discard(size)
         elif len(key) + size + ITEM_HEADER_SIZE > self.settings.item_size_max // 2:
             self.fail(ENOMEM)
-            self.discard_block(size)
+            self.discard(size)
         else:
             self.read_body(size, self.finish_sasl, key)
 

@@ -983,9 +983,21 @@ def test_a_packet_cut_anywhere_is_answered_once_complete():
 @pytest.mark.parametrize("packet, reply", [
     (store(Op.SET, b"k", b"", bodylen=0xFFFFFFFF), failure(Op.SET, Status.TOO_LARGE)),
     (request(Op.APPENDQ, b"k", bodylen=0xFFFFFFFF), failure(Op.APPENDQ, Status.TOO_LARGE)),
-    (request(0x50, b"k", bodylen=0xFFFFFFFF), failure(0x50, Status.UNKNOWN_COMMAND)),
+    (request(0x50, b"k", bodylen=0x80000000), failure(0x50, Status.UNKNOWN_COMMAND)),
 ], ids=["set", "appendq", "unknown"])
-def test_a_body_of_4_gb_is_refused_at_once_and_discarded(packet, reply):
+def test_a_body_of_2_gb_or_more_is_refused_and_what_follows_read_at_once(packet, reply):
+    # memcached holds the length in a signed int: such a body discards nothing, and
+    # the next request is read as it comes (nothing of the claim is ever held).
+    proto = Session().connect()
+    check(proto.receive_data(packet + NOOP), reply, DONE)
+    assert proto.block is None and not proto.closing
+
+
+@pytest.mark.parametrize("packet, reply", [
+    (store(Op.SET, b"k", b"", bodylen=0x7FFFFFF0), failure(Op.SET, Status.TOO_LARGE)),
+    (request(0x50, b"k", bodylen=0x7FFFFFF0), failure(0x50, Status.UNKNOWN_COMMAND)),
+], ids=["set", "unknown"])
+def test_a_body_just_under_2_gb_is_refused_at_once_and_discarded_as_it_comes(packet, reply):
     proto = Session().connect()
     check(proto.receive_data(packet), reply)
     for _ in range(64):
@@ -1108,7 +1120,7 @@ def test_sasl_data_over_the_item_size_is_refused_at_once(tmp_path):
     path = tmp_path / "sasl-passwords"
     path.write_bytes(b"alice:secret\n")
     proto = Session(sasl=True, sasl_pwdb=str(path), item_size_max=1024).connect()
-    check(proto.receive_data(request(Op.SASL_AUTH, b"PLAIN", bodylen=0xFFFFFFFF)),
+    check(proto.receive_data(request(Op.SASL_AUTH, b"PLAIN", bodylen=0x7FFFFFF0)),
           failure(Op.SASL_AUTH, Status.NO_MEMORY))
     for _ in range(16):
         assert proto.receive_data(b"x" * 65536) == b""
