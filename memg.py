@@ -78,6 +78,13 @@ def yes_no(value):
     return "yes" if value else "no"
 
 
+def memcached_port(text):
+    """A port as memcached's -p and -U take it: 0 is none, -1 any free one (None
+    and 0 in Settings, as Python's socket calls have them)."""
+    number = int(text)
+    return None if number == 0 else 0 if number == -1 else number
+
+
 def option(default, *flags, help, stat=None, show=str, parse=None, metavar=None,
            choices=None, extended=False):
     """A setting: its default; the command-line flags that set it (a flag on a
@@ -101,13 +108,17 @@ class Settings:
     max_connections: int = option(
         1024, "-c", "--conn-limit", parse=int, metavar="N", stat="maxconns",
         help="max simultaneous connections (default: 1024)")
-    port: int = option(
-        11211, "-p", "--port", parse=int, stat="tcpport",
-        help="TCP port to listen on; 0 picks a free one (default: 11211)")
-    udp_port: int = option(
-        0, "-U", "--udp-port", parse=int, stat="udpport",
-        help="UDP port: memg serves no UDP yet; the command line ignores -U with a "
-             "warning")
+    port: Optional[int] = option(
+        11211, "-p", "--port", parse=lambda text: memcached_port(text), stat="tcpport",
+        show=lambda port: port or 0,
+        help="TCP port to listen on: 0 turns TCP off, -1 picks a free one (memcached's "
+             "rules; memg.Server takes None for off and 0 for a free one) (default: "
+             "11211, or the UDP port if -U is given)")
+    udp_port: Optional[int] = option(
+        None, "-U", "--udp-port", parse=lambda text: memcached_port(text), stat="udpport",
+        show=lambda port: port or 0,
+        help="UDP port to serve memcached's UDP framing on too: 0 (the default) turns it "
+             "off, -1 picks a free one; a reflection risk beyond loopback")
     host: str = option(
         "127.0.0.1", "-l", "--listen", metavar="ADDR", stat="inter",
         help="interfaces to listen on, comma separated, host or host:port (default: "
@@ -195,8 +206,6 @@ class Settings:
 
     def __post_init__(self):
         """Refuse what memg cannot honour, with the option's name in the message."""
-        if self.udp_port:
-            raise ValueError("UDP is not served yet: udp_port (-U) must be 0")
         # As memcached: SASL exists only in the binary protocol, -Y only in the text.
         for enabled, needed, name in ((self.sasl, "binary", "-S"),
                                       (self.auth_file, "ascii", "-Y")):
@@ -205,13 +214,18 @@ class Settings:
             elif enabled and self.protocol != needed:
                 raise ValueError("%s needs the %s protocol (-B %s)" % (name, needed, needed))
         self.protocol = self.protocol or "auto"
+        if self.sasl and self.udp_port is not None:
+            raise ValueError("UDP (-U) cannot authenticate with SASL (-S), as memcached's "
+                             "cannot")
         if self.sasl and not self.sasl_pwdb:
             raise ValueError("-S needs the environment variable MEMCACHED_SASL_PWDB naming "
                              "a file of user:password lines")
         if self.unix_socket and not hasattr(socket, "AF_UNIX"):
             raise ValueError("Unix sockets (-s) are not available on this platform")
-        if not 0 <= self.port <= 65535:
-            raise ValueError("port (-p) must be from 0 to 65535")
+        for name in ("port", "udp_port"):
+            if not 0 <= (getattr(self, name) or 0) <= 65535:
+                raise ValueError("%s (%s) must be from -1 to 65535" % (
+                    name.replace("_", " "), self.flag(name)))
         if not 1 * KB <= self.item_size_max <= 1024 * MB:
             raise ValueError("item size limit (-I) must be from 1k to 1024m")
         if self.item_size_max > self.memory_limit // 2:
@@ -1061,10 +1075,12 @@ TRAFFIC = ("bytes_read", "bytes_written", "cmd_meta")
 GETS, HITS, SETS, DELETES = range(4)
 
 
-def socket_name(name):
+def socket_name(name, transport="tcp"):
     """A socket address as memcached's ``stats conns`` writes it."""
     if isinstance(name, tuple):
-        return "tcp:%s:%d" % name[:2] if ":" not in name[0] else "tcp6:[%s]:%d" % name[:2]
+        if ":" in name[0]:
+            return "%s6:[%s]:%d" % ((transport,) + name[:2])
+        return "%s:%s:%d" % ((transport,) + name[:2])
     return "unix:%s" % (name or "")
 
 
@@ -1094,7 +1110,7 @@ class Service:
         self.prefix_stats = {}             # stats detail: prefix -> [gets, hits, sets, deletes]
         self.crawler_enabled = True        # lru_crawler enable|disable
         self.crawling = False              # a crawl or dump runs (others get BUSY)
-        self.listening = []                # (fd, address) of each listening socket
+        self.listening = []                # (fd, address, "tcp" or "udp") of each socket
         self.on_shutdown = None            # the engine's request_stop (``shutdown``)
 
     # -- connections -----------------------------------------------------------
@@ -1137,6 +1153,13 @@ class Service:
     def count(self, name):
         with self.lock:
             self.counters[name] += 1
+
+    def count_datagrams(self, received, sent, protocol):
+        """A UDP request's traffic: its datagrams' bytes, and its meta commands."""
+        with self.lock:
+            self.closed_traffic["bytes_read"] += received
+            self.closed_traffic["bytes_written"] += sent
+            self.closed_traffic["cmd_meta"] += protocol.cmd_meta
 
     def authenticate(self, user, password, credentials=None):
         """Whether user and password match a line of the auth file (-Y), or of the
@@ -1293,10 +1316,10 @@ class Service:
     def settings_stats(self):
         """``stats settings``: the settings as memcached names them, with what is in
         force now: the port bound, the memory limit after ``cache_memlimit``."""
-        tcp = [address for _, address in self.listening if isinstance(address, tuple)]
-        current = {"maxbytes": self.store.memory_limit,
-                   "tcpport": tcp[0][1] if tcp else 0 if self.settings.unix_socket
-                   else self.settings.port}
+        bound = {transport: address[1] for _, address, transport in reversed(self.listening)
+                 if isinstance(address, tuple)}
+        current = {"maxbytes": self.store.memory_limit, "tcpport": bound.get("tcp", 0),
+                   "udpport": bound.get("udp", 0)}
         return [(name, current.get(name, value)) for name, value in self.settings.stats()]
 
     def item_stats(self):
@@ -1343,8 +1366,13 @@ class Service:
         """``stats conns``: the listening sockets, then one block per client."""
         now = time.monotonic()
         rows = []
-        for fd, address in self.listening:
-            rows += [("%d:addr" % fd, socket_name(address)), ("%d:state" % fd, "conn_listening")]
+        for fd, address, transport in self.listening:
+            if transport == "udp":           # as memcached's lines for a UDP socket
+                rows += [("%d:UDP" % fd, "UDP"), ("%d:addr" % fd, socket_name(address, "udp")),
+                         ("%d:state" % fd, "conn_read"), ("%d:secs_since_last_cmd" % fd, 0)]
+            else:
+                rows += [("%d:addr" % fd, socket_name(address)),
+                         ("%d:state" % fd, "conn_listening")]
         with self.lock:
             live = sorted(self.connections, key=lambda protocol: protocol.fd)
         for protocol in live:
@@ -1541,6 +1569,8 @@ class Protocol:
     memcached changes the connection's try_read_command).
     """
 
+    datagram = False               # a UDP request's (see answer_datagram)
+
     def __init__(self, service, fd=-1, peer=None, local=None, wake=None):
         self.service = service
         self.store = service.store
@@ -1569,8 +1599,13 @@ class Protocol:
     def receive_data(self, data):
         """Take bytes the client sent (b"": its input has ended) and return the
         replies of the commands they complete."""
+        self.feed(data)
+        return self.take_output()
+
+    def feed(self, data):
+        """receive_data without taking the replies (see take_responses)."""
         if self.closing:
-            return b""                       # what comes after the end is not read
+            return                           # what comes after the end is not read
         if data and self.watcher is None:
             self.bytes_read += len(data)
             if self.pos < len(self.buffer):
@@ -1581,11 +1616,10 @@ class Protocol:
                 self.negotiate()
         elif self.watcher is not None:       # a watcher only listens, until it leaves
             self.closing = self.closing or not data
-            return b""
+            return
         else:
             self.eof = True
         self.run()
-        return self.take_output()
 
     def negotiate(self):
         """-B auto: the first byte chooses the protocol (see the class's docstring).
@@ -1601,6 +1635,11 @@ class Protocol:
         """The next step of the replies that ``pending`` promised (b"" if there is
         none yet): a chunk of a streamed reply, the watcher's lines, or the replies
         of commands that waited for room."""
+        self.advance()
+        return self.take_output()
+
+    def advance(self):
+        """data_to_send without taking the replies (see take_responses)."""
         try:
             if self.producer is not None:
                 chunk = next(self.producer, None)
@@ -1613,7 +1652,6 @@ class Protocol:
         except Exception:
             self.internal_error()
         self.run()
-        return self.take_output()
 
     def connection_lost(self):
         """The connection has closed: let go of what it held (its input, a watcher
@@ -1677,6 +1715,14 @@ class Protocol:
         self.out_bytes = 0
         self.bytes_written += len(data)
         return data
+
+    def take_responses(self):
+        """The replies made so far, each command's apart (a get's, a value apiece):
+        memcached sends each response of a UDP request as datagrams of its own."""
+        responses = self.out
+        self.out, self.out_bytes = [], 0
+        self.bytes_written += sum(map(len, responses))
+        return responses
 
     def internal_error(self):
         """A bug in memg: this client gets memcached's severe-error reply and is
@@ -1939,9 +1985,22 @@ class TextProtocol(Protocol):
         if len(items) > 1 and sum(map(len, filter(None, items))) > OUTPUT_LIMIT:
             self.stream(self.values(with_cas, keys, items))
             return
-        reply = b"".join(value_blocks(with_cas, keys, items)) + END   # (no noreply)
-        self.out.append(reply)
-        self.out_bytes += len(reply)
+        if len(items) == 1:                                      # (get has no noreply)
+            reply = END if items[0] is None else value_blocks(with_cas, keys, items)[0] + END
+            self.out.append(reply)
+            self.out_bytes += len(reply)
+            return
+        # As memcached: each value found is a response of its own, the first key's
+        # response is there (empty) even if it missed, and END ends the last.
+        responses = value_blocks(with_cas, keys, items)
+        if responses and items[0] is None:
+            responses.insert(0, b"")
+        if responses:
+            responses[-1] += END
+        else:
+            responses.append(END)
+        self.out.extend(responses)
+        self.out_bytes += sum(map(len, responses))
 
     def values(self, with_cas, keys, items):
         """A large multi-get's reply, made VALUES_PER_CHUNK items at a time."""
@@ -2251,6 +2310,7 @@ class TextProtocol(Protocol):
             self.reply(OK)
 
     def quit(self, tokens):
+        self.queue(b"")            # memcached's empty response: over UDP, a datagram
         self.closing = True
 
     def shutdown(self, tokens):
@@ -2336,6 +2396,8 @@ class TextProtocol(Protocol):
     def crawl(self, tokens):
         """lru_crawler crawl|metadump <classes>: memg's crawler walks every item,
         streamed a batch at a time; one at a time in the server, as memcached's."""
+        if self.datagram and tokens[1] == b"metadump":
+            return           # as memcached's crawler: no datagram (nor an amplifier)
         classes = tokens[2].split(b",")
         everything = tokens[2] in (b"all", b"hash")
         if not everything and not all(parse_uint32(c) is not None
@@ -2419,6 +2481,8 @@ class TextProtocol(Protocol):
     def watch(self, tokens):
         """Turn this connection into a watcher of the given kinds of event: from now
         on it is sent log lines, and what it sends is ignored."""
+        if self.datagram:
+            return                 # as memcached: a UDP request is answered once, or not
         kinds = {token.decode("latin-1") for token in tokens[1:]} or {"fetchers"}
         if not kinds <= WATCH_KINDS:
             self.reply(ERROR)
@@ -2683,8 +2747,11 @@ class BinaryProtocol(Protocol):
                    + extras + key + value)
 
     def succeed(self, **response):
-        """A success response, unless the command is quiet."""
-        if not self.quiet:
+        """A success response, unless the command is quiet (then an empty one, as
+        memcached's: over UDP, a datagram with no data)."""
+        if self.quiet:
+            self.queue(b"")
+        else:
             self.respond(**response)
 
     def discard(self, size):
@@ -2716,6 +2783,7 @@ class BinaryProtocol(Protocol):
         with_key = opcode in self.WITH_KEY
         if item is None:
             if self.quiet:
+                self.queue(b"")                  # (see succeed)
                 return
             if with_key:
                 self.respond(KEY_ENOENT, key=key)
@@ -2949,6 +3017,58 @@ TOUCH, INCREMENT, INCREMENTQ, SASL_STEP = 0x1C, 0x05, 0x15, 0x22
 PROTOCOLS = {"ascii": TextProtocol, "binary": BinaryProtocol, "auto": TextProtocol}
 
 
+# -- memcached's UDP ---------------------------------------------------------------
+
+# A datagram's frame: request id, sequence number, datagrams in all, reserved (0).
+UDP_HEADER = struct.Struct(">HHHH")
+# What a reply datagram carries at most after its frame (memcached's UDP_DATA_SIZE:
+# datagrams of 1,400 bytes in all), and the most datagrams a request is answered with.
+UDP_DATA_SIZE = 1392
+UDP_DATAGRAMS_MAX = 0xFFFF
+# The largest request datagram read (memcached's UDP_READ_BUFFER_SIZE).
+UDP_READ_SIZE = 64 * KB
+
+
+def answer_datagram(service, datagram, peer=None, fd=-1):
+    """The datagrams that answer one of memcached's UDP requests, made as they are
+    sent.  A request is one datagram: a frame, then commands in either protocol
+    (its first byte chooses); one of several datagrams, or with nothing after its
+    frame, is dropped, as memcached drops it.  As memcached, every response goes
+    in datagrams of its own, each of UDP_DATA_SIZE bytes at most and framed with
+    the request's id, its sequence number and their count; a response with nothing
+    in it (a quiet binary command's) is sent as a bare frame, unless a datagram went
+    before it.  A partial command, which a datagram cannot complete, is dropped."""
+    if len(datagram) <= UDP_HEADER.size:
+        return
+    request_id, _, count, _ = UDP_HEADER.unpack_from(datagram)
+    if count != 1:
+        return
+    payload = datagram[UDP_HEADER.size:]
+    protocol = (BinaryProtocol if payload[0] == MAGIC_REQUEST else TextProtocol)(
+        service, fd, peer)
+    protocol.negotiating, protocol.datagram = False, True
+    sent = 0
+    try:
+        protocol.feed(payload)
+        while sent < UDP_DATAGRAMS_MAX:
+            for response in protocol.take_responses():
+                if not response and sent:
+                    continue
+                starts = range(0, len(response), UDP_DATA_SIZE) or range(1)
+                for sequence, start in enumerate(starts[:UDP_DATAGRAMS_MAX - sent]):
+                    reply = UDP_HEADER.pack(request_id, sequence, min(len(starts), 0xFFFF) if
+                                            response else 0, 0)
+                    yield reply + response[start:start + UDP_DATA_SIZE]
+                    sent += 1
+            if not protocol.pending:
+                break
+            protocol.advance()
+    finally:
+        protocol.connection_lost()
+        service.count_datagrams(len(datagram), sent * UDP_HEADER.size + protocol.bytes_written,
+                                protocol)
+
+
 # --------------------------------------------------------------------------
 # 5. The engines: what moves the bytes
 # --------------------------------------------------------------------------
@@ -2995,6 +3115,7 @@ class Engine:
         self.service = service
         self.settings = service.settings
         self.listeners = []
+        self.datagram_sockets = []     # -U's
         # Written by request_stop, from any thread (the signals' too): a flag and a
         # byte on a socket pair, nothing that takes a lock.
         self.stopping = False
@@ -3027,20 +3148,34 @@ class Engine:
                 listener.bind(s.unix_socket)
                 os.chmod(s.unix_socket, s.unix_mask)
             else:
-                for host, port in parse_listen(s.host, s.port):
-                    family, kind, proto, _, sockaddr = socket.getaddrinfo(
-                        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-                    listener = socket.socket(family, kind, proto)
+                for host, port in parse_listen(s.host, s.port) if s.port is not None else ():
+                    listener = self.bound(host, port, socket.SOCK_STREAM)
                     self.listeners.append(listener)
-                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    listener.bind(sockaddr)
+                for host, _ in parse_listen(s.host, 0) if s.udp_port is not None else ():
+                    self.datagram_sockets.append(self.bound(host, s.udp_port,
+                                                            socket.SOCK_DGRAM))
             for listener in self.listeners:
                 listener.listen(s.backlog)
         except BaseException:
             self.close_sockets()
             raise
-        self.service.listening = [(listener.fileno(), listener.getsockname())
-                                  for listener in self.listeners]
+        self.service.listening = [
+            (sock.fileno(), sock.getsockname(), transport) for sock, transport in
+            [(listener, "tcp") for listener in self.listeners]
+            + [(sock, "udp") for sock in self.datagram_sockets]]
+
+    def bound(self, host, port, kind):
+        """A socket of kind (TCP or UDP) bound to host and port (0: a free one)."""
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host, port, type=kind, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def start(self):
         """Bind and serve from a background thread; returns self."""
@@ -3086,9 +3221,9 @@ class Engine:
         engine whose serve() closes them as it ends (asyncio, in its loop's thread)."""
 
     def close_sockets(self):
-        for sock in self.listeners + list(self.wakeup or ()):
+        for sock in self.listeners + self.datagram_sockets + list(self.wakeup or ()):
             sock.close()
-        self.listeners = []
+        self.listeners, self.datagram_sockets = [], []
 
     # -- what every engine does with a new connection ---------------------------
 
@@ -3114,6 +3249,20 @@ class Engine:
         with contextlib.suppress(OSError):
             sock.send(TOO_MANY_CONNECTIONS)
         sock.close()
+
+    def answer(self, sock):
+        """Answer the UDP requests waiting on sock (see answer_datagram); a reply
+        datagram the socket has no room for is lost, as UDP may lose it."""
+        for _ in range(self.settings.backlog):
+            try:
+                datagram, peer = sock.recvfrom(UDP_READ_SIZE)
+            except OSError:          # (none left, or the socket closed)
+                return
+            for reply in answer_datagram(self.service, datagram, peer, sock.fileno()):
+                try:
+                    sock.sendto(reply, peer)
+                except OSError:
+                    break
 
     def accept_failed(self, error):
         """An accept failed: out of file descriptors counts (listen_disabled_num)
@@ -3233,8 +3382,8 @@ class ThreadConnection:
 
 class ThreadsEngine(Engine):
     """A thread per connection, blocking in its socket's reads and writes: the
-    design card's shape, and the default.  The calling thread accepts; one more
-    thread sweeps expired items every second."""
+    design card's shape, and the default.  The calling thread accepts, and answers
+    UDP requests (-U); one more thread sweeps expired items every second."""
 
     def __init__(self, service):
         super().__init__(service)
@@ -3250,14 +3399,17 @@ class ThreadsEngine(Engine):
         self.sweeper.start()
         with selectors.DefaultSelector() as selector:
             for listener in self.listeners:
-                selector.register(listener, selectors.EVENT_READ)
+                selector.register(listener, selectors.EVENT_READ, self.accept)
+            for sock in self.datagram_sockets:
+                sock.setblocking(False)
+                selector.register(sock, selectors.EVENT_READ, self.answer)
             selector.register(self.wakeup[0], selectors.EVENT_READ)
             while not self.stopping:
                 for key, _ in selector.select():
                     if key.fileobj is self.wakeup[0]:
                         with contextlib.suppress(OSError):
                             self.wakeup[0].recv(4096)
-                    elif not self.stopping and self.accept(key.fileobj):
+                    elif not self.stopping and key.data(key.fileobj):
                         return
 
     def accept(self, listener):
@@ -3440,6 +3592,9 @@ class AsyncioEngine(Engine):
             for listener in self.listeners:
                 listener.setblocking(False)
                 loop.add_reader(listener.fileno(), self.accept, listener)
+            for sock in self.datagram_sockets:
+                sock.setblocking(False)
+                loop.add_reader(sock.fileno(), self.answer, sock)
             loop.add_reader(self.wakeup[0].fileno(), self.woken)
             loop.call_later(SWEEP_INTERVAL, self.sweep)
             if self.settings.idle_timeout:
@@ -3508,9 +3663,9 @@ class AsyncioEngine(Engine):
     def shut_down(self):
         """Close every connection, let the loop deliver their ends, close it."""
         loop = self.loop
-        for listener in self.listeners:
+        for sock in self.listeners + self.datagram_sockets:
             with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(listener.fileno())
+                loop.remove_reader(sock.fileno())
         for task in list(self.connecting):
             task.cancel()
         for connection in list(self.connections):
@@ -3674,9 +3829,8 @@ def parse_command_line(argv):
             raise SystemExit("memg: %s: bad value %r" % (Settings.flag(name), value))
     if "verbose" in values:
         values["verbose"] = min(values["verbose"], 2)
-    if values.pop("udp_port", 0):
-        # memcached's test harness gives every server it starts with -l a -U.
-        warnings.append("-U ignored: memg serves no UDP yet, only TCP")
+    if values.get("udp_port") is not None and "port" not in values:
+        values["port"] = values["udp_port"]       # memcached's rule: -U alone sets both
     try:
         settings = Settings(**values)
     except ValueError as error:
@@ -3747,6 +3901,18 @@ def tune_for_threads():
             pass                 # no ctypes, or a C library without mallopt
 
 
+def write_port_file(path, listening):
+    """MEMCACHED_PORT_FILENAME: the ports bound, in memcached's lines ("TCP INET:
+    11211"), written whole under another name first, as memcached does, so that a
+    reader never finds half of it."""
+    with open(path + ".lck", "w") as ports:
+        for _, address, transport in listening:
+            if isinstance(address, tuple):
+                ports.write("%s INET%s: %d\n" % (transport.upper(),
+                                                "6" if ":" in address[0] else "", address[1]))
+    os.replace(path + ".lck", path)
+
+
 def beyond_loopback(settings):
     """Whether the server listens on an address other machines can reach."""
     if settings.unix_socket:
@@ -3815,8 +3981,11 @@ def main(argv=None):
         raise SystemExit("memg: %s" % error)
     except OSError as error:
         raise SystemExit("memg: cannot listen on %s: %s" % (
-            settings.unix_socket or "%s port %d" % (settings.host, settings.port),
+            settings.unix_socket or "%s port %s" % (settings.host, ", ".join(
+                str(port) for port in (settings.port, settings.udp_port) if port is not None)),
             error.strerror or error))
+    if os.environ.get("MEMCACHED_PORT_FILENAME"):
+        write_port_file(os.environ["MEMCACHED_PORT_FILENAME"], server.service.listening)
     if settings.user:
         drop_privileges(settings.user)
     raise_open_file_limit(settings.max_connections)
@@ -3827,10 +3996,15 @@ def main(argv=None):
         print("memg: warning: listening beyond loopback (%s) with no authentication: "
               "anyone who can reach the port can read and change the cache"
               % settings.host, file=sys.stderr)
+    if beyond_loopback(settings) and settings.udp_port is not None:
+        print("memg: warning: serving UDP beyond loopback (%s): UDP's source addresses "
+              "can be forged, so anyone can have memg send replies to a third party"
+              % settings.host, file=sys.stderr)
     signals.serve(server.engine)
     if settings.verbose:
-        print("memg %s listening on %s (%s engine)" % (
-            __version__, socket_name(server.address), settings.engine), file=sys.stderr)
+        print("memg %s listening on %s (%s engine)" % (__version__, ", ".join(
+            socket_name(address, transport) for _, address, transport
+            in server.service.listening) or "nothing", settings.engine), file=sys.stderr)
     try:
         server.serve_forever()
     finally:

@@ -196,8 +196,7 @@ def test_bad_command_line_exits_with_one_line(args):
 
 # -- ignored memcached options ---------------------------------------------------
 
-@pytest.mark.parametrize("args", [["-f", "1.25"], ["-n", "48"], ["-L"], ["-R", "20"],
-                                  ["-U", "11211"]],      # (UDP is not served yet)
+@pytest.mark.parametrize("args", [["-f", "1.25"], ["-n", "48"], ["-L"], ["-R", "20"]],
                          ids=" ".join)
 def test_ignored_option_starts_with_one_warning(launch, args):
     server = launch(*args)

@@ -275,7 +275,8 @@ def test_a_unix_socket_server_serves_at_its_path_and_removes_it(tmp_path):
     {"backlog": 0},
     {"item_size_max": 512},                              # below memcached's 1k
     {"memory_limit": 1 * MB, "item_size_max": 1 * MB},   # over half the memory
-    {"udp_port": 11211},
+    {"udp_port": 70000},
+    {"udp_port": 0, "sasl": True, "sasl_pwdb": "/dev/null"},  # UDP cannot authenticate
 ], ids=lambda setting: ",".join("%s=%s" % item for item in setting.items()))
 def test_a_bad_setting_raises_value_error_before_binding(setting):
     baseline = set(threading.enumerate())
