@@ -78,6 +78,11 @@ def yes_no(value):
     return "yes" if value else "no"
 
 
+# OpenSSL's verify flags for each of memcached's ssl_verify_mode values, which its
+# stats settings show: none; peer; peer and fail if none; and client once.
+VERIFY_FLAGS = {0: 0, 1: 1, 2: 3, 3: 7}
+
+
 def memcached_port(text):
     """A port as memcached's -p and -U take it: 0 is none, -1 any free one (None
     and 0 in Settings, as Python's socket calls have them)."""
@@ -187,6 +192,48 @@ class Settings:
     track_sizes: bool = option(
         False, extended=True, stat="track_sizes", show=yes_no,
         help="-o track_sizes: keep the item size histogram of stats sizes")
+    ssl_enabled: bool = option(
+        False, "-Z", "--enable-ssl", stat="ssl_enabled", show=yes_no,
+        help="serve TLS on every TCP listener but those -l names with notls: (needs "
+             "-o ssl_chain_cert)")
+    ssl_chain_cert: Optional[str] = option(
+        None, extended=True, stat="ssl_chain_cert", show=lambda path: path or "(null)",
+        help="-o ssl_chain_cert=FILE: the server's certificate chain, PEM")
+    ssl_key: Optional[str] = option(
+        None, extended=True, stat="ssl_key", show=lambda path: path or "(null)",
+        help="-o ssl_key=FILE: its private key, PEM, if not in the chain's file")
+    ssl_verify_mode: int = option(
+        0, parse=int, extended=True, stat="ssl_verify_mode",
+        show=lambda mode: VERIFY_FLAGS.get(mode, mode),
+        help="-o ssl_verify_mode=N: client certificates: 0 not asked for, 1 checked if "
+             "given, 2 required, 3 required once")
+    ssl_keyformat: int = option(
+        1, parse=int, extended=True, stat="ssl_keyformat",
+        help="-o ssl_keyformat=1: the key's format: PEM (1) alone")
+    ssl_ciphers: Optional[str] = option(
+        None, extended=True, stat="ssl_ciphers", show=lambda ciphers: ciphers or "NULL",
+        help="-o ssl_ciphers=LIST: OpenSSL's cipher list for TLS up to 1.2")
+    ssl_ca_cert: Optional[str] = option(
+        None, extended=True, stat="ssl_ca_cert", show=lambda path: path or "NULL",
+        help="-o ssl_ca_cert=FILE: the CAs whose client certificates are accepted, PEM")
+    ssl_wbuf_size: int = option(
+        16, parse=int, extended=True, stat="ssl_wbuf_size", show=lambda size: size * KB,
+        help="-o ssl_wbuf_size=KB: accepted; memg's TLS writes need no buffer of their "
+             "own")
+    ssl_session_cache: bool = option(
+        False, extended=True, stat="ssl_session_cache", show=yes_no,
+        help="-o ssl_session_cache: accepted; sessions are OpenSSL's to cache")
+    ssl_kernel_tls: bool = option(
+        False, extended=True, stat="ssl_kernel_tls", show=yes_no,
+        help="-o ssl_kernel_tls: kernel TLS offload, where Python and OpenSSL have it")
+    ssl_min_version: int = option(
+        2, parse=int, extended=True, stat="ssl_min_version",
+        show=lambda version: "tlsv1.%d" % version,
+        help="-o ssl_min_version=N: the oldest TLS accepted: 0 for 1.0 ... 3 for 1.3 "
+             "(default: 2)")
+    ssl_context: Optional[object] = option(
+        None, help="an ssl.SSLContext to serve TLS with, instead of the files (memg.Server "
+                   "only)")
     user: Optional[str] = option(
         None, "-u", "--user", help="drop root privileges to this user after binding")
     pid_file: Optional[str] = option(
@@ -217,6 +264,21 @@ class Settings:
         if self.sasl and self.udp_port is not None:
             raise ValueError("UDP (-U) cannot authenticate with SASL (-S), as memcached's "
                              "cannot")
+        if self.ssl_context is not None:
+            self.ssl_enabled = True
+        elif self.ssl_enabled and not self.ssl_chain_cert:
+            raise ValueError("TLS (-Z) needs a certificate: -o ssl_chain_cert=FILE")
+        if self.ssl_enabled and self.port is None:
+            raise ValueError("TLS (-Z) needs a TCP port (-p)")
+        if self.ssl_verify_mode not in VERIFY_FLAGS:
+            raise ValueError("ssl_verify_mode must be 0, 1, 2 or 3")
+        if self.ssl_min_version not in range(4):
+            raise ValueError("ssl_min_version must be 0, 1, 2 or 3")
+        if self.ssl_keyformat != 1:
+            raise ValueError("ssl_keyformat: only PEM (1) is supported")
+        if any(part.strip().startswith("notls:") for part in self.host.split(",")) and (
+                not self.ssl_enabled):
+            raise ValueError("'notls' option is valid only when SSL is enabled")
         if self.sasl and not self.sasl_pwdb:
             raise ValueError("-S needs the environment variable MEMCACHED_SASL_PWDB naming "
                              "a file of user:password lines")
@@ -1067,12 +1129,47 @@ def read_auth_file(path, what="the auth file (-Y)"):
 # Counters the service keeps under its lock.  Traffic (bytes read and written, and
 # cmd_meta) is counted by each connection's protocol, and added in when it closes.
 SERVICE_COUNTERS = ("total_connections", "rejected_connections", "listen_disabled_num",
-                    "idle_kicks", "auth_cmds", "auth_errors")
+                    "idle_kicks", "auth_cmds", "auth_errors", "ssl_handshake_errors")
 TRAFFIC = ("bytes_read", "bytes_written", "cmd_meta")
 
 
 # The counters of stats detail, per prefix.
 GETS, HITS, SETS, DELETES = range(4)
+
+
+def tls_context(settings):
+    """The server's TLS context, from -Z's settings (as memcached's ssl_init);
+    ValueError in memcached's words if a file will not load."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1,
+                               ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3][
+        settings.ssl_min_version]
+    try:
+        context.load_cert_chain(settings.ssl_chain_cert, settings.ssl_key)
+    except (ssl.SSLError, OSError) as error:
+        raise ValueError("Error loading the certificate chain: %s : %s" % (
+            settings.ssl_chain_cert, getattr(error, "reason", None) or error.strerror or error))
+    if settings.ssl_ca_cert:
+        try:
+            context.load_verify_locations(settings.ssl_ca_cert)
+        except (ssl.SSLError, OSError) as error:
+            raise ValueError("Error loading the CA certificate: %s : %s" % (
+                settings.ssl_ca_cert, getattr(error, "reason", None) or error.strerror or error))
+    # Modes 2 and 3 require a client certificate; 1 checks one if the client has one.
+    context.verify_mode = [ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED,
+                           ssl.CERT_REQUIRED][settings.ssl_verify_mode]
+    if settings.ssl_ciphers:
+        try:
+            context.set_ciphers(settings.ssl_ciphers)
+        except ssl.SSLError:
+            raise ValueError("Error setting the provided cipher(s): %s" % settings.ssl_ciphers)
+    if settings.ssl_kernel_tls:
+        if not hasattr(ssl, "OP_ENABLE_KTLS"):
+            raise ValueError("Kernel TLS offload is not available")
+        context.options |= ssl.OP_ENABLE_KTLS
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)     # as memcached
+    return context
 
 
 def socket_name(name, transport="tcp"):
@@ -1097,6 +1194,10 @@ class Service:
         self.credentials = read_auth_file(s.auth_file) if s.auth_file else None
         self.sasl_credentials = (read_auth_file(s.sasl_pwdb, "the SASL password database")
                                  if s.sasl else None)
+        # TLS (-Z): the context new connections are wrapped with; refresh_certs makes
+        # a new one, so that a certificate that will not load leaves this one whole.
+        self.tls_context = s.ssl_context or (tls_context(s) if s.ssl_enabled else None)
+        self.tls_refreshed = time.monotonic()
         self.watchers = Watchers()
         self.store.on_evict = self.watch_eviction
         self.started = time.time()
@@ -1177,6 +1278,22 @@ class Service:
             self.counters["auth_cmds"] += 1
             self.counters["auth_errors"] += not succeeded
         return succeeded
+
+    def refresh_certs(self):
+        """refresh_certs: load the certificate and key again, for the connections to
+        come; None, or what is wrong, in memcached's words."""
+        if self.tls_context is None:
+            return "Error TLS not enabled"
+        if self.settings.ssl_context is not None:
+            return "Error the certificates were given as an SSLContext, not as files"
+        try:
+            context = tls_context(self.settings)
+        except ValueError as error:
+            return str(error)
+        with self.lock:
+            self.tls_context = context
+            self.tls_refreshed = time.monotonic()
+        return None
 
     def request_shutdown(self):
         if self.on_shutdown is not None:
@@ -1283,6 +1400,10 @@ class Service:
             ("total_connections", counters["total_connections"]),
             ("rejected_connections", counters["rejected_connections"]),
             ("connection_structures", live),
+        ] + ([
+            ("ssl_handshake_errors", counters["ssl_handshake_errors"]),
+            ("time_since_server_cert_refresh", int(time.monotonic() - self.tls_refreshed)),
+        ] if self.tls_context is not None else []) + [
             ("cmd_get", store["cmd_get"]),
             ("cmd_set", store["cmd_set"]),
             ("cmd_flush", store["cmd_flush"]),
@@ -2309,6 +2430,12 @@ class TextProtocol(Protocol):
             self.store.set_memory_limit(megabytes * MB)
             self.reply(OK)
 
+    def refresh_certs(self, tokens):
+        """TLS: load the certificate and key again, for the connections to come."""
+        self.check_noreply(tokens)
+        problem = self.service.refresh_certs()
+        self.reply(OK if problem is None else problem.encode() + b"\r\n")
+
     def quit(self, tokens):
         self.queue(b"")            # memcached's empty response: over UDP, a datagram
         self.closing = True
@@ -2563,6 +2690,7 @@ class TextProtocol(Protocol):
         b"slabs": (lambda self, tokens: self.dispatch(tokens, self.SLABS), 1, ANY),
         b"lru": (lru, 2, ANY),
         b"watch": (watch, 1, ANY),
+        b"refresh_certs": (refresh_certs, 1, ANY),
     }
 
 
@@ -3083,10 +3211,14 @@ ACCEPT_BACKOFF = 0.1
 
 
 def parse_listen(spec, port):
-    """-l: a comma-separated list of host, host:port or [ipv6]:port."""
+    """-l: a comma-separated list of host, host:port or [ipv6]:port, each perhaps
+    after notls: (a plain listener, under -Z); as (host, port, plain) triples."""
     addresses = []
     for part in spec.split(","):
         part = part.strip()
+        plain = part.startswith("notls:")
+        if plain:
+            part = part[len("notls:"):]
         host, _, rest = part.rpartition("]") if part.startswith("[") else ("", "", part)
         if host:
             host = host[1:]
@@ -3095,7 +3227,7 @@ def parse_listen(spec, port):
             host, port_text = rest.split(":")
         else:
             host, port_text = rest, ""
-        addresses.append((host, int(port_text) if port_text else port))
+        addresses.append((host, int(port_text) if port_text else port, plain))
     return addresses
 
 
@@ -3115,6 +3247,7 @@ class Engine:
         self.service = service
         self.settings = service.settings
         self.listeners = []
+        self.plain_listeners = set()   # those -l named with notls: (under -Z)
         self.datagram_sockets = []     # -U's
         # Written by request_stop, from any thread (the signals' too): a flag and a
         # byte on a socket pair, nothing that takes a lock.
@@ -3148,10 +3281,13 @@ class Engine:
                 listener.bind(s.unix_socket)
                 os.chmod(s.unix_socket, s.unix_mask)
             else:
-                for host, port in parse_listen(s.host, s.port) if s.port is not None else ():
+                for host, port, plain in (parse_listen(s.host, s.port) if s.port is not None
+                                          else ()):
                     listener = self.bound(host, port, socket.SOCK_STREAM)
                     self.listeners.append(listener)
-                for host, _ in parse_listen(s.host, 0) if s.udp_port is not None else ():
+                    if plain:
+                        self.plain_listeners.add(listener)
+                for host, _, _ in parse_listen(s.host, 0) if s.udp_port is not None else ():
                     self.datagram_sockets.append(self.bound(host, s.udp_port,
                                                             socket.SOCK_DGRAM))
             for listener in self.listeners:
@@ -3250,6 +3386,14 @@ class Engine:
             sock.send(TOO_MANY_CONNECTIONS)
         sock.close()
 
+    def serves_tls(self, listener):
+        """Whether the clients of listener are served over TLS."""
+        return self.service.tls_context is not None and listener not in self.plain_listeners
+
+    def handshake_failed(self):
+        """A TLS handshake failed or stalled: it costs that connection, and counts."""
+        self.service.count("ssl_handshake_errors")
+
     def answer(self, sock):
         """Answer the UDP requests waiting on sock (see answer_datagram); a reply
         datagram the socket has no room for is lost, as UDP may lose it."""
@@ -3300,6 +3444,8 @@ def replies_sender():
 
 
 SEND_MAX = 1 << 30
+# How long a TLS watcher's check for its client's end waits for a whole record.
+PEER_CHECK_TIMEOUT = 0.1
 
 
 class ThreadConnection:
@@ -3312,19 +3458,23 @@ class ThreadConnection:
     with 64 KiB heap buffers, 7 % with maps), while a map goes back to the system
     whole when the connection closes."""
 
-    def __init__(self, engine, sock, address):
+    def __init__(self, engine, sock, address, tls=False):
         self.engine = engine
         self.sock = sock
+        self.tls = tls                   # served over TLS
         self.event = threading.Event()
         self.protocol = engine.new_protocol(sock, address, self.event.set)
         self.buffer = mmap.mmap(-1, READ_BUFFER) if self.protocol else None
 
     def serve(self):
         """Read, run and reply until the client leaves or is sent away, then close."""
-        engine, sock, protocol = self.engine, self.sock, self.protocol
+        engine, protocol = self.engine, self.protocol
         view = memoryview(self.buffer)
         idle_timeout = engine.settings.idle_timeout
         try:
+            if self.tls and not self.handshake():
+                return
+            sock = self.sock
             while not protocol.closing:
                 if protocol.watcher is not None:
                     self.stream()
@@ -3353,10 +3503,29 @@ class ThreadConnection:
         self.sock.close()
         self.buffer.close()
 
+    def handshake(self):
+        """TLS: wrap the socket and shake hands, within the idle timeout if there is
+        one (a client that never does costs its connection until then)."""
+        import ssl
+        with self.engine.service.lock:                  # (refresh_certs swaps it)
+            context = self.engine.service.tls_context
+        self.sock = context.wrap_socket(self.sock, server_side=True,
+                                        do_handshake_on_connect=False)
+        self.sock.settimeout(self.engine.settings.idle_timeout or None)
+        try:
+            self.sock.do_handshake()
+        except (ssl.SSLError, OSError):
+            self.engine.handshake_failed()
+            return False
+        return True
+
     def send(self, data):
         """Send replies, in one send if the socket takes them at once; sendall sends
-        any rest (or all of them after an error, which it reports)."""
-        if data:
+        any rest (or all of them after an error, which it reports).  (Over TLS, the
+        socket's own sendall: the C library's send would bypass the encryption.)"""
+        if data and self.tls:
+            self.sock.sendall(data)
+        elif data:
             sent = self.engine.send(self.sock.fileno(), data, min(len(data), SEND_MAX),
                                     self.engine.send_flags)
             if sent < len(data):
@@ -3375,9 +3544,20 @@ class ThreadConnection:
                 return
 
     def peer_closed(self):
-        """Whether the client has closed its end (a watcher only ever listens)."""
+        """Whether the client has closed its end (a watcher only ever listens, so
+        what else it sends may be read and dropped)."""
         readable, _, _ = select.select([self.sock], [], [], 0)
-        return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""
+        if not readable:
+            return False
+        if not self.tls:
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        self.sock.settimeout(PEER_CHECK_TIMEOUT)
+        try:
+            return self.sock.recv(1) == b""
+        except socket.timeout:
+            return False             # (a part of a TLS record: not an end)
+        finally:
+            self.sock.settimeout(self.engine.settings.idle_timeout or None)
 
 
 class ThreadsEngine(Engine):
@@ -3420,7 +3600,7 @@ class ThreadsEngine(Engine):
             if self.accept_failed(error):
                 time.sleep(ACCEPT_BACKOFF)
             return False
-        connection = ThreadConnection(self, sock, address)
+        connection = ThreadConnection(self, sock, address, self.serves_tls(listener))
         if connection.protocol is None:
             return False
         if self.settings.single:
@@ -3512,7 +3692,9 @@ class AsyncioConnection(asyncio.BufferedProtocol):
         if out:
             self.transport.write(out)
         self.after_output()
-        return True                      # the transport closes once the replies are out
+        # The transport then closes once the replies are out; over TLS, an end of
+        # input ends the connection whatever this says.
+        return self.transport.get_extra_info("sslcontext") is None
 
     def after_output(self):
         protocol = self.protocol
@@ -3586,6 +3768,7 @@ class AsyncioEngine(Engine):
 
     def serve(self):
         self.loop = loop = self.new_event_loop()
+        loop.set_exception_handler(self.loop_error)
         self.read_buffer = mmap.mmap(-1, READ_BUFFER)
         self.read_view = memoryview(self.read_buffer)
         try:
@@ -3603,6 +3786,15 @@ class AsyncioEngine(Engine):
                 loop.run_forever()
         finally:
             self.shut_down()
+
+    @staticmethod
+    def loop_error(loop, context):
+        """The loop's report of an error it caught: a client's failing TLS or going
+        away is nothing to print (a failed handshake is counted where it is seen);
+        anything else is memg's bug, printed as the loop prints it."""
+        if isinstance(context.get("exception"), (ConnectionError, TimeoutError, OSError)):
+            return
+        loop.default_exception_handler(context)
 
     def woken(self):
         with contextlib.suppress(OSError):
@@ -3626,7 +3818,8 @@ class AsyncioEngine(Engine):
             if connection.protocol is None:
                 continue                         # turned away
             sock.setblocking(False)
-            task = self.loop.create_task(self.connect(sock, connection))
+            task = self.loop.create_task(self.connect(sock, connection,
+                                                      self.serves_tls(listener)))
             self.connecting.add(task)
             task.add_done_callback(self.connecting.discard)
 
@@ -3634,11 +3827,18 @@ class AsyncioEngine(Engine):
         if not self.stopping and listener.fileno() >= 0:
             self.loop.add_reader(listener.fileno(), self.accept, listener)
 
-    async def connect(self, sock, connection):
+    async def connect(self, sock, connection, tls):
+        """Hand an accepted socket to the loop's transports (over TLS, once the
+        handshake is done: within the idle timeout, or asyncio's 60 s)."""
         try:
-            await self.loop.connect_accepted_socket(lambda: connection, sock)
-        except BaseException:
-            # Stopped (or failed) before the loop took the socket: it is ours to close.
+            await self.loop.connect_accepted_socket(
+                lambda: connection, sock, ssl=self.service.tls_context if tls else None,
+                ssl_handshake_timeout=(self.settings.idle_timeout or None) if tls else None)
+        except BaseException as error:
+            # Stopped, or the handshake failed, before the loop took the socket: it is
+            # ours to close.
+            if tls and not isinstance(error, asyncio.CancelledError):
+                self.handshake_failed()
             sock.close()
             self.service.close_connection(connection.protocol)
 
@@ -3749,7 +3949,7 @@ IGNORED_EXTENDED = {
 # memcached options whose feature memg does not have: refused, never silently ignored.
 UNSUPPORTED_OPTIONS = {
     "-d": (False, "daemon mode: run memg under a service manager instead"),
-    "-Z": (False, "TLS"), "-e": (True, "memory files (restartable cache)"),
+    "-e": (True, "memory files (restartable cache)"),
 }
 
 
@@ -3817,7 +4017,7 @@ def parse_command_line(argv):
             field = SETTINGS_FIELDS.get(name)
             if field is not None and field.metadata["extended"]:
                 args[name] = True if isinstance(field.default, bool) else text
-            elif name in IGNORED_EXTENDED or name.startswith(("ext_", "ssl_")):
+            elif name in IGNORED_EXTENDED or name.startswith("ext_"):
                 warnings.append("-o %s ignored: memg has no such tuning" % name)
             else:
                 raise SystemExit("memg: unknown -o option %r" % name)
@@ -3918,7 +4118,7 @@ def beyond_loopback(settings):
     if settings.unix_socket:
         return False
     return any(not (host.startswith("127.") or host in ("localhost", "::1"))
-               for host, _ in parse_listen(settings.host, settings.port))
+               for host, _, _ in parse_listen(settings.host, settings.port))
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
