@@ -7,8 +7,10 @@ sockets.
 
 import dataclasses
 import os
+import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -38,7 +40,8 @@ ENGINES = {
 ENGINE_ARGS, ENGINE_SETTINGS = ENGINES[ENGINE]
 SERVER_SUITES = {"test_cli.py", "test_clients.py", "test_differential.py", "test_engines.py",
                  "test_frameworks.py", "test_memcached_suite.py", "test_seed.py",
-                 "test_server.py", "test_server_embedded.py", "test_server_hostile.py"}
+                 "test_server.py", "test_server_embedded.py", "test_server_hostile.py",
+                 "test_tls.py", "test_udp.py"}
 
 
 def pytest_report_header(config):
@@ -177,17 +180,20 @@ def require_tool(name):
 
 
 class ServerProcess:
-    """A server process listening on 127.0.0.1:port, started and waited for."""
+    """A server process listening on 127.0.0.1:port, started and waited for.  With
+    tls (a client's ssl.SSLContext), connect() speaks TLS, and so does the wait for
+    the start (a plain probe would count as a failed handshake)."""
 
-    def __init__(self, argv, port, **popen):
+    def __init__(self, argv, port, tls=None, **popen):
         self.port = port
         self.address = ("127.0.0.1", port)
+        self.tls = tls
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, **popen)
         deadline = time.monotonic() + 10
         while True:
             try:
-                socket.create_connection(self.address, timeout=1).close()
+                RawClient(self.address, timeout=1, tls=tls).close()
                 return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
@@ -195,8 +201,9 @@ class ServerProcess:
                     raise RuntimeError("server did not start: %r %r" % (out, err))
                 time.sleep(0.02)
 
-    def connect(self):
-        return RawClient(self.address)
+    def connect(self, tls=None):
+        """A RawClient: over TLS with the server's client context, or tls if given."""
+        return RawClient(self.address, tls=tls or self.tls)
 
     def stop(self):
         """Terminate the server; returns (exit code, stderr)."""
@@ -210,35 +217,43 @@ class ServerProcess:
         return self.process.returncode, err
 
 
-def start_memg(*args, port=None, **popen):
-    """memg on the suite's engine with args; popen goes to subprocess.Popen (env=,
-    preexec_fn= ...)."""
+def start_memg(*args, port=None, tls=None, **popen):
+    """memg on the suite's engine with args; tls: see ServerProcess; popen goes to
+    subprocess.Popen (env=, preexec_fn= ...)."""
     port = port or free_port()
     return ServerProcess([sys.executable, MEMG, "-p", str(port)] + ENGINE_ARGS + list(args),
-                         port, **popen)
+                         port, tls, **popen)
 
 
-def start_memcached(*args, port=None, **popen):
+def start_memcached(*args, port=None, tls=None, **popen):
     port = port or free_port()
     argv = [require_tool("memcached"), "-l", "127.0.0.1", "-p", str(port), "-U", "0"]
     if os.geteuid() == 0:
         argv += ["-u", "root"]
-    return ServerProcess(argv + list(args), port, **popen)
+    return ServerProcess(argv + list(args), port, tls, **popen)
 
 
 class RawClient:
-    """A plain TCP connection for byte-exact conversations."""
+    """A TCP connection (plain, or TLS) for byte-exact conversations."""
 
-    def __init__(self, address, timeout=5.0, receive_buffer=None):
+    def __init__(self, address, timeout=5.0, receive_buffer=None, tls=None):
         """receive_buffer: a small SO_RCVBUF (set before connecting, as the window is
-        agreed then), so that the server's replies back up soon when we do not read."""
+        agreed then), so that the server's replies back up soon when we do not read;
+        tls: an ssl.SSLContext to shake hands with once connected (a failed
+        handshake raises ssl.SSLError, an OSError)."""
         if receive_buffer is None:
             self.sock = socket.create_connection(address, timeout=timeout)
-            return
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        self.sock.settimeout(timeout)
-        self.sock.connect(address)
+        else:
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            self.sock.settimeout(timeout)
+            self.sock.connect(address)
+        if tls is not None:
+            try:
+                self.sock = tls.wrap_socket(self.sock, server_hostname=address[0])
+            except BaseException:
+                self.sock.close()
+                raise
 
     def send(self, data):
         self.sock.sendall(data)
@@ -323,6 +338,143 @@ def set_many(client, keys, value, exptime=0, batch=5000):
         client.send(b"".join(b"set %s 0 %d %d noreply\r\n%s\r\n" % (
             key, exptime, len(value), value) for key in keys[start:start + batch]) + b"mn\r\n")
         assert client.recv_until(b"MN\r\n") == b"MN\r\n"
+
+
+# -- TLS: certificates made for the session ----------------------------------------------
+
+# What each certificate may do (openssl x509 -extfile sections): a CA signs; a server
+# certificate is for 127.0.0.1 (by IP address, as clients check it); a client's
+# identifies its holder.
+CERTIFICATE_EXTENSIONS = """\
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+@dataclasses.dataclass
+class Certificates:
+    """PEM files made by the openssl command for one test session, valid a few days:
+    two CAs, "ca" and "other_ca", each with a server certificate for 127.0.0.1
+    ("server", "other_server") and a client certificate ("client", "other_client"),
+    and their keys."""
+
+    folder: str
+
+    def pem(self, name):
+        return os.path.join(self.folder, name + ".pem")
+
+    def key(self, name):
+        return os.path.join(self.folder, name + ".key")
+
+    def server_args(self, *options, cert="server"):
+        """memg's and memcached's -Z with this session's server certificate (and, as
+        -o options, any other of options)."""
+        return ["-Z", "-o", ",".join(("ssl_chain_cert=" + self.pem(cert),
+                                      "ssl_key=" + self.key(cert)) + options)]
+
+    def client_context(self, cert="client", trust=("ca",), minimum=None, maximum=None):
+        """A client's TLS context that trusts the CAs named in trust and shows the
+        certificate cert (None: none), checking that the server is 127.0.0.1."""
+        context = ssl.create_default_context(cafile=self.pem(trust[0]))
+        for name in trust[1:]:
+            context.load_verify_locations(self.pem(name))
+        if cert is not None:
+            context.load_cert_chain(self.pem(cert), self.key(cert))
+        if minimum is not None:
+            context.minimum_version = minimum
+        if maximum is not None:
+            context.maximum_version = maximum
+        return context
+
+
+def make_certificates(folder, days=3):
+    """A Certificates in folder, made with the openssl command (EC keys: quick)."""
+    openssl = require_tool("openssl")
+    extensions = os.path.join(folder, "extensions.cnf")
+    with open(extensions, "w") as file:
+        file.write(CERTIFICATE_EXTENSIONS)
+
+    def run(*args):
+        subprocess.run([openssl] + list(args), cwd=folder, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def make(name, kind, subject, issuer=None):
+        run("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-keyout", name + ".key", "-out", name + ".csr", "-subj", subject)
+        signer = (["-CA", issuer + ".pem", "-CAkey", issuer + ".key"] if issuer
+                  else ["-signkey", name + ".key"])
+        run("x509", "-req", "-in", name + ".csr", "-days", str(days), "-sha256",
+            "-set_serial", "0x" + secrets.token_hex(8), "-extfile", extensions,
+            "-extensions", kind, "-out", name + ".pem", *signer)
+        os.unlink(os.path.join(folder, name + ".csr"))
+
+    for prefix, unit in (("", "first"), ("other_", "other")):
+        organisation = "/O=memg tests/OU=" + unit
+        make(prefix + "ca", "ca", "/CN=memg test CA" + organisation)
+        make(prefix + "server", "server", "/CN=127.0.0.1" + organisation, prefix + "ca")
+        make(prefix + "client", "client", "/CN=memg test client" + organisation,
+             prefix + "ca")
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o644)     # memcached may read as another user
+    os.chmod(folder, 0o755)
+    return Certificates(folder)
+
+
+def tls_refusal(address, context, command=b"set refused 0 0 1\r\nx\r\n"):
+    """How a TLS client with context that sends command is turned away: the reason of
+    the TLS error (the server's alert) that ends its handshake or its first read (a
+    server checks a TLS 1.3 client's certificate after the client has finished its
+    part of the handshake), "closed" if the connection just ends, None if command
+    is answered."""
+    try:
+        client = RawClient(address, tls=context)
+    except ssl.SSLError as error:
+        return "closed" if isinstance(error, ssl.SSLEOFError) else error.reason
+    except ConnectionError:
+        return "closed"
+    with client:
+        try:
+            client.send(command)
+        except OSError:
+            pass                     # closed already: what it said is still to be read
+        try:
+            return None if client.sock.recv(4096) else "closed"
+        except ssl.SSLError as error:
+            return "closed" if isinstance(error, ssl.SSLEOFError) else error.reason
+        except ConnectionError:
+            return "closed"
+
+
+def client_hello(context=None):
+    """The first bytes a TLS client sends (its ClientHello record)."""
+    context = context or ssl.create_default_context()
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="127.0.0.1")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return outgoing.read()
+    raise AssertionError("a handshake finished without a server")
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory):
+    return make_certificates(str(tmp_path_factory.mktemp("certificates")))
 
 
 @pytest.fixture(scope="session")
