@@ -28,7 +28,7 @@ SOURCE = os.environ.get("MEMG_MEMCACHED_SOURCE") or os.path.join(
     "memg", "memcached-" + VERSION)
 
 # The files of memcached's t/ that memg runs.
-MEMCACHED_TESTS = ["t/00-startup.t", "t/binary.t", "t/issue_50.t"]
+MEMCACHED_TESTS = ["t/00-startup.t", "t/binary.t", "t/issue_50.t", "t/issue_67.t", "t/udp.t"]
 
 # How many files run at once (memcached's tests mostly wait: on sleeps, and a second for
 # each server they start on a unix socket).
