@@ -4,6 +4,7 @@ Every test starts ``python memg.py`` as a real process with the options under te
 and talks to it over real sockets; processes are always stopped at teardown.
 """
 
+import contextlib
 import itertools
 import os
 import pstats
@@ -17,8 +18,9 @@ import time
 
 import pytest
 
-from conftest import (ENGINE_ARGS, MEMG, RawClient, copy_project, free_port, start_memg,
-                      stats)
+from conftest import (ENGINE_ARGS, MEMG, RawClient, copy_project, free_port, require_tool,
+                      start_memg, stats)
+from test_udp import DatagramClient
 
 KB = 1024
 MB = 1024 * KB
@@ -183,6 +185,10 @@ BAD_COMMAND_LINES = [
     ["--engine", "gevent"],
     ["--gevent"],                    # retired: asyncio took its place
     ["--event-loop", "tornado"],
+    ["-U", "70000"],
+    ["-U", "-2"],
+    ["-p", "-2"],
+    ["-U", "x"],
 ]
 
 
@@ -269,6 +275,130 @@ def test_auth_file_demands_credentials_and_needs_no_loopback_warning(launch, tmp
     _, err = server.stop()
     assert b"loopback" not in err
     assert b"Traceback" not in err
+
+
+# -- ports, as memcached's command line takes them ---------------------------------
+# memcached's rules, which scripts and test harnesses written for it rely on (its
+# t/issue_67.t checks them): -p 0 turns TCP off, -p -1 and -U -1 pick free ports,
+# -U 0 is no UDP (the default), -U alone puts TCP on the same port; the ports bound
+# are written to the file $MEMCACHED_PORT_FILENAME names, a "TCP INET: 40123" line
+# each.  (Rules that need the default port 11211 free are left to t/issue_67.t, which
+# skips them when it is taken: the memcached suite runs it.)
+
+PORT_RULES = [
+    ("tcp", ["-p", "{tcp}"], {"TCP INET": "{tcp}"}),
+    ("udp-alone-sets-tcp-too", ["-U", "{udp}"], {"TCP INET": "{udp}", "UDP INET": "{udp}"}),
+    ("free-tcp", ["-p", "-1"], {"TCP INET": "free"}),
+    ("free-udp-and-tcp", ["-U", "-1"], {"TCP INET": "free", "UDP INET": "free"}),
+    ("tcp-off", ["-p", "0"], {}),
+    ("tcp-and-udp", ["-p", "{tcp}", "-U", "{udp}"], {"TCP INET": "{tcp}", "UDP INET": "{udp}"}),
+    ("udp-off", ["-p", "{tcp}", "-U", "0"], {"TCP INET": "{tcp}"}),
+    ("free-tcp-and-udp", ["-p", "-1", "-U", "{udp}"], {"TCP INET": "free", "UDP INET": "{udp}"}),
+    ("tcp-and-free-udp", ["-p", "{tcp}", "-U", "-1"], {"TCP INET": "{tcp}", "UDP INET": "free"}),
+    ("udp-only", ["-p", "0", "-U", "{udp}"], {"UDP INET": "{udp}"}),
+    ("free-udp-only", ["-p", "0", "-U", "-1"], {"UDP INET": "free"}),
+]
+
+
+def sockets_bound(pid):
+    """(kind, port) of each socket process pid holds, sorted: TCP sockets listening
+    and UDP sockets, named as the port file names them (Linux /proc)."""
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        with contextlib.suppress(OSError):
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    found = []
+    for kind, table in (("TCP INET", "tcp"), ("TCP INET6", "tcp6"), ("UDP INET", "udp"),
+                        ("UDP INET6", "udp6")):
+        with open("/proc/net/" + table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if fields[9] in inodes and (kind.startswith("UDP") or fields[3] == "0A"):
+                    found.append((kind, int(fields[1].split(":")[1], 16)))
+    return sorted(found)
+
+
+def start_with_port_file(argv, path, processes):
+    """Start argv with $MEMCACHED_PORT_FILENAME set to path; once the file is there,
+    (the process, {kind: port} of its lines)."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "MEMCACHED_PORT_FILENAME": str(path)})
+    processes.append(process)
+    deadline = time.monotonic() + 10
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("no port file from %s: %r" % (argv, process.communicate()))
+        time.sleep(0.02)
+    ports = {}
+    for line in path.read_text().splitlines():
+        kind, port = line.split(": ")
+        assert kind not in ports, path.read_text()
+        ports[kind] = int(port)
+    return process, ports
+
+
+def answers_version(kind, port):
+    """Whether a server answers ``version`` over TCP or UDP on port."""
+    if kind == "TCP INET":
+        with connect_admitted(("127.0.0.1", port)):
+            return True
+    with DatagramClient(port) as client:
+        return client.responses(b"version\r\n")[0].startswith(b"VERSION ")
+
+
+@pytest.mark.parametrize("args, expected", [rule[1:] for rule in PORT_RULES],
+                         ids=[rule[0] for rule in PORT_RULES])
+@pytest.mark.parametrize("server", ["memg", "memcached"])
+def test_ports_follow_memcacheds_rules(tmp_path, processes, server, args, expected):
+    fixed = {"tcp": free_port(), "udp": free_port()}
+    args = [arg.format(**fixed) for arg in args]
+    if server == "memg":
+        argv = [sys.executable, MEMG] + ENGINE_ARGS + args
+    else:
+        argv = [require_tool("memcached"), "-l", "127.0.0.1"] + (
+            ["-u", "root"] if os.geteuid() == 0 else []) + args
+    process, ports = start_with_port_file(argv, tmp_path / "ports", processes)
+    assert set(ports) == set(expected)
+    for kind, port in ports.items():
+        if expected[kind] == "free":
+            assert port not in (0, 11211, *fixed.values())
+        else:
+            assert port == int(expected[kind].format(**fixed)), kind
+        assert answers_version(kind, port)
+    # Exactly the sockets the file names, and no other.
+    assert sockets_bound(process.pid) == sorted(ports.items())
+    process.send_signal(signal.SIGTERM)
+    code, err = wait_exit(process)
+    if server == "memg":
+        assert (code, err) == (0, b"")
+
+
+def test_udp_beyond_loopback_warns_of_reflection(launch):
+    # Listening on every interface for as short a time as it takes; the traffic is
+    # loopback's.
+    server = launch("-l", "0.0.0.0", "-U", "-1")
+    _, err = server.stop()
+    warning = [line for line in err.decode().splitlines() if "UDP" in line]
+    assert len(warning) == 1, err
+    assert "loopback" in warning[0] and "warning" in warning[0]
+    server = launch("-l", "0.0.0.0")
+    _, err = server.stop()
+    assert b"UDP" not in err
+
+
+def test_sasl_with_udp_is_refused_in_one_line(tmp_path, monkeypatch):
+    # As memcached: UDP has no SASL.
+    passwords = tmp_path / "pwdb"
+    passwords.write_text("alice:secret\n")
+    monkeypatch.setenv("MEMCACHED_SASL_PWDB", str(passwords))
+    code, _, err = run_memg("-p", str(free_port()), "-S", "-U", "-1")
+    assert code != 0
+    line = one_line(err)
+    assert "-U" in line and "-S" in line
 
 
 # -- Unix socket -------------------------------------------------------------------
