@@ -20,13 +20,18 @@ What this file shows:
   are told the crawler is busy, and memg holds a bounded part of the dump;
 * slow and half-finished clients do not delay anyone else;
 * ``-o idle_timeout`` closes idle and half-finished clients but spares busy ones;
-* SIGTERM and SIGINT stop the server cleanly however hostile the clients are.
+* SIGTERM and SIGINT stop the server cleanly however hostile the clients are;
+* over UDP (-U): random datagrams, short headers and counts other than 1 (dropped
+  unread, whatever they carry), and multi-gets as large as a datagram allows (a
+  reply bounded by the 65,535 datagrams a frame can count) disturb no TCP client,
+  and the server stays silent on stderr.
 
 Every test starts its own memg (it takes well under a second) so that a traceback
 on its stderr is pinned on the test that caused it; each runs on the suite's engine
 (conftest.ENGINE).
 """
 
+import collections
 import contextlib
 import ctypes
 import os
@@ -49,6 +54,7 @@ from conftest import (ENGINE_SETTINGS, RawClient, proc_status, set_many, start_m
                       start_memg, stats, wait_for)
 from test_binary import (HEADER, Op, Status, counter, failure, hit, parse, request, response,
                          store, touching)
+from test_udp import DATA_MAX, FRAME, DatagramClient, frame, udp_port
 
 KB = 1024
 MB = 1024 * KB
@@ -112,15 +118,18 @@ def hostile(server, payload, timeout=5.0):
     return reply
 
 
-def served_then_stopped(server):
+def served_then_stopped(server, silent=False):
     """The server lived through the test: it is still running, a new client is
-    served, and it then stops cleanly with nothing on stderr about tracebacks."""
+    served, and it then stops cleanly with nothing on stderr about tracebacks (with
+    silent, nothing on stderr at all)."""
     assert server.process.poll() is None, "memg died: %r" % (server.stop(),)
     with server.connect() as client:
         assert client.request(b"version\r\n").startswith(b"VERSION ")
     code, err = server.stop()
     assert b"Traceback" not in err, err.decode(errors="replace")
     assert code == 0, err
+    if silent:
+        assert err == b""
 
 
 class Bystander:
@@ -197,9 +206,10 @@ class Bystander:
 
 
 @pytest.fixture
-def server():
-    """A fresh memg, stopped at teardown if the test has not stopped it."""
-    process = start_memg()
+def server(request):
+    """A fresh memg (with the command-line arguments a test may give it by indirect
+    parametrization), stopped at teardown if the test has not stopped it."""
+    process = start_memg(*getattr(request, "param", ()))
     yield process
     if process.process.poll() is None:
         process.stop()
@@ -1280,3 +1290,147 @@ def test_signal_under_hostile_load_exits_zero_promptly(signum, clients):
         for thread in threads:
             thread.join(5)
         server.stop()
+
+
+# -- UDP (-U) ---------------------------------------------------------------------------
+
+# The server fixture started with UDP on a free port as well.
+serves_udp = pytest.mark.parametrize("server", [["-U", "-1"]], indirect=True, ids=["udp"])
+
+
+class DatagramCounter(threading.Thread):
+    """Reads every datagram that comes to a UDP socket, as fast as it can, until
+    stopped: how many came for each request id, and the largest."""
+
+    def __init__(self, sock):
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.counts = collections.Counter()
+        self.largest = 0
+        self.last = time.monotonic()         # when the last datagram came
+        self.stopping = threading.Event()
+        self.start()
+
+    def run(self):
+        self.sock.settimeout(0.1)
+        while not self.stopping.is_set():
+            try:
+                datagram = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            self.last = time.monotonic()
+            self.largest = max(self.largest, len(datagram))
+            if len(datagram) >= FRAME.size:
+                self.counts[FRAME.unpack_from(datagram)[0]] += 1
+
+    def stop(self, quiet=0.5):
+        """Stop once no datagram has come for quiet seconds (those in flight are
+        counted too)."""
+        wait_for(lambda: time.monotonic() - self.last > quiet, timeout=30,
+                 what="the replies to stop coming")
+        self.stopping.set()
+        self.join(10)
+
+
+def random_datagram(rng):
+    """Random bytes; or a frame of random fields before random bytes, commands or
+    packets; or a frame a request may have (one datagram) before those."""
+    pick = rng.random()
+    if pick < 0.2:
+        return rng.randbytes(rng.choice([0, 1, 7, 8, 9, 100, 1400, 10000]))
+    payload = rng.choice([lambda: rng.randbytes(rng.randint(1, 3000)),
+                          lambda: random_commands(rng), lambda: random_packets(rng)])()
+    if pick < 0.4:
+        return rng.randbytes(FRAME.size) + payload
+    return frame(payload, rng.randrange(0x10000), sequence=rng.choice([0, 0, 1, 0xFFFF]),
+                 reserved=rng.choice([0, 0, 7]))
+
+
+@serves_udp
+def test_random_datagrams_disturb_no_one(server, bystanders):
+    rng = random.Random(SEED + 4)
+    with DatagramClient(udp_port(server)) as client:
+        counter = DatagramCounter(client.sock)
+        try:
+            for number in range(2000):
+                client.send(random_datagram(rng))
+                if number % 100 == 0:
+                    time.sleep(0.01)      # (a flood is not the point: the datagrams are)
+        finally:
+            counter.stop()
+        assert counter.largest <= FRAME.size + DATA_MAX
+    with DatagramClient(udp_port(server)) as client:
+        assert client.responses(b"set k 0 0 1\r\nv\r\nget k\r\n") == [
+            b"STORED\r\n", b"VALUE k 0 1\r\nv\r\nEND\r\n"]
+    finish(bystanders)
+    served_then_stopped(server, silent=True)
+
+
+# What a datagram that is dropped unread may carry: commands that would each change
+# what the bystanders see, in either protocol.
+DROPPED_PAYLOADS = [b"flush_all\r\n", request(Op.FLUSH), b"set bystander:1 0 0 1\r\nx\r\n",
+                    b"get " + b"bystander:1 " * 5000 + b"\r\n"]
+
+
+@serves_udp
+def test_short_and_miscounted_datagrams_are_dropped_unread(server, bystanders):
+    with DatagramClient(udp_port(server)) as client:
+        for payload in DROPPED_PAYLOADS:
+            for length in range(FRAME.size + 1):
+                assert client.exchange(frame(b"", 1)[:length]) == []
+            for count in (0, 2, 3, 100, 0xFFFF):
+                for sequence in (0, 1, 0xFFFF):
+                    assert client.ask(payload, count=count, sequence=sequence) == []
+    finish(bystanders)
+    served_then_stopped(server, silent=True)
+
+
+@serves_udp
+def test_huge_multi_gets_over_udp_are_bounded_and_disturb_no_one(server, bystanders):
+    # A get of a 1 MB value as many times as a datagram's 64 kB hold: memcached
+    # sends 11 million datagrams for it; memg stops at 65,535, the most a frame's
+    # count can say.  Then one of a small value: memcached sends a datagram a key.
+    value = b"v" * 1000000
+    with server.connect() as client:
+        assert client.request(b"set big 0 0 %d\r\n%s\r\nset small 0 0 100\r\n%s\r\n" % (
+            len(value), value, b"s" * 100), b"STORED\r\nSTORED\r\n") == b"STORED\r\n" * 2
+        written = int(stats(client)["bytes_written"])
+    requests = {1: b"get " + b"big " * 16000 + b"\r\n", 2: b"get " + b"small " * 10000 + b"\r\n"}
+    counted = {}                 # request id: how much bytes_written grew for it
+    with DatagramClient(udp_port(server)) as udp:
+        counter = DatagramCounter(udp.sock)
+        try:
+            for request_id, payload in requests.items():
+                assert len(payload) < 65000
+                udp.send(frame(payload, request_id))
+                # A client that connects meanwhile is served.
+                started = time.monotonic()
+                with server.connect() as newcomer:
+                    assert newcomer.request(b"get small\r\n", b"END\r\n").startswith(
+                        b"VALUE small ")
+                assert time.monotonic() - started < PROMPT
+                # memg counts a request's bytes once it has answered it.
+                before, written = written, wait_for(
+                    lambda: newer_bytes_written(server, written), timeout=30,
+                    what="the answer to request %d" % request_id)
+                counted[request_id] = written - before
+        finally:
+            counter.stop()
+    # (Datagrams the socket had no room for are lost, as UDP may lose them.)
+    assert 0 < counter.counts[1] <= 0xFFFF
+    assert 0 < counter.counts[2] <= 10000
+    assert counter.largest <= FRAME.size + DATA_MAX
+    finish(bystanders)
+    served_then_stopped(server, silent=True)
+    # bytes_written counts what was sent, as memcached counts it (give or take the
+    # stats replies that asked).
+    assert counted[1] <= 0xFFFF * (FRAME.size + DATA_MAX) + 64 * KB
+    assert counted[2] <= 10000 * (FRAME.size + len(b"VALUE small 0 100\r\n\r\nEND\r\n")
+                                  + 100) + 64 * KB
+
+
+def newer_bytes_written(server, seen):
+    """The server's bytes_written if it has moved by a megabyte or more from seen
+    (far more than the stats replies that ask it), else None."""
+    written = int(stats(server)["bytes_written"])
+    return written if written >= seen + MB else None
