@@ -1145,17 +1145,29 @@ def tls_context(settings):
     context.minimum_version = [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1,
                                ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3][
         settings.ssl_min_version]
+
+    def refusal(what, path, error):
+        return ValueError("Error loading the %s: %s : %s" % (what, path, error if isinstance(
+            error, str) else getattr(error, "reason", None) or error.strerror or error))
+
+    # Python loads the chain and its key in one call: a chain that holds no
+    # certificate is told apart first, so that the line names the file at fault.
+    try:
+        with open(settings.ssl_chain_cert, "rb") as chain:
+            holds_one = b"-----BEGIN CERTIFICATE-----" in chain.read()
+    except OSError as error:
+        raise refusal("certificate chain", settings.ssl_chain_cert, error)
+    if not holds_one:
+        raise refusal("certificate chain", settings.ssl_chain_cert, "no certificate")
     try:
         context.load_cert_chain(settings.ssl_chain_cert, settings.ssl_key)
     except (ssl.SSLError, OSError) as error:
-        raise ValueError("Error loading the certificate chain: %s : %s" % (
-            settings.ssl_chain_cert, getattr(error, "reason", None) or error.strerror or error))
+        raise refusal("key", settings.ssl_key or settings.ssl_chain_cert, error)
     if settings.ssl_ca_cert:
         try:
             context.load_verify_locations(settings.ssl_ca_cert)
         except (ssl.SSLError, OSError) as error:
-            raise ValueError("Error loading the CA certificate: %s : %s" % (
-                settings.ssl_ca_cert, getattr(error, "reason", None) or error.strerror or error))
+            raise refusal("CA certificate", settings.ssl_ca_cert, error)
     # Modes 2 and 3 require a client certificate; 1 checks one if the client has one.
     context.verify_mode = [ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED,
                            ssl.CERT_REQUIRED][settings.ssl_verify_mode]
@@ -1842,7 +1854,6 @@ class Protocol:
         memcached sends each response of a UDP request as datagrams of its own."""
         responses = self.out
         self.out, self.out_bytes = [], 0
-        self.bytes_written += sum(map(len, responses))
         return responses
 
     def internal_error(self):
@@ -2106,29 +2117,26 @@ class TextProtocol(Protocol):
         if len(items) > 1 and sum(map(len, filter(None, items))) > OUTPUT_LIMIT:
             self.stream(self.values(with_cas, keys, items))
             return
+        # As memcached, each key has a response of its own (over UDP, datagrams of
+        # its own; see answer_datagram), and END ends the last key's.
         if len(items) == 1:                                      # (get has no noreply)
-            reply = END if items[0] is None else value_blocks(with_cas, keys, items)[0] + END
+            reply = value_blocks(with_cas, keys, items)[0] + END
             self.out.append(reply)
             self.out_bytes += len(reply)
             return
-        # As memcached: each value found is a response of its own, the first key's
-        # response is there (empty) even if it missed, and END ends the last.
-        responses = value_blocks(with_cas, keys, items)
-        if responses and items[0] is None:
-            responses.insert(0, b"")
-        if responses:
-            responses[-1] += END
-        else:
-            responses.append(END)
+        responses = value_blocks(with_cas, keys, items) or [b""]      # (gat with no key)
+        responses[-1] += END
         self.out.extend(responses)
         self.out_bytes += sum(map(len, responses))
 
     def values(self, with_cas, keys, items):
-        """A large multi-get's reply, made VALUES_PER_CHUNK items at a time."""
-        for start in range(0, len(keys), VALUES_PER_CHUNK):
-            yield b"".join(value_blocks(with_cas, keys[start:start + VALUES_PER_CHUNK],
-                                        items[start:start + VALUES_PER_CHUNK]))
-        yield END
+        """A large multi-get's reply, made VALUES_PER_CHUNK keys' responses at a time
+        (over UDP, one at a time: each is datagrams of its own)."""
+        step = 1 if self.datagram else VALUES_PER_CHUNK
+        for start in range(0, len(keys), step):
+            chunk = b"".join(value_blocks(with_cas, keys[start:start + step],
+                                          items[start:start + step]))
+            yield chunk + END if start + step >= len(keys) else chunk
 
     # -- storage: set add replace append prepend cas ------------------------------------
 
@@ -2713,10 +2721,13 @@ VALUES_PER_CHUNK = 64
 
 
 def value_blocks(with_cas, keys, items):
-    """The VALUE blocks of a get's reply (gets's, with_cas), for the items found."""
+    """Each key's response in a get's reply (gets's, with_cas): its VALUE block, or
+    nothing for a miss."""
     blocks = []
     for key, item in zip(keys, items):
-        if item is not None:
+        if item is None:
+            blocks.append(b"")
+        else:
             cas, _, _, flags, _ = item_fields(item)
             value = item[VALUE_START:]
             blocks.append(VALUE_CAS % (key, flags, len(value), cas, value) if with_cas
@@ -2870,9 +2881,12 @@ class BinaryProtocol(Protocol):
 
     def respond(self, status=SUCCESS, extras=b"", key=b"", value=b"", cas=0):
         """A response to the current request."""
-        self.queue(HEADER.pack(MAGIC_RESPONSE, self.opcode, len(key), len(extras), 0, status,
-                               len(extras) + len(key) + len(value), self.opaque, cas)
-                   + extras + key + value)
+        self.queue(self.packet(status, extras, key, value, cas))
+
+    def packet(self, status=SUCCESS, extras=b"", key=b"", value=b"", cas=0):
+        return (HEADER.pack(MAGIC_RESPONSE, self.opcode, len(key), len(extras), 0, status,
+                            len(extras) + len(key) + len(value), self.opaque, cas)
+                + extras + key + value)
 
     def succeed(self, **response):
         """A success response, unless the command is quiet (then an empty one, as
@@ -3005,7 +3019,9 @@ class BinaryProtocol(Protocol):
 
     def stat(self, extras, key, _):
         """A packet per statistic (its name the key, its value the value), then an
-        empty one; ``reset`` answers with the empty one alone."""
+        empty one, all one response (over UDP, as memcached, datagrams of their
+        own); ``reset`` answers with the empty one alone."""
+        packets = []
         if key == b"reset":
             self.service.reset_stats()
         elif key.startswith(b"detail"):
@@ -3015,7 +3031,7 @@ class BinaryProtocol(Protocol):
             if switch in (b" on", b" off"):
                 self.settings.detail_enabled = switch == b" on"
             elif switch == b" dump":
-                self.respond(key=b"detailed", value=self.service.detail_dump())
+                packets.append(self.packet(key=b"detailed", value=self.service.detail_dump()))
             else:
                 self.fail(KEY_ENOENT)
                 return
@@ -3024,9 +3040,10 @@ class BinaryProtocol(Protocol):
             if report is None:
                 self.fail(KEY_ENOENT)
                 return
-            for name, value in report(self.service):
-                self.respond(key=str(name).encode(), value=str(value).encode())
-        self.respond()
+            packets.extend(self.packet(key=str(name).encode(), value=str(value).encode())
+                           for name, value in report(self.service))
+        packets.append(self.packet())
+        self.queue(b"".join(packets))
 
     # -- SASL: PLAIN against the password database (-S) ------------------------------
 
@@ -3175,7 +3192,7 @@ def answer_datagram(service, datagram, peer=None, fd=-1):
     protocol = (BinaryProtocol if payload[0] == MAGIC_REQUEST else TextProtocol)(
         service, fd, peer)
     protocol.negotiating, protocol.datagram = False, True
-    sent = 0
+    sent = written = 0             # datagrams, and their bytes
     try:
         protocol.feed(payload)
         while sent < UDP_DATAGRAMS_MAX:
@@ -3186,15 +3203,16 @@ def answer_datagram(service, datagram, peer=None, fd=-1):
                 for sequence, start in enumerate(starts[:UDP_DATAGRAMS_MAX - sent]):
                     reply = UDP_HEADER.pack(request_id, sequence, min(len(starts), 0xFFFF) if
                                             response else 0, 0)
-                    yield reply + response[start:start + UDP_DATA_SIZE]
+                    reply += response[start:start + UDP_DATA_SIZE]
+                    yield reply
                     sent += 1
+                    written += len(reply)
             if not protocol.pending:
                 break
             protocol.advance()
     finally:
         protocol.connection_lost()
-        service.count_datagrams(len(datagram), sent * UDP_HEADER.size + protocol.bytes_written,
-                                protocol)
+        service.count_datagrams(len(datagram), written, protocol)
 
 
 # --------------------------------------------------------------------------
@@ -3323,7 +3341,7 @@ class Engine:
 
     def serve_forever(self):
         """Bind (if not yet bound) and serve from this thread until stopped."""
-        if not self.listeners:
+        if self.wakeup is None:    # (a server with TCP off has no listeners)
             self.bind()
         self.serve()
 
