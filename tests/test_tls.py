@@ -78,12 +78,13 @@ def peer_unit(client):
 def test_text_protocol_over_tls(memg):
     with memg.connect() as client:
         assert client.sock.version() == "TLSv1.3"          # (no minimum: the newest)
-        assert client.request(b"set big 5 0 %d\r\n%s\r\n" % (len(BIG), BIG)) == b"STORED\r\n"
-        # Pipelined: many commands in one record, a reply over many records.
-        client.send(b"set a 0 0 1\r\n1\r\nincr a 41\r\nmg a v\r\nget big a\r\n")
+        # Pipelined, commands after a value of many records (memcached 1.6.18 leaves
+        # those in OpenSSL's buffer, and stalls), and a reply of many records.
+        client.send(b"set big 5 0 %d\r\n%s\r\nset a 0 0 1\r\n1\r\nincr a 41\r\nmg a v\r\n"
+                    b"get big a\r\n" % (len(BIG), BIG))
         assert client.recv_until(b"END\r\n") == (
-            b"STORED\r\n42\r\nVA 2\r\n42\r\nVALUE big 5 %d\r\n%s\r\nVALUE a 0 2\r\n42\r\nEND\r\n"
-            % (len(BIG), BIG))
+            b"STORED\r\nSTORED\r\n42\r\nVA 2\r\n42\r\nVALUE big 5 %d\r\n%s\r\n"
+            b"VALUE a 0 2\r\n42\r\nEND\r\n" % (len(BIG), BIG))
 
 
 def test_a_multi_get_larger_than_the_output_bound_over_tls(memg):
