@@ -27,8 +27,14 @@ SOURCE = os.environ.get("MEMG_MEMCACHED_SOURCE") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
     "memg", "memcached-" + VERSION)
 
-# The files of memcached's t/ that memg runs.
-MEMCACHED_TESTS = ["t/00-startup.t", "t/binary.t", "t/issue_50.t", "t/issue_67.t", "t/udp.t"]
+# The files of memcached's t/ that memg runs: (file, over TLS).  With SSL_TEST=1 the
+# harness serves and reaches its TCP port over TLS, with t/'s own certificates; the
+# ssl_*.t files test nothing without it.
+MEMCACHED_TESTS = [(name, False) for name in ["t/00-startup.t", "t/binary.t", "t/issue_50.t",
+                                              "t/issue_67.t", "t/udp.t"]] + [
+    (name, True) for name in ["t/ssl_cert_refresh.t", "t/ssl_ports.t", "t/ssl_proto_version.t",
+                              "t/ssl_session_resumption.t", "t/ssl_settings.t",
+                              "t/ssl_verify_modes.t", "t/binary.t"]]
 
 # How many files run at once (memcached's tests mostly wait: on sleeps, and a second for
 # each server they start on a unix socket).
@@ -63,11 +69,12 @@ def make_build_folder(folder):
     write_script(os.path.join(folder, "timedrun"), "timeout")
 
 
-def prove(folder, test_file):
-    # Unset: T_MEMD_USE_DAEMON points the harness at a running server instead, and
-    # SSL_TEST asks for TLS, which memg does not have.
+def prove(folder, test_file, tls):
+    # (T_MEMD_USE_DAEMON would point the harness at a running server instead.)
     env = {name: value for name, value in os.environ.items()
            if name not in ("T_MEMD_USE_DAEMON", "SSL_TEST")}
+    if tls:
+        env["SSL_TEST"] = "1"
     return subprocess.run(["prove", test_file], cwd=folder, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, timeout=FILE_TIMEOUT)
 
@@ -77,16 +84,18 @@ def proven(request, tmp_path_factory):
     """prove's run of each selected file, PARALLEL at a time, as they finish."""
     folder = str(tmp_path_factory.mktemp("memcached-build"))
     make_build_folder(folder)
-    selected = [item.callspec.params["test_file"] for item in request.session.items
+    selected = [(item.callspec.params["test_file"], item.callspec.params["tls"])
+                for item in request.session.items
                 if getattr(item, "function", None) is test_memcached_file]
     with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
-        yield {test_file: pool.submit(prove, folder, test_file) for test_file in selected}
+        yield {case: pool.submit(prove, folder, *case) for case in selected}
 
 
-@pytest.mark.parametrize("test_file", MEMCACHED_TESTS)
-def test_memcached_file(proven, test_file):
-    result = proven[test_file].result()
+@pytest.mark.parametrize("test_file, tls", MEMCACHED_TESTS,
+                         ids=[name + ("-tls" if tls else "") for name, tls in MEMCACHED_TESTS])
+def test_memcached_file(proven, test_file, tls):
+    result = proven[test_file, tls].result()
     if result.returncode != 0:
-        pytest.fail("memcached %s's %s fails against memg (the %s engine):\n%s" % (
-            VERSION, test_file, ENGINE, result.stdout.decode(errors="replace")),
-            pytrace=False)
+        pytest.fail("memcached %s's %s fails against memg (the %s engine%s):\n%s" % (
+            VERSION, test_file, ENGINE, ", SSL_TEST=1" if tls else "",
+            result.stdout.decode(errors="replace")), pytrace=False)
