@@ -3706,13 +3706,15 @@ class AsyncioConnection(asyncio.BufferedProtocol):
             self.after_output()
 
     def eof_received(self):
+        # The transport then closes once the replies are out; over TLS, an end of
+        # input ends the connection whatever this says (asked first: a TLS
+        # transport closed below no longer answers).
+        plain = self.transport.get_extra_info("sslcontext") is None
         out = self.protocol.receive_data(b"")
         if out:
             self.transport.write(out)
         self.after_output()
-        # The transport then closes once the replies are out; over TLS, an end of
-        # input ends the connection whatever this says.
-        return self.transport.get_extra_info("sslcontext") is None
+        return plain
 
     def after_output(self):
         protocol = self.protocol

@@ -24,7 +24,12 @@ What this file shows:
 * over UDP (-U): random datagrams, short headers and counts other than 1 (dropped
   unread, whatever they carry), and multi-gets as large as a datagram allows (a
   reply bounded by the 65,535 datagrams a frame can count) disturb no TCP client,
-  and the server stays silent on stderr.
+  and the server stays silent on stderr;
+* over TLS (-Z): plain text, garbage records, handshakes cut short or never begun,
+  garbage after a good handshake and random commands inside TLS cost one connection
+  each (counted in ssl_handshake_errors), never a bystander's round trip; stalled
+  handshakes as many as -c admits are closed by the idle timeout, and their slots
+  come back.
 
 Every test starts its own memg (it takes well under a second) so that a traceback
 on its stderr is pinned on the test that caused it; each runs on the suite's engine
@@ -41,6 +46,7 @@ import resource
 import select
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -50,8 +56,8 @@ import zlib
 import pytest
 
 import memg
-from conftest import (ENGINE_SETTINGS, RawClient, proc_status, set_many, start_memcached,
-                      start_memg, stats, wait_for)
+from conftest import (ENGINE_SETTINGS, RawClient, client_hello, proc_status, set_many,
+                      start_memcached, start_memg, stats, wait_for)
 from test_binary import (HEADER, Op, Status, counter, failure, hit, parse, request, response,
                          store, touching)
 from test_udp import DATA_MAX, FRAME, DatagramClient, frame, udp_port
@@ -89,10 +95,11 @@ def curr_connections(server):
         return int(stats(probe)["curr_connections"]) - 1        # not counting the probe
 
 
-def hostile(server, payload, timeout=5.0):
-    """Send payload on a fresh connection, close our sending side and return all the
-    server says until it closes, which it must do within timeout."""
-    with server.connect() as client:
+def hostile(server, payload, timeout=5.0, plain=False):
+    """Send payload on a fresh connection (with plain, a plain one to a TLS server),
+    close our sending side and return all the server says until it closes, which it
+    must do within timeout."""
+    with RawClient(server.address) if plain else server.connect() as client:
         client.sock.settimeout(timeout)
         try:
             client.send(payload)
@@ -106,7 +113,7 @@ def hostile(server, payload, timeout=5.0):
                 if not chunk:
                     break
                 chunks.append(chunk)
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLEOFError):
             pass                  # closed with our bytes unread: a reset, also a close
         except socket.timeout:
             pytest.fail("server kept the connection open %.0f s after %r..."
@@ -1434,3 +1441,95 @@ def newer_bytes_written(server, seen):
     (far more than the stats replies that ask it), else None."""
     written = int(stats(server)["bytes_written"])
     return written if written >= seen + MB else None
+
+
+# -- TLS (-Z) ----------------------------------------------------------------------------
+
+@pytest.fixture
+def tls_server(certificates):
+    """A fresh memg serving TLS, closing clients idle for a second."""
+    process = start_memg(*certificates.server_args("idle_timeout=1"),
+                         tls=certificates.client_context())
+    yield process
+    if process.process.poll() is None:
+        process.stop()
+
+
+def garbage_after_a_handshake(server, garbage):
+    """A client that shakes hands properly, then writes garbage past TLS on the same
+    connection; the server must close it within 5 s (else socket.timeout)."""
+    client = server.connect()
+    raw = socket.socket(fileno=client.sock.detach())
+    with raw:
+        raw.settimeout(5)
+        with contextlib.suppress(OSError):
+            raw.sendall(garbage)
+        with contextlib.suppress(ConnectionResetError):
+            while raw.recv(4096):
+                pass
+
+
+def not_a_handshake(rng, hello):
+    """What a hostile client sends where a TLS handshake is due."""
+    return rng.choice([
+        lambda: random_commands(rng),
+        lambda: request(Op.VERSION) + rng.randbytes(rng.randint(0, 100)),
+        lambda: rng.randbytes(rng.randint(1, 6000)),
+        lambda: bytes([rng.choice([0x14, 0x15, 0x16, 0x17])]) + b"\x03" + bytes(
+            [rng.randint(0, 4)]) + struct.pack("!H", rng.choice([0, 5, 100, 0x4000, 0xFFFF]))
+        + rng.randbytes(rng.randint(0, 300)),
+        lambda: hello[:rng.randint(1, len(hello) - 1)],
+        lambda: hello + rng.randbytes(rng.randint(1, 300)),
+        lambda: bytearray(hello)[:5] + rng.randbytes(len(hello) - 5),
+    ])()
+
+
+def test_hostile_tls_clients_disturb_no_one(tls_server):
+    rng = random.Random(SEED + 7)
+    hello = client_hello()
+    bystanders = [Bystander(tls_server), Bystander(tls_server, binary=True)]
+    try:
+        for _ in range(60):
+            hostile(tls_server, not_a_handshake(rng, hello), plain=True)
+        for _ in range(10):
+            garbage_after_a_handshake(tls_server, rng.randbytes(rng.randint(1, 3000)))
+        for _ in range(20):
+            hostile(tls_server, random_commands(rng))
+        finish(bystanders)
+    finally:
+        for bystander in bystanders:
+            bystander.stop()
+    with tls_server.connect() as client:
+        wait_for(lambda: stats(client)["curr_connections"] == "1",
+                 what="every hostile connection to close")
+        assert int(stats(client)["ssl_handshake_errors"]) >= 50
+    served_then_stopped(tls_server, silent=True)
+
+
+def test_stalled_handshakes_at_the_connection_limit_give_their_slots_back(certificates):
+    limit = 12
+    server = start_memg("-c", str(limit), *certificates.server_args("idle_timeout=1"),
+                        tls=certificates.client_context())
+    try:
+        bystander = Bystander(server)
+        hello = client_hello()
+        stalled = [RawClient(server.address) for _ in range(2 * limit)]
+        for number, client in enumerate(stalled):
+            with contextlib.suppress(OSError):
+                client.send(hello[:number % 3 * 40])        # nothing, or a ClientHello cut
+        # Each is closed: turned away at the limit, or by the idle timeout.
+        for client in stalled:
+            client.sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                while client.sock.recv(4096):
+                    pass
+            client.close()
+        bystander.finish()
+        with server.connect() as client:
+            assert client.request(b"version\r\n").startswith(b"VERSION ")
+            wait_for(lambda: stats(client)["curr_connections"] == "1",
+                     what="every stalled connection to close")
+        served_then_stopped(server, silent=True)
+    finally:
+        if server.process.poll() is None:
+            server.stop()
