@@ -32,6 +32,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import glob
 import hmac
 import itertools
 import mmap
@@ -43,11 +44,13 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import types
 import urllib.parse
+import zlib
 from time import monotonic
 from typing import Optional
 
@@ -234,6 +237,11 @@ class Settings:
     ssl_context: Optional[object] = option(
         None, help="an ssl.SSLContext to serve TLS with, instead of the files (memg.Server "
                    "only)")
+    memory_file: Optional[str] = option(
+        None, "-e", "--memory-file", metavar="FILE", stat="memory_file",
+        show=lambda path: path or "(null)",
+        help="keep the cache across restarts in FILE: a snapshot of memg's own, written "
+             "when memg stops (SIGUSR1, SIGTERM, SIGINT) and read when it starts")
     user: Optional[str] = option(
         None, "-u", "--user", help="drop root privileges to this user after binding")
     pid_file: Optional[str] = option(
@@ -1029,6 +1037,154 @@ class Store:
         """Whether item has expired or been flushed (but is still linked)."""
         exptime = header(item).exptime
         return bool(exptime and exptime <= now or self._flushed(item, now))
+
+    def cas_counter(self):
+        with self.lock:
+            return self.last_cas
+
+    def restore(self, pairs, cas_counter, batch=WALK_BATCH):
+        """Link the items of a snapshot: (key, item) pairs, most recently used first,
+        as ``walk`` gives them.  They keep that order of use, above the items already
+        here; those expired since, and those too large for -I, are left out, and so
+        are the least recently used of them beyond the memory limit, as eviction
+        would leave them out.  The lock is held a batch at a time.  The CAS counter
+        goes on above every unique restored.  Returns how many were linked."""
+        now = self.now()
+        kept, cost, highest = [], 0, cas_counter
+        for key, item in pairs:
+            cas, exptime, _, flags, _ = item_fields(item)
+            size = len(item) - VALUE_START
+            if exptime and exptime <= now or self.too_large(key, size, flags):
+                continue
+            cost += item_cost(key, size)
+            if cost > self.memory_limit:
+                break
+            kept.append((key, item))
+            highest = max(highest, cas)
+        kept.reverse()                           # linked least recently used first
+        linked = 0
+        for start in range(0, len(kept), batch):
+            with self.lock:
+                if self.flush_pending:
+                    self._apply_flush(now)
+                for key, item in kept[start:start + batch]:
+                    if self._flushed(item, now):         # older than a flush here
+                        item = changed_item(item, atime=now)
+                    linked += self._link(key, item, self.items.get(key))
+                if self.use_cas:
+                    self.last_cas = max(self.last_cas, highest)
+        return linked
+
+
+# -- snapshots: the items kept across a restart (-e) ----------------------------------
+# memg's own format.  Every number is big-endian and of a fixed size, so that a file
+# reads the same on any platform and Python; a later memg reads every earlier
+# version.  It is data only (never pickle: reading a snapshot runs no code).
+#
+#   header    magic b"MEMGSNAP", format version (u16, now 1), reserved (u16, 0),
+#             when it was written (i64, Unix seconds)
+#   items     each: key length (u16), value length (u32), client flags (u32), CAS
+#             unique (u64), expiry (i64, Unix seconds; 0 never), last access (i64,
+#             Unix seconds), state (u8: 1 if fetched since stored), then the key and
+#             the value; the most recently used first
+#   trailer   how many items (u64), the CAS counter (u64), then a CRC-32 (u32) of
+#             every byte before it
+SNAPSHOT_MAGIC = b"MEMGSNAP"
+SNAPSHOT_VERSION = 1
+SNAPSHOT_HEADER = struct.Struct(">8sHHq")
+SNAPSHOT_ITEM = struct.Struct(">HIIQqqB")
+SNAPSHOT_COUNTS = struct.Struct(">QQ")
+SNAPSHOT_CHECKSUM = struct.Struct(">I")
+
+
+class SnapshotError(ValueError):
+    """A file that is not a whole snapshot this memg can read."""
+
+
+def save_snapshot(store, path):
+    """Write the store's live items to path, safely: to a temporary file in the
+    same folder, flushed to disk, then renamed over path, so that a crash or a full
+    disk mid-write leaves the previous snapshot whole.  The items are read a batch
+    at a time (Store.walk): no client waits longer than one batch.  Returns how
+    many were written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp",
+                                             prefix=os.path.basename(path) + ".")
+    try:
+        with open(descriptor, "wb", buffering=1 * MB) as file:
+            checksum, count = 0, 0
+
+            def put(data):
+                nonlocal checksum
+                file.write(data)
+                checksum = zlib.crc32(data, checksum)
+
+            put(SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, int(time.time())))
+            pack = SNAPSHOT_ITEM.pack
+            for pairs in store.walk():
+                parts = []
+                for key, item in pairs:
+                    cas, exptime, atime, flags, state = item_fields(item)
+                    parts += (pack(len(key), len(item) - VALUE_START, flags, cas, exptime,
+                                   atime, state & FETCHED), key,
+                              memoryview(item)[VALUE_START:])
+                put(b"".join(parts))
+                count += len(pairs)
+            put(SNAPSHOT_COUNTS.pack(count, store.cas_counter()))
+            file.write(SNAPSHOT_CHECKSUM.pack(checksum))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    with contextlib.suppress(OSError, AttributeError):     # (a folder cannot be opened
+        folder_descriptor = os.open(folder, os.O_RDONLY)   # everywhere: the rename is
+        try:                                               # then as safe as it gets)
+            os.fsync(folder_descriptor)
+        finally:
+            os.close(folder_descriptor)
+    return count
+
+
+def read_snapshot(path):
+    """The items of the snapshot at path, most recently used first, as (key, item)
+    pairs, and its CAS counter; SnapshotError if the file is not a whole snapshot of
+    a format this memg reads.  The file is read whole and checked before any item
+    is made, so it is never half-loaded, and reading allocates no more than its size:
+    every length in it is checked against the bytes that are there."""
+    with open(path, "rb") as file:
+        data = file.read()
+    end = len(data) - SNAPSHOT_COUNTS.size - SNAPSHOT_CHECKSUM.size  # where the items end
+    if end < SNAPSHOT_HEADER.size or not data.startswith(SNAPSHOT_MAGIC):
+        raise SnapshotError("not a memg snapshot")
+    version = SNAPSHOT_HEADER.unpack_from(data)[1]
+    if version > SNAPSHOT_VERSION:
+        raise SnapshotError("format version %d, newer than this memg reads (%d)"
+                            % (version, SNAPSHOT_VERSION))
+    count, cas_counter = SNAPSHOT_COUNTS.unpack_from(data, end)
+    checksum, = SNAPSHOT_CHECKSUM.unpack_from(data, len(data) - SNAPSHOT_CHECKSUM.size)
+    if zlib.crc32(memoryview(data)[:-SNAPSHOT_CHECKSUM.size]) != checksum:
+        raise SnapshotError("its checksum does not match: truncated or corrupt")
+    pairs = []
+    unpack, fixed = SNAPSHOT_ITEM.unpack_from, SNAPSHOT_ITEM.size
+    view = memoryview(data)
+    position = SNAPSHOT_HEADER.size
+    while position < end:
+        if position + fixed > end:
+            raise SnapshotError("an item is cut short")
+        key_length, value_length, flags, cas, exptime, atime, state = unpack(data, position)
+        key_start = position + fixed
+        value_start = key_start + key_length
+        position = value_start + value_length
+        if position > end or not 0 < key_length <= KEY_MAX_LENGTH:
+            raise SnapshotError("an item's lengths do not fit")
+        pairs.append((data[key_start:value_start], pack_header(
+            cas, exptime, atime, flags, state & FETCHED) + view[value_start:position]))
+    if len(pairs) != count:
+        raise SnapshotError("it holds %d items, not the %d it says" % (len(pairs), count))
+    return pairs, cas_counter
 
 
 # --------------------------------------------------------------------------
@@ -3913,6 +4069,51 @@ class Server:
         self.service = Service(self.settings)
         self.store = self.service.store
         self.engine = ENGINES[self.settings.engine](self.service)
+        # memory_file (-e): the snapshot there is read now, and written at stop().
+        self.keeping = self.settings.memory_file is not None
+        if self.keeping:
+            self.restore_memory_file()
+
+    def save(self, path):
+        """Write a snapshot of the cache to path, while serving (see save_snapshot);
+        returns how many items it holds."""
+        return save_snapshot(self.store, path)
+
+    def load(self, path):
+        """Add the items of the snapshot at path to the cache, while serving (see
+        Store.restore); returns how many were linked.  SnapshotError if it is not
+        one."""
+        return self.store.restore(*read_snapshot(path))
+
+    def restore_memory_file(self):
+        """Start from the snapshot in memory_file, if there is one.  One that cannot
+        be read whole is never half-loaded: memg says so on stderr, moves it aside
+        and starts empty."""
+        path = self.settings.memory_file
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.access(folder, os.W_OK):
+            raise ValueError("cannot write the memory file's folder %s" % folder)
+        # What a crash in the middle of a save left beside the snapshot (which that
+        # left whole): a temporary file of no use to anyone.
+        for stale in glob.glob(glob.escape(path) + ".*.tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+        try:
+            started = time.monotonic()
+            restored = self.load(path)
+        except FileNotFoundError:
+            return
+        except (SnapshotError, OSError) as error:
+            aside = path + ".unreadable"
+            with contextlib.suppress(OSError):
+                os.replace(path, aside)
+            print("memg: warning: %s is not a snapshot memg can read (%s): moved to %s; "
+                  "starting empty" % (path, getattr(error, "strerror", None) or error, aside),
+                  file=sys.stderr, flush=True)
+            return
+        if self.settings.verbose:
+            print("memg: restored %d items from %s in %.1f s" % (
+                restored, path, time.monotonic() - started), file=sys.stderr, flush=True)
 
     @property
     def address(self):
@@ -3932,7 +4133,11 @@ class Server:
         self.engine.request_stop()
 
     def stop(self, timeout=2.0):
+        """Stop serving; with memory_file, then write the cache there (once)."""
         self.engine.stop(timeout)
+        if self.keeping:
+            self.keeping = False
+            self.save(self.settings.memory_file)
 
     def __enter__(self):
         return self.start()
@@ -3969,7 +4174,6 @@ IGNORED_EXTENDED = {
 # memcached options whose feature memg does not have: refused, never silently ignored.
 UNSUPPORTED_OPTIONS = {
     "-d": (False, "daemon mode: run memg under a service manager instead"),
-    "-e": (True, "memory files (restartable cache)"),
 }
 
 
@@ -4141,7 +4345,9 @@ def beyond_loopback(settings):
                for host, _, _ in parse_listen(settings.host, settings.port))
 
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# (SIGUSR1 is memcached's graceful stop, the one that keeps a -e cache.)
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM} | (
+    {signal.SIGUSR1} if hasattr(signal, "SIGUSR1") else set())
 
 
 class StopSignals:
@@ -4228,10 +4434,15 @@ def main(argv=None):
     try:
         server.serve_forever()
     finally:
-        server.stop()
-        if settings.pid_file:
-            with contextlib.suppress(OSError):
-                os.unlink(settings.pid_file)
+        try:
+            server.stop()
+        except OSError as error:                 # the memory file's disk, full or gone
+            raise SystemExit("memg: cannot write %s: %s" % (
+                settings.memory_file, error.strerror or error))
+        finally:
+            if settings.pid_file:
+                with contextlib.suppress(OSError):
+                    os.unlink(settings.pid_file)
     return 0
 
 
