@@ -38,7 +38,7 @@ MEMCACHED_TESTS = [(name, False) for name in ["t/00-startup.t", "t/binary.t", "t
 
 # How many files run at once (memcached's tests mostly wait: on sleeps, and a second for
 # each server they start on a unix socket).
-PARALLEL = 2
+PARALLEL = 4
 
 # The most one file may take (the harness's own timedrun gives a server 600 s).
 FILE_TIMEOUT = 600
