@@ -39,10 +39,10 @@ ENGINES = {
                        {"engine": "asyncio", "event_loop": "stdlib"}),
 }
 ENGINE_ARGS, ENGINE_SETTINGS = ENGINES[ENGINE]
-SERVER_SUITES = {"test_cli.py", "test_clients.py", "test_differential.py", "test_engines.py",
-                 "test_frameworks.py", "test_memcached_suite.py", "test_seed.py",
-                 "test_server.py", "test_server_embedded.py", "test_server_hostile.py",
-                 "test_snapshot.py", "test_tls.py", "test_udp.py"}
+SERVER_SUITES = {"test_cli.py", "test_clients.py", "test_cluster.py", "test_differential.py",
+                 "test_engines.py", "test_frameworks.py", "test_memcached_suite.py",
+                 "test_seed.py", "test_server.py", "test_server_embedded.py",
+                 "test_server_hostile.py", "test_snapshot.py", "test_tls.py", "test_udp.py"}
 
 
 def pytest_report_header(config):
