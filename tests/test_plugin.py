@@ -137,6 +137,25 @@ def test_a_project_gives_the_server_settings_sasl_among_them(pytester, engine):
     pytester.runpytest().assert_outcomes(passed=4)
 
 
+def test_a_test_starts_from_a_prepared_cache(pytester):
+    """A project keeps a snapshot of the cache its tests expect (made once with
+    memg.Server.save) and loads it into the fixture's server."""
+    import memg
+    with memg.Server(port=0) as server:
+        server.store.store(memg.SET, b"greeting", b"hello", flags=3)
+        server.save(str(pytester.path / "prepared.snapshot"))
+    pytester.makepyfile(USER_TESTS + '''
+
+import pathlib
+
+
+def test_prepared(memg_server):
+    assert memg_server.load(str(pathlib.Path(__file__).parent / "prepared.snapshot")) == 1
+    assert request(memg_server.address, b"get greeting\\r\\n") == b"VALUE greeting 3 5\\r\\n"
+''')
+    pytester.runpytest().assert_outcomes(passed=3)
+
+
 def test_the_option_is_in_pytest_help(pytester):
     pytester.runpytest("--help").stdout.fnmatch_lines(["*--memg-external=HOST:PORT*"])
 
