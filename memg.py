@@ -4103,14 +4103,16 @@ class Server:
             restored = self.load(path)
         except FileNotFoundError:
             return
-        except (SnapshotError, OSError) as error:
+        except SnapshotError as error:
             aside = path + ".unreadable"
             with contextlib.suppress(OSError):
                 os.replace(path, aside)
             print("memg: warning: %s is not a snapshot memg can read (%s): moved to %s; "
-                  "starting empty" % (path, getattr(error, "strerror", None) or error, aside),
-                  file=sys.stderr, flush=True)
+                  "starting empty" % (path, error, aside), file=sys.stderr, flush=True)
             return
+        except OSError as error:        # (a folder, a file memg may not read: not ours)
+            raise ValueError("cannot read the memory file %s: %s" % (
+                path, error.strerror or error))
         if self.settings.verbose:
             print("memg: restored %d items from %s in %.1f s" % (
                 restored, path, time.monotonic() - started), file=sys.stderr, flush=True)

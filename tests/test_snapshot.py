@@ -329,14 +329,17 @@ def test_stale_temporary_files_of_a_crashed_save_are_cleared(tmp_path):
     server.stop()
 
 
-def test_an_unwritable_folder_is_refused_at_start(tmp_path):
+@pytest.mark.parametrize("where, refusal", [
+    ("no/such/folder/cache", "memg: cannot write the memory file's folder"),
+    ("", "memg: cannot read the memory file"),                     # a folder
+], ids=["no-folder", "a-folder"])
+def test_a_memory_file_memg_cannot_use_is_refused_at_start(tmp_path, where, refusal):
     process = subprocess.run([sys.executable, MEMG] + ENGINE_ARGS + [
-        "-p", "-1", "-e", str(tmp_path / "no" / "such" / "folder" / "cache")],
-        capture_output=True, text=True, timeout=10)
+        "-p", "-1", "-e", str(tmp_path / where)], capture_output=True, text=True, timeout=10)
     assert process.returncode != 0
-    assert process.stderr.startswith("memg: cannot write the memory file's folder"), (
-        process.stderr)
+    assert process.stderr.startswith(refusal), process.stderr
     assert len(process.stderr.splitlines()) == 1
+    assert os.path.isdir(tmp_path)                  # (a folder is never moved aside)
 
 
 # -- the embedded server ---------------------------------------------------------------------
