@@ -15,6 +15,7 @@ UDP's: datagrams, compared datagram for datagram.
 """
 
 import contextlib
+import os
 import re
 import shutil
 import socket
@@ -232,17 +233,23 @@ def test_same_reply_as_memcached(memg_process, memcached_process, script):
     assert converse(memg_process, script) == expected
 
 
+@contextlib.contextmanager
+def both(start_one):
+    """[memg, memcached], each started by start_one(start_memg or start_memcached);
+    both stopped at the end."""
+    servers = [start_one(start) for start in (start_memg, start_memcached)]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
 def on_new_servers(args, talk):
     """[memg's, memcached's] answer: talk(server) on a new server of each, started
     with the command-line args."""
-    answers = []
-    for start in (start_memg, start_memcached):
-        server = start(*args)
-        try:
-            answers.append(talk(server))
-        finally:
-            server.stop()
-    return answers
+    with both(lambda start: start(*args)) as servers:
+        return [talk(server) for server in servers]
 
 
 def test_stats_sizes_with_track_sizes_as_memcached():
@@ -282,10 +289,8 @@ def auth_servers(tmp_path_factory):
     path = tmp_path_factory.mktemp("auth") / "auth"
     path.write_bytes(b"alice:secret\nbob:pw\n")
     path.chmod(0o644)        # memcached reads it after dropping root
-    servers = [start("-Y", str(path)) for start in (start_memg, start_memcached)]
-    yield servers
-    for server in servers:
-        server.stop()
+    with both(lambda start: start("-Y", str(path))) as servers:
+        yield servers
 
 
 @pytest.mark.parametrize("script", [s for _, s in AUTH_SCRIPTS],
@@ -710,13 +715,9 @@ def sasl_servers(tmp_path_factory):
     sasldb.chmod(0o644)                     # memcached may read it as another user
     pwdb = directory / "pwdb"
     pwdb.write_bytes(b"".join(b"%s:%s\n" % pair for pair in USERS.items()))
-    with pytest.MonkeyPatch.context() as environment:
-        environment.setenv("SASL_CONF_PATH", str(directory))
-        environment.setenv("MEMCACHED_SASL_PWDB", str(pwdb))
-        servers = [start("-S") for start in (start_memg, start_memcached)]
-    yield servers
-    for server in servers:
-        server.stop()
+    environment = dict(os.environ, SASL_CONF_PATH=str(directory), MEMCACHED_SASL_PWDB=str(pwdb))
+    with both(lambda start: start("-S", env=environment)) as servers:
+        yield servers
 
 
 @pytest.mark.parametrize("script", [s for _, s in SASL_SCRIPTS],
@@ -745,11 +746,9 @@ BINARY_TLS_SCRIPTS = [(n, s) for n, s in BINARY_SCRIPTS
 
 @pytest.fixture(scope="module")
 def tls_servers(certificates):
-    servers = [start(*certificates.server_args(), tls=certificates.client_context())
-               for start in (start_memg, start_memcached)]
-    yield servers
-    for server in servers:
-        server.stop()
+    with both(lambda start: start(*certificates.server_args(),
+                                  tls=certificates.client_context())) as servers:
+        yield servers
 
 
 def over_tls(server, script):
@@ -817,11 +816,8 @@ def test_same_answer_to_what_is_not_a_handshake_as_memcached(tls_servers, payloa
 def verifying_servers(certificates):
     """memg and memcached requiring a client certificate of the first CA."""
     args = certificates.server_args("ssl_verify_mode=2", "ssl_ca_cert=" + certificates.pem("ca"))
-    servers = [start(*args, tls=certificates.client_context())
-               for start in (start_memg, start_memcached)]
-    yield servers
-    for server in servers:
-        server.stop()
+    with both(lambda start: start(*args, tls=certificates.client_context())) as servers:
+        yield servers
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
@@ -874,11 +870,8 @@ def refreshing_servers(certificates, tmp_path_factory):
 
     put("server", "server")
     args = ["-Z", "-o", "ssl_chain_cert=%s,ssl_key=%s" % (files["cert"], files["key"])]
-    servers = [start(*args, tls=certificates.client_context())
-               for start in (start_memg, start_memcached)]
-    yield put, servers
-    for server in servers:
-        server.stop()
+    with both(lambda start: start(*args, tls=certificates.client_context())) as servers:
+        yield put, servers
 
 
 @pytest.mark.parametrize("cert, key, script", [case[1:] for case in REFRESHES],
@@ -1085,10 +1078,8 @@ def serving_udp(start, *args):
 
 @pytest.fixture(scope="module")
 def udp_servers():
-    servers = [serving_udp(start) for start in (start_memg, start_memcached)]
-    yield servers
-    for server in servers:
-        server.stop()
+    with both(serving_udp) as servers:
+        yield servers
 
 
 @pytest.mark.parametrize("datagrams", [s for _, s in UDP_SCRIPTS],
@@ -1102,13 +1093,8 @@ def test_same_datagrams_as_memcached(udp_servers, datagrams):
 @pytest.mark.parametrize("datagrams", [s for _, s in UDP_CLOSING_SCRIPTS],
                          ids=["udp-" + n for n, _ in UDP_CLOSING_SCRIPTS])
 def test_same_datagrams_after_a_close_as_memcached(datagrams):
-    answers = []
-    for start in (start_memg, start_memcached):
-        server = serving_udp(start)
-        try:
-            answers.append(over_udp(server, datagrams))
-        finally:
-            server.stop()
+    with both(serving_udp) as servers:
+        answers = [over_udp(server, datagrams) for server in servers]
     assert answers[0] == answers[1]
 
 
