@@ -3862,15 +3862,11 @@ class AsyncioConnection(asyncio.BufferedProtocol):
             self.after_output()
 
     def eof_received(self):
-        # The transport then closes once the replies are out; over TLS, an end of
-        # input ends the connection whatever this says (asked first: a TLS
-        # transport closed below no longer answers).
-        plain = self.transport.get_extra_info("sslcontext") is None
         out = self.protocol.receive_data(b"")
         if out:
             self.transport.write(out)
         self.after_output()
-        return plain
+        return True                      # (the transport closes once the replies are out)
 
     def after_output(self):
         protocol = self.protocol
@@ -3906,9 +3902,122 @@ class AsyncioConnection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
         self.after_output()
 
+    def kick(self):
+        """-o idle_timeout: close this client, idle too long."""
+        self.engine.service.count("idle_kicks")
+        self.transport.abort()
+
     def connection_lost(self, error):
         self.engine.connections.discard(self)
         self.engine.service.close_connection(self.protocol)
+
+
+class TLSTransport:
+    """What an AsyncioTLSConnection writes to and closes in the place of the loop's
+    transport: what is written is encrypted, and what TLS has to send (records,
+    handshake messages, alerts) goes to the plain transport below."""
+
+    def __init__(self, transport, tls, outgoing):
+        self.transport = transport       # the loop's, plain
+        self.tls = tls                   # the connection's ssl.SSLObject
+        self.outgoing = outgoing         # its MemoryBIO of what it has to send
+
+    def write(self, data):
+        self.tls.write(data)
+        self.flush()
+
+    def flush(self):
+        if self.outgoing.pending:
+            self.transport.write(self.outgoing.read())
+
+    def close(self):
+        """Close once what is buffered is sent: after a close_notify if the session
+        is sound (as memcached's SSL_shutdown, which does not wait for the client's),
+        after nothing more (an alert, perhaps) if it failed."""
+        import ssl
+        with contextlib.suppress(ssl.SSLError):
+            self.tls.unwrap()
+        self.flush()
+        self.transport.close()
+
+    def abort(self):
+        self.transport.abort()
+
+    def is_closing(self):
+        return self.transport.is_closing()
+
+    def pause_reading(self):
+        self.transport.pause_reading()
+
+    def resume_reading(self):
+        self.transport.resume_reading()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        self.transport.set_write_buffer_limits(high, low)
+
+
+class AsyncioTLSConnection(AsyncioConnection):
+    """A client served over TLS by the event loop: memg's own TLS (an ssl.SSLObject
+    between two memory buffers) over the loop's plain transport.  The loop's TLS
+    transports close a connection whose handshake fails without sending the alert
+    that tells the client why, which memcached sends; here what TLS has to send is
+    always sent, then the connection closes.
+
+    What arrives is decrypted into the engine's read buffer and taken as a plain
+    connection's input is; the protocol's replies, TLSTransport encrypts.
+    Nothing reaches the protocol before the handshake is done, which the idle
+    timeout bounds: a failed or stalled handshake counts in ssl_handshake_errors."""
+
+    def connection_made(self, transport):
+        import ssl
+        with self.engine.service.lock:                  # (refresh_certs swaps it)
+            context = self.engine.service.tls_context
+        self.incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, outgoing, server_side=True)
+        self.handshaking = True
+        super().connection_made(TLSTransport(transport, self.tls, outgoing))
+
+    def buffer_updated(self, nbytes):
+        self.incoming.write(self.engine.read_view[:nbytes])
+        self.decrypt()
+
+    def eof_received(self):
+        self.incoming.write_eof()
+        self.decrypt()
+        return True                      # (closed by now, or once the replies are out)
+
+    def decrypt(self):
+        """Take what has arrived: the handshake until it is done, then the data of
+        every whole record, decrypted into the engine's read buffer, until the input
+        ends (a close_notify).  When TLS fails (a bad handshake; garbage, or an end
+        without close_notify, after one), what it has to say is sent and the
+        connection closes."""
+        import ssl
+        tls, protocol = self.tls, self.protocol
+        try:
+            if self.handshaking:
+                tls.do_handshake()
+                self.handshaking = False
+            while not (protocol.eof or protocol.closing):
+                received = tls.read(READ_BUFFER, self.engine.read_view)
+                if received:
+                    super().buffer_updated(received)
+                else:
+                    super().eof_received()
+        except ssl.SSLWantReadError:
+            pass                         # (the rest of a record is still to come)
+        except ssl.SSLError:
+            if self.handshaking:
+                self.engine.handshake_failed()
+            self.transport.close()
+        self.transport.flush()
+
+    def kick(self):
+        if self.handshaking:             # (a stalled handshake is a failed one)
+            self.engine.handshake_failed()
+            self.transport.abort()
+        else:
+            super().kick()
 
 
 def event_loop_factory(choice):
@@ -3931,8 +4040,9 @@ class AsyncioEngine(Engine):
     """Every connection on one asyncio event loop, in the thread that serves: no
     thread per client, no switching between threads.  It accepts by itself (the
     loop's own server would hide the connection limit's reply and the back-off
-    when out of file descriptors) and hands each socket to the loop's transports;
-    the sweep and the idle check are timers of the loop."""
+    when out of file descriptors) and hands each socket to the loop's plain
+    transports (TLS is memg's own: AsyncioTLSConnection); the sweep and the idle
+    check are timers of the loop."""
 
     def __init__(self, service):
         super().__init__(service)
@@ -3965,9 +4075,8 @@ class AsyncioEngine(Engine):
 
     @staticmethod
     def loop_error(loop, context):
-        """The loop's report of an error it caught: a client's failing TLS or going
-        away is nothing to print (a failed handshake is counted where it is seen);
-        anything else is memg's bug, printed as the loop prints it."""
+        """The loop's report of an error it caught: a client going away is nothing
+        to print; anything else is memg's bug, printed as the loop prints it."""
         if isinstance(context.get("exception"), (ConnectionError, TimeoutError, OSError)):
             return
         loop.default_exception_handler(context)
@@ -3990,12 +4099,12 @@ class AsyncioEngine(Engine):
                     self.loop.remove_reader(listener.fileno())
                     self.loop.call_later(ACCEPT_BACKOFF, self.resume_accepting, listener)
                 return
-            connection = AsyncioConnection(self, sock, address)
+            connection = (AsyncioTLSConnection if self.serves_tls(listener)
+                          else AsyncioConnection)(self, sock, address)
             if connection.protocol is None:
                 continue                         # turned away
             sock.setblocking(False)
-            task = self.loop.create_task(self.connect(sock, connection,
-                                                      self.serves_tls(listener)))
+            task = self.loop.create_task(self.connect(sock, connection))
             self.connecting.add(task)
             task.add_done_callback(self.connecting.discard)
 
@@ -4003,18 +4112,12 @@ class AsyncioEngine(Engine):
         if not self.stopping and listener.fileno() >= 0:
             self.loop.add_reader(listener.fileno(), self.accept, listener)
 
-    async def connect(self, sock, connection, tls):
-        """Hand an accepted socket to the loop's transports (over TLS, once the
-        handshake is done: within the idle timeout, or asyncio's 60 s)."""
+    async def connect(self, sock, connection):
+        """Hand an accepted socket to the loop's transports."""
         try:
-            await self.loop.connect_accepted_socket(
-                lambda: connection, sock, ssl=self.service.tls_context if tls else None,
-                ssl_handshake_timeout=(self.settings.idle_timeout or None) if tls else None)
-        except BaseException as error:
-            # Stopped, or the handshake failed, before the loop took the socket: it is
-            # ours to close.
-            if tls and not isinstance(error, asyncio.CancelledError):
-                self.handshake_failed()
+            await self.loop.connect_accepted_socket(lambda: connection, sock)
+        except BaseException:
+            # Stopped before the loop took the socket: it is ours to close.
             sock.close()
             self.service.close_connection(connection.protocol)
 
@@ -4032,8 +4135,7 @@ class AsyncioEngine(Engine):
         for connection in list(self.connections):
             protocol = connection.protocol
             if protocol.watcher is None and protocol.last_command < oldest:
-                self.service.count("idle_kicks")
-                connection.transport.abort()
+                connection.kick()
         self.loop.call_later(self.idle_check_interval(), self.kick_idle)
 
     def shut_down(self):
