@@ -70,6 +70,8 @@ def in_loop(server, function):
         except BaseException as error:
             future.set_exception(error)
 
+    # (start() returns before the engine's thread has made its loop.)
+    wait_for(lambda: server.engine.loop, what="the engine's loop")
     server.engine.loop.call_soon_threadsafe(call)
     return future.result(PROMPTLY)
 
