@@ -1423,12 +1423,12 @@ class Service:
         with self.lock:
             self.counters[name] += 1
 
-    def count_datagrams(self, received, sent, protocol):
-        """A UDP request's traffic: its datagrams' bytes, and its meta commands."""
+    def count_datagrams(self, received=0, sent=0, meta_commands=0):
+        """UDP traffic: datagrams' bytes, and the meta commands they carried."""
         with self.lock:
             self.closed_traffic["bytes_read"] += received
             self.closed_traffic["bytes_written"] += sent
-            self.closed_traffic["cmd_meta"] += protocol.cmd_meta
+            self.closed_traffic["cmd_meta"] += meta_commands
 
     def authenticate(self, user, password, credentials=None):
         """Whether user and password match a line of the auth file (-Y), or of the
@@ -3348,7 +3348,8 @@ def answer_datagram(service, datagram, peer=None, fd=-1):
     protocol = (BinaryProtocol if payload[0] == MAGIC_REQUEST else TextProtocol)(
         service, fd, peer)
     protocol.negotiating, protocol.datagram = False, True
-    sent = written = 0             # datagrams, and their bytes
+    service.count_datagrams(received=len(datagram))
+    sent = 0                       # datagrams
     try:
         protocol.feed(payload)
         while sent < UDP_DATAGRAMS_MAX:
@@ -3356,19 +3357,22 @@ def answer_datagram(service, datagram, peer=None, fd=-1):
                 if not response and sent:
                     continue
                 starts = range(0, len(response), UDP_DATA_SIZE) or range(1)
-                for sequence, start in enumerate(starts[:UDP_DATAGRAMS_MAX - sent]):
-                    reply = UDP_HEADER.pack(request_id, sequence, min(len(starts), 0xFFFF) if
-                                            response else 0, 0)
-                    reply += response[start:start + UDP_DATA_SIZE]
-                    yield reply
-                    sent += 1
-                    written += len(reply)
+                replies = [UDP_HEADER.pack(request_id, sequence, min(len(starts), 0xFFFF)
+                                           if response else 0, 0)
+                           + response[start:start + UDP_DATA_SIZE]
+                           for sequence, start in enumerate(starts[:UDP_DATAGRAMS_MAX - sent])]
+                # Counted before they go: a client that has read them sees them in stats.
+                service.count_datagrams(sent=sum(map(len, replies)),
+                                        meta_commands=protocol.cmd_meta)
+                protocol.cmd_meta = 0
+                yield from replies
+                sent += len(replies)
             if not protocol.pending:
                 break
             protocol.advance()
     finally:
         protocol.connection_lost()
-        service.count_datagrams(len(datagram), written, protocol)
+        service.count_datagrams(meta_commands=protocol.cmd_meta)
 
 
 # --------------------------------------------------------------------------
