@@ -15,6 +15,7 @@ own tests (tests/test_memcached_suite.py); .ci/run does both.
 import os
 import subprocess
 import sys
+import threading
 import venv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,8 @@ PASSES = [
                         "tests/test_engines.py"]),
 ]
 # memcached's own test files mostly wait (on sleeps, on servers starting): in a whole
-# run, their pass for each engine runs beside the others instead of within them.
+# run, their passes run beside the others instead of within them, one engine after
+# the other (some of the files listen on fixed ports).
 BESIDE = "tests/test_memcached_suite.py"
 
 
@@ -38,28 +40,39 @@ def pytest(engine, args, **popen):
                             env=dict(os.environ, MEMG_TEST_ENGINE=engine), **popen)
 
 
+def run_beside(engines, args, results):
+    """Run BESIDE on each engine in turn; results gets (engine, exit code, output)."""
+    for engine in engines:
+        process = pytest(engine, args + [BESIDE], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+        output = process.communicate()[0]
+        results.append((engine, process.returncode, output))
+
+
 def main(args):
     if not os.path.exists(PYTHON):
         venv.create(VENV, with_pip=True)
     subprocess.run([PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                     "-e", ROOT + "[test]"], check=True)
     chosen = any(not arg.startswith("-") for arg in args)      # files or tests named
-    beside = {} if chosen else {
-        engine: pytest(engine, args + [BESIDE], stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT)
-        for engine, files in PASSES if files is None or BESIDE in files}
+    beside = [] if chosen else [engine for engine, files in PASSES
+                                if files is None or BESIDE in files]
+    results = []
+    thread = threading.Thread(target=run_beside, args=(beside, args, results))
+    thread.start()
     failed = 0
     for engine, files in PASSES:
         print("== memg serving with the %s engine ==" % engine, flush=True)
         selected = [] if files is None or chosen else files
         ignored = ["--ignore=" + BESIDE] if engine in beside else []
         failed |= pytest(engine, args + ignored + selected).wait()
-    for engine, process in beside.items():
+    thread.join()
+    for engine, code, output in results:
         print("== memcached's own tests, memg serving with the %s engine ==" % engine,
               flush=True)
-        sys.stdout.buffer.write(process.communicate()[0])
+        sys.stdout.buffer.write(output)
         sys.stdout.flush()
-        failed |= process.returncode
+        failed |= code
     return failed
 
 

@@ -359,7 +359,9 @@ def test_ports_follow_memcacheds_rules(tmp_path, processes, server, args, expect
     if server == "memg":
         argv = [sys.executable, MEMG] + ENGINE_ARGS + args
     else:
-        argv = [require_tool("memcached"), "-l", "127.0.0.1"] + (
+        # (One worker thread: with more, memcached may answer the UDP client's
+        # sentinel before its request; see test_differential.)
+        argv = [require_tool("memcached"), "-l", "127.0.0.1", "-t", "1"] + (
             ["-u", "root"] if os.geteuid() == 0 else []) + args
     process, ports = start_with_port_file(argv, tmp_path / "ports", processes)
     assert set(ports) == set(expected)

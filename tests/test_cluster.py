@@ -32,14 +32,15 @@ def nodes():
 class Nutcracker:
     """nutcracker proxying a pool of memcached servers, with ketama over fnv1a_64 as
     twemproxy's README configures it: a node that fails once is ejected for
-    retry_ms, and its keys go to the others meanwhile."""
+    retry_ms, and its keys go to the others meanwhile.  (A node that answers late
+    fails too: the timeout is long, so that only a dead node is ejected.)"""
 
     def __init__(self, folder, nodes, retry_ms=60000):
         self.port = free_port()
         config = os.path.join(folder, "nutcracker.yml")
         with open(config, "w") as file:
             file.write("memg:\n  listen: 127.0.0.1:%d\n  hash: fnv1a_64\n"
-                       "  distribution: ketama\n  timeout: 1000\n  auto_eject_hosts: true\n"
+                       "  distribution: ketama\n  timeout: 10000\n  auto_eject_hosts: true\n"
                        "  server_retry_timeout: %d\n  server_failure_limit: 1\n"
                        "  servers:\n" % (self.port, retry_ms))
             for node in nodes:

@@ -318,6 +318,7 @@ def random_script(rng):
 _REPLY_LINE = re.compile(rb"""(?x)
     (STORED|NOT_STORED|EXISTS|NOT_FOUND|DELETED|TOUCHED|END|OK|ERROR|RESET|MN)
   | ERROR[ :][^\n]+
+  | Error\ TLS\ not\ enabled
   | (CLIENT_ERROR|SERVER_ERROR)\ [^\n]+
   | STAT\ [^ \n]+\ [^\n]*
   | VERSION\ [^\n]+
