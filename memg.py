@@ -3768,7 +3768,7 @@ class TLSTransport:
 
     def write(self, data):
         self.tls.write(data)
-        self.flush()
+        self.transport.write(self.outgoing.read())
 
     def flush(self):
         if self.outgoing.pending:
@@ -3837,17 +3837,22 @@ class AsyncioTLSConnection(AsyncioConnection):
         without close_notify, after one), what it has to say is sent and the
         connection closes."""
         import ssl
-        tls, protocol = self.tls, self.protocol
+        tls, incoming, protocol = self.tls, self.incoming, self.protocol
         try:
             if self.handshaking:
                 tls.do_handshake()
                 self.handshaking = False
-            while not (protocol.eof or protocol.closing):
+            # A read takes one whole record (OpenSSL reads no further, and a record's
+            # data fits the buffer): once the incoming buffer is empty, another would
+            # only raise SSLWantReadError, which costs more than the read.
+            while incoming.pending or incoming.eof:
+                if protocol.eof or protocol.closing:
+                    break                # (what comes after the end is not read)
                 received = tls.read(READ_BUFFER, self.engine.read_view)
                 if received:
                     super().buffer_updated(received)
                 else:
-                    super().eof_received()
+                    super().eof_received()           # (a close_notify)
         except ssl.SSLWantReadError:
             pass                         # (the rest of a record is still to come)
         except ssl.SSLError:
