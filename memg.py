@@ -1181,6 +1181,9 @@ def tls_context(settings):
             raise ValueError("Kernel TLS offload is not available")
         context.options |= ssl.OP_ENABLE_KTLS
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)     # as memcached
+    # Python 3.9 ignores a client's end without close_notify (3.10 no longer does);
+    # memcached answers one that ends a handshake half-way with decode_error.
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     return context
 
 
