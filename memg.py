@@ -3778,9 +3778,9 @@ class TLSTransport:
             self.transport.write(self.outgoing.read())
 
     def close(self):
-        """Close once what is buffered is sent: after a close_notify if the session
-        is sound (as memcached's SSL_shutdown, which does not wait for the client's),
-        after nothing more (an alert, perhaps) if it failed."""
+        """Close once what is buffered is sent, a close_notify last if the session
+        is sound (as memcached's SSL_shutdown: the client's is not awaited); after a
+        failure, what TLS had to say (an alert, perhaps) is buffered already."""
         import ssl
         with contextlib.suppress(ssl.SSLError):
             self.tls.unwrap()
