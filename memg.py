@@ -1337,6 +1337,9 @@ def tls_context(settings):
             raise ValueError("Kernel TLS offload is not available")
         context.options |= ssl.OP_ENABLE_KTLS
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)     # as memcached
+    # Python 3.9 ignores a client's end without close_notify (3.10 no longer does);
+    # memcached answers one that ends a handshake half-way with decode_error.
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     return context
 
 
@@ -3928,16 +3931,16 @@ class TLSTransport:
 
     def write(self, data):
         self.tls.write(data)
-        self.flush()
+        self.transport.write(self.outgoing.read())
 
     def flush(self):
         if self.outgoing.pending:
             self.transport.write(self.outgoing.read())
 
     def close(self):
-        """Close once what is buffered is sent: after a close_notify if the session
-        is sound (as memcached's SSL_shutdown, which does not wait for the client's),
-        after nothing more (an alert, perhaps) if it failed."""
+        """Close once what is buffered is sent, a close_notify last if the session
+        is sound (as memcached's SSL_shutdown: the client's is not awaited); after a
+        failure, what TLS had to say (an alert, perhaps) is buffered already."""
         import ssl
         with contextlib.suppress(ssl.SSLError):
             self.tls.unwrap()
@@ -3997,17 +4000,22 @@ class AsyncioTLSConnection(AsyncioConnection):
         without close_notify, after one), what it has to say is sent and the
         connection closes."""
         import ssl
-        tls, protocol = self.tls, self.protocol
+        tls, incoming, protocol = self.tls, self.incoming, self.protocol
         try:
             if self.handshaking:
                 tls.do_handshake()
                 self.handshaking = False
-            while not (protocol.eof or protocol.closing):
+            # A read takes one whole record (OpenSSL reads no further, and a record's
+            # data fits the buffer): once the incoming buffer is empty, another would
+            # only raise SSLWantReadError, which costs more than the read.
+            while incoming.pending or incoming.eof:
+                if protocol.eof or protocol.closing:
+                    break                # (what comes after the end is not read)
                 received = tls.read(READ_BUFFER, self.engine.read_view)
                 if received:
                     super().buffer_updated(received)
                 else:
-                    super().eof_received()
+                    super().eof_received()           # (a close_notify)
         except ssl.SSLWantReadError:
             pass                         # (the rest of a record is still to come)
         except ssl.SSLError:
