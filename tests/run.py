@@ -12,7 +12,10 @@ and perl's prove) must be installed, and memcached 1.6.18's source unpacked for 
 own tests (tests/test_memcached_suite.py); .ci/run does both.
 """
 
+import glob
+import itertools
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -34,19 +37,65 @@ PASSES = [
 # the other (some of the files listen on fixed ports).
 BESIDE = "tests/test_memcached_suite.py"
 
+# The other Pythons memg supports (README), each in a session of its own beside the
+# passes, with nothing but pytest and Hypothesis: the suites that need no client
+# library on the oldest and the newest (on the threads engine and the standard
+# library's event loop), and those that need no sockets on the others.
+OTHER_PYTHONS = ["3.9", "3.10", "3.12", "3.13"]
+SOCKETLESS = ["tests/test_store.py", "tests/test_store_concurrency.py", "tests/test_protocol.py",
+              "tests/test_binary.py", "tests/test_protocol_fuzz.py"]
+STDLIB_SERVING = ["tests/test_engines.py", "tests/test_snapshot.py"]
 
-def pytest(engine, args, **popen):
-    return subprocess.Popen([PYTHON, "-m", "pytest"] + args, cwd=ROOT,
+
+def pytest(engine, args, python=PYTHON, **popen):
+    return subprocess.Popen([python, "-m", "pytest"] + args, cwd=ROOT,
                             env=dict(os.environ, MEMG_TEST_ENGINE=engine), **popen)
 
 
+def find_python(version):
+    """The path of CPython version's interpreter (pyenv's, or on PATH), or None."""
+    root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip() \
+        if shutil.which("pyenv") else ""
+    found = sorted(glob.glob(os.path.join(root, "versions", version + ".*", "bin", "python")))
+    return found[-1] if found and root else shutil.which("python" + version)
+
+
+def python_sessions(args):
+    """(title, engine, the session's python, its pytest args) for each other Python; a
+    title alone for one this machine lacks."""
+    for number, version in enumerate(OTHER_PYTHONS):
+        python = find_python(version)
+        if python is None:
+            yield ("Python %s: not on this machine, not tested" % version, None, None, None)
+            continue
+        home = os.path.join(ROOT, ".venv-test-" + version)
+        session = os.path.join(home, "bin", "python")
+        if not os.path.exists(session):
+            subprocess.run([python, "-m", "venv", home], check=True)
+        subprocess.run([session, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "pytest>=7", "hypothesis>=6"], check=True)
+        files = SOCKETLESS
+        if number in (0, len(OTHER_PYTHONS) - 1):            # the oldest and the newest
+            files = files + STDLIB_SERVING
+            yield ("Python %s, the asyncio engine (stdlib)" % version, "asyncio-stdlib",
+                   session, args + STDLIB_SERVING)
+        yield ("Python %s, the threads engine" % version, "threads", session, args + files)
+
+
 def run_beside(engines, args, results):
-    """Run BESIDE on each engine in turn; results gets (engine, exit code, output)."""
-    for engine in engines:
-        process = pytest(engine, args + [BESIDE], stdout=subprocess.PIPE,
+    """Run BESIDE on each engine in turn, then the other Pythons' sessions; results
+    gets (title, exit code, output) of each."""
+    sessions = [("memcached's own tests, memg serving with the %s engine" % engine, engine,
+                 PYTHON, args + [BESIDE]) for engine in engines]
+    for title, engine, python, session_args in itertools.chain(sessions,
+                                                               python_sessions(args)):
+        if python is None:
+            results.append((title, 1, b""))
+            continue
+        process = pytest(engine, session_args, python, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT)
         output = process.communicate()[0]
-        results.append((engine, process.returncode, output))
+        results.append((title, process.returncode, output))
 
 
 def main(args):
@@ -59,17 +108,18 @@ def main(args):
                                 if files is None or BESIDE in files]
     results = []
     thread = threading.Thread(target=run_beside, args=(beside, args, results))
-    thread.start()
+    if not chosen:
+        thread.start()
     failed = 0
     for engine, files in PASSES:
         print("== memg serving with the %s engine ==" % engine, flush=True)
         selected = [] if files is None or chosen else files
         ignored = ["--ignore=" + BESIDE] if engine in beside else []
         failed |= pytest(engine, args + ignored + selected).wait()
-    thread.join()
-    for engine, code, output in results:
-        print("== memcached's own tests, memg serving with the %s engine ==" % engine,
-              flush=True)
+    if not chosen:
+        thread.join()
+    for title, code, output in results:
+        print("== %s ==" % title, flush=True)
         sys.stdout.buffer.write(output)
         sys.stdout.flush()
         failed |= code
