@@ -258,6 +258,10 @@ class Settings:
         False, "--single",
         help="serve one connection, then exit (threads; for python -m cProfile memg.py "
              "--single)")
+    debug_commands: bool = option(
+        False, "--debug-commands",
+        help="serve the commands of memcached's debug build (memcached-debug), which its "
+             "test harness sends: debugtime N moves the cache's clock N seconds ahead")
 
     def __post_init__(self):
         """Refuse what memg cannot honour, with the option's name in the message."""
@@ -1041,6 +1045,13 @@ class Store:
     def cas_counter(self):
         with self.lock:
             return self.last_cas
+
+    def move_clock(self, seconds):
+        """Run the store's clock seconds ahead from now on (memcached-debug's
+        debugtime, for test harnesses)."""
+        with self.lock:
+            clock = self.clock
+            self.clock = lambda: clock() + seconds
 
     def restore(self, pairs, cas_counter, batch=WALK_BATCH):
         """Link the items of a snapshot: (key, item) pairs, most recently used first,
@@ -2597,6 +2608,16 @@ class TextProtocol(Protocol):
             self.store.set_memory_limit(megabytes * MB)
             self.reply(OK)
 
+    def debugtime(self, tokens):
+        """memcached-debug's clock, moved N seconds ahead (--debug-commands; memcached's
+        ordinary build knows no such command)."""
+        seconds = parse_int32(tokens[1])
+        if not self.settings.debug_commands or seconds is None:
+            self.reply(ERROR)
+            return
+        self.store.move_clock(seconds)
+        self.reply(OK)
+
     def refresh_certs(self, tokens):
         """TLS: load the certificate and key again, for the connections to come."""
         self.check_noreply(tokens)
@@ -2858,6 +2879,7 @@ class TextProtocol(Protocol):
         b"lru": (lru, 2, ANY),
         b"watch": (watch, 1, ANY),
         b"refresh_certs": (refresh_certs, 1, ANY),
+        b"debugtime": (debugtime, 2, ANY),
     }
 
 

@@ -31,7 +31,8 @@ SOURCE = os.environ.get("MEMG_MEMCACHED_SOURCE") or os.path.join(
 # harness serves and reaches its TCP port over TLS, with t/'s own certificates; the
 # ssl_*.t files test nothing without it.
 MEMCACHED_TESTS = [(name, False) for name in ["t/00-startup.t", "t/binary.t", "t/issue_50.t",
-                                              "t/issue_67.t", "t/udp.t"]] + [
+                                              "t/issue_67.t", "t/udp.t", "t/expirations.t",
+                                              "t/line-lengths.t"]] + [
     (name, True) for name in ["t/ssl_cert_refresh.t", "t/ssl_ports.t", "t/ssl_proto_version.t",
                               "t/ssl_session_resumption.t", "t/ssl_settings.t",
                               "t/ssl_verify_modes.t", "t/binary.t"]]
@@ -61,9 +62,12 @@ def make_build_folder(folder):
     with open(os.path.join(SOURCE, "version.m4")) as version:
         if "[%s]" % VERSION not in version.read():
             pytest.fail("%s is not memcached %s's source" % (SOURCE, VERSION), pytrace=False)
-    shutil.copytree(os.path.join(SOURCE, "t"), os.path.join(folder, "t"))
+    # (doc/protocol.txt too: t/line-lengths.t reads it.)
+    for part in ("t", "doc"):
+        shutil.copytree(os.path.join(SOURCE, part), os.path.join(folder, part))
+    # memcached-debug is memcached's debug build: memg with its debug commands.
     write_script(os.path.join(folder, "memcached-debug"), " ".join(
-        shlex.quote(arg) for arg in [sys.executable, MEMG] + ENGINE_ARGS))
+        shlex.quote(arg) for arg in [sys.executable, MEMG, "--debug-commands"] + ENGINE_ARGS))
     # timedrun SECONDS COMMAND...: coreutils' timeout takes the same arguments, and
     # passes on the SIGINT and SIGTERM the harness stops its servers with.
     write_script(os.path.join(folder, "timedrun"), "timeout")

@@ -1555,3 +1555,19 @@ def test_lru_crawler_metadump():
 def test_lru_crawler_metadump_disabled():
     check(b"lru_crawler metadump all\r\n", b"ERROR metadump not allowed\r\n",
           dump_enabled=False)
+
+
+# --------------------------------------------------------------------------
+# memcached-debug's commands (--debug-commands), which its test harness sends
+# --------------------------------------------------------------------------
+
+def test_debugtime_moves_the_clock_ahead_under_debug_commands():
+    check(b"set k 0 3 1\r\nv\r\ndebugtime 2\r\nget k\r\ndebugtime 1\r\nget k\r\n"
+          b"debugtime x\r\n",
+          b"STORED\r\nOK\r\nVALUE k 0 1\r\nv\r\nEND\r\nOK\r\nEND\r\nERROR\r\n",
+          debug_commands=True)
+
+
+def test_debugtime_is_unknown_without_debug_commands():
+    check(b"set k 0 3 1\r\nv\r\ndebugtime 5\r\nget k\r\n",
+          b"STORED\r\nERROR\r\nVALUE k 0 1\r\nv\r\nEND\r\n")
