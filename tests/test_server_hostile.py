@@ -39,6 +39,7 @@ on its stderr is pinned on the test that caused it; each runs on the suite's eng
 import collections
 import contextlib
 import ctypes
+import errno
 import os
 import pwd
 import random
@@ -104,8 +105,11 @@ def hostile(server, payload, timeout=5.0, plain=False):
         try:
             client.send(payload)
             client.sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass                  # the server may close before it has read it all
+        except OSError as error:
+            # The server may close before it has read it all (even, with an alert,
+            # before the shutdown: "not connected").
+            if error.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                raise
         chunks = []
         try:
             while True:
