@@ -15,8 +15,9 @@ import pytest
 
 from conftest import ENGINES, copy_project, start_memcached
 
-# A test module of the kind a user writes: only the fixture and the standard library.
-USER_TESTS = '''
+# A test module of the kind a user writes: only the fixture and the standard library;
+# its tests (USER_CASES) after how it reaches the server (a ``request`` function).
+PLAIN_REQUEST = '''
 import socket
 
 
@@ -24,7 +25,8 @@ def request(address, data):
     with socket.create_connection(address, timeout=5) as sock:
         sock.sendall(data)
         return sock.makefile("rb").readline()
-
+'''
+USER_CASES = '''
 
 def test_store(memg_server):
     assert request(memg_server.address, b"set k 0 0 1\\r\\nv\\r\\n") == b"STORED\\r\\n"
@@ -34,6 +36,7 @@ def test_store(memg_server):
 def test_starts_empty(memg_server):
     assert request(memg_server.address, b"get k\\r\\n") == b"END\\r\\n"
 '''
+USER_TESTS = PLAIN_REQUEST + USER_CASES
 
 
 def test_fixture_serves_every_test_an_empty_cache(pytester):

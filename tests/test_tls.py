@@ -39,6 +39,7 @@ from pymemcache.client.base import Client as PymemcacheClient
 from conftest import (ENGINE_ARGS, ENGINE_SETTINGS, MEMG, RawClient, client_hello, embedded,
                       free_port, start_memcached, start_memg, stats, tls_refusal, wait_for)
 from test_binary import Op, check, counter, hit, number, parse, request, response, store
+from test_plugin import USER_CASES
 
 # Longer than a TLS record (16 KiB), so that values and replies span many.
 BIG = bytes(range(256)) * 1000
@@ -233,27 +234,18 @@ def test_the_pytest_fixture_serves_tls_with_a_projects_settings(pytester, certif
        .replace("CERT", repr(certificates.pem("server")))
        .replace("KEY", repr(certificates.key("server"))))
     pytester.makepyfile('''
-        import socket
-        import ssl
+import socket
+import ssl
 
-        CONTEXT = ssl.create_default_context(cafile=CA)
-
-
-        def request(address, data):
-            with socket.create_connection(address, timeout=5) as plain:
-                with CONTEXT.wrap_socket(plain, server_hostname=address[0]) as sock:
-                    sock.sendall(data)
-                    return sock.makefile("rb").readline()
+CONTEXT = ssl.create_default_context(cafile=CA)
 
 
-        def test_store(memg_server):
-            assert request(memg_server.address, b"set k 0 0 1\\r\\nv\\r\\n") == b"STORED\\r\\n"
-            assert request(memg_server.address, b"get k\\r\\n") == b"VALUE k 0 1\\r\\n"
-
-
-        def test_starts_empty(memg_server):
-            assert request(memg_server.address, b"get k\\r\\n") == b"END\\r\\n"
-    '''.replace("CA", repr(certificates.pem("ca"))))
+def request(address, data):
+    with socket.create_connection(address, timeout=5) as plain:
+        with CONTEXT.wrap_socket(plain, server_hostname=address[0]) as sock:
+            sock.sendall(data)
+            return sock.makefile("rb").readline()
+'''.replace("CA", repr(certificates.pem("ca"))) + USER_CASES)
     pytester.runpytest().assert_outcomes(passed=2)
 
 
