@@ -37,8 +37,9 @@ import pytest
 from pymemcache.client.base import Client as PymemcacheClient
 
 from conftest import (ENGINE_ARGS, ENGINE_SETTINGS, MEMG, RawClient, client_hello, embedded,
-                      free_port, start_memcached, start_memg, stats, tls_refusal, wait_for)
+                      free_port, start_memg, stats, tls_refusal, wait_for)
 from test_binary import Op, check, counter, hit, number, parse, request, response, store
+from test_differential import both
 from test_plugin import USER_CASES
 
 # Longer than a TLS record (16 KiB), so that values and replies span many.
@@ -466,26 +467,17 @@ def ssl_settings(server):
 ], ids=lambda options: ",".join(options) or "default")
 def test_stats_settings_shows_the_ssl_settings_as_memcached(certificates, options):
     options = [option.replace("CA", certificates.pem("ca")) for option in options]
-    lines = []
-    for start in (start_memg, start_memcached):
-        server = start(*certificates.server_args(*options), tls=certificates.client_context(
-            minimum=ssl.TLSVersion.TLSv1_2))
-        try:
-            lines.append(ssl_settings(server))
-        finally:
-            server.stop()
+    with both(lambda start: start(*certificates.server_args(*options),
+                                  tls=certificates.client_context(
+                                      minimum=ssl.TLSVersion.TLSv1_2))) as servers:
+        lines = [ssl_settings(server) for server in servers]
     assert lines[0] == lines[1]
     assert b"STAT ssl_enabled yes" in lines[0]
 
 
 def test_stats_settings_without_tls_as_memcached():
-    lines = []
-    for start in (start_memg, start_memcached):
-        server = start()
-        try:
-            lines.append(ssl_settings(server))
-        finally:
-            server.stop()
+    with both(lambda start: start()) as servers:
+        lines = [ssl_settings(server) for server in servers]
     assert lines[0] == lines[1]
     assert b"STAT ssl_enabled no" in lines[0]
 
