@@ -497,6 +497,8 @@ def item_cost(key, size):
 MetaView = collections.namedtuple("MetaView", "hit_before last_access ttl won token_sent stale")
 # Keys a walk of the whole cache visits under one hold of the store's lock.
 WALK_BATCH = 1000
+# How long a flush keeps what it dropped at hand (see Store.flushed), at least.
+FLUSHED_KEPT = 1.0
 
 
 class Store:
@@ -524,6 +526,14 @@ class Store:
         # gone (memcached's oldest_live); pending until the store has dropped them.
         self.flush_deadline = 0
         self.flush_pending = False
+        # What the last flush dropped, key -> item: it leaves the cache at once (curr_items
+        # and bytes fall to 0), but stays at hand for FLUSHED_KEPT, until the sweep
+        # after that, or until room is needed, so that a lookup of one of its keys
+        # then counts get_flushed, as memcached's counts an item its flush hid and
+        # has not yet unlinked.  It costs memory until then: flushed_bytes, under -m.
+        self.flushed = {}
+        self.flushed_bytes = 0
+        self.flushed_at = 0.0
         self.counters = dict.fromkeys(STORE_COUNTERS, 0)
         self.evicted_time = 0                    # idle seconds of the last evicted item
         self.on_evict = None                     # called as on_evict(key, item, now)
@@ -569,6 +579,8 @@ class Store:
             self._apply_flush(now)
         item = self.items.get(key)
         if item is None:
+            if self.flushed and key in self.flushed:
+                self._forget_flushed(key)
             return None
         _, exptime, atime, _, state = item_fields(item)
         if exptime and exptime <= now:
@@ -591,6 +603,15 @@ class Store:
         the deadline's own second (and under -C those older than a past deadline)."""
         deadline = self.flush_deadline
         return deadline and deadline <= now and header(item).atime <= deadline
+
+    def _forget_flushed(self, key):
+        """A lookup found key among what the last flush dropped: it counts, once."""
+        self.flushed_bytes -= item_cost(key, len(self.flushed.pop(key)) - VALUE_START)
+        self.counters["get_flushed"] += 1
+
+    def _let_go_flushed(self):
+        self.flushed = {}
+        self.flushed_bytes = 0
 
     def _apply_flush(self, now):
         """Drop every item at once when a delayed flush's deadline has come: all
@@ -653,7 +674,7 @@ class Store:
         when memory is exhausted."""
         cost = item_cost(key, len(item) - VALUE_START)
         freed = item_cost(key, len(old) - VALUE_START) if old is not None else 0
-        if self.bytes + cost - freed > self.memory_limit:
+        if self.bytes + self.flushed_bytes + cost - freed > self.memory_limit:
             if old is not None:
                 self._to_most_recent(key, old)    # evict everything else first
             if not self._make_room(cost - freed, keep=key):
@@ -668,8 +689,10 @@ class Store:
         return True
 
     def _make_room(self, needed, keep=None):
-        """Free memory from the LRU tail, never evicting keep: expired items, and
-        live ones too unless eviction is off."""
+        """Free memory: what the last flush dropped first, then from the LRU tail,
+        never evicting keep: expired items, and live ones too unless eviction is
+        off."""
+        self._let_go_flushed()
         items = self.items
         now = self.now()
         while items and self.bytes + needed > self.memory_limit:
@@ -694,6 +717,9 @@ class Store:
         return self.bytes + needed <= self.memory_limit
 
     def _clear(self):
+        """A flush drops every item (see flushed)."""
+        self.flushed, self.flushed_bytes = self.items, self.bytes
+        self.flushed_at = self.clock()
         self.items = {}
         self.oldest = {}
         self.bytes = 0
@@ -967,6 +993,8 @@ class Store:
         with self.lock:
             now = self.now()
             self._apply_flush(now)
+            if self.flushed and self.clock() - self.flushed_at >= FLUSHED_KEPT:
+                self._let_go_flushed()
             if budget is None or not self._sweep_keys:
                 self._sweep_keys = list(self.items)
                 budget = budget or len(self._sweep_keys)

@@ -839,6 +839,64 @@ def test_flush_now(store):
     assert store.snapshot()["curr_items"] == 0
 
 
+def test_a_lookup_of_a_flushed_key_counts_get_flushed_once(store):
+    # As memcached's: its flush leaves items linked, and the lookup that finds one
+    # counts it and unlinks it; memg's flush drops them, but keeps them at hand.
+    store.store(SET, b"k", b"v")
+    store.store(SET, b"other", b"v")
+    store.flush()
+    assert store.get(b"k") is None
+    assert store.get(b"k") is None
+    assert store.get(b"never") is None
+    c = store.snapshot()
+    assert (c["get_flushed"], c["get_misses"], c["curr_items"], c["bytes"]) == (1, 3, 0, 0)
+
+
+def test_storing_over_a_flushed_key_counts_its_lookup(store):
+    store.store(SET, b"k", b"old")
+    store.flush()
+    assert store.store(SET, b"k", b"new")[0] == STORED    # (memcached's do_store_item
+    assert store.counters["get_flushed"] == 1            # looks it up first)
+    assert value_of(store, b"k") == b"new"
+    assert store.delete(b"k") == STORED
+    assert store.get(b"k") is None
+    assert store.counters["get_flushed"] == 1
+
+
+def test_a_delayed_flush_counts_get_flushed_too(store, clock):
+    store.store(SET, b"k", b"v")
+    store.flush(10)
+    clock.advance(10)
+    assert store.get(b"k") is None
+    assert store.counters["get_flushed"] == 1
+
+
+def test_the_sweep_lets_go_of_what_a_flush_dropped_after_a_while(store, clock):
+    store.store(SET, b"k", b"v")
+    store.flush()
+    store.sweep()
+    assert store.flushed_bytes == cost(b"k", b"v")
+    clock.advance(memg.FLUSHED_KEPT)
+    store.sweep()
+    assert (store.flushed, store.flushed_bytes) == ({}, 0)
+    assert store.get(b"k") is None
+    assert store.counters["get_flushed"] == 0
+
+
+def test_what_a_flush_dropped_counts_under_the_limit_until_room_is_needed(clock):
+    store = memg.Store(memory_limit=20 * cost(b"k00", b"v" * 100), clock=clock)
+    for i in range(15):
+        store.store(SET, b"k%02d" % i, b"v" * 100)
+    store.flush()
+    assert store.flushed_bytes == 15 * cost(b"k00", b"v" * 100)
+    for i in range(15, 25):
+        assert store.store(SET, b"k%02d" % i, b"v" * 100)[0] == STORED
+        assert store.bytes + store.flushed_bytes <= store.memory_limit
+    assert store.flushed_bytes == 0
+    assert store.counters["evictions"] == 0       # what was flushed went first
+    assert store.snapshot()["curr_items"] == 10
+
+
 def test_flush_negative_delay_is_immediate(store):
     store.store(SET, b"k", b"v")
     store.flush(-1)

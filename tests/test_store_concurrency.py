@@ -106,8 +106,14 @@ def accounting_problems(store, clock_is_monotonic=True):
     cost = sum(memg.item_cost(key, len(item) - memg.VALUE_START) for key, item in items.items())
     if store.bytes != cost:
         problems.append("bytes %d but the items cost %d" % (store.bytes, cost))
-    if not 0 <= store.bytes <= store.memory_limit:
-        problems.append("bytes %d outside 0..%d" % (store.bytes, store.memory_limit))
+    flushed = sum(memg.item_cost(key, len(item) - memg.VALUE_START)
+                  for key, item in store.flushed.items())
+    if store.flushed_bytes != flushed:
+        problems.append("flushed_bytes %d but what a flush dropped costs %d" % (
+            store.flushed_bytes, flushed))
+    if not 0 <= store.bytes + store.flushed_bytes <= store.memory_limit:
+        problems.append("bytes %d and flushed_bytes %d outside 0..%d" % (
+            store.bytes, store.flushed_bytes, store.memory_limit))
     if store.sizes is not None:
         sizes = collections.Counter(store.size_class(k, i) for k, i in items.items())
         kept = {size: count for size, count in store.sizes.items() if count}
