@@ -57,7 +57,8 @@ from typing import Optional
 __version__ = "0.1.0"
 # What ``version`` answers, in both protocols: the memcached release whose protocol
 # memg follows.  Clients read the version as the last x.y.z in the reply, so it is
-# that alone; ``stats`` (memg_version) and ``memg -V`` tell memg apart.
+# that alone; ``memg -V`` and the start-up line of ``memg -v`` tell memg apart (``stats``
+# shows memcached's statistics alone, as tools that count them expect).
 VERSION = "1.6.21"
 
 KB = 1024
@@ -183,12 +184,20 @@ class Settings:
         1 * MB, "-I", "--max-item-size", parse=lambda text: parse_size(text, 1),
         metavar="SIZE", stat="item_size_max",
         help="max item size, as 512k or 2m (default: 1m, min: 1k, max: 1024m)")
+    lru_crawler: bool = option(
+        True, extended=True, stat="lru_crawler", show=yes_no,
+        help="-o no_lru_crawler: start with the background sweep of expired items off "
+             "(lru_crawler enable turns it on)")
     flush_enabled: bool = option(
         True, "-F", "--disable-flush-all", stat="flush_enabled", show=yes_no,
         help="disable flush_all")
     dump_enabled: bool = option(
         True, "-X", "--disable-dumping", stat="dump_enabled", show=yes_no,
         help="disable stats cachedump and lru_crawler metadump")
+    lru_maintainer: bool = option(
+        True, extended=True, stat="lru_maintainer_thread", show=yes_no,
+        help="-o no_lru_maintainer: accepted; memg has no LRU maintainer thread, and "
+             "shows its statistics (at 0) only when this is on, as memcached does")
     idle_timeout: int = option(
         0, parse=int, extended=True, stat="idle_timeout",
         help="-o idle_timeout=SECONDS: close clients idle that long (0: never)")
@@ -1043,6 +1052,10 @@ class Store:
             oldest = next(iter(self.items.values()), None)
             counters = self.counters
             return dict(counters, curr_items=len(self.items), bytes=self.bytes,
+                        hash_bytes=sys.getsizeof(self.items),
+                        # A dict's table is a power of two at most two-thirds full:
+                        # this is the smallest that holds the items.
+                        hash_power_level=max(3, (len(self.items) * 3 // 2).bit_length()),
                         cmd_get=counters["get_hits"] + counters["get_misses"],
                         cmd_touch=counters["touch_hits"] + counters["touch_misses"],
                         limit_maxbytes=self.memory_limit, evicted_time=self.evicted_time,
@@ -1236,6 +1249,8 @@ WATCH_KINDS = {"fetchers", "mutations", "evictions", "connevents", "deletions",
                "proxyreqs", "proxyevents", "proxyuser", "sysevents", "rawcmds"}
 # Log lines a watcher may fall behind by before it misses some.
 WATCH_BACKLOG = 10000
+# Lines made (memcached's workers' lines written), sent and skipped.
+WATCH_COUNTERS = ("log_worker_written", "log_watcher_sent", "log_watcher_skipped")
 
 
 class Watcher:
@@ -1261,7 +1276,7 @@ class Watchers:
         self.watchers = []
         self.active = frozenset()        # kinds someone watches: emitters look here first
         self.gid = 0
-        self.counters = dict.fromkeys(("log_watcher_sent", "log_watcher_skipped"), 0)
+        self.counters = dict.fromkeys(WATCH_COUNTERS, 0)
 
     def add(self, kinds, wake):
         watcher = Watcher(kinds, wake)
@@ -1279,6 +1294,7 @@ class Watchers:
         woken = []
         with self.lock:
             self.gid += 1
+            self.counters["log_worker_written"] += 1
             line = ("ts=%.6f gid=%d %s\n" % (time.time(), self.gid, text)).encode("latin-1")
             for watcher in self.watchers:
                 if kind not in watcher.kinds:
@@ -1292,6 +1308,16 @@ class Watchers:
                 self.counters["log_watcher_sent"] += 1
         for watcher in woken:            # outside the lock: a wake may take the engine's
             watcher.wake()
+
+    def snapshot(self):
+        """The counters, and how many watchers there are (log_watchers), for stats."""
+        with self.lock:
+            return dict(self.counters, log_watchers=len(self.watchers))
+
+    def reset_counters(self):
+        with self.lock:
+            for name in WATCH_COUNTERS:
+                self.counters[name] = 0
 
     def take(self, watcher):
         """The lines waiting for watcher, at most WATCH_BACKLOG of them, as bytes."""
@@ -1324,8 +1350,24 @@ def read_auth_file(path, what="the auth file (-Y)"):
 # Counters the service keeps under its lock.  Traffic (bytes read and written, and
 # cmd_meta) is counted by each connection's protocol, and added in when it closes.
 SERVICE_COUNTERS = ("total_connections", "rejected_connections", "listen_disabled_num",
-                    "idle_kicks", "auth_cmds", "auth_errors", "ssl_handshake_errors")
+                    "idle_kicks", "auth_cmds", "auth_errors", "ssl_handshake_errors",
+                    "ssl_new_sessions", "lru_crawler_starts")
 TRAFFIC = ("bytes_read", "bytes_written", "cmd_meta")
+
+
+# memcached's figures of machinery memg does not have, which ``stats`` shows as
+# memcached shows them when that machinery is idle: 0.  They are: its pools of
+# response objects and read buffers (response_obj_*, read_buf_*: memg's replies and
+# reads are bytes objects of their own); the descriptors it keeps back from -c
+# (reserved_fds: memg keeps none back); its slab pages and their mover
+# (slab_reassign_*, slabs_moved, slab_global_page_pool); its LRU maintainer thread and
+# segmented LRU (lru_maintainer_juggles, evicted_active, moves_*, lru_bumps_dropped:
+# memg's LRU is one list, bumped in the reader's own call); tail items another thread
+# held (lrutail_reflocked: memg's store has one lock); failed allocations
+# (malloc_fails: memg's fail only as the process does); its NAPI-id thread steering
+# (unexpected_napi_ids, round_robin_fallback).
+def idle_figures(*names):
+    return [(name, 0) for name in names]
 
 
 # The counters of stats detail, per prefix.
@@ -1419,7 +1461,7 @@ class Service:
         # reset records where it happened instead of writing to them.
         self.traffic_at_reset = dict.fromkeys(TRAFFIC, 0)
         self.prefix_stats = {}             # stats detail: prefix -> [gets, hits, sets, deletes]
-        self.crawler_enabled = True        # lru_crawler enable|disable
+        self.crawler_enabled = s.lru_crawler     # lru_crawler enable|disable
         self.crawling = False              # a crawl or dump runs (others get BUSY)
         self.listening = []                # (fd, address, "tcp" or "udp") of each socket
         self.on_shutdown = None            # the engine's request_stop (``shutdown``)
@@ -1517,6 +1559,7 @@ class Service:
             if self.crawling:
                 return False
             self.crawling = True
+            self.counters["lru_crawler_starts"] += 1
             return True
 
     def end_crawl(self):
@@ -1570,12 +1613,14 @@ class Service:
         return b"".join(lines) + END
 
     def reset_stats(self):
+        """``stats reset``: every counter to 0, as memcached's (gauges, such as
+        curr_items, stay)."""
         self.store.reset_counters()
+        self.watchers.reset_counters()
         with self.lock:
             self.prefix_stats.clear()
             self.traffic_at_reset = self._traffic()
-            for name in ("total_connections", "rejected_connections", "listen_disabled_num",
-                         "idle_kicks"):
+            for name in SERVICE_COUNTERS:
                 self.counters[name] = 0
 
     def _traffic(self):
@@ -1585,35 +1630,38 @@ class Service:
             getattr(protocol, name) for protocol in self.connections) for name in TRAFFIC}
 
     def general_stats(self):
-        """``stats``: memcached's general statistics, in memcached's order, for the
-        ones that mean something here."""
+        """``stats``: memcached's general statistics, every one in memcached's order,
+        and those it shows only for some settings under the same settings.  Figures
+        of machinery memg does not have are as memcached shows them idle (see
+        idle_figures)."""
         now = time.time()
         store = self.store.snapshot()
+        settings = self.settings
         with self.lock:
             counters = dict(self.counters)
             live = len(self.connections)
             traffic, at_reset = self._traffic(), self.traffic_at_reset
+            crawling = self.crawling
         since_reset = {name: traffic[name] - at_reset[name] for name in TRAFFIC}
+        watchers = self.watchers.snapshot()
         usage = os.times()
         return [
             ("pid", os.getpid()),
             ("uptime", int(now - self.started)),
             ("time", int(now)),
             ("version", VERSION),
-            ("memg_version", __version__),
             ("libevent", "none"),
             ("pointer_size", 64 if sys.maxsize > 2 ** 32 else 32),
             ("rusage_user", "%.6f" % usage.user),
             ("rusage_system", "%.6f" % usage.system),
-            ("max_connections", self.settings.max_connections),
+            ("max_connections", settings.max_connections),
             ("curr_connections", live),
             ("total_connections", counters["total_connections"]),
             ("rejected_connections", counters["rejected_connections"]),
             ("connection_structures", live),
-        ] + ([
-            ("ssl_handshake_errors", counters["ssl_handshake_errors"]),
-            ("time_since_server_cert_refresh", int(time.monotonic() - self.tls_refreshed)),
-        ] if self.tls_context is not None else []) + [
+        ] + idle_figures("response_obj_oom", "response_obj_count", "response_obj_bytes",
+                         "read_buf_count", "read_buf_bytes", "read_buf_bytes_free",
+                         "read_buf_oom", "reserved_fds") + [
             ("cmd_get", store["cmd_get"]),
             ("cmd_set", store["cmd_set"]),
             ("cmd_flush", store["cmd_flush"]),
@@ -1627,22 +1675,57 @@ class Service:
         ] + [
             ("auth_cmds", counters["auth_cmds"]),
             ("auth_errors", counters["auth_errors"]),
-            ("idle_kicks", counters["idle_kicks"]),
+        ] + ([("idle_kicks", counters["idle_kicks"])] if settings.idle_timeout else []) + [
             ("bytes_read", since_reset["bytes_read"]),
             ("bytes_written", since_reset["bytes_written"]),
             ("limit_maxbytes", store["limit_maxbytes"]),
             ("accepting_conns", 1),
             ("listen_disabled_num", counters["listen_disabled_num"]),
-            ("threads", self.settings.threads),
+            # Each time accepting stops, it stops for ACCEPT_BACKOFF.
+            ("time_in_listen_disabled_us",
+             counters["listen_disabled_num"] * int(ACCEPT_BACKOFF * 1000000)),
+            ("threads", settings.threads),
             ("conn_yields", 0),
-        ] + [(name, store[name]) for name in (
-            "bytes", "curr_items", "total_items", "expired_unfetched", "evicted_unfetched",
-            "evictions", "reclaimed", "crawler_reclaimed", "crawler_items_checked")
-        ] + [
-            ("log_watcher_skipped", self.watchers.counters["log_watcher_skipped"]),
-            ("log_watcher_sent", self.watchers.counters["log_watcher_sent"]),
-            ("log_watchers", len(self.watchers.watchers)),
-        ]
+            ("hash_power_level", store["hash_power_level"]),
+            ("hash_bytes", store["hash_bytes"]),
+            # A dict grows within one call, under the store's lock: never seen growing.
+            ("hash_is_expanding", 0),
+            # memcached shows its slab mover's figures unless -o no_slab_reassign, which
+            # memg ignores: memg has no pages to move.
+        ] + idle_figures("slab_reassign_rescues", "slab_reassign_chunk_rescues",
+                         "slab_reassign_evictions_nomem", "slab_reassign_inline_reclaim",
+                         "slab_reassign_busy_items", "slab_reassign_busy_deletes",
+                         "slab_reassign_running", "slabs_moved") + ([
+            # The crawls and dumps lru_crawler runs (memg's background sweep is apart).
+            ("lru_crawler_running", int(crawling)),
+            ("lru_crawler_starts", counters["lru_crawler_starts"]),
+        ] if self.crawler_enabled else []) + (
+            idle_figures("lru_maintainer_juggles") if settings.lru_maintainer else []
+        ) + idle_figures("malloc_fails") + [
+            # Watched events are made into lines as they happen, none dropped.
+            ("log_worker_dropped", 0),
+            ("log_worker_written", watchers["log_worker_written"]),
+            ("log_watcher_skipped", watchers["log_watcher_skipped"]),
+            ("log_watcher_sent", watchers["log_watcher_sent"]),
+            ("log_watchers", watchers["log_watchers"]),
+        ] + ([
+            ("ssl_new_sessions", counters["ssl_new_sessions"]),
+        ] if self.tls_context is not None and settings.ssl_session_cache else []) + ([
+            ("ssl_handshake_errors", counters["ssl_handshake_errors"]),
+            ("time_since_server_cert_refresh", int(time.monotonic() - self.tls_refreshed)),
+        ] if self.tls_context is not None else []) + idle_figures(
+            "unexpected_napi_ids", "round_robin_fallback"
+        ) + [(name, store[name]) for name in ("bytes", "curr_items", "total_items")
+        ] + idle_figures("slab_global_page_pool") + [
+            (name, store[name]) for name in ("expired_unfetched", "evicted_unfetched")
+        ] + (idle_figures("evicted_active") if settings.lru_maintainer else []) + [
+            (name, store[name]) for name in (
+                "evictions", "reclaimed", "crawler_reclaimed", "crawler_items_checked")
+        ] + idle_figures("lrutail_reflocked") + ((idle_figures(
+            "moves_to_cold", "moves_to_warm", "moves_within_lru") + [
+            # memg has no background thread to make room: a writer makes its own.
+            ("direct_reclaims", store["evictions"] + store["reclaimed"]),
+        ] + idle_figures("lru_bumps_dropped")) if settings.lru_maintainer else [])
 
     def settings_stats(self):
         """``stats settings``: the settings as memcached names them, with what is in
@@ -1650,7 +1733,7 @@ class Service:
         bound = {transport: address[1] for _, address, transport in reversed(self.listening)
                  if isinstance(address, tuple)}
         current = {"maxbytes": self.store.memory_limit, "tcpport": bound.get("tcp", 0),
-                   "udpport": bound.get("udp", 0)}
+                   "udpport": bound.get("udp", 0), "lru_crawler": yes_no(self.crawler_enabled)}
         return [(name, current.get(name, value)) for name, value in self.settings.stats()]
 
     def item_stats(self):
@@ -3625,6 +3708,12 @@ class Engine:
         """A TLS handshake failed or stalled: it costs that connection, and counts."""
         self.service.count("ssl_handshake_errors")
 
+    def handshake_done(self, tls):
+        """A TLS handshake succeeded (tls: its SSLSocket or SSLObject): a session not
+        resumed counts (ssl_new_sessions)."""
+        if not tls.session_reused:
+            self.service.count("ssl_new_sessions")
+
     def answer(self, sock):
         """Answer the UDP requests waiting on sock (see answer_datagram); a reply
         datagram the socket has no room for is lost, as UDP may lose it."""
@@ -3748,6 +3837,7 @@ class ThreadConnection:
         except (ssl.SSLError, OSError):
             self.engine.handshake_failed()
             return False
+        self.engine.handshake_done(self.sock)
         return True
 
     def send(self, data):
@@ -4055,6 +4145,7 @@ class AsyncioTLSConnection(AsyncioConnection):
             if self.handshaking:
                 tls.do_handshake()
                 self.handshaking = False
+                self.engine.handshake_done(tls)
             # A read takes one whole record (OpenSSL reads no further, and a record's
             # data fits the buffer): once the incoming buffer is empty, another would
             # only raise SSLWantReadError, which costs more than the read.
@@ -4327,8 +4418,7 @@ IGNORED_OPTIONS = {
 # memcached -o options memg accepts and ignores (slab, LRU, hash and extstore tuning).
 IGNORED_EXTENDED = {
     "maxconns_fast", "no_maxconns_fast", "hashpower", "tail_repair_time", "hash_algorithm",
-    "lru_crawler", "no_lru_crawler", "lru_crawler_sleep", "lru_crawler_tocrawl",
-    "read_buf_mem_limit", "lru_maintainer", "no_lru_maintainer", "hot_lru_pct",
+    "lru_crawler_sleep", "lru_crawler_tocrawl", "read_buf_mem_limit", "hot_lru_pct",
     "warm_lru_pct", "hot_max_factor", "warm_max_factor", "temporary_ttl",
     "slab_chunk_max", "watcher_logbuf_size", "worker_logbuf_size",
     "no_hashexpand", "modern", "no_modern", "sock_cookie_id", "slab_reassign",
@@ -4405,8 +4495,12 @@ def parse_command_line(argv):
         for option in filter(None, group.split(",")):
             name, _, text = option.partition("=")
             field = SETTINGS_FIELDS.get(name)
+            negated = SETTINGS_FIELDS.get(name[3:]) if name.startswith("no_") else None
             if field is not None and field.metadata["extended"]:
                 args[name] = True if isinstance(field.default, bool) else text
+            elif negated is not None and negated.metadata["extended"] and (
+                    negated.default is True):
+                args[negated.name] = False            # memcached's -o no_NAME
             elif name in IGNORED_EXTENDED or name.startswith("ext_"):
                 warnings.append("-o %s ignored: memg has no such tuning" % name)
             else:

@@ -163,7 +163,21 @@ def test_version_prints_and_exits_zero():
     assert code == 0
     assert "Traceback" not in err
     assert re.search(r"\d+\.\d+\.\d+", out + err)
-    assert "memg" in out + err
+    assert "memg %s" % memg_version() in out + err
+
+
+def memg_version():
+    source = open(MEMG).read()
+    return re.search(r'^__version__ = "([^"]+)"', source, re.M).group(1)
+
+
+def test_verbose_start_names_memgs_version(launch):
+    # (stats shows memcached's figures alone: memg's version is here and in -V.)
+    server = launch("-v")
+    with connect_admitted(server.address) as client:
+        assert "memg_version" not in stats(client)
+    _, err = server.stop()
+    assert "memg %s listening on" % memg_version() in err.decode()
 
 
 # -- refused command lines -------------------------------------------------------
@@ -189,6 +203,7 @@ BAD_COMMAND_LINES = [
     ["-U", "-2"],
     ["-p", "-2"],
     ["-U", "x"],
+    ["-o", "no_track_sizes"],        # no_NAME turns off only what is on by default
 ]
 
 
@@ -820,6 +835,15 @@ def test_threads_reported(launch):
     with connect_admitted(server.address) as client:
         assert stats(client)["threads"] == "8"
         assert stats(client, b"settings")["num_threads"] == "8"
+
+
+def test_no_options_turn_off_memcacheds_default_on_settings(launch):
+    server = launch("-o", "no_lru_crawler,no_lru_maintainer")
+    with connect_admitted(server.address) as client:
+        settings = stats(client, b"settings")
+        assert (settings["lru_crawler"], settings["lru_maintainer_thread"]) == ("no", "no")
+    _, err = server.stop()
+    assert "ignored" not in err.decode()
 
 
 def test_stats_settings_reflect_command_line(launch):

@@ -24,7 +24,8 @@ import subprocess
 
 import pytest
 
-from conftest import RawClient, client_hello, start_memcached, start_memg, tls_refusal
+from conftest import (RawClient, client_hello, parse_stats, start_memcached, start_memg,
+                      tls_refusal)
 from test_binary import (Op, Status, counter, flush, parse, plain, request, response, store,
                          touching)
 from test_udp import FRAME, DatagramClient, frame, free_udp_port
@@ -259,6 +260,32 @@ def test_stats_sizes_with_track_sizes_as_memcached():
     replies = on_new_servers(["-o", "track_sizes"], lambda server: converse(server, script))
     assert replies[0] == replies[1]
     assert b"STAT 1088 1\r\n" in replies[0]
+
+
+# -- stats: memcached's figures, under the settings that choose some of them ----------
+
+# Command lines whose ``stats`` differ in memcached 1.6.18: some figures are shown only
+# while the LRU crawler, its maintainer thread or an idle timeout is on.  The last is
+# t/stats.t's, whose count of figures (83) this checks too.
+STATS_ARGS = [(), ("-o", "no_lru_crawler"), ("-o", "no_lru_maintainer,idle_timeout=30"),
+              ("-I", "1024", "-o", "slab_chunk_max=1024,no_lru_crawler,no_lru_maintainer")]
+
+
+@pytest.mark.parametrize("args", STATS_ARGS, ids=lambda args: " ".join(args) or "defaults")
+def test_stats_names_memcacheds_figures_in_its_order(args):
+    def names(server):
+        with server.connect() as client:
+            before = list(parse_stats(client.request(b"stats\r\n", b"END\r\n")))
+            # lru_crawler disable hides the crawler's figures; enable shows them again.
+            assert client.request(b"lru_crawler disable\r\n") == b"OK\r\n"
+            disabled = list(parse_stats(client.request(b"stats\r\n", b"END\r\n")))
+            settings = parse_stats(client.request(b"stats settings\r\n", b"END\r\n"))
+            return before, disabled, settings["lru_crawler"]
+
+    memg_names, memcached_names = on_new_servers(args, names)
+    assert memg_names == memcached_names
+    if args == STATS_ARGS[-1]:
+        assert len(memg_names[0]) == 83
 
 
 # -- -Y: memcached's ASCII authentication ------------------------------------------

@@ -1261,6 +1261,22 @@ def test_authentications_are_counted(auth_file):
     assert b"STAT auth_enabled_ascii %s\r\n" % auth_file.encode() in reply
 
 
+def test_stats_reset_zeroes_every_counter_and_leaves_the_gauges(auth_file):
+    session = Session(auth_file=auth_file)
+    watcher = session.connect()
+    assert converse(watcher, AUTH + b"watch fetchers\r\n", end=False) == b"STORED\r\nOK\r\n"
+    session.send(b"set k 0 0 9\r\nalice bad\r\n")
+    session.send(AUTH + b"get k\r\nlru_crawler crawl all\r\n")
+    counters = ("auth_cmds", "auth_errors", "lru_crawler_starts", "log_worker_written",
+                "log_watcher_sent", "cmd_get", "get_misses")
+    login = len(b"STORED\r\n")
+    before = parse_stats(session.send(AUTH + b"stats\r\n")[login:])
+    assert [before[name] for name in counters] == ["4", "1", "1", "1", "1", "1", "1"]
+    after = parse_stats(session.send(AUTH + b"stats reset\r\nstats\r\n")[login + 7:])
+    assert [after[name] for name in counters] == ["0"] * len(counters)
+    assert after["log_watchers"] == "1"
+
+
 def test_without_an_auth_file_a_set_of_credentials_is_just_a_set():
     check(AUTH + b"get any\r\n", b"STORED\r\nVALUE any 0 12\r\nalice secret\r\nEND\r\n")
 

@@ -122,6 +122,26 @@ def test_expired_items_are_swept_without_being_touched_and_evict_nothing():
         server.stop()
 
 
+def test_no_lru_crawler_starts_without_the_sweep_until_lru_crawler_enable():
+    server = start_memg("-o", "no_lru_crawler")
+    try:
+        with server.connect() as client:
+            assert stats(client, b"settings")["lru_crawler"] == "no"
+            assert "lru_crawler_starts" not in stats(client)
+            set_many(client, (b"short:%d" % i for i in range(10)), b"v", exptime=1)
+            time.sleep(2.5)              # (two sweeps' time, were there a sweep)
+            assert stats(client)["curr_items"] == "10"
+            assert client.request(b"lru_crawler enable\r\n") == b"OK\r\n"
+            assert stats(client, b"settings")["lru_crawler"] == "yes"
+            wait_for(lambda: stats(client)["curr_items"] == "0", timeout=10,
+                     what="the background sweep, now on, to reclaim them")
+            assert stats(client)["lru_crawler_starts"] == "0"     # (a sweep is no crawl)
+            assert client.request(b"lru_crawler crawl all\r\n") == b"OK\r\n"
+            assert stats(client)["lru_crawler_starts"] == "1"
+    finally:
+        server.stop()
+
+
 # -- abrupt and concurrent clients ---------------------------------------------------------
 
 def test_reset_in_the_middle_of_a_value_is_quiet_and_stores_nothing(memg):

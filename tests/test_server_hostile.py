@@ -1082,7 +1082,10 @@ def test_out_of_file_descriptors_memg_waits_without_spinning_and_recovers(open_f
         for sock in waiting:
             sock.sendall(b"set fd 0 0 1\r\nx\r\n")
             assert sock.recv(64) == b"STORED\r\n"
-        assert int(stats(control)["listen_disabled_num"]) > 0
+        numbers = stats(control)
+        assert int(numbers["listen_disabled_num"]) > 0
+        assert int(numbers["time_in_listen_disabled_us"]) == (
+            int(numbers["listen_disabled_num"]) * int(memg.ACCEPT_BACKOFF * 1000000))
         control.close()
         for sock in waiting:
             sock.close()

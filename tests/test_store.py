@@ -897,6 +897,17 @@ def test_what_a_flush_dropped_counts_under_the_limit_until_room_is_needed(clock)
     assert store.snapshot()["curr_items"] == 10
 
 
+def test_snapshot_sizes_the_hash_table_as_the_dict_needs(store):
+    empty = store.snapshot()
+    assert empty["hash_power_level"] == 3          # (a dict's smallest table: 8)
+    for i in range(100):
+        store.store(SET, b"k%d" % i, b"v")
+    snap = store.snapshot()
+    power = snap["hash_power_level"]
+    assert (2 ** (power - 1)) * 2 // 3 < 100 <= (2 ** power) * 2 // 3
+    assert snap["hash_bytes"] > empty["hash_bytes"]
+
+
 def test_flush_negative_delay_is_immediate(store):
     store.store(SET, b"k", b"v")
     store.flush(-1)

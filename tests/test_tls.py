@@ -482,14 +482,35 @@ def test_stats_settings_without_tls_as_memcached():
     assert b"STAT ssl_enabled no" in lines[0]
 
 
-def test_stats_shows_the_tls_counters_only_under_tls(memg):
-    with memg.connect() as client:
-        names = list(stats(client))
-    assert names.index("ssl_handshake_errors") + 1 == names.index(
-        "time_since_server_cert_refresh")
-    server = start_memg()
+@pytest.mark.parametrize("options", [[], ["ssl_session_cache"]],
+                         ids=lambda options: ",".join(options) or "default")
+def test_stats_names_the_tls_figures_as_memcached(certificates, options):
+    # (t/stats.t counts 85 figures under SSL_TEST=1; ssl_session_cache adds one.)
+    def names(server):
+        with server.connect() as client:
+            return list(stats(client))
+
+    with both(lambda start: start(*certificates.server_args(*options),
+                                  tls=certificates.client_context())) as servers:
+        memg_names, memcached_names = map(names, servers)
+    assert memg_names == memcached_names
+    assert ("ssl_new_sessions" in memg_names) == bool(options)
+    assert "time_since_server_cert_refresh" in memg_names
+
+
+def test_stats_counts_new_tls_sessions_not_resumed_ones(certificates):
+    context = certificates.client_context(maximum=ssl.TLSVersion.TLSv1_2)
+    server = tls_memg(certificates, "ssl_session_cache", tls=context)
     try:
-        assert "ssl_handshake_errors" not in stats(server)
+        with server.connect() as first:
+            before = int(stats(first)["ssl_new_sessions"])
+            session = first.sock.session
+        resumed = context.wrap_socket(socket.create_connection(server.address),
+                                      server_hostname="127.0.0.1", session=session)
+        with resumed:
+            assert resumed.session_reused
+            with server.connect() as new:
+                assert int(stats(new)["ssl_new_sessions"]) == before + 1
     finally:
         server.stop()
 
