@@ -769,6 +769,12 @@ class Store:
         finally:
             self.lock.release()
 
+    def peek(self, key):
+        """The item under key, or None, neither bumped nor counted as a get (me:
+        memcached counts only what its lookup drops, expired or flushed)."""
+        with self.lock:
+            return self._find(key, self.now())
+
     def _touch(self, key, exptime, now, bump):
         """A gat's or touch's lookup: the item with its new expiry, or None."""
         item = self._find(key, now)
@@ -2516,7 +2522,6 @@ class TextProtocol(Protocol):
         """(key, flags, error) of a meta command: error is the reply to send instead
         of running it, or None (flag_error, if given, replaces the message for any
         bad flag, as md and ma)."""
-        self.cmd_meta += 1
         key = tokens[1]
         if len(key) > KEY_MAX_LENGTH:
             return key, None, BAD_FORMAT
@@ -2661,7 +2666,6 @@ class TextProtocol(Protocol):
         self.reply(b"MN\r\n")
 
     def meta_debug(self, tokens):
-        self.cmd_meta += 1
         if len(tokens) < 2 or len(tokens[1]) > KEY_MAX_LENGTH:
             self.reply(BAD_FORMAT)
             return
@@ -2671,7 +2675,9 @@ class TextProtocol(Protocol):
             if key is None:
                 self.reply(BAD_FORMAT)
                 return
-        item = self.store.get(key, bump=False)
+        # memcached 1.6.18 counts cmd_meta here alone, for a me that looks its key up.
+        self.cmd_meta += 1
+        item = self.store.peek(key)
         if item is None:
             self.reply(b"EN\r\n")
             return

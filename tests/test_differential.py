@@ -288,6 +288,38 @@ def test_stats_names_memcacheds_figures_in_its_order(args):
         assert len(memg_names[0]) == 83
 
 
+# What each counter memg keeps counts, after every kind of command that moves one,
+# with a stats reset half-way.
+COUNTED = (b"set k 0 0 1\r\n1\r\nget k nope\r\ngets k\r\nincr k 5\r\nincr nope 1\r\n"
+           b"decr k 1\r\ndecr nope 1\r\ntouch k 10\r\ntouch nope 10\r\ngat 0 k nope\r\n"
+           b"cas k 0 0 1 999999\r\nx\r\ncas nope 0 0 1 1\r\nx\r\nstats reset\r\n"
+           b"set old 0 2678400 1\r\nx\r\nget old\r\nadd a 0 0 1\r\nx\r\n"
+           b"add a 0 0 1\r\ny\r\nreplace nope 0 0 1\r\nx\r\nappend a 0 0 1\r\nz\r\n"
+           b"delete a\r\ndelete a\r\nset f 0 0 1\r\nx\r\nset g 0 0 1\r\nx\r\n"
+           b"flush_all\r\nget f\r\nget f\r\nmg nope v\r\n"
+           b"ms m 1\r\nx\r\nmg m v\r\nma m\r\nme m\r\nme nope\r\nmd m\r\nmd m\r\nmn\r\n")
+COUNTERS = ("cmd_get", "cmd_set", "cmd_flush", "cmd_touch", "cmd_meta", "get_hits",
+            "get_misses", "get_expired", "get_flushed", "delete_misses", "delete_hits",
+            "incr_misses", "incr_hits", "decr_misses", "decr_hits", "cas_misses", "cas_hits",
+            "cas_badval", "touch_hits", "touch_misses", "store_too_large", "store_no_memory",
+            "auth_cmds", "auth_errors")
+
+
+def test_stats_counts_what_memcached_counts():
+    def counted(server):
+        with server.connect() as client:
+            client.request(COUNTED, b"MN\r\n")
+            numbers = parse_stats(client.request(b"stats\r\n", b"END\r\n"))
+        return {name: numbers[name] for name in COUNTERS}
+
+    # (Without memcached's background threads, which could unlink what the flush hid
+    # before a get counts it.)
+    memg_counts, memcached_counts = on_new_servers(
+        ("-o", "no_lru_crawler,no_lru_maintainer"), counted)
+    assert memg_counts == memcached_counts
+    assert memg_counts["get_flushed"] == "1"
+
+
 # -- -Y: memcached's ASCII authentication ------------------------------------------
 
 LOGIN = b"set any 0 0 12\r\nalice secret\r\n"
