@@ -502,6 +502,12 @@ def item_cost(key, size):
     return len(key) + size + ITEM_OVERHEAD
 
 
+def slab_class(key_length, value_length, flags):
+    """The slab class memg reports an item in (watch's clsid): memg has no slab
+    allocator, and keeps every item in class 1."""
+    return 1
+
+
 # What mg reports of an item as it was before the request (Store.meta_get).
 MetaView = collections.namedtuple("MetaView", "hit_before last_access ttl won token_sent stale")
 # Keys a walk of the whole cache visits under one hold of the store's lock.
@@ -581,15 +587,21 @@ class Store:
         self.last_cas += 1
         return self.last_cas
 
-    def _find(self, key, now, bump=False):
+    def _find(self, key, now, bump=False, watch=None):
         """The live item under key, or None; drops it if it has expired or been
-        flushed.  With bump, the item as a read leaves it (see _bump)."""
+        flushed.  With bump, the item as a read leaves it (see _bump).  watch, if
+        given, is told what the lookup found, as memcached's item_get log line
+        says it: watch(key, status, item), status "found" (with the item),
+        "not_found", "flushed" or "expired" (with None)."""
         if self.flush_pending:
             self._apply_flush(now)
         item = self.items.get(key)
         if item is None:
-            if self.flushed and key in self.flushed:
+            flushed = self.flushed and key in self.flushed
+            if flushed:
                 self._forget_flushed(key)
+            if watch is not None:
+                watch(key, "flushed" if flushed else "not_found", None)
             return None
         _, exptime, atime, _, state = item_fields(item)
         if exptime and exptime <= now:
@@ -597,13 +609,19 @@ class Store:
             self.counters["get_expired"] += 1
             if not state & FETCHED:
                 self.counters["expired_unfetched"] += 1
+            if watch is not None:
+                watch(key, "expired", None)
             return None
         if self.flush_deadline and self._flushed(item, now):
             self._unlink(key, item)
             self.counters["get_flushed"] += 1
+            if watch is not None:
+                watch(key, "flushed", None)
             return None
         if bump and not (atime == now and state & FETCHED):
-            return self._bump(key, item, now)
+            item = self._bump(key, item, now)
+        if watch is not None:
+            watch(key, "found", item)
         return item
 
     def _flushed(self, item, now):
@@ -745,12 +763,13 @@ class Store:
 
     # -- retrieval ------------------------------------------------------------
 
-    def get(self, key, exptime=None, bump=True):
+    def get(self, key, exptime=None, bump=True, watch=None):
         """The item under key, or None.  With exptime, also sets its expiry (touch)."""
-        return self.get_many((key,), exptime, bump)[0]
+        return self.get_many((key,), exptime, bump, watch)[0]
 
-    def get_many(self, keys, exptime=None, bump=True):
-        """The items under keys, None for each miss, under one hold of the lock.
+    def get_many(self, keys, exptime=None, bump=True, watch=None):
+        """The items under keys, None for each miss, under one hold of the lock
+        (watch: see _find; every public method that looks a key up takes one).
         (acquire and release rather than ``with``: a third less time on the path
         every get takes.)"""
         self.lock.acquire()
@@ -758,8 +777,8 @@ class Store:
             now = int(self.clock())
             items = []
             for key in keys:
-                items.append(self._find(key, now, bump) if exptime is None
-                             else self._touch(key, exptime, now, bump))
+                items.append(self._find(key, now, bump, watch) if exptime is None
+                             else self._touch(key, exptime, now, bump, watch))
             missed = items.count(None)
             hits, misses = ("get_hits", "get_misses") if exptime is None else (
                 "touch_hits", "touch_misses")
@@ -769,15 +788,15 @@ class Store:
         finally:
             self.lock.release()
 
-    def peek(self, key):
+    def peek(self, key, watch=None):
         """The item under key, or None, neither bumped nor counted as a get (me:
         memcached counts only what its lookup drops, expired or flushed)."""
         with self.lock:
-            return self._find(key, self.now())
+            return self._find(key, self.now(), watch=watch)
 
-    def _touch(self, key, exptime, now, bump):
+    def _touch(self, key, exptime, now, bump, watch):
         """A gat's or touch's lookup: the item with its new expiry, or None."""
-        item = self._find(key, now)
+        item = self._find(key, now, watch=watch)
         if item is not None:
             item = self._relink(key, changed_item(item, exptime=self.expiry(exptime, now)))
             if bump:
@@ -787,7 +806,7 @@ class Store:
     # -- storage --------------------------------------------------------------
 
     def store(self, mode, key, value, *, flags=0, exptime=0, cas=0, new_cas=0,
-              invalidate=False, vivify=None):
+              invalidate=False, vivify=None, watch=None):
         """Run one storage command; returns (outcome, item stored or None).
 
         mode is SET, ADD, REPLACE, APPEND, PREPEND or CAS.  cas, when not 0, must
@@ -801,7 +820,7 @@ class Store:
             now = int(self.clock())
             counters = self.counters
             counters["cmd_set"] += 1
-            old = self._find(key, now)
+            old = self._find(key, now, False, watch)
             stale = False
             if old is None:
                 if mode == CAS:
@@ -848,22 +867,22 @@ class Store:
         finally:
             self.lock.release()
 
-    def refuse_too_large(self, key, drop_old):
+    def refuse_too_large(self, key, drop_old, watch=None):
         """Count a storage command refused for its size (-I) and drop the old value
         if asked: memcached drops it for set and for every meta set, so that a
         failed write leaves no stale data readable."""
         with self.lock:
             self.counters["store_too_large"] += 1
             if drop_old:
-                old = self.items.get(key)
+                old = self._find(key, self.now(), watch=watch)
                 if old is not None:
                     self._unlink(key, old)
 
-    def delete(self, key, cas=None):
+    def delete(self, key, cas=None, watch=None):
         """Remove key: STORED (deleted), NOT_FOUND, or EXISTS when cas (if given)
         does not match."""
         with self.lock:
-            item = self._find(key, self.now())
+            item = self._find(key, self.now(), watch=watch)
             if item is None or (cas is not None and cas != header(item).cas):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
@@ -871,12 +890,13 @@ class Store:
             self.counters["delete_hits"] += 1
             return STORED
 
-    def invalidate(self, key, *, cas=None, exptime=None, new_cas=0, drop_value=False):
+    def invalidate(self, key, *, cas=None, exptime=None, new_cas=0, drop_value=False,
+                   watch=None):
         """Meta delete's I and x: mark the item stale (new CAS, optionally a new
         expiry) or empty its value, instead of removing it."""
         with self.lock:
             now = self.now()
-            item = self._find(key, now)
+            item = self._find(key, now, watch=watch)
             if item is None or (cas is not None and cas != header(item).cas):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
@@ -889,7 +909,7 @@ class Store:
             return STORED
 
     def arithmetic(self, key, delta, *, incr=True, cas=0, vivify=None, initial=0,
-                   new_cas=0, exptime=None):
+                   new_cas=0, exptime=None, watch=None):
         """incr/decr: returns (outcome, item).  The value must be a decimal 64-bit
         unsigned number; incr wraps at 2**64, decr stops at 0.  A shorter result
         is padded with spaces to the old length, as memcached does in place.  Meta
@@ -898,7 +918,7 @@ class Store:
         with self.lock:
             now = self.now()
             counters = self.counters
-            item = self._find(key, now)
+            item = self._find(key, now, watch=watch)
             if item is None:
                 if vivify is None:
                     counters["incr_misses" if incr else "decr_misses"] += 1
@@ -935,14 +955,15 @@ class Store:
 
     # -- meta get ---------------------------------------------------------------
 
-    def meta_get(self, key, *, exptime=None, bump=True, vivify=None, recache=None):
+    def meta_get(self, key, *, exptime=None, bump=True, vivify=None, recache=None,
+                 watch=None):
         """mg's item semantics.  Returns None on a miss, else (item, MetaView): the
         view holds what mg reports as it was before this request, because mg's h and
         l flags describe the item before the command touched it."""
         with self.lock:
             now = self.now()
             counters = self.counters
-            item = self._find(key, now)
+            item = self._find(key, now, watch=watch)
             created = False
             if item is None and vivify is not None:
                 item = make_item(b"", 0, self.expiry(vivify, now), self._next_cas(), now)
@@ -1590,11 +1611,11 @@ class Service:
 
     def watch_eviction(self, key, item, now):
         if "evictions" in self.watchers.active:
-            ttl, item = self.store.ttl(item, now), header(item)
+            ttl, size, item = self.store.ttl(item, now), value_size(item), header(item)
             self.watchers.emit("evictions", (
-                "type=eviction key=%s fetch=%s ttl=%d la=%d clsid=1" % (
+                "type=eviction key=%s fetch=%s ttl=%d la=%d clsid=%d" % (
                     uri(key), "yes" if item.state & FETCHED else "no", ttl,
-                    now - item.atime)))
+                    now - item.atime, slab_class(len(key), size, item.flags))))
 
     # -- statistics -------------------------------------------------------------
 
@@ -2233,20 +2254,37 @@ class Protocol:
 
     # -- what both protocols tell watchers ----------------------------------------
 
-    def watch_fetch(self, key, item):
-        """A fetchers line; the caller checked that someone watches fetchers."""
+    def fetch_watch(self):
+        """What the store is to tell of its lookups: watch_fetch while someone
+        watches fetchers, else None.  memcached logs an item_get line for every
+        lookup, those of storage commands, delete, incr, touch and me included."""
+        return self.watch_fetch if "fetchers" in self.service.watchers.active else None
+
+    def watch_fetch(self, key, status, item):
+        """A fetchers line for one lookup (see Store._find); the store calls it
+        under its lock, as it calls watch_eviction."""
         self.service.watchers.emit("fetchers", (
             "type=item_get key=%s status=%s clsid=%d cfd=%s size=%d" % (
-                uri(key), "found" if item else "not_found", 1 if item else 0, self.name,
-                value_size(item) if item else 0)))
+                uri(key), status, slab_class(len(key), value_size(item), header(item).flags)
+                if item else 0, self.name, value_size(item) if item else 0)))
 
-    def watch_store(self, mode, key, outcome, item):
-        if "mutations" in self.service.watchers.active:
-            ttl = max(0, self.store.ttl(item, self.store.now())) if item else 0
-            self.service.watchers.emit("mutations", (
-                "type=item_store key=%s status=%s cmd=%s ttl=%d clsid=1 cfd=%s size=%d" % (
-                    uri(key), outcome.lower(), mode, ttl, self.name,
-                    value_size(item) if item else 0)))
+    def watch_store(self, mode, key, outcome, item, value=None, flags=0, exptime=0):
+        """A mutations line: item is what was stored.  When nothing was, memcached
+        describes the item the command made, of value (None: none was made, the
+        value being too large), flags and exptime."""
+        if "mutations" not in self.service.watchers.active:
+            return
+        now = self.store.now()
+        if item is not None:
+            size, flags, expires = value_size(item), header(item).flags, header(item).exptime
+        else:
+            size = len(value or b"")
+            expires = self.store.expiry(exptime, now) if exptime else 0
+        self.service.watchers.emit("mutations", (
+            "type=item_store key=%s status=%s cmd=%s ttl=%d clsid=%d cfd=%s size=%d" % (
+                uri(key), outcome.lower(), mode, max(0, expires - now) if expires > 0 else 0,
+                0 if item is None and value is None else slab_class(len(key), size, flags),
+                self.name, size)))
 
     def watch_delete(self, command, key):
         if "deletions" in self.service.watchers.active:
@@ -2386,10 +2424,8 @@ class TextProtocol(Protocol):
         valid = keys
         if keys and max(map(len, keys)) > KEY_MAX_LENGTH:   # (one test for all keys)
             valid = list(itertools.takewhile(lambda key: not bad_key(key), keys))
-        items = self.store.get_many(valid, exptime)
-        if "fetchers" in self.service.watchers.active:
-            for key, item in zip(valid, items):
-                self.watch_fetch(key, item)
+        watch = self.watch_fetch if "fetchers" in self.service.watchers.active else None
+        items = self.store.get_many(valid, exptime, True, watch)    # (fetch_watch, inlined)
         if self.settings.detail_enabled:
             for key, item in zip(valid, items):
                 self.service.record_detail(key, GETS, hit=item is not None)
@@ -2440,7 +2476,7 @@ class TextProtocol(Protocol):
         if self.settings.detail_enabled:
             self.service.record_detail(key, SETS)
         if self.store.too_large(key, nbytes, flags):
-            self.refuse_value(key, nbytes, drop_old=mode == SET, answer=self.reply)
+            self.refuse_value(mode, key, nbytes, answer=self.reply, drop_old=mode == SET)
         else:
             self.read_block(nbytes, self.finish_update, mode, key, flags, exptime, cas)
 
@@ -2448,18 +2484,21 @@ class TextProtocol(Protocol):
         if value is None:
             self.reply(BAD_CHUNK)
             return
-        outcome, item = self.store.store(mode, key, value, flags=flags, exptime=exptime,
-                                         cas=cas)
-        if self.service.watchers.active:
-            self.watch_store(mode, key, outcome, item)
+        active = self.service.watchers.active
+        outcome, item = self.store.store(
+            mode, key, value, flags=flags, exptime=exptime, cas=cas,
+            watch=self.watch_fetch if "fetchers" in active else None)   # (fetch_watch)
+        if active:
+            self.watch_store(mode, key, outcome, item, value, flags, exptime)
         self.reply(REPLIES[outcome])
 
-    def refuse_value(self, key, nbytes, drop_old, answer):
+    def refuse_value(self, mode, key, nbytes, answer, drop_old):
         """A value over the size limit (-I): refused as soon as its command line
-        says so, as memcached refuses it (counted, the old value dropped if
+        says so, as memcached refuses it (logged, counted, the old value dropped if
         drop_old, the error sent with answer: self.reply, which noreply hides, or
         self.error), then discarded as it arrives, never held."""
-        self.store.refuse_too_large(key, drop_old)
+        self.watch_store(mode, key, "too_large", None)
+        self.store.refuse_too_large(key, drop_old, watch=self.fetch_watch())
         answer(TOO_LARGE_REPLY)
         self.discard_block(nbytes + 2)
 
@@ -2478,7 +2517,7 @@ class TextProtocol(Protocol):
             return
         if self.settings.detail_enabled:
             self.service.record_detail(tokens[1], DELETES)
-        found = self.store.delete(tokens[1]) == STORED
+        found = self.store.delete(tokens[1], watch=self.fetch_watch()) == STORED
         if found:
             self.watch_delete(b"delete", tokens[1])
         self.reply(DELETED if found else REPLIES[NOT_FOUND])
@@ -2493,7 +2532,8 @@ class TextProtocol(Protocol):
         if delta is None:
             self.reply(BAD_DELTA)
             return
-        outcome, item = self.store.arithmetic(tokens[1], delta, incr=incr)
+        outcome, item = self.store.arithmetic(tokens[1], delta, incr=incr,
+                                              watch=self.fetch_watch())
         if outcome == STORED:
             self.reply(item[VALUE_START:].rstrip(b" ") + b"\r\n")
         elif outcome == NON_NUMERIC:
@@ -2512,7 +2552,7 @@ class TextProtocol(Protocol):
         if exptime is None:
             self.reply(BAD_EXPTIME)
             return
-        found = self.store.get(tokens[1], exptime) is not None
+        found = self.store.get(tokens[1], exptime, watch=self.fetch_watch()) is not None
         self.reply(b"TOUCHED\r\n" if found else REPLIES[NOT_FOUND])
 
     # -- meta commands: mg ms md ma mn me ---------------------------------------------
@@ -2547,9 +2587,8 @@ class TextProtocol(Protocol):
             self.error(error)
             return
         found = self.store.meta_get(key, exptime=flags.get("T"), bump="u" not in flags,
-                                    vivify=flags.get("N"), recache=flags.get("R"))
-        if "fetchers" in self.service.watchers.active:
-            self.watch_fetch(key, found and found[0])
+                                    vivify=flags.get("N"), recache=flags.get("R"),
+                                    watch=self.fetch_watch())
         if found is None:
             self.reply(flags.reply(b"EN", key))
             return
@@ -2592,7 +2631,7 @@ class TextProtocol(Protocol):
             self.discard_block(nbytes + 2)
             return
         if self.store.too_large(key, nbytes, flags.get("F")):
-            self.refuse_value(key, nbytes, drop_old=True, answer=self.error)
+            self.refuse_value(mode, key, nbytes, answer=self.error, drop_old=True)
             return
         self.read_block(nbytes, self.finish_meta_set, key, flags, mode)
 
@@ -2606,8 +2645,9 @@ class TextProtocol(Protocol):
         outcome, item = self.store.store(
             mode, key, value, flags=flags.get("F") or 0, exptime=flags.get("T") or 0,
             cas=cas, new_cas=flags.get("E") or 0, invalidate="I" in flags,
-            vivify=flags.get("N"))
-        self.watch_store(mode, key, outcome, item)
+            vivify=flags.get("N"), watch=self.fetch_watch())
+        self.watch_store(mode, key, outcome, item, value, flags.get("F") or 0,
+                         flags.get("T") or 0)
         if outcome == NO_MEMORY:
             self.error(NO_MEMORY_REPLY)
             return
@@ -2624,9 +2664,9 @@ class TextProtocol(Protocol):
         if "I" in flags or "x" in flags:
             outcome = self.store.invalidate(key, cas=flags.get("C"), exptime=flags.get("T"),
                                             new_cas=flags.get("E") or 0,
-                                            drop_value="x" in flags)
+                                            drop_value="x" in flags, watch=self.fetch_watch())
         else:
-            outcome = self.store.delete(key, flags.get("C"))
+            outcome = self.store.delete(key, flags.get("C"), watch=self.fetch_watch())
             if outcome == STORED:
                 self.watch_delete(b"md", key)
         if outcome != STORED:
@@ -2646,7 +2686,7 @@ class TextProtocol(Protocol):
         outcome, item = self.store.arithmetic(
             key, 1 if delta is None else delta, incr=mode not in (b"D", b"-"),
             cas=flags.get("C") or 0, vivify=flags.get("N"), initial=flags.get("J") or 0,
-            new_cas=flags.get("E") or 0, exptime=flags.get("T"))
+            new_cas=flags.get("E") or 0, exptime=flags.get("T"), watch=self.fetch_watch())
         if outcome == NON_NUMERIC:
             self.error(NOT_NUMBER)
             return
@@ -2677,7 +2717,7 @@ class TextProtocol(Protocol):
                 return
         # memcached 1.6.18 counts cmd_meta here alone, for a me that looks its key up.
         self.cmd_meta += 1
-        item = self.store.peek(key)
+        item = self.store.peek(key, watch=self.fetch_watch())
         if item is None:
             self.reply(b"EN\r\n")
             return
@@ -3215,9 +3255,8 @@ class BinaryProtocol(Protocol):
     def retrieve(self, extras, key, _):
         opcode = self.opcode
         touch = opcode in self.TOUCHES
-        item = self.store.get(key, U32.unpack(extras)[0] if touch else None)
-        if "fetchers" in self.service.watchers.active:
-            self.watch_fetch(key, item)
+        item = self.store.get(key, U32.unpack(extras)[0] if touch else None,
+                              watch=self.fetch_watch())
         if self.settings.detail_enabled:
             self.service.record_detail(key, GETS, hit=item is not None)
         with_key = opcode in self.WITH_KEY
@@ -3242,7 +3281,8 @@ class BinaryProtocol(Protocol):
         if self.settings.detail_enabled:
             self.service.record_detail(key, SETS)
         if self.store.too_large(key, size, flags):
-            self.store.refuse_too_large(key, drop_old=mode == SET)
+            self.watch_store(mode, key, "too_large", None)
+            self.store.refuse_too_large(key, drop_old=mode == SET, watch=self.fetch_watch())
             self.fail(E2BIG)
             self.discard(size)
             return
@@ -3255,9 +3295,9 @@ class BinaryProtocol(Protocol):
 
     def finish_update(self, value, mode, key, flags, exptime, cas):
         outcome, item = self.store.store(mode, key, value, flags=flags, exptime=exptime,
-                                         cas=cas)
+                                         cas=cas, watch=self.fetch_watch())
         if self.service.watchers.active:
-            self.watch_store(mode, key, outcome, item)
+            self.watch_store(mode, key, outcome, item, value, flags, exptime)
         if outcome == STORED:
             self.succeed(cas=header(item).cas)
         elif outcome == NOT_STORED:
@@ -3272,7 +3312,7 @@ class BinaryProtocol(Protocol):
     def delete(self, extras, key, _):
         if self.settings.detail_enabled:
             self.service.record_detail(key, DELETES)
-        outcome = self.store.delete(key, self.request_cas or None)
+        outcome = self.store.delete(key, self.request_cas or None, watch=self.fetch_watch())
         if outcome == STORED:
             self.watch_delete(b"delete", key)
             self.succeed()
@@ -3284,7 +3324,7 @@ class BinaryProtocol(Protocol):
         vivify = None if expiration == NO_AUTO_CREATE else expiration
         outcome, item = self.store.arithmetic(
             key, delta, incr=self.opcode in (INCREMENT, INCREMENTQ), cas=self.request_cas,
-            vivify=vivify, initial=initial)
+            vivify=vivify, initial=initial, watch=self.fetch_watch())
         if outcome == STORED:
             self.succeed(value=struct.pack(">Q", int(item[VALUE_START:])),
                          cas=header(item).cas)

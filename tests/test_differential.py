@@ -320,6 +320,50 @@ def test_stats_counts_what_memcached_counts():
     assert memg_counts["get_flushed"] == "1"
 
 
+# -- watch: the lines memcached logs for fetchers and mutations --------------------------
+
+# Every kind of lookup and store, hit and miss.  (Left out: ma's and the binary
+# increment's creation of a missing item, which memcached looks up twice and logs as
+# an add; a value too large, whose line memcached fills with what its stack held.)
+WATCHED = (b"get k\r\nset k 0 0 1\r\n1\r\nget k nope k\r\ngets k\r\nset k 3 100 2\r\n22\r\n"
+           b"add k 0 0 1\r\nx\r\nadd a 0 0 1\r\nx\r\nreplace nope 0 0 1\r\nx\r\n"
+           b"replace a 0 0 2\r\nyy\r\nappend a 0 0 1\r\nz\r\nprepend nope 0 0 1\r\nz\r\n"
+           b"cas a 0 0 1 999999\r\nq\r\ncas nope 0 0 1 1\r\nq\r\nincr k 1\r\nincr nope 1\r\n"
+           b"decr k 1\r\ntouch k 10\r\ntouch nope 10\r\ngat 0 k nope\r\ndelete a\r\n"
+           b"delete a\r\nmg k v\r\nmg nope v\r\nms m 2 T50\r\nmm\r\nms m 1 MA\r\nn\r\n"
+           b"ms nope 1 MR\r\nx\r\nma k\r\nme k\r\nme nope\r\nmd m\r\nmd m\r\n"
+           b"set f 0 0 1\r\nx\r\nflush_all\r\nget f\r\nmn\r\n")
+_LOG_LINE = re.compile(rb"^ts=\d+\.\d+ gid=\d+ (.*) cfd=\d+ (.*)$")
+
+
+def watched_lines(server):
+    """What a watcher of fetchers and mutations is sent while WATCHED runs, without
+    the times, sequence numbers and descriptors, which differ."""
+    with server.connect() as watcher, server.connect() as client:
+        assert watcher.request(b"watch fetchers mutations\r\n") == b"OK\r\n"
+        client.request(WATCHED, b"MN\r\n")
+        watcher.sock.settimeout(1.0)     # (memcached's logger sends its lines a little later)
+        data = b""
+        try:
+            while True:
+                chunk = watcher.sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except socket.timeout:
+            pass
+    return [b" ".join(_LOG_LINE.match(line).groups()) for line in data.splitlines()]
+
+
+def test_watch_logs_every_lookup_and_store_as_memcached():
+    # (Without memcached's background threads, which could unlink what the flush hid
+    # before the get looks it up.)
+    memg_lines, memcached_lines = on_new_servers(("-o", "no_lru_crawler,no_lru_maintainer"),
+                                                 watched_lines)
+    assert memg_lines == memcached_lines
+    assert b"type=item_get key=f status=flushed clsid=0 size=0" in memg_lines
+
+
 # -- -Y: memcached's ASCII authentication ------------------------------------------
 
 LOGIN = b"set any 0 0 12\r\nalice secret\r\n"

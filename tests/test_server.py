@@ -297,16 +297,23 @@ def test_watchers_see_fetches_stores_deletions_evictions_and_connections():
                     client.request(b"set big%d 0 0 %d\r\n%s\r\n" % (i, len(value), value))
             events = client_events(watcher.sock)
         types = [(event["type"], event.get("key"), event.get("status")) for event in events]
+        # As memcached's, every lookup logs an item_get: a set's and a delete's too.
         assert types == [
             ("conn_new", None, None),
-            ("item_store", "a%2Fb", "stored"), ("item_get", "a%2Fb", "found"),
-            ("item_get", "nope", "not_found"), ("deleted", "a%2Fb", None),
-            ("item_store", "big0", "stored"), ("item_store", "big1", "stored"),
-            ("eviction", "big0", None), ("item_store", "big2", "stored"),
+            ("item_get", "a%2Fb", "not_found"), ("item_store", "a%2Fb", "stored"),
+            ("item_get", "a%2Fb", "found"), ("item_get", "nope", "not_found"),
+            ("item_get", "a%2Fb", "found"), ("deleted", "a%2Fb", None),
+            ("item_get", "big0", "not_found"), ("item_store", "big0", "stored"),
+            ("item_get", "big1", "not_found"), ("item_store", "big1", "stored"),
+            ("item_get", "big2", "not_found"), ("eviction", "big0", None),
+            ("item_store", "big2", "stored"),
             ("conn_close", None, None)]
         assert [int(event["gid"]) for event in events] == sorted(int(e["gid"]) for e in events)
-        assert events[1]["cmd"] == "set" and events[1]["size"] == "3"
-        assert events[7]["fetch"] == "no"
+        assert events[2]["cmd"] == "set" and events[2]["size"] == "3"
+        assert events[3]["size"] == "3" and events[1]["size"] == "0"
+        assert events[12]["fetch"] == "no"
+        # cfd: the client's descriptor (stats conns shows the same), on every line.
+        assert {event["cfd"] for event in events[1:-1] if "cfd" in event} == {events[0]["cfd"]}
     finally:
         code, err = server.stop()
     assert code == 0 and b"Traceback" not in err
