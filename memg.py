@@ -1821,7 +1821,9 @@ class Service:
             rows += [("%d:addr" % fd, socket_name(protocol.peer)),
                      ("%d:listen_addr" % fd, socket_name(protocol.local)),
                      ("%d:state" % fd, protocol.state()),
-                     ("%d:secs_since_last_cmd" % fd, int(now - protocol.last_command))]
+                     # Seconds ticked since, as memcached's clock counts them (a
+                     # command 0.99 s before a tick is a second ago there too).
+                     ("%d:secs_since_last_cmd" % fd, int(now) - int(protocol.last_command))]
         return rows
 # --------------------------------------------------------------------------
 # 4. The protocol

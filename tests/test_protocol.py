@@ -11,6 +11,7 @@ decr/touch, the meta commands, and everything else.
 """
 
 import base64
+import time
 
 import pytest
 
@@ -1275,6 +1276,18 @@ def test_stats_reset_zeroes_every_counter_and_leaves_the_gauges(auth_file):
     after = parse_stats(session.send(AUTH + b"stats reset\r\nstats\r\n")[login + 7:])
     assert [after[name] for name in counters] == ["0"] * len(counters)
     assert after["log_watchers"] == "1"
+
+
+def test_stats_conns_counts_the_seconds_ticked_since_the_last_command():
+    # As memcached's clock, which ticks once a second: a command just before the
+    # last tick was a second ago, though less than a second has passed (t/stats-conns.t
+    # sleeps a second between a command and stats conns, and expects at least 1).
+    session = Session()
+    protocol = session.connect()
+    assert session.server.service.open_connection(protocol)
+    protocol.last_command = int(time.monotonic()) - 0.001
+    rows = dict(session.server.service.connection_stats())
+    assert rows["%d:secs_since_last_cmd" % protocol.fd] == 1
 
 
 def test_without_an_auth_file_a_set_of_credentials_is_just_a_set():
