@@ -192,6 +192,11 @@ class Settings:
     idle_timeout: int = option(
         0, parse=int, extended=True, stat="idle_timeout",
         help="-o idle_timeout=SECONDS: close clients idle that long (0: never)")
+    watcher_logbuf_size: int = option(
+        256 * KB, parse=lambda text: parse_size(text, KB), extended=True,
+        stat="watcher_logbuf_size",
+        help="-o watcher_logbuf_size=KB: log lines a watcher may fall behind by, in "
+             "kilobytes, before it misses some (default: 256)")
     track_sizes: bool = option(
         False, extended=True, stat="track_sizes", show=yes_no,
         help="-o track_sizes: keep the item size histogram of stats sizes")
@@ -1206,29 +1211,35 @@ def read_snapshot(path):
 # others (its proxy's and raw command logs) never have anything to say here.
 WATCH_KINDS = {"fetchers", "mutations", "evictions", "connevents", "deletions",
                "proxyreqs", "proxyevents", "proxyuser", "sysevents", "rawcmds"}
-# Log lines a watcher may fall behind by before it misses some.
-WATCH_BACKLOG = 10000
+# Room memcached asks of a watcher's buffer beyond a line (for a "skipped=N" line).
+WATCH_LINE_ROOM = 128
 
 
 class Watcher:
     """A connection that sent ``watch``: the kinds of event it wants, the lines not
-    yet sent to it, and how to tell its engine that there are some (wake is called
-    when lines arrive for a watcher that had none, from whichever thread emits)."""
+    yet sent to it and their size, the lines it missed since, and how to tell its
+    engine that there are some (wake is called when lines arrive for a watcher that
+    had none, from whichever thread emits)."""
 
-    __slots__ = ("kinds", "lines", "wake")
+    __slots__ = ("kinds", "lines", "size", "skipped", "wake")
 
     def __init__(self, kinds, wake):
         self.kinds = kinds
         self.lines = collections.deque()
+        self.size = 0
+        self.skipped = 0
         self.wake = wake
 
 
 class Watchers:
     """The watchers, and the events they are sent: one line each,
-    "ts=<time> gid=<sequence> type=..." as memcached writes them.  A watcher that
-    falls WATCH_BACKLOG lines behind misses lines (log_watcher_skipped)."""
+    "ts=<time> gid=<sequence> type=..." as memcached writes them.  A watcher whose
+    unsent lines would pass buffer_size bytes (-o watcher_logbuf_size) misses lines
+    (log_watcher_skipped); once it has room again, a "skipped=N" line tells it how
+    many, as memcached's logger does."""
 
-    def __init__(self):
+    def __init__(self, buffer_size=256 * KB):
+        self.buffer_size = buffer_size
         self.lock = threading.Lock()
         self.watchers = []
         self.active = frozenset()        # kinds someone watches: emitters look here first
@@ -1255,21 +1266,29 @@ class Watchers:
             for watcher in self.watchers:
                 if kind not in watcher.kinds:
                     continue
-                if len(watcher.lines) >= WATCH_BACKLOG:
+                if watcher.size + len(line) + WATCH_LINE_ROOM > self.buffer_size:
+                    watcher.skipped += 1
                     self.counters["log_watcher_skipped"] += 1
                     continue
                 if not watcher.lines:
                     woken.append(watcher)
-                watcher.lines.append(line)
+                if watcher.skipped:
+                    self._append(watcher, b"skipped=%d\n" % watcher.skipped)
+                    watcher.skipped = 0
+                self._append(watcher, line)
                 self.counters["log_watcher_sent"] += 1
         for watcher in woken:            # outside the lock: a wake may take the engine's
             watcher.wake()
 
+    @staticmethod
+    def _append(watcher, line):
+        watcher.lines.append(line)
+        watcher.size += len(line)
+
     def take(self, watcher):
-        """The lines waiting for watcher, at most WATCH_BACKLOG of them, as bytes."""
+        """The lines waiting for watcher, as bytes."""
         with self.lock:
-            lines = [watcher.lines.popleft()
-                     for _ in range(min(len(watcher.lines), WATCH_BACKLOG))]
+            lines, watcher.lines, watcher.size = watcher.lines, collections.deque(), 0
         return b"".join(lines)
 
 
@@ -1380,7 +1399,7 @@ class Service:
         # a new one, so that a certificate that will not load leaves this one whole.
         self.tls_context = s.ssl_context or (tls_context(s) if s.ssl_enabled else None)
         self.tls_refreshed = time.monotonic()
-        self.watchers = Watchers()
+        self.watchers = Watchers(s.watcher_logbuf_size)
         self.store.on_evict = self.watch_eviction
         self.started = time.time()
         self.lock = threading.Lock()       # guards what follows
@@ -1506,9 +1525,10 @@ class Service:
         if "connevents" in self.watchers.active:
             peer = protocol.peer
             where = ("rip=%s rport=%d transport=tcp" % peer[:2] if isinstance(peer, tuple)
-                     else "transport=local")
+                     else "rip=unix rport=0 transport=local")
             self.watchers.emit("connevents", "type=%s %s%s cfd=%s" % (
-                event, where, " reason=normal" if event == "conn_close" else "",
+                event, where,
+                " reason=" + protocol.close_reason if event == "conn_close" else "",
                 protocol.name))
 
     def watch_eviction(self, key, item, now):
@@ -1889,6 +1909,9 @@ class Protocol:
         self.pending = False           # more replies can be made without more input
         self.eof = False               # the input has ended
         self.closing = False           # close once the replies are sent
+        # Why the connection closed, as memcached's watchers are told: "error" unless
+        # the client ended it (its end of input, quit), it idled out or shut memg down.
+        self.close_reason = "error"
         self.negotiating = service.settings.protocol == "auto"   # until the first byte
         self.authenticated = self.starts_authenticated(service)
         self.out = []                  # replies not yet taken by the engine
@@ -1918,10 +1941,11 @@ class Protocol:
             if self.negotiating:
                 self.negotiate()
         elif self.watcher is not None:       # a watcher only listens, until it leaves
-            self.closing = self.closing or not data
+            if not data:
+                self.closing, self.close_reason = True, "normal"
             return
         else:
-            self.eof = True
+            self.eof, self.close_reason = True, "normal"
         self.run()
 
     def negotiate(self):
@@ -2626,14 +2650,14 @@ class TextProtocol(Protocol):
 
     def quit(self, tokens):
         self.queue(b"")            # memcached's empty response: over UDP, a datagram
-        self.closing = True
+        self.closing, self.close_reason = True, "normal"
 
     def shutdown(self, tokens):
         if not self.settings.enable_shutdown:
             self.reply(b"ERROR: shutdown not enabled\r\n")
         elif len(tokens) == 1 or (len(tokens) == 2 and tokens[1] == b"graceful"):
             self.service.request_shutdown()
-            self.closing = True
+            self.closing, self.close_reason = True, "shutdown"
         else:
             self.reply(b"CLIENT_ERROR invalid shutdown mode\r\n")
 
@@ -3196,7 +3220,7 @@ class BinaryProtocol(Protocol):
 
     def quit(self, extras, key, _):
         self.succeed()
-        self.closing = True
+        self.closing, self.close_reason = True, "normal"
 
     def stat(self, extras, key, _):
         """A packet per statistic (its name the key, its value the value), then an
@@ -3695,6 +3719,7 @@ class ThreadConnection:
                     self.send(protocol.data_to_send())
         except socket.timeout:
             engine.service.count("idle_kicks")
+            protocol.close_reason = "idle_timeout"
         except OSError:
             pass             # reset by the peer, or closed by stop(): nothing to say
         finally:
@@ -3934,6 +3959,7 @@ class AsyncioConnection(asyncio.BufferedProtocol):
     def kick(self):
         """-o idle_timeout: close this client, idle too long."""
         self.engine.service.count("idle_kicks")
+        self.protocol.close_reason = "idle_timeout"
         self.transport.abort()
 
     def connection_lost(self, error):
@@ -4302,7 +4328,7 @@ IGNORED_EXTENDED = {
     "lru_crawler", "no_lru_crawler", "lru_crawler_sleep", "lru_crawler_tocrawl",
     "read_buf_mem_limit", "lru_maintainer", "no_lru_maintainer", "hot_lru_pct",
     "warm_lru_pct", "hot_max_factor", "warm_max_factor", "temporary_ttl",
-    "slab_chunk_max", "watcher_logbuf_size", "worker_logbuf_size",
+    "slab_chunk_max", "worker_logbuf_size",
     "no_hashexpand", "modern", "no_modern", "sock_cookie_id", "slab_reassign",
     "no_slab_reassign", "slab_automove", "slab_automove_ratio", "slab_automove_window",
     "slab_automove_freeratio", "relaxed_privileges", "no_relaxed_privileges",

@@ -13,7 +13,7 @@ import time
 import bmemcached
 import pytest
 
-from conftest import proc_status, require_tool, set_many, start_memg, stats, wait_for
+from conftest import RawClient, proc_status, require_tool, set_many, start_memg, stats, wait_for
 
 
 # -- conformance ------------------------------------------------------------------
@@ -287,6 +287,70 @@ def test_watchers_see_fetches_stores_deletions_evictions_and_connections():
         assert [int(event["gid"]) for event in events] == sorted(int(e["gid"]) for e in events)
         assert events[1]["cmd"] == "set" and events[1]["size"] == "3"
         assert events[7]["fetch"] == "no"
+    finally:
+        code, err = server.stop()
+    assert code == 0 and b"Traceback" not in err
+
+
+def test_a_watcher_that_falls_behind_is_told_how_many_lines_it_missed():
+    """-o watcher_logbuf_size bounds what a watcher may fall behind by; the lines
+    beyond it are missed, and counted in a "skipped=N" line once it has room."""
+    server = start_memg("-o", "watcher_logbuf_size=4")
+    keys = [b"key%05d%s" % (i, b"x" * 150) for i in range(4000)]
+    try:
+        watcher = RawClient(server.address, receive_buffer=4096)
+        watcher.send(b"watch\r\n")
+        assert watcher.recv_exact(4) == b"OK\r\n"
+        with server.connect() as client:
+            for start in range(0, len(keys), 100):   # 4000 item_get lines, none read
+                client.request(b"get " + b" ".join(keys[start:start + 100]) + b"\r\n",
+                               b"END\r\n")
+            watcher.sock.settimeout(5)
+            data, asked = b"", len(keys)
+            while b"key=last " not in data:       # a line for the watcher once it has room
+                client.request(b"get last\r\n", b"END\r\n")
+                asked += 1
+                chunk = watcher.sock.recv(65536)
+                assert chunk
+                data += chunk
+            client.request(b"get final\r\n", b"END\r\n")   # after every line before it
+            while b"key=final " not in data:
+                data += watcher.sock.recv(65536)
+            counted = stats(client)
+        lines = data.decode().splitlines()
+        skipped = sum(int(line[len("skipped="):]) for line in lines if line.startswith("skipped="))
+        seen = sum(" type=item_get " in line for line in lines)
+        assert skipped > 0 and seen + skipped == asked + 1
+        assert int(counted["log_watcher_skipped"]) == skipped
+        watcher.close()
+    finally:
+        code, err = server.stop()
+    assert code == 0 and b"Traceback" not in err
+
+
+def test_watchers_are_told_why_each_connection_closed():
+    """connevents' reason, as memcached's: normal when the client ends it (quit, or
+    its end of input), error when memg closes on a protocol error (an HTTP request),
+    idle_timeout under -o idle_timeout."""
+    server = start_memg("-o", "idle_timeout=1")
+    try:
+        with server.connect() as watcher:
+            watcher.send(b"watch connevents\r\n")
+            assert watcher.recv_exact(4) == b"OK\r\n"
+            reasons = []
+            for ending in (b"quit\r\n", None, b"GET / HTTP/1.1\r\n", b""):
+                with server.connect() as client:
+                    client.request(b"version\r\n")
+                    if ending is None:
+                        client.sock.shutdown(socket.SHUT_WR)
+                    elif ending:
+                        client.send(ending)
+                    assert client.is_closed(timeout=5)
+                    events = client_events(watcher.sock)
+                assert [event["type"] for event in events] == ["conn_new", "conn_close"]
+                assert events[0]["transport"] == "tcp" and events[0]["rip"] == "127.0.0.1"
+                reasons.append(events[1]["reason"])
+        assert reasons == ["normal", "normal", "error", "idle_timeout"]
     finally:
         code, err = server.stop()
     assert code == 0 and b"Traceback" not in err
