@@ -3728,8 +3728,19 @@ class ThreadConnection:
 
     def close(self):
         self.engine.service.close_connection(self.protocol)
+        if self.tls:
+            self.close_notify()
         self.sock.close()
         self.buffer.close()
+
+    def close_notify(self):
+        """Tell a TLS client the session ends, as memcached's SSL_shutdown does,
+        without waiting for its answer (the socket no longer blocks, so the second
+        half of unwrap fails at once, as it may on a session already broken)."""
+        import ssl
+        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+            self.sock.setblocking(False)
+            self.sock.unwrap()
 
     def handshake(self):
         """TLS: wrap the socket and shake hands, within the idle timeout if there is
@@ -3996,6 +4007,13 @@ class TLSTransport:
         self.transport.close()
 
     def abort(self):
+        """Close at once (what is buffered is dropped), with a close_notify if the
+        session is sound and the socket takes it now: memcached's SSL_shutdown comes
+        with every close, and a client told nothing may write into a reset."""
+        import ssl
+        with contextlib.suppress(ssl.SSLError):
+            self.tls.unwrap()
+        self.flush()
         self.transport.abort()
 
     def is_closing(self):
