@@ -2738,7 +2738,8 @@ class TextProtocol(Protocol):
             self.reply(b"EN\r\n")
             return
         now = self.store.now()
-        self.reply(b"ME %s %s\r\n" % (tokens[1], item_description(key, item, now)))
+        self.reply(b"ME %s %s\r\n" % (tokens[1], item_description(
+            key, item, now, self.store.slabs)))
 
     # -- everything else -----------------------------------------------------------
 
@@ -2842,25 +2843,25 @@ class TextProtocol(Protocol):
             self.reply(BAD_FORMAT)
         elif slab >= SLAB_CLASSES:
             self.reply(b"CLIENT_ERROR Illegal slab id\r\n")
-        elif slab != 1:
-            self.reply(END)               # memg keeps every item in class 1
         else:
-            self.stream(self.cachedump(limit or None))
+            self.stream(self.cachedump(slab, limit or None))
 
-    def cachedump(self, limit):
-        """``stats cachedump 1 limit``: most recently used first, and as memcached's,
-        no larger than CACHEDUMP_LIMIT."""
-        size = len(END)
-        for batch in self.store.walk(limit):
+    def cachedump(self, slab, limit):
+        """``stats cachedump slab limit``: the class's items, most recently used
+        first, at most limit of them (None: all), and as memcached's, no larger than
+        CACHEDUMP_LIMIT."""
+        size, shown = len(END), 0
+        for batch in self.store.walk(classes={slab}):
             lines = []
             for key, item in batch:
                 line = b"ITEM %s [%d b; %d s]\r\n" % (key, value_size(item),
                                                       header(item).exptime)
                 size += len(line)
-                if size > CACHEDUMP_LIMIT:
+                if size > CACHEDUMP_LIMIT or shown == limit:
                     yield b"".join(lines) + END
                     return
                 lines.append(line)
+                shown += 1
             yield b"".join(lines)
         yield END
 
@@ -2886,10 +2887,9 @@ class TextProtocol(Protocol):
         streamed a batch at a time; one at a time in the server, as memcached's."""
         if self.datagram and tokens[1] == b"metadump":
             return           # as memcached's crawler: no datagram (nor an amplifier)
-        classes = tokens[2].split(b",")
+        classes = [parse_uint32(token) for token in tokens[2].split(b",")]
         everything = tokens[2] in (b"all", b"hash")
-        if not everything and not all(parse_uint32(c) is not None
-                                      and parse_uint32(c) < SLAB_CLASSES for c in classes):
+        if not everything and not all(c is not None and c < SLAB_CLASSES for c in classes):
             self.reply(b"BADCLASS invalid class id\r\n")
         elif tokens[1] == b"metadump" and not self.settings.dump_enabled:
             self.reply(b"ERROR metadump not allowed\r\n")
@@ -2898,7 +2898,7 @@ class TextProtocol(Protocol):
         elif tokens[1] == b"crawl":
             self.stream(self.reclaim())
         else:
-            self.stream(self.metadump(everything or b"1" in classes))
+            self.stream(self.metadump(None if everything else set(classes)))
 
     def reclaim(self):
         """lru_crawler crawl: OK, then every expired item reclaimed, a batch at a
@@ -2910,21 +2910,20 @@ class TextProtocol(Protocol):
         finally:
             self.service.end_crawl()
 
-    def metadump(self, include):
-        """lru_crawler metadump: a line per item (class 1 holds them all)."""
+    def metadump(self, classes):
+        """lru_crawler metadump: a line per item of the slab classes (None: all)."""
         try:
-            if include:
-                for batch in self.store.walk():
-                    now = self.store.now()
-                    yield b"".join(b"key=%s %s\n" % (uri(key).encode(), item_description(
-                        key, item, now, absolute=True)) for key, item in batch)
+            for batch in self.store.walk(classes=classes):
+                now = self.store.now()
+                yield b"".join(b"key=%s %s\n" % (uri(key).encode(), item_description(
+                    key, item, now, self.store.slabs, absolute=True)) for key, item in batch)
             yield END
         finally:
             self.service.end_crawl()
 
     def slabs_reassign(self, tokens):
-        """memg has one class and no pages to move, so slabs reassign and automove
-        answer as memcached does with nothing to do, and change nothing."""
+        """memg has no pages to move, so slabs reassign and automove answer as
+        memcached does with nothing to do, and change nothing."""
         source, target = parse_int32(tokens[2]), parse_int32(tokens[3])
         if source is None or target is None:
             self.reply(BAD_FORMAT)
@@ -3089,17 +3088,19 @@ def value_blocks(with_cas, keys, items):
     return blocks
 
 
-def item_description(key, item, now, absolute=False):
+def item_description(key, item, now, slabs, absolute=False):
     """An item as ``me`` and ``lru_crawler metadump`` describe it: expiry (the time
     left, or with absolute the Unix time; -1 for never), last access (seconds ago,
-    or the Unix time), CAS, whether it was fetched, class and size charged."""
-    cas, exptime, atime, _, state = item_fields(item)
+    or the Unix time), CAS, whether it was fetched, slab class (of slabs, the
+    SlabClasses) and size charged."""
+    cas, exptime, atime, flags, state = item_fields(item)
     if absolute:
         expires, accessed = exptime or -1, atime
     else:
         expires, accessed = -1 if exptime == 0 else exptime - now, now - atime
-    return b"exp=%d la=%d cas=%d fetch=%s cls=1 size=%d" % (
+    return b"exp=%d la=%d cas=%d fetch=%s cls=%d size=%d" % (
         expires, accessed, cas, b"yes" if state & FETCHED else b"no",
+        slabs.slab_class(len(key), value_size(item), flags),
         item_cost(key, value_size(item)))
 
 

@@ -1566,11 +1566,13 @@ def test_stats_detail_delimiter_is_a_setting():
 
 
 def test_stats_cachedump():
-    # memg keeps every item in slab class 1, most recently used first.
-    check(b"set a 0 0 1\r\nx\r\nset b 0 0 3\r\nxyz\r\nstats cachedump 1 0\r\n"
-          b"stats cachedump 1 1\r\nstats cachedump 2 0\r\n",
-          b"STORED\r\nSTORED\r\nITEM b [3 b; 0 s]\r\nITEM a [1 b; 0 s]\r\nEND\r\n"
-          b"ITEM b [3 b; 0 s]\r\nEND\r\nEND\r\n")
+    # A class's items, most recently used first.
+    check(b"set a 0 0 1\r\nx\r\nset b 0 0 3\r\nxyz\r\nset c 0 0 100\r\n" + b"c" * 100 +
+          b"\r\nset d 0 0 1\r\nx\r\nstats cachedump 1 0\r\nstats cachedump 1 2\r\n"
+          b"stats cachedump 4 0\r\nstats cachedump 2 0\r\n",
+          b"STORED\r\n" * 4 + b"ITEM d [1 b; 0 s]\r\nITEM b [3 b; 0 s]\r\nITEM a [1 b; 0 s]\r\n"
+          b"END\r\nITEM d [1 b; 0 s]\r\nITEM b [3 b; 0 s]\r\nEND\r\n"
+          b"ITEM c [100 b; 0 s]\r\nEND\r\nEND\r\n")
 
 
 def test_stats_cachedump_disabled():
@@ -1609,12 +1611,16 @@ def test_lru_crawler_crawl_reclaims_expired_items():
 def test_lru_crawler_metadump():
     session = Session()
     now = int(session.clock())
-    session.send(b"set caf\xc3\xa9 0 100 1\r\nx\r\nset b 0 0 2\r\nyy\r\nget b\r\n")
-    assert session.send(b"lru_crawler metadump all\r\n") == (
-        b"key=b exp=-1 la=%d cas=2 fetch=yes cls=1 size=%d\n"
-        b"key=caf%%C3%%A9 exp=%d la=%d cas=1 fetch=no cls=1 size=%d\n"
-        b"END\r\n" % (now, memg.item_cost(b"b", 2), now + 100, now,
-                       memg.item_cost(b"caf\xc3\xa9", 1)))
+    session.send(b"set caf\xc3\xa9 0 100 1\r\nx\r\nset b 0 0 2\r\nyy\r\nget b\r\n"
+                 b"set c 0 0 100\r\n" + b"c" * 100 + b"\r\n")
+    small = (b"key=b exp=-1 la=%d cas=2 fetch=yes cls=1 size=%d\n"
+             b"key=caf%%C3%%A9 exp=%d la=%d cas=1 fetch=no cls=1 size=%d\n" % (
+                 now, memg.item_cost(b"b", 2), now + 100, now, memg.item_cost(b"caf\xc3\xa9", 1)))
+    large = b"key=c exp=-1 la=%d cas=3 fetch=no cls=4 size=%d\n" % (
+        now, memg.item_cost(b"c", 100))
+    assert session.send(b"lru_crawler metadump all\r\n") == large + small + b"END\r\n"
+    assert session.send(b"lru_crawler metadump 1\r\n") == small + b"END\r\n"
+    assert session.send(b"lru_crawler metadump 2,4\r\n") == large + b"END\r\n"
 
 
 def test_lru_crawler_metadump_disabled():
