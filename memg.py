@@ -28,6 +28,7 @@ The file reads top to bottom in the order data flows:
 import asyncio
 import base64
 import binascii
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -148,6 +149,15 @@ class Settings:
     enable_shutdown: bool = option(
         False, "-A", "--enable-shutdown", stat="shutdown_command", show=yes_no,
         help='enable the "shutdown" command')
+    growth_factor: float = option(
+        1.25, "-f", "--slab-growth-factor", parse=float, metavar="FACTOR",
+        stat="growth_factor", show="%.2f".__mod__,
+        help="memcached's slab classes (stats items, stats slabs): each class's chunk "
+             "this much larger than the last (default: 1.25)")
+    chunk_size: int = option(
+        48, "-n", "--slab-min-size", parse=int, metavar="BYTES", stat="chunk_size",
+        help="memcached's slab classes: the smallest chunk's room for key, value and "
+             "flags (default: 48)")
     threads: int = option(
         4, "-t", "--threads", parse=int, stat="num_threads",
         help="accepted for compatibility and reported by stats (default: 4)")
@@ -183,6 +193,11 @@ class Settings:
         1 * MB, "-I", "--max-item-size", parse=lambda text: parse_size(text, 1),
         metavar="SIZE", stat="item_size_max",
         help="max item size, as 512k or 2m (default: 1m, min: 1k, max: 1024m)")
+    slab_chunk_max: Optional[int] = option(
+        None, parse=int, extended=True, stat="slab_chunk_max",
+        help="-o slab_chunk_max=BYTES: memcached's largest slab chunk; larger items "
+             "take several (default: half of a 1 MB page, the whole page under "
+             "no_modern up to -I 1m)")
     flush_enabled: bool = option(
         True, "-F", "--disable-flush-all", stat="flush_enabled", show=yes_no,
         help="disable flush_all")
@@ -200,6 +215,9 @@ class Settings:
     track_sizes: bool = option(
         False, extended=True, stat="track_sizes", show=yes_no,
         help="-o track_sizes: keep the item size histogram of stats sizes")
+    no_modern: bool = option(
+        False, extended=True,
+        help="-o no_modern: memcached 1.4's defaults where memg has them (slab_chunk_max)")
     ssl_enabled: bool = option(
         False, "-Z", "--enable-ssl", stat="ssl_enabled", show=yes_no,
         help="serve TLS on every TCP listener but those -l names with notls: (needs "
@@ -310,6 +328,17 @@ class Settings:
         if self.item_size_max > self.memory_limit // 2:
             raise ValueError("item size limit (-I) must be at most half the memory "
                              "limit (-m)")
+        if self.growth_factor <= 1:
+            raise ValueError("the slab growth factor (-f) must be greater than 1")
+        if self.chunk_size < 1:
+            raise ValueError("the slab minimum size (-n) must be at least 1")
+        if self.slab_chunk_max is None:
+            # memcached's default; -I over a page brings back half a page
+            whole = self.no_modern and self.item_size_max <= SLAB_PAGE_SIZE
+            self.slab_chunk_max = SLAB_PAGE_SIZE if whole else SLAB_PAGE_SIZE // 2
+        if not CHUNK_STRUCT_SIZE < self.slab_chunk_max <= SLAB_PAGE_SIZE:
+            raise ValueError("slab_chunk_max must be more than %d (a chunk's header) and "
+                             "at most %d (a slab page)" % (CHUNK_STRUCT_SIZE, SLAB_PAGE_SIZE))
         for name in ("max_connections", "threads", "backlog"):
             if getattr(self, name) < 1:
                 raise ValueError("%s (%s) must be at least 1" % (
@@ -429,6 +458,14 @@ STORE_COUNTERS = (
     "total_items", "evictions", "evicted_nonzero", "reclaimed", "expired_unfetched",
     "evicted_unfetched", "crawler_reclaimed", "crawler_items_checked",
 )
+# Events rare enough that the store also counts them per slab class as they happen
+# (``stats items``), by memcached's name there: the counter above that each adds to.
+CLASS_COUNTERS = {
+    "evicted": "evictions", "evicted_nonzero": "evicted_nonzero",
+    "outofmemory": "store_no_memory", "reclaimed": "reclaimed",
+    "expired_unfetched": "expired_unfetched", "evicted_unfetched": "evicted_unfetched",
+    "crawler_reclaimed": "crawler_reclaimed", "crawler_items_checked": "crawler_items_checked",
+}
 
 
 # An item is one stored value and its metadata, packed into a single bytes object: a
@@ -498,6 +535,86 @@ def item_cost(key, size):
     return len(key) + size + ITEM_OVERHEAD
 
 
+# -- slab classes: where memcached would keep an item ----------------------------------
+# memg allocates no slabs, but ``stats items`` and ``stats slabs`` show its items in
+# the classes memcached 1.6.18 would store them in (its slabs_init, slabs_clsid and
+# item_make_header), so that dashboards and exporters read the same classes from
+# both.  memcached cuts its classes' chunks from pages of 1 MB.
+SLAB_PAGE_SIZE = 1 * MB
+# memcached's item header (its struct _stritem, on 64 bits) and the header of each
+# chunk of a large item (struct _strchunk).
+ITEM_STRUCT_SIZE = 48
+CHUNK_STRUCT_SIZE = 48
+# memcached's slab class ids run below this (0 is its pool of free pages).
+SLAB_CLASSES = 64
+
+
+class SlabClasses:
+    """memcached's slab classes for -f, -n and slab_chunk_max: class i (from 1)
+    keeps items of up to ``chunk_sizes[i - 1]`` bytes as memcached sizes an item
+    (``item_size``), one to a chunk.  The largest class's chunk is slab_chunk_max;
+    an item larger than that is in the largest class too, but made of chunks: a
+    header chunk of the class its header fits, chunks of the largest class, and
+    one of the class the rest fits."""
+
+    def __init__(self, growth_factor=1.25, chunk_size=48, slab_chunk_max=SLAB_PAGE_SIZE // 2,
+                 use_cas=True, whole_pages=True):
+        """whole_pages: whether memcached mallocs a whole page for a class, as it
+        does unless -o no_modern leaves slab_chunk_max at a page (then it mallocs
+        the chunks that fit in one)."""
+        sizes = []
+        size = ITEM_STRUCT_SIZE + chunk_size
+        # As slabs_init: the classes grow by the factor, 8-byte aligned, until one
+        # more would pass the largest chunk.
+        while len(sizes) < SLAB_CLASSES - 2 and size < slab_chunk_max / growth_factor:
+            size += -size % 8
+            sizes.append(size)
+            size = int(size * growth_factor)
+        self.chunk_sizes = sizes + [slab_chunk_max]
+        self.largest = len(self.chunk_sizes)
+        self.smaller_sizes = sizes               # (what a bisection needs)
+        self.chunk_max = slab_chunk_max
+        self.cas_size = 8 if use_cas else 0
+        self.whole_pages = whole_pages
+
+    def item_size(self, key_length, value_length, flags):
+        """memcached's size of an item (ITEM_ntotal): its header, the key and a NUL,
+        the client flags unless 0, the value and "\r\n", the CAS unique."""
+        return (ITEM_STRUCT_SIZE + key_length + 1 + (4 if flags else 0) + value_length + 2
+                + self.cas_size)
+
+    def slab_class(self, key_length, value_length, flags):
+        """The class memcached keeps such an item in."""
+        return self.class_for(self.item_size(key_length, value_length, flags))
+
+    def class_for(self, size):
+        """The class whose chunks fit size bytes, or the largest (slabs_clsid)."""
+        return bisect.bisect_left(self.smaller_sizes, size) + 1
+
+    def chunks(self, key_length, value_length, flags):
+        """The chunks memcached takes for such an item: (class, how many) pairs."""
+        size = self.item_size(key_length, value_length, flags)
+        if size <= self.chunk_max:
+            return [(self.class_for(size), 1)]
+        header = size - value_length - 2 + CHUNK_STRUCT_SIZE    # with a chunk header
+        full, rest = divmod(value_length + 2, self.chunk_max - CHUNK_STRUCT_SIZE)
+        return [(self.class_for(header), 1)] + ([(self.largest, full)] if full else []) + (
+            [(self.class_for(rest + CHUNK_STRUCT_SIZE), 1)] if rest else [])
+
+    def per_page(self, slab_class):
+        return SLAB_PAGE_SIZE // self.chunk_sizes[slab_class - 1]
+
+    def page_bytes(self, slab_class):
+        """What memcached mallocs for a page of the class."""
+        return (SLAB_PAGE_SIZE if self.whole_pages
+                else self.chunk_sizes[slab_class - 1] * self.per_page(slab_class))
+
+
+# What a walk of the cache finds the items take in memcached's slab classes
+# (Store.slab_usage): items, slab class -> [items, mem_requested (memcached's bytes),
+# last access of the least recently used]; chunks, slab class -> chunks taken; with
+# the classes' counters, and when.
+SlabUsage = collections.namedtuple("SlabUsage", "items chunks counters now")
 # What mg reports of an item as it was before the request (Store.meta_get).
 MetaView = collections.namedtuple("MetaView", "hit_before last_access ttl won token_sent stale")
 # Keys a walk of the whole cache visits under one hold of the store's lock.
@@ -513,11 +630,14 @@ class Store:
     """
 
     def __init__(self, memory_limit=64 * MB, item_size_max=1 * MB, evict=True,
-                 use_cas=True, track_sizes=False, clock=time.time):
+                 use_cas=True, track_sizes=False, clock=time.time, slabs=None):
+        """slabs: the SlabClasses that stats report items in (memcached's default
+        classes if None)."""
         self.memory_limit = memory_limit
         self.item_size_max = item_size_max
         self.evict = evict
         self.use_cas = use_cas
+        self.slabs = slabs or SlabClasses(use_cas=use_cas)
         self.clock = clock
         self.started = int(clock())
         self.lock = threading.Lock()
@@ -530,7 +650,10 @@ class Store:
         self.flush_deadline = 0
         self.flush_pending = False
         self.counters = dict.fromkeys(STORE_COUNTERS, 0)
-        self.evicted_time = 0                    # idle seconds of the last evicted item
+        # slab class -> CLASS_COUNTERS, and evicted_time: the idle seconds of its
+        # last evicted item
+        self.class_counters = collections.defaultdict(
+            lambda: dict.fromkeys(list(CLASS_COUNTERS) + ["evicted_time"], 0))
         self.on_evict = None                     # called as on_evict(key, item, now)
         # Items per 32-byte size class (``stats sizes``), kept only if asked for.
         self.sizes = collections.Counter() if track_sizes else None
@@ -580,7 +703,7 @@ class Store:
             self._unlink(key, item)
             self.counters["get_expired"] += 1
             if not state & FETCHED:
-                self.counters["expired_unfetched"] += 1
+                self._count(key, item, expired_unfetched=1)
             return None
         if self.flush_deadline and self._flushed(item, now):
             self._unlink(key, item)
@@ -647,6 +770,19 @@ class Store:
         if self.sizes is not None:
             self.sizes[self.size_class(key, item)] -= 1
 
+    def _count(self, key, item, **events):
+        """Count events of item (key's): CLASS_COUNTERS names and how many, added to
+        its slab class's counters and to the store's.  Returns the class's."""
+        counts = self.class_counters[self._class_of(key, item)]
+        for name, number in events.items():
+            counts[name] += number
+            self.counters[CLASS_COUNTERS[name]] += number
+        return counts
+
+    def _class_of(self, key, item):
+        """The slab class memcached would keep item (key's) in."""
+        return self.slabs.slab_class(len(key), len(item) - VALUE_START, item_fields(item)[3])
+
     def size_class(self, key, item):
         """The 32-byte class ``stats sizes`` counts an item in, by memcached's size."""
         size = len(key) + value_size(item) + ITEM_HEADER_SIZE + (
@@ -688,12 +824,11 @@ class Store:
                 return False
             self._unlink(key, item)
             if dead:
-                self.counters["reclaimed"] += 1
+                self._count(key, item, reclaimed=1, expired_unfetched=not state & FETCHED)
             else:
-                self.counters["evictions"] += 1
-                self.counters["evicted_nonzero"] += exptime != 0
-                self.counters["evicted_unfetched"] += not state & FETCHED
-                self.evicted_time = now - atime
+                counts = self._count(key, item, evicted=1, evicted_nonzero=exptime != 0,
+                                     evicted_unfetched=not state & FETCHED)
+                counts["evicted_time"] = now - atime
                 if self.on_evict is not None:
                     self.on_evict(key, item, now)
         return self.bytes + needed <= self.memory_limit
@@ -804,7 +939,7 @@ class Store:
             state = STALE | (was.state & WON) if stale else 0
             item = pack_header(new_cas or self._next_cas(), expires, now, flags, state) + value
             if not self._link(key, item, old):
-                counters["store_no_memory"] += 1
+                self._count(key, item, outofmemory=1)
                 if mode == SET and old is not None:
                     self._unlink(key, old)    # as memcached: a failed set leaves no value
                 return NO_MEMORY, None
@@ -870,7 +1005,7 @@ class Store:
                 new = make_item(b"%d" % initial, 0, self.expiry(vivify, now),
                                 new_cas or self._next_cas(), now)
                 if not self._link(key, new):
-                    counters["store_no_memory"] += 1
+                    self._count(key, new, outofmemory=1)
                     return NO_MEMORY, None
                 return STORED, new
             was = unpack_item(item)
@@ -893,7 +1028,7 @@ class Store:
             new = make_item(digits, was.flags, expires, new_cas or self._next_cas(), now,
                             was.state & FETCHED)
             if not self._link(key, new, item):
-                counters["store_no_memory"] += 1
+                self._count(key, new, outofmemory=1)
                 return NO_MEMORY, None
             return STORED, new
 
@@ -992,13 +1127,16 @@ class Store:
             yield
 
     def _reclaim(self, keys, now):
-        self.counters["crawler_items_checked"] += len(keys)
         for key in keys:
             item = self.items.get(key)
-            if item is not None and self._dead(item, now):
+            if item is None:
+                continue                          # gone since the keys were taken
+            if self._dead(item, now):
                 self._unlink(key, item)
-                self.counters["crawler_reclaimed"] += 1
-                self.counters["expired_unfetched"] += not header(item).state & FETCHED
+                self._count(key, item, crawler_items_checked=1, crawler_reclaimed=1,
+                            expired_unfetched=not header(item).state & FETCHED)
+            else:
+                self._count(key, item, crawler_items_checked=1)
 
     def size_histogram(self):
         """(size, items) for each 32-byte class that has items, or None when sizes
@@ -1012,26 +1150,26 @@ class Store:
         with self.lock:
             for name in STORE_COUNTERS:
                 self.counters[name] = 0
+            self.class_counters.clear()
 
     def snapshot(self):
         """Counters and sizes for ``stats``, read consistently."""
         with self.lock:
-            now = self.now()
-            oldest = next(iter(self.items.values()), None)
             counters = self.counters
             return dict(counters, curr_items=len(self.items), bytes=self.bytes,
                         cmd_get=counters["get_hits"] + counters["get_misses"],
                         cmd_touch=counters["touch_hits"] + counters["touch_misses"],
-                        limit_maxbytes=self.memory_limit, evicted_time=self.evicted_time,
-                        oldest_age=now - header(oldest).atime if oldest else 0)
+                        limit_maxbytes=self.memory_limit)
 
-    def walk(self, limit=None, batch=WALK_BATCH):
+    def walk(self, limit=None, batch=WALK_BATCH, dead=False, classes=None):
         """Every live item, most recently used first, as lists of (key, item) pairs,
         a batch at a time (``stats cachedump``, ``lru_crawler metadump``): the lock is
         held for one batch, never for the whole walk, so that other clients wait no
         longer than that.  Only the keys are copied at the start, in one pass of
         C (3 ms for a million items); an item changed since comes as it now is, one
-        gone since is left out.  limit: at most that many of the most recent keys."""
+        gone since is left out.  limit: at most that many of the most recent keys;
+        dead: with the items expired or flushed but not yet dropped; classes: only
+        the items of these slab classes."""
         with self.lock:
             keys = list(itertools.islice(reversed(self.items), limit))
         for start in range(0, len(keys), batch):
@@ -1039,8 +1177,33 @@ class Store:
                 now = self.now()
                 pairs = [(key, item) for key, item in zip(
                     keys[start:start + batch], map(self.items.get, keys[start:start + batch]))
-                    if item is not None and not self._dead(item, now)]
+                    if item is not None and (dead or not self._dead(item, now))
+                    and (classes is None or self._class_of(key, item) in classes)]
             yield pairs
+
+    def slab_usage(self):
+        """What the items take in memcached's slab classes, found by a walk of the
+        cache (every linked item, as curr_items counts them): a SlabUsage."""
+        slabs = self.slabs
+        held, chunks = collections.defaultdict(lambda: [0, 0, 0]), collections.Counter()
+        for batch in self.walk(dead=True):
+            for key, item in batch:
+                _, _, atime, flags, _ = item_fields(item)
+                size = slabs.item_size(len(key), len(item) - VALUE_START, flags)
+                slab_class = slabs.class_for(size)
+                counts = held[slab_class]
+                counts[0] += 1
+                counts[1] += size
+                counts[2] = atime                 # the walk ends at the least recent
+                if size > slabs.chunk_max:        # a large item, in several chunks
+                    for chunk_class, number in slabs.chunks(
+                            len(key), len(item) - VALUE_START, flags):
+                        chunks[chunk_class] += number
+                else:
+                    chunks[slab_class] += 1
+        with self.lock:
+            return SlabUsage(dict(held), chunks, {slab_class: dict(counts) for slab_class, counts
+                                                  in self.class_counters.items()}, self.now())
 
     def _dead(self, item, now):
         """Whether item has expired or been flushed (but is still linked)."""
@@ -1319,6 +1482,16 @@ SERVICE_COUNTERS = ("total_connections", "rejected_connections", "listen_disable
 TRAFFIC = ("bytes_read", "bytes_written", "cmd_meta")
 
 
+# What stats items shows of a slab class's counters, in memcached's order: tail
+# repairs and locked tails never happen in memg, and read 0.
+CLASS_ITEM_STATS = ("evicted", "evicted_nonzero", "evicted_time", "outofmemory",
+                    "tailrepairs", "reclaimed", "expired_unfetched", "evicted_unfetched",
+                    "crawler_reclaimed", "crawler_items_checked", "lrutail_reflocked")
+# What stats slabs shows of a class's commands: memg counts commands for the server
+# (``stats``), not per class (that would cost every get and set), so these read 0,
+# as memcached shows its dead free_chunks_end: parsers that want them find them.
+SLAB_COMMAND_STATS = ("get_hits", "cmd_set", "delete_hits", "incr_hits", "decr_hits",
+                      "cas_hits", "cas_badval", "touch_hits")
 # The counters of stats detail, per prefix.
 GETS, HITS, SETS, DELETES = range(4)
 
@@ -1390,8 +1563,11 @@ class Service:
 
     def __init__(self, settings):
         self.settings = s = settings
+        slabs = SlabClasses(s.growth_factor, s.chunk_size, s.slab_chunk_max, s.use_cas,
+                            whole_pages=not s.no_modern or s.slab_chunk_max != SLAB_PAGE_SIZE)
         self.store = Store(memory_limit=s.memory_limit, item_size_max=s.item_size_max,
-                           evict=s.evict, use_cas=s.use_cas, track_sizes=s.track_sizes)
+                           evict=s.evict, use_cas=s.use_cas, track_sizes=s.track_sizes,
+                           slabs=slabs)
         self.credentials = read_auth_file(s.auth_file) if s.auth_file else None
         self.sasl_credentials = (read_auth_file(s.sasl_pwdb, "the SASL password database")
                                  if s.sasl else None)
@@ -1646,37 +1822,36 @@ class Service:
         return [(name, current.get(name, value)) for name, value in self.settings.stats()]
 
     def item_stats(self):
-        """``stats items``: memg has no slab classes, so all items are in class 1."""
-        store = self.store.snapshot()
-        if not store["curr_items"]:
-            return []
-        return [("items:1:" + name, value) for name, value in (
-            ("number", store["curr_items"]),
-            ("age", store["oldest_age"]),
-            ("mem_requested", store["bytes"]),
-            ("evicted", store["evictions"]),
-            ("evicted_nonzero", store["evicted_nonzero"]),
-            ("evicted_time", store["evicted_time"]),
-            ("outofmemory", store["store_no_memory"]),
-            ("reclaimed", store["reclaimed"]),
-            ("expired_unfetched", store["expired_unfetched"]),
-            ("evicted_unfetched", store["evicted_unfetched"]),
-            ("crawler_reclaimed", store["crawler_reclaimed"]),
-            ("crawler_items_checked", store["crawler_items_checked"]),
-        )]
+        """``stats items``: for each slab class with items, memcached's statistics of
+        them, as memcached shows them without its LRU maintainer (memg has one LRU)."""
+        usage = self.store.slab_usage()
+        rows = []
+        for slab_class, (number, requested, atime) in sorted(usage.items.items()):
+            events = usage.counters.get(slab_class, {})
+            rows += [("items:%d:%s" % (slab_class, name), value) for name, value in [
+                ("number", number), ("age", usage.now - atime), ("mem_requested", requested),
+            ] + [(name, events.get(name, 0)) for name in CLASS_ITEM_STATS]]
+        return rows
 
     def slab_stats(self):
-        """``stats slabs``: one pseudo slab class holding every item."""
-        store = self.store.snapshot()
-        used = []
-        if store["curr_items"]:
-            used = [("1:" + name, value) for name, value in [
-                ("chunk_size", store["bytes"] // store["curr_items"]),
-                ("used_chunks", store["curr_items"]),
-            ] + [(name, store[name]) for name in (
-                "get_hits", "cmd_set", "delete_hits", "incr_hits", "decr_hits", "cas_hits",
-                "cas_badval", "touch_hits")]]
-        return used + [("active_slabs", 1 if used else 0), ("total_malloced", store["bytes"])]
+        """``stats slabs``: for each slab class whose chunks the items would take, the
+        pages memcached would hold for them (a class grows a page at a time, as
+        memcached's; memg frees memory as items go, so a class has the pages that
+        its items fill now), then how many classes and what the pages take."""
+        usage = self.store.slab_usage()
+        slabs = self.store.slabs
+        rows, malloced = [], 0
+        for slab_class, used in sorted(usage.chunks.items()):
+            per_page = slabs.per_page(slab_class)
+            pages = -(-used // per_page)
+            malloced += pages * slabs.page_bytes(slab_class)
+            rows += [("%d:%s" % (slab_class, name), value) for name, value in [
+                ("chunk_size", slabs.chunk_sizes[slab_class - 1]),
+                ("chunks_per_page", per_page), ("total_pages", pages),
+                ("total_chunks", pages * per_page), ("used_chunks", used),
+                ("free_chunks", pages * per_page - used), ("free_chunks_end", 0),
+            ] + [(name, 0) for name in SLAB_COMMAND_STATS]]
+        return rows + [("active_slabs", len(usage.chunks)), ("total_malloced", malloced)]
 
     def size_stats(self):
         """``stats sizes``: items per 32-byte size class, with -o track_sizes."""
@@ -1722,8 +1897,6 @@ OUTPUT_LIMIT = 256 * KB
 CACHEDUMP_LIMIT = 2 * MB
 # memcached refuses data lengths beyond INT_MAX - 2 as malformed.
 VALUE_LENGTH_MAX = 2 ** 31 - 3
-# memcached's slab class ids run below this; memg keeps every item in class 1.
-SLAB_CLASSES = 64
 # Meta commands: at most this many tokens, opaque tokens at most this long.
 META_MAX_TOKENS = 19
 META_OPAQUE_MAX = 32
@@ -2589,7 +2762,8 @@ class TextProtocol(Protocol):
             self.reply(b"EN\r\n")
             return
         now = self.store.now()
-        self.reply(b"ME %s %s\r\n" % (tokens[1], item_description(key, item, now)))
+        self.reply(b"ME %s %s\r\n" % (tokens[1], item_description(
+            key, item, now, self.store.slabs)))
 
     # -- everything else -----------------------------------------------------------
 
@@ -2693,25 +2867,25 @@ class TextProtocol(Protocol):
             self.reply(BAD_FORMAT)
         elif slab >= SLAB_CLASSES:
             self.reply(b"CLIENT_ERROR Illegal slab id\r\n")
-        elif slab != 1:
-            self.reply(END)               # memg keeps every item in class 1
         else:
-            self.stream(self.cachedump(limit or None))
+            self.stream(self.cachedump(slab, limit or None))
 
-    def cachedump(self, limit):
-        """``stats cachedump 1 limit``: most recently used first, and as memcached's,
-        no larger than CACHEDUMP_LIMIT."""
-        size = len(END)
-        for batch in self.store.walk(limit):
+    def cachedump(self, slab, limit):
+        """``stats cachedump slab limit``: the class's items, most recently used
+        first, at most limit of them (None: all), and as memcached's, no larger than
+        CACHEDUMP_LIMIT."""
+        size, shown = len(END), 0
+        for batch in self.store.walk(classes={slab}):
             lines = []
             for key, item in batch:
                 line = b"ITEM %s [%d b; %d s]\r\n" % (key, value_size(item),
                                                       header(item).exptime)
                 size += len(line)
-                if size > CACHEDUMP_LIMIT:
+                if size > CACHEDUMP_LIMIT or shown == limit:
                     yield b"".join(lines) + END
                     return
                 lines.append(line)
+                shown += 1
             yield b"".join(lines)
         yield END
 
@@ -2737,10 +2911,9 @@ class TextProtocol(Protocol):
         streamed a batch at a time; one at a time in the server, as memcached's."""
         if self.datagram and tokens[1] == b"metadump":
             return           # as memcached's crawler: no datagram (nor an amplifier)
-        classes = tokens[2].split(b",")
+        classes = [parse_uint32(token) for token in tokens[2].split(b",")]
         everything = tokens[2] in (b"all", b"hash")
-        if not everything and not all(parse_uint32(c) is not None
-                                      and parse_uint32(c) < SLAB_CLASSES for c in classes):
+        if not everything and not all(c is not None and c < SLAB_CLASSES for c in classes):
             self.reply(b"BADCLASS invalid class id\r\n")
         elif tokens[1] == b"metadump" and not self.settings.dump_enabled:
             self.reply(b"ERROR metadump not allowed\r\n")
@@ -2749,7 +2922,7 @@ class TextProtocol(Protocol):
         elif tokens[1] == b"crawl":
             self.stream(self.reclaim())
         else:
-            self.stream(self.metadump(everything or b"1" in classes))
+            self.stream(self.metadump(None if everything else set(classes)))
 
     def reclaim(self):
         """lru_crawler crawl: OK, then every expired item reclaimed, a batch at a
@@ -2761,21 +2934,20 @@ class TextProtocol(Protocol):
         finally:
             self.service.end_crawl()
 
-    def metadump(self, include):
-        """lru_crawler metadump: a line per item (class 1 holds them all)."""
+    def metadump(self, classes):
+        """lru_crawler metadump: a line per item of the slab classes (None: all)."""
         try:
-            if include:
-                for batch in self.store.walk():
-                    now = self.store.now()
-                    yield b"".join(b"key=%s %s\n" % (uri(key).encode(), item_description(
-                        key, item, now, absolute=True)) for key, item in batch)
+            for batch in self.store.walk(classes=classes):
+                now = self.store.now()
+                yield b"".join(b"key=%s %s\n" % (uri(key).encode(), item_description(
+                    key, item, now, self.store.slabs, absolute=True)) for key, item in batch)
             yield END
         finally:
             self.service.end_crawl()
 
     def slabs_reassign(self, tokens):
-        """memg has one class and no pages to move, so slabs reassign and automove
-        answer as memcached does with nothing to do, and change nothing."""
+        """memg has no pages to move, so slabs reassign and automove answer as
+        memcached does with nothing to do, and change nothing."""
         source, target = parse_int32(tokens[2]), parse_int32(tokens[3])
         if source is None or target is None:
             self.reply(BAD_FORMAT)
@@ -2940,17 +3112,19 @@ def value_blocks(with_cas, keys, items):
     return blocks
 
 
-def item_description(key, item, now, absolute=False):
+def item_description(key, item, now, slabs, absolute=False):
     """An item as ``me`` and ``lru_crawler metadump`` describe it: expiry (the time
     left, or with absolute the Unix time; -1 for never), last access (seconds ago,
-    or the Unix time), CAS, whether it was fetched, class and size charged."""
-    cas, exptime, atime, _, state = item_fields(item)
+    or the Unix time), CAS, whether it was fetched, slab class (of slabs, the
+    SlabClasses) and size charged."""
+    cas, exptime, atime, flags, state = item_fields(item)
     if absolute:
         expires, accessed = exptime or -1, atime
     else:
         expires, accessed = -1 if exptime == 0 else exptime - now, now - atime
-    return b"exp=%d la=%d cas=%d fetch=%s cls=1 size=%d" % (
+    return b"exp=%d la=%d cas=%d fetch=%s cls=%d size=%d" % (
         expires, accessed, cas, b"yes" if state & FETCHED else b"no",
+        slabs.slab_class(len(key), value_size(item), flags),
         item_cost(key, value_size(item)))
 
 
@@ -4336,7 +4510,6 @@ class Server:
 # so that service files written for memcached keep working.
 IGNORED_OPTIONS = {
     "-r": (False, "core dump limits"), "-k": (False, "memory locking"),
-    "-f": (True, "slab growth factor"), "-n": (True, "slab minimum size"),
     "-L": (False, "large pages"),
     "-R": (True, "requests per event"), "-W": (False, "watch commands"),
 }
@@ -4346,8 +4519,8 @@ IGNORED_EXTENDED = {
     "lru_crawler", "no_lru_crawler", "lru_crawler_sleep", "lru_crawler_tocrawl",
     "read_buf_mem_limit", "lru_maintainer", "no_lru_maintainer", "hot_lru_pct",
     "warm_lru_pct", "hot_max_factor", "warm_max_factor", "temporary_ttl",
-    "slab_chunk_max", "worker_logbuf_size",
-    "no_hashexpand", "modern", "no_modern", "sock_cookie_id", "slab_reassign",
+    "worker_logbuf_size",
+    "no_hashexpand", "modern", "sock_cookie_id", "slab_reassign",
     "no_slab_reassign", "slab_automove", "slab_automove_ratio", "slab_automove_window",
     "slab_automove_freeratio", "relaxed_privileges", "no_relaxed_privileges",
     "drop_privileges", "no_drop_privileges", "inline_ascii_response", "lru_segmented",

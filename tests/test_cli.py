@@ -136,10 +136,9 @@ def listening_addresses(port):
 
 HELP_OPTIONS = ["-p", "-U", "-s", "-a", "-A", "-l", "-u", "-m", "-M", "-c", "-I", "-t",
                 "-v", "-vv", "-V", "-o", "-P", "-C", "-b", "-B", "-F", "-X", "--single",
-                "--engine", "--event-loop", "-h",
+                "--engine", "--event-loop", "-h", "-f", "-n",
                 # memcached's options that memg ignores or refuses
-                "-r", "-k", "-f", "-n", "-L", "-D", "-R", "-W", "-d", "-S", "-Y", "-Z",
-                "-e"]
+                "-r", "-k", "-L", "-D", "-R", "-W", "-d", "-S", "-Y", "-Z", "-e"]
 
 
 def test_help_lists_every_option():
@@ -189,6 +188,11 @@ BAD_COMMAND_LINES = [
     ["-U", "-2"],
     ["-p", "-2"],
     ["-U", "x"],
+    ["-f", "1.0"],                   # slab classes that would not grow
+    ["-f", "x"],
+    ["-n", "0"],
+    ["-o", "slab_chunk_max=48"],     # no room beside a chunk's header
+    ["-o", "slab_chunk_max=2097152"],    # over a page
 ]
 
 
@@ -202,8 +206,7 @@ def test_bad_command_line_exits_with_one_line(args):
 
 # -- ignored memcached options ---------------------------------------------------
 
-@pytest.mark.parametrize("args", [["-f", "1.25"], ["-n", "48"], ["-L"], ["-R", "20"]],
-                         ids=" ".join)
+@pytest.mark.parametrize("args", [["-L"], ["-R", "20"]], ids=" ".join)
 def test_ignored_option_starts_with_one_warning(launch, args):
     server = launch(*args)
     with connect_admitted(server.address) as client:
@@ -216,7 +219,7 @@ def test_ignored_option_starts_with_one_warning(launch, args):
 
 
 def test_ignored_extended_options_start_with_warnings(launch):
-    server = launch("-o", "hashpower=20,slab_chunk_max=512")
+    server = launch("-o", "hashpower=20,hot_lru_pct=20")
     with connect_admitted(server.address) as client:
         assert client.request(b"get k\r\n") == b"END\r\n"
     _, err = server.stop()
@@ -225,7 +228,7 @@ def test_ignored_extended_options_start_with_warnings(launch):
     lines = err.strip().splitlines()
     # One warning line per ignored option at most, naming what was ignored.
     assert 1 <= len(lines) <= 2, err
-    assert "hashpower" in err and "slab_chunk_max" in err
+    assert "hashpower" in err and "hot_lru_pct" in err
     for line in lines:
         assert "warning" in line.lower() or "ignored" in line.lower()
 
@@ -833,6 +836,23 @@ def test_stats_settings_reflect_command_line(launch):
         numbers = stats(client)
         assert numbers["limit_maxbytes"] == str(16 * MB)
         assert numbers["max_connections"] == "50"
+
+
+@pytest.mark.parametrize("args, shown, smallest", [
+    ([], ("1.25", "48", "524288"), "96"),
+    (["-f", "2", "-n", "100", "-o", "slab_chunk_max=65536"], ("2.00", "100", "65536"), "152"),
+    (["-o", "no_modern"], ("1.25", "48", "1048576"), "96"),          # memcached 1.4's page
+    (["-o", "no_modern", "-I", "2m"], ("1.25", "48", "524288"), "96"),   # half again over 1m
+], ids=["defaults", "-f -n -o slab_chunk_max", "-o no_modern", "-o no_modern -I 2m"])
+def test_slab_options_shape_the_classes_stats_report(launch, args, shown, smallest):
+    server = launch(*args)
+    with connect_admitted(server.address) as client:
+        settings = stats(client, b"settings")
+        assert (settings["growth_factor"], settings["chunk_size"],
+                settings["slab_chunk_max"]) == shown
+        # The smallest class's chunk: memcached's 48-byte item header, then -n, 8-aligned.
+        assert client.request(b"set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
+        assert stats(client, b"slabs")["1:chunk_size"] == smallest
 
 
 def test_user_option_drops_root_after_binding(launch):

@@ -208,6 +208,48 @@ def test_stats_count_commands_and_bytes(memg):
         assert numbers["limit_maxbytes"] == str(64 * 1024 * 1024)
 
 
+def test_stats_items_and_slabs_show_memcacheds_classes_while_clients_write():
+    server = start_memg("-m", "3")
+    try:
+        with server.connect() as client:
+            # 66,560-byte values fill class 31 (82,792-byte chunks, 12 a page) and
+            # evict; a 700,000-byte value is chunked; small ones fill class 1.
+            set_many(client, (b"big:%d" % i for i in range(60)), b"B" * 66560)
+            set_many(client, [b"huge"], b"H" * 700000)
+            set_many(client, (b"s:%d" % i for i in range(100)), b"s")
+            writer = threading.Thread(target=set_many, args=(
+                server.connect(), (b"w:%d" % i for i in range(2000)), b"w" * 100))
+            writer.start()
+            while writer.is_alive():                 # walked while another client writes
+                stats(client, b"items")
+                stats(client, b"slabs")
+            writer.join()
+            items, slabs, numbers = stats(client, b"items"), stats(client, b"slabs"), stats(client)
+            classes = sorted({int(name.split(":")[1]) for name in items})
+            assert {1, 31} <= set(classes) and classes[-1] == 39      # (and the w: items')
+            assert sum(int(items["items:%d:number" % c]) for c in classes) == int(
+                numbers["curr_items"])
+            assert sum(int(items["items:%d:evicted" % c]) for c in classes) == int(
+                numbers["evictions"]) > 0
+            assert int(items["items:31:evicted"]) > 0
+            dump = client.request(b"stats cachedump 31 0\r\n", b"END\r\n").splitlines()[:-1]
+            assert len(dump) == int(items["items:31:number"])
+            # memcached's size: its 48-byte header, key and NUL, value and CRLF, CAS
+            assert items["items:31:mem_requested"] == str(sum(
+                48 + len(line.split()[1]) + 1 + 66560 + 2 + 8 for line in dump))
+            for c in classes:
+                assert int(slabs["%d:used_chunks" % c]) >= int(items["items:%d:number" % c])
+            pages = sum(int(value) for name, value in slabs.items()
+                        if name.endswith(":total_pages"))
+            assert slabs["total_malloced"] == str(pages * 1024 * 1024)
+            assert int(slabs["31:total_pages"]) == -(-int(slabs["31:used_chunks"]) // 12)
+            assert client.request(b"stats reset\r\n") == b"RESET\r\n"
+            assert stats(client, b"items")["items:31:evicted"] == "0"
+    finally:
+        code, err = server.stop()
+    assert code == 0 and b"Traceback" not in err
+
+
 def test_server_never_sends_a_traceback():
     server = start_memg()
     try:
