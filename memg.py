@@ -157,6 +157,10 @@ class Settings:
     detail_enabled: bool = option(
         False, stat="detail_enabled", show=yes_no,
         help="stats detail on|off turns this on and off while memg serves")
+    reqs_per_event: int = option(
+        20, "-R", "--max-reqs-per-event", parse=int, metavar="N", stat="reqs_per_event",
+        help="commands a connection runs in a row while others wait their turn (default: "
+             "20)")
     use_cas: bool = option(
         True, "-C", "--disable-cas", stat="cas_enabled", show=yes_no, help="disable CAS")
     backlog: int = option(
@@ -305,7 +309,7 @@ class Settings:
         if self.item_size_max > self.memory_limit // 2:
             raise ValueError("item size limit (-I) must be at most half the memory "
                              "limit (-m)")
-        for name in ("max_connections", "threads", "backlog"):
+        for name in ("max_connections", "threads", "backlog", "reqs_per_event"):
             if getattr(self, name) < 1:
                 raise ValueError("%s (%s) must be at least 1" % (
                     name.replace("_", " "), self.flag(name)))
@@ -1296,7 +1300,8 @@ def read_auth_file(path, what="the auth file (-Y)"):
 # Counters the service keeps under its lock.  Traffic (bytes read and written, and
 # cmd_meta) is counted by each connection's protocol, and added in when it closes.
 SERVICE_COUNTERS = ("total_connections", "rejected_connections", "listen_disabled_num",
-                    "idle_kicks", "auth_cmds", "auth_errors", "ssl_handshake_errors")
+                    "idle_kicks", "auth_cmds", "auth_errors", "ssl_handshake_errors",
+                    "conn_yields")
 TRAFFIC = ("bytes_read", "bytes_written", "cmd_meta")
 
 
@@ -1547,7 +1552,7 @@ class Service:
             self.prefix_stats.clear()
             self.traffic_at_reset = self._traffic()
             for name in ("total_connections", "rejected_connections", "listen_disabled_num",
-                         "idle_kicks"):
+                         "idle_kicks", "conn_yields"):
                 self.counters[name] = 0
 
     def _traffic(self):
@@ -1606,7 +1611,7 @@ class Service:
             ("accepting_conns", 1),
             ("listen_disabled_num", counters["listen_disabled_num"]),
             ("threads", self.settings.threads),
-            ("conn_yields", 0),
+            ("conn_yields", counters["conn_yields"]),
         ] + [(name, store[name]) for name in (
             "bytes", "curr_items", "total_items", "expired_unfetched", "evicted_unfetched",
             "evictions", "reclaimed", "crawler_reclaimed", "crawler_items_checked")
@@ -1848,7 +1853,7 @@ class Protocol:
     replies are sent, and ``pending`` whether more replies can be made without more
     input: a long reply streamed as the client reads it (a dump, a large
     multi-get), commands held back while the replies before them exceeded
-    OUTPUT_LIMIT, or a watcher's log lines.  ``data_to_send`` makes them, a bounded
+    OUTPUT_LIMIT or after -R commands in a row (see run), or a watcher's log lines.  ``data_to_send`` makes them, a bounded
     step at a time, so that an engine can send each step before it asks for the
     next and serve other clients in between.
 
@@ -1886,6 +1891,7 @@ class Protocol:
         self.producer = None           # an iterator of a reply's chunks, if streaming
         self.watcher = None            # once the client sent watch
         self.paused = False            # commands wait: replies before them are over the bound
+        self.yielded = False           # commands wait: this connection had its turn (-R)
         self.pending = False           # more replies can be made without more input
         self.eof = False               # the input has ended
         self.closing = False           # close once the replies are sent
@@ -2038,8 +2044,14 @@ class Protocol:
 
     def run(self):
         """Run the commands whose input is complete, until the input runs out, the
-        replies reach OUTPUT_LIMIT, or a streamed reply or a watcher takes over."""
-        self.paused = False
+        replies reach OUTPUT_LIMIT, or a streamed reply or a watcher takes over; or
+        until it has run -R commands in a row: then it yields (counted in
+        conn_yields), and the commands left wait for data_to_send, so that a client
+        that pipelines many cannot keep the others waiting.  The limit is kept here
+        because only the protocol sees where one command ends and the next begins;
+        how to let the others go first is the engine's (see ``yielded``)."""
+        self.paused = self.yielded = False
+        turn = self.settings.reqs_per_event
         try:
             while not self.closing:
                 if self.block is not None:
@@ -2053,14 +2065,19 @@ class Protocol:
                 if self.out_bytes >= OUTPUT_LIMIT:
                     self.paused = True
                     break
+                if not turn:
+                    self.yielded = True
+                    self.service.count("conn_yields")
+                    break
                 if not self.next_command():
                     break
+                turn -= 1
         except Exception:
             self.internal_error()
         # Is more to come without input (``pending``), and is the conversation over?
         # (Lines that reach a watcher later are announced by its wake.)
         self.pending = pending = bool(
-            self.paused or self.producer is not None
+            self.paused or self.yielded or self.producer is not None
             or (self.watcher is not None and self.watcher.lines))
         if self.eof and not pending:
             self.closing = True          # what is left is an incomplete command
@@ -3646,6 +3663,16 @@ def replies_sender():
     return send, flags
 
 
+def give_way():
+    """Let the other connections' threads run before this one goes on (it yielded,
+    -R): the interpreter's lock and the processor both, where the system can give
+    up the processor; otherwise the lock alone."""
+    if hasattr(os, "sched_yield"):
+        os.sched_yield()
+    else:
+        time.sleep(0)
+
+
 SEND_MAX = 1 << 30
 # How long a TLS watcher's check for its client's end waits for a whole record.
 PEER_CHECK_TIMEOUT = 0.1
@@ -3692,6 +3719,8 @@ class ThreadConnection:
                 received = sock.recv_into(view)
                 self.send(protocol.receive_data(self.buffer[:received]))
                 while protocol.pending and protocol.watcher is None:
+                    if protocol.yielded:
+                        give_way()
                     self.send(protocol.data_to_send())
         except socket.timeout:
             engine.service.count("idle_kicks")
@@ -4293,8 +4322,7 @@ class Server:
 IGNORED_OPTIONS = {
     "-r": (False, "core dump limits"), "-k": (False, "memory locking"),
     "-f": (True, "slab growth factor"), "-n": (True, "slab minimum size"),
-    "-L": (False, "large pages"),
-    "-R": (True, "requests per event"), "-W": (False, "watch commands"),
+    "-L": (False, "large pages"), "-W": (False, "watch commands"),
 }
 # memcached -o options memg accepts and ignores (slab, LRU, hash and extstore tuning).
 IGNORED_EXTENDED = {

@@ -175,6 +175,7 @@ BAD_COMMAND_LINES = [
     ["-I", "0"],
     ["-I", "2000m"],
     ["-c", "0"],
+    ["-R", "0"],
     ["-o", "nosuch=1"],
     ["-B", "bogus"],
     ["-d"],
@@ -202,8 +203,7 @@ def test_bad_command_line_exits_with_one_line(args):
 
 # -- ignored memcached options ---------------------------------------------------
 
-@pytest.mark.parametrize("args", [["-f", "1.25"], ["-n", "48"], ["-L"], ["-R", "20"]],
-                         ids=" ".join)
+@pytest.mark.parametrize("args", [["-f", "1.25"], ["-n", "48"], ["-L"]], ids=" ".join)
 def test_ignored_option_starts_with_one_warning(launch, args):
     server = launch(*args)
     with connect_admitted(server.address) as client:
