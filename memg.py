@@ -501,6 +501,8 @@ def item_cost(key, size):
 MetaView = collections.namedtuple("MetaView", "hit_before last_access ttl won token_sent stale")
 # Keys a walk of the whole cache visits under one hold of the store's lock.
 WALK_BATCH = 1000
+# memcached's hash table: 2**16 buckets at first, 2**32 at most (see grow_hash_table).
+HASH_POWER_DEFAULT, HASH_POWER_MAX = 16, 32
 
 
 class Store:
@@ -534,6 +536,7 @@ class Store:
         # Items per 32-byte size class (``stats sizes``), kept only if asked for.
         self.sizes = collections.Counter() if track_sizes else None
         self._sweep_keys = []                    # keys still to visit in this sweep
+        self.hash_power = HASH_POWER_DEFAULT     # see grow_hash_table
 
     # -- time ---------------------------------------------------------------
 
@@ -1007,6 +1010,17 @@ class Store:
                 return None
             return sorted((size, count) for size, count in self.sizes.items() if count)
 
+    def grow_hash_table(self):
+        """Follow memcached's hash table, whose size its ``stats`` show as
+        hash_power_level: it doubles once its items outnumber its buckets by half,
+        checked once a second as memcached does (the engines call this through
+        Service.sweep), and never shrinks.  memg's dict sizes itself; this is what
+        memcached would show for the same keys, and a restart (-e) keeps it."""
+        with self.lock:
+            if (len(self.items) > 3 * 2 ** self.hash_power // 2
+                    and self.hash_power < HASH_POWER_MAX):
+                self.hash_power += 1
+
     def reset_counters(self):
         with self.lock:
             for name in STORE_COUNTERS:
@@ -1022,6 +1036,7 @@ class Store:
                         cmd_get=counters["get_hits"] + counters["get_misses"],
                         cmd_touch=counters["touch_hits"] + counters["touch_misses"],
                         limit_maxbytes=self.memory_limit, evicted_time=self.evicted_time,
+                        hash_power_level=self.hash_power,
                         oldest_age=now - header(oldest).atime if oldest else 0)
 
     def walk(self, limit=None, batch=WALK_BATCH):
@@ -1057,13 +1072,15 @@ class Store:
             clock = self.clock
             self.clock = lambda: clock() + seconds
 
-    def restore(self, pairs, cas_counter, batch=WALK_BATCH):
+    def restore(self, pairs, cas_counter, hash_power=0, batch=WALK_BATCH):
         """Link the items of a snapshot: (key, item) pairs, most recently used first,
         as ``walk`` gives them.  They keep that order of use, above the items already
         here; those expired since, and those too large for -I, are left out, and so
         are the least recently used of them beyond the memory limit, as eviction
         would leave them out.  The lock is held a batch at a time.  The CAS counter
-        goes on above every unique restored.  Returns how many were linked."""
+        goes on above every unique restored, and the hash table is as large as the
+        snapshot's was, if that was larger (0: not known).  Returns how many were
+        linked."""
         now = self.now()
         kept, cost, highest = [], 0, cas_counter
         for key, item in pairs:
@@ -1088,6 +1105,8 @@ class Store:
                     linked += self._link(key, item, self.items.get(key))
                 if self.use_cas:
                     self.last_cas = max(self.last_cas, highest)
+        with self.lock:
+            self.hash_power = max(self.hash_power, min(hash_power, HASH_POWER_MAX))
         return linked
 
 
@@ -1096,8 +1115,10 @@ class Store:
 # reads the same on any platform and Python; a later memg reads every earlier
 # version.  It is data only (never pickle: reading a snapshot runs no code).
 #
-#   header    magic b"MEMGSNAP", format version (u16, now 1), reserved (u16, 0),
-#             when it was written (i64, Unix seconds)
+#   header    magic b"MEMGSNAP", format version (u16, now 1), the hash power (u16:
+#             hash_power_level then, see Store.grow_hash_table; 0, not known, in
+#             files of memg before it kept it), when it was written (i64, Unix
+#             seconds)
 #   items     each: key length (u16), value length (u32), client flags (u32), CAS
 #             unique (u64), expiry (i64, Unix seconds; 0 never), last access (i64,
 #             Unix seconds), state (u8: 1 if fetched since stored), then the key and
@@ -1134,7 +1155,8 @@ def save_snapshot(store, path):
                 file.write(data)
                 checksum = zlib.crc32(data, checksum)
 
-            put(SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, int(time.time())))
+            put(SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION,
+                                     store.snapshot()["hash_power_level"], int(time.time())))
             pack = SNAPSHOT_ITEM.pack
             for pairs in store.walk():
                 parts = []
@@ -1165,7 +1187,8 @@ def save_snapshot(store, path):
 
 def read_snapshot(path):
     """The items of the snapshot at path, most recently used first, as (key, item)
-    pairs, and its CAS counter; SnapshotError if the file is not a whole snapshot of
+    pairs, its CAS counter and its hash power (Store.restore's arguments);
+    SnapshotError if the file is not a whole snapshot of
     a format this memg reads.  The file is read whole and checked before any item
     is made, so it is never half-loaded, and reading allocates no more than its size:
     every length in it is checked against the bytes that are there."""
@@ -1174,7 +1197,7 @@ def read_snapshot(path):
     end = len(data) - SNAPSHOT_COUNTS.size - SNAPSHOT_CHECKSUM.size  # where the items end
     if end < SNAPSHOT_HEADER.size or not data.startswith(SNAPSHOT_MAGIC):
         raise SnapshotError("not a memg snapshot")
-    version = SNAPSHOT_HEADER.unpack_from(data)[1]
+    _, version, hash_power, _ = SNAPSHOT_HEADER.unpack_from(data)
     if version > SNAPSHOT_VERSION:
         raise SnapshotError("format version %d, newer than this memg reads (%d)"
                             % (version, SNAPSHOT_VERSION))
@@ -1199,7 +1222,7 @@ def read_snapshot(path):
             cas, exptime, atime, flags, state & FETCHED) + view[value_start:position]))
     if len(pairs) != count:
         raise SnapshotError("it holds %d items, not the %d it says" % (len(pairs), count))
-    return pairs, cas_counter
+    return pairs, cas_counter, hash_power
 
 
 # --------------------------------------------------------------------------
@@ -1501,9 +1524,11 @@ class Service:
             self.crawling = False
 
     def sweep(self):
-        """Reclaim expired items, a slice at a time: engines call this every second."""
+        """Reclaim expired items, a slice at a time, and follow memcached's hash
+        table's growth: engines call this every second."""
         if self.crawler_enabled:
             self.store.sweep()
+        self.store.grow_hash_table()
 
     # -- watchers -----------------------------------------------------------------
 
@@ -1612,6 +1637,11 @@ class Service:
             ("listen_disabled_num", counters["listen_disabled_num"]),
             ("threads", self.settings.threads),
             ("conn_yields", counters["conn_yields"]),
+            # memcached's hash table for the same keys (see Store.grow_hash_table),
+            # which never has to move its items to a larger one in the background.
+            ("hash_power_level", store["hash_power_level"]),
+            ("hash_bytes", 2 ** store["hash_power_level"] * struct.calcsize("P")),
+            ("hash_is_expanding", 0),
         ] + [(name, store[name]) for name in (
             "bytes", "curr_items", "total_items", "expired_unfetched", "evicted_unfetched",
             "evictions", "reclaimed", "crawler_reclaimed", "crawler_items_checked")
@@ -4255,6 +4285,12 @@ class Server:
         be read whole is never half-loaded: memg says so on stderr, moves it aside
         and starts empty."""
         path = self.settings.memory_file
+        # memcached's -e keeps its cache in FILE and how to read it back in FILE.meta:
+        # memg can read neither, and its snapshot would take FILE's place.
+        if os.path.lexists(path + ".meta"):
+            raise ValueError("%s.meta is memcached's restart metadata: memg cannot read "
+                             "the cache memcached saved in %s, and would write over it "
+                             "(remove both, or give -e another file)" % (path, path))
         folder = os.path.dirname(os.path.abspath(path))
         if not os.access(folder, os.W_OK):
             raise ValueError("cannot write the memory file's folder %s" % folder)
