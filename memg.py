@@ -249,7 +249,13 @@ class Settings:
     user: Optional[str] = option(
         None, "-u", "--user", help="drop root privileges to this user after binding")
     pid_file: Optional[str] = option(
-        None, "-P", "--pidfile", metavar="FILE", help="write the process id to FILE")
+        None, "-P", "--pidfile", metavar="FILE",
+        help="write the process id to FILE (removed when memg stops)")
+    daemonize: bool = option(
+        False, "-d", "--daemon",
+        help="run in the background, in a session of its own, with stdin, stdout and "
+             "stderr on /dev/null (stderr kept with -v); memg returns once it listens "
+             "(needs fork: not on Windows)")
     engine: str = option(
         "threads", "--engine", choices=lambda: sorted(ENGINES),
         help="how connections are served: threads (a thread per connection, the "
@@ -298,6 +304,9 @@ class Settings:
         if self.sasl and not self.sasl_pwdb:
             raise ValueError("-S needs the environment variable MEMCACHED_SASL_PWDB naming "
                              "a file of user:password lines")
+        if self.daemonize and not hasattr(os, "fork"):
+            raise ValueError("-d needs fork(), which this platform does not have: run "
+                             "memg under a service manager instead")
         if self.unix_socket and not hasattr(socket, "AF_UNIX"):
             raise ValueError("Unix sockets (-s) are not available on this platform")
         for name in ("port", "udp_port"):
@@ -4373,16 +4382,9 @@ IGNORED_EXTENDED = {
     "drop_privileges", "no_drop_privileges", "inline_ascii_response", "lru_segmented",
     "no_lru_segmented", "meta_response_old", "no_inline_ascii_resp", "bind_protocol",
 }
-# memcached options whose feature memg does not have: refused, never silently ignored.
-UNSUPPORTED_OPTIONS = {
-    "-d": (False, "daemon mode: run memg under a service manager instead"),
-}
-
-
 def build_parser():
     """memcached's command line, built from the Settings fields (each with its
-    flags, help and choices), plus -o, -h, -V and the options memg ignores or
-    refuses."""
+    flags, help and choices), plus -o, -h, -V and the options memg ignores."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -4415,11 +4417,9 @@ def build_parser():
     add("-h", "--help", action="help", help="print this help and exit")
     add("-V", "--version", action="version", version="memg %s (memcached protocol %s)"
         % (__version__, VERSION), help="print version and exit")
-    for options, label in ((IGNORED_OPTIONS, "ignored: memg has no %s"),
-                           (UNSUPPORTED_OPTIONS, "not supported: %s")):
-        for flag, (takes_value, what) in options.items():
-            add(flag, dest="option_" + flag[1], help=label % what,
-                **({"metavar": "X"} if takes_value else {"action": "store_true"}))
+    for flag, (takes_value, what) in IGNORED_OPTIONS.items():
+        add(flag, dest="option_" + flag[1], help="ignored: memg has no %s" % what,
+            **({"metavar": "X"} if takes_value else {"action": "store_true"}))
     return parser
 
 
@@ -4428,9 +4428,6 @@ def parse_command_line(argv):
     SystemExit with a one-line message for anything memg cannot honour."""
     args = vars(build_parser().parse_args(argv))
     warnings = []
-    for flag, (_, what) in UNSUPPORTED_OPTIONS.items():
-        if args.pop("option_" + flag[1]):
-            raise SystemExit("memg: %s is not supported (%s)" % (flag, what))
     for flag, (_, what) in IGNORED_OPTIONS.items():
         if args.pop("option_" + flag[1]):
             warnings.append("%s ignored: memg has no %s" % (flag, what))
@@ -4569,9 +4566,9 @@ class StopSignals:
         self.received = False
         self.engine = None
         if hasattr(signal, "pthread_sigmask"):
-            # Before any other thread starts: threads inherit the mask.
+            # Before any other thread starts: threads inherit the mask.  Signals that
+            # come before serve() wait, blocked, for the thread it starts.
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-            threading.Thread(target=self.wait, name="memg-signals", daemon=True).start()
         else:
             for signum in STOP_SIGNALS:
                 signal.signal(signum, self.stop)
@@ -4588,10 +4585,46 @@ class StopSignals:
             engine.request_stop()
 
     def serve(self, engine):
-        """Have the signals stop engine from now on (one that came already, at once)."""
+        """Have the signals stop engine from now on (one that came already, at once).
+        The thread that takes them starts here, after -d's fork: a fork keeps only
+        the thread that calls it."""
         self.engine = engine
+        if hasattr(signal, "pthread_sigmask"):
+            threading.Thread(target=self.wait, name="memg-signals", daemon=True).start()
         if self.received:
             engine.request_stop()
+
+
+def write_pid_file(path, pid):
+    """-P: the process id, written whole under another name first, as memcached
+    does, so that a reader never finds the file empty."""
+    with open(path + ".tmp", "w") as pid_file:
+        pid_file.write("%d\n" % pid)
+    os.replace(path + ".tmp", path)
+
+
+def daemonize(settings):
+    """-d: go on in a child process, in a session of its own (no terminal to hang
+    up on it), with stdin and stdout on /dev/null, and stderr too unless -v, as
+    memcached's -d; this process exits 0 once the child's pid file (-P) is written,
+    so that what started memg finds both the pid file and the listening sockets as
+    soon as memg returns (clients that come before the child serves wait in the
+    listen queue).  The working folder stays: the files -e, -P and -s name relative
+    to it are written and removed again at the stop.  Call it before any thread
+    starts: a fork keeps only the thread that calls it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child:
+        if settings.pid_file:
+            write_pid_file(settings.pid_file, child)
+        os._exit(0)
+    os.setsid()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    for stream in (0, 1) if settings.verbose else (0, 1, 2):
+        os.dup2(null, stream)
+    os.close(null)
 
 
 def main(argv=None):
@@ -4617,9 +4650,6 @@ def main(argv=None):
     if settings.user:
         drop_privileges(settings.user)
     raise_open_file_limit(settings.max_connections)
-    if settings.pid_file:
-        with open(settings.pid_file, "w") as pid_file:
-            pid_file.write("%d\n" % os.getpid())
     if beyond_loopback(settings) and not (settings.auth_file or settings.sasl):
         print("memg: warning: listening beyond loopback (%s) with no authentication: "
               "anyone who can reach the port can read and change the cache"
@@ -4628,6 +4658,10 @@ def main(argv=None):
         print("memg: warning: serving UDP beyond loopback (%s): UDP's source addresses "
               "can be forged, so anyone can have memg send replies to a third party"
               % settings.host, file=sys.stderr)
+    if settings.daemonize:
+        daemonize(settings)
+    elif settings.pid_file:
+        write_pid_file(settings.pid_file, os.getpid())
     signals.serve(server.engine)
     if settings.verbose:
         print("memg %s listening on %s (%s engine)" % (__version__, ", ".join(
