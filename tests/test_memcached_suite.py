@@ -32,7 +32,8 @@ SOURCE = os.environ.get("MEMG_MEMCACHED_SOURCE") or os.path.join(
 # ssl_*.t files test nothing without it.
 MEMCACHED_TESTS = [(name, False) for name in ["t/00-startup.t", "t/binary.t", "t/issue_50.t",
                                               "t/issue_67.t", "t/udp.t", "t/expirations.t",
-                                              "t/line-lengths.t"]] + [
+                                              "t/line-lengths.t", "t/daemonize.t",
+                                              "t/issue_61.t", "t/restart.t"]] + [
     (name, True) for name in ["t/ssl_cert_refresh.t", "t/ssl_ports.t", "t/ssl_proto_version.t",
                               "t/ssl_session_resumption.t", "t/ssl_settings.t",
                               "t/ssl_verify_modes.t", "t/binary.t"]]
@@ -69,8 +70,11 @@ def make_build_folder(folder):
     write_script(os.path.join(folder, "memcached-debug"), " ".join(
         shlex.quote(arg) for arg in [sys.executable, MEMG, "--debug-commands"] + ENGINE_ARGS))
     # timedrun SECONDS COMMAND...: coreutils' timeout takes the same arguments, and
-    # passes on the SIGINT and SIGTERM the harness stops its servers with.
-    write_script(os.path.join(folder, "timedrun"), "timeout")
+    # passes on the SIGINT and SIGTERM the harness stops its servers with; -s USR1
+    # has it pass on SIGUSR1 too (the graceful stop of t/restart.t), as memcached's
+    # timedrun does: otherwise the signal ends timeout alone, and the server, never
+    # told, keeps the harness's output open until it is killed.
+    write_script(os.path.join(folder, "timedrun"), "timeout -s USR1")
 
 
 def prove(folder, test_file, tls):
