@@ -1892,9 +1892,10 @@ class Protocol:
     replies are sent, and ``pending`` whether more replies can be made without more
     input: a long reply streamed as the client reads it (a dump, a large
     multi-get), commands held back while the replies before them exceeded
-    OUTPUT_LIMIT or after -R commands in a row (see run), or a watcher's log lines.  ``data_to_send`` makes them, a bounded
-    step at a time, so that an engine can send each step before it asks for the
-    next and serve other clients in between.
+    OUTPUT_LIMIT or after -R commands in a row (see run), or a watcher's log
+    lines.  ``data_to_send`` makes them, a bounded step at a time, so that an
+    engine can send each step before it asks for the next and serve other clients
+    in between.
 
     Why a state machine fed with bytes, as memcached's connection states and h11,
     rather than blocking handlers over a buffer that rewinds: the same handlers
@@ -4382,6 +4383,8 @@ IGNORED_EXTENDED = {
     "drop_privileges", "no_drop_privileges", "inline_ascii_response", "lru_segmented",
     "no_lru_segmented", "meta_response_old", "no_inline_ascii_resp", "bind_protocol",
 }
+
+
 def build_parser():
     """memcached's command line, built from the Settings fields (each with its
     flags, help and choices), plus -o, -h, -V and the options memg ignores."""
@@ -4598,9 +4601,13 @@ class StopSignals:
 def write_pid_file(path, pid):
     """-P: the process id, written whole under another name first, as memcached
     does, so that a reader never finds the file empty."""
-    with open(path + ".tmp", "w") as pid_file:
-        pid_file.write("%d\n" % pid)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as pid_file:
+            pid_file.write("%d\n" % pid)
+        os.replace(path + ".tmp", path)
+    except OSError as error:
+        raise SystemExit("memg: cannot write the pid file %s: %s" % (
+            path, error.strerror or error))
 
 
 def daemonize(settings):
@@ -4617,7 +4624,11 @@ def daemonize(settings):
     child = os.fork()
     if child:
         if settings.pid_file:
-            write_pid_file(settings.pid_file, child)
+            try:
+                write_pid_file(settings.pid_file, child)
+            except SystemExit:
+                os.kill(child, signal.SIGTERM)   # (a daemon no one could find)
+                raise
         os._exit(0)
     os.setsid()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

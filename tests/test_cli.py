@@ -853,6 +853,17 @@ def test_a_daemon_that_cannot_listen_is_reported_by_the_command(tmp_path):
     assert not (tmp_path / "memg.pid").exists()
 
 
+@pytest.mark.parametrize("args", [[], ["-d"]], ids=["foreground", "daemon"])
+def test_a_pid_file_that_cannot_be_written_stops_memg_with_one_line(tmp_path, args):
+    port = free_port()
+    path = tmp_path / "no-such-folder" / "memg.pid"
+    code, _, err = run_memg(*args, "-p", str(port), "-P", str(path))
+    assert code == 1
+    assert one_line(err) == "memg: cannot write the pid file %s: No such file or directory" % (
+        path)
+    wait_for(lambda: not listening_addresses(port), what="the end of a daemon no one could find")
+
+
 def test_where_there_is_no_fork_d_is_refused_with_one_line():
     """Windows has no fork: the same memg, on an interpreter without os.fork."""
     code = ("import os, sys; del os.fork; sys.path.insert(0, %r); import memg; "
