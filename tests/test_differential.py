@@ -24,7 +24,8 @@ import subprocess
 
 import pytest
 
-from conftest import RawClient, client_hello, start_memcached, start_memg, tls_refusal
+from conftest import (RawClient, client_hello, set_many, start_memcached, start_memg, stats,
+                      tls_refusal, wait_for)
 from test_binary import (Op, Status, counter, flush, parse, plain, request, response, store,
                          touching)
 from test_udp import FRAME, DatagramClient, frame, free_udp_port
@@ -259,6 +260,33 @@ def test_stats_sizes_with_track_sizes_as_memcached():
     replies = on_new_servers(["-o", "track_sizes"], lambda server: converse(server, script))
     assert replies[0] == replies[1]
     assert b"STAT 1088 1\r\n" in replies[0]
+
+
+def test_yields_of_a_pipelining_client_as_memcached():
+    """memcached's t/issue_61.t: six sets in one packet, one command per turn."""
+    def yields(server):
+        with server.connect() as client:
+            sets = b"set foobar 0 0 5\r\nBubba\r\n" * 6
+            assert client.request(sets, b"STORED\r\n" * 6) == b"STORED\r\n" * 6
+            return (stats(client)["conn_yields"],
+                    stats(client, b"settings")["reqs_per_event"])
+    replies = on_new_servers(["-R", "1"], yields)
+    assert replies[0] == replies[1] == ("5", "1")
+
+
+def test_hash_table_growth_as_memcached():
+    """Past one and a half items a bucket, the table doubles, within a second or so."""
+    def growth(server):
+        with server.connect() as client:
+            before = stats(client)
+            set_many(client, [b"k%d" % number for number in range(3 * 2 ** 16 // 2 + 1)], b"")
+            wait_for(lambda: stats(client)["hash_is_expanding"] == "0" and stats(client)[
+                "hash_power_level"] == "17", what="the table's growth")
+            after = stats(client)
+        return [(numbers["hash_power_level"], numbers["hash_bytes"])
+                for numbers in (before, after)]
+    replies = on_new_servers([], growth)
+    assert replies[0] == replies[1] == [("16", str(2 ** 16 * 8)), ("17", str(2 ** 17 * 8))]
 
 
 # -- -Y: memcached's ASCII authentication ------------------------------------------
