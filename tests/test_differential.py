@@ -280,9 +280,13 @@ def test_hash_table_growth_as_memcached():
         with server.connect() as client:
             before = stats(client)
             set_many(client, [b"k%d" % number for number in range(3 * 2 ** 16 // 2 + 1)], b"")
-            wait_for(lambda: stats(client)["hash_is_expanding"] == "0" and stats(client)[
-                "hash_power_level"] == "17", what="the table's growth")
-            after = stats(client)
+            after = {}
+
+            def grown():          # (memcached moves its items to the larger table in
+                after.update(stats(client))                     # the background)
+                return (after["hash_power_level"], after["hash_is_expanding"]) == ("17", "0")
+
+            wait_for(grown, what="the table's growth")
         return [(numbers["hash_power_level"], numbers["hash_bytes"])
                 for numbers in (before, after)]
     replies = on_new_servers([], growth)
