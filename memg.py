@@ -167,6 +167,10 @@ class Settings:
     detail_enabled: bool = option(
         False, stat="detail_enabled", show=yes_no,
         help="stats detail on|off turns this on and off while memg serves")
+    reqs_per_event: int = option(
+        20, "-R", "--max-reqs-per-event", parse=int, metavar="N", stat="reqs_per_event",
+        help="commands a connection runs in a row while others wait their turn (default: "
+             "20)")
     use_cas: bool = option(
         True, "-C", "--disable-cas", stat="cas_enabled", show=yes_no, help="disable CAS")
     backlog: int = option(
@@ -268,7 +272,13 @@ class Settings:
     user: Optional[str] = option(
         None, "-u", "--user", help="drop root privileges to this user after binding")
     pid_file: Optional[str] = option(
-        None, "-P", "--pidfile", metavar="FILE", help="write the process id to FILE")
+        None, "-P", "--pidfile", metavar="FILE",
+        help="write the process id to FILE (removed when memg stops)")
+    daemonize: bool = option(
+        False, "-d", "--daemon",
+        help="run in the background, in a session of its own, with stdin, stdout and "
+             "stderr on /dev/null (stderr kept with -v); memg returns once it listens "
+             "(needs fork: not on Windows)")
     engine: str = option(
         "threads", "--engine", choices=lambda: sorted(ENGINES),
         help="how connections are served: threads (a thread per connection, the "
@@ -317,6 +327,9 @@ class Settings:
         if self.sasl and not self.sasl_pwdb:
             raise ValueError("-S needs the environment variable MEMCACHED_SASL_PWDB naming "
                              "a file of user:password lines")
+        if self.daemonize and not hasattr(os, "fork"):
+            raise ValueError("-d needs fork(), which this platform does not have: run "
+                             "memg under a service manager instead")
         if self.unix_socket and not hasattr(socket, "AF_UNIX"):
             raise ValueError("Unix sockets (-s) are not available on this platform")
         for name in ("port", "udp_port"):
@@ -339,7 +352,7 @@ class Settings:
         if not CHUNK_STRUCT_SIZE < self.slab_chunk_max <= SLAB_PAGE_SIZE:
             raise ValueError("slab_chunk_max must be more than %d (a chunk's header) and "
                              "at most %d (a slab page)" % (CHUNK_STRUCT_SIZE, SLAB_PAGE_SIZE))
-        for name in ("max_connections", "threads", "backlog"):
+        for name in ("max_connections", "threads", "backlog", "reqs_per_event"):
             if getattr(self, name) < 1:
                 raise ValueError("%s (%s) must be at least 1" % (
                     name.replace("_", " "), self.flag(name)))
@@ -619,6 +632,8 @@ SlabUsage = collections.namedtuple("SlabUsage", "items chunks counters now")
 MetaView = collections.namedtuple("MetaView", "hit_before last_access ttl won token_sent stale")
 # Keys a walk of the whole cache visits under one hold of the store's lock.
 WALK_BATCH = 1000
+# memcached's hash table: 2**16 buckets at first, 2**32 at most (see grow_hash_table).
+HASH_POWER_DEFAULT, HASH_POWER_MAX = 16, 32
 
 
 class Store:
@@ -658,6 +673,7 @@ class Store:
         # Items per 32-byte size class (``stats sizes``), kept only if asked for.
         self.sizes = collections.Counter() if track_sizes else None
         self._sweep_keys = []                    # keys still to visit in this sweep
+        self.hash_power = HASH_POWER_DEFAULT     # see grow_hash_table
 
     # -- time ---------------------------------------------------------------
 
@@ -1146,6 +1162,17 @@ class Store:
                 return None
             return sorted((size, count) for size, count in self.sizes.items() if count)
 
+    def grow_hash_table(self):
+        """Follow memcached's hash table, whose size its ``stats`` show as
+        hash_power_level: it doubles once its items outnumber its buckets by half,
+        checked once a second as memcached does (the engines call this through
+        Service.sweep), and never shrinks.  memg's dict sizes itself; this is what
+        memcached would show for the same keys, and a restart (-e) keeps it."""
+        with self.lock:
+            if (len(self.items) > 3 * 2 ** self.hash_power // 2
+                    and self.hash_power < HASH_POWER_MAX):
+                self.hash_power += 1
+
     def reset_counters(self):
         with self.lock:
             for name in STORE_COUNTERS:
@@ -1159,7 +1186,7 @@ class Store:
             return dict(counters, curr_items=len(self.items), bytes=self.bytes,
                         cmd_get=counters["get_hits"] + counters["get_misses"],
                         cmd_touch=counters["touch_hits"] + counters["touch_misses"],
-                        limit_maxbytes=self.memory_limit)
+                        limit_maxbytes=self.memory_limit, hash_power_level=self.hash_power)
 
     def walk(self, limit=None, batch=WALK_BATCH, dead=False, classes=None):
         """Every live item, most recently used first, as lists of (key, item) pairs,
@@ -1221,13 +1248,15 @@ class Store:
             clock = self.clock
             self.clock = lambda: clock() + seconds
 
-    def restore(self, pairs, cas_counter, batch=WALK_BATCH):
+    def restore(self, pairs, cas_counter, hash_power=0, batch=WALK_BATCH):
         """Link the items of a snapshot: (key, item) pairs, most recently used first,
         as ``walk`` gives them.  They keep that order of use, above the items already
         here; those expired since, and those too large for -I, are left out, and so
         are the least recently used of them beyond the memory limit, as eviction
         would leave them out.  The lock is held a batch at a time.  The CAS counter
-        goes on above every unique restored.  Returns how many were linked."""
+        goes on above every unique restored, and the hash table is as large as the
+        snapshot's was, if that was larger (0: not known).  Returns how many were
+        linked."""
         now = self.now()
         kept, cost, highest = [], 0, cas_counter
         for key, item in pairs:
@@ -1252,6 +1281,8 @@ class Store:
                     linked += self._link(key, item, self.items.get(key))
                 if self.use_cas:
                     self.last_cas = max(self.last_cas, highest)
+        with self.lock:
+            self.hash_power = max(self.hash_power, min(hash_power, HASH_POWER_MAX))
         return linked
 
 
@@ -1260,8 +1291,10 @@ class Store:
 # reads the same on any platform and Python; a later memg reads every earlier
 # version.  It is data only (never pickle: reading a snapshot runs no code).
 #
-#   header    magic b"MEMGSNAP", format version (u16, now 1), reserved (u16, 0),
-#             when it was written (i64, Unix seconds)
+#   header    magic b"MEMGSNAP", format version (u16, now 1), the hash power (u16:
+#             hash_power_level then, see Store.grow_hash_table; 0, not known, in
+#             files of memg before it kept it), when it was written (i64, Unix
+#             seconds)
 #   items     each: key length (u16), value length (u32), client flags (u32), CAS
 #             unique (u64), expiry (i64, Unix seconds; 0 never), last access (i64,
 #             Unix seconds), state (u8: 1 if fetched since stored), then the key and
@@ -1298,7 +1331,8 @@ def save_snapshot(store, path):
                 file.write(data)
                 checksum = zlib.crc32(data, checksum)
 
-            put(SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, int(time.time())))
+            put(SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION,
+                                     store.snapshot()["hash_power_level"], int(time.time())))
             pack = SNAPSHOT_ITEM.pack
             for pairs in store.walk():
                 parts = []
@@ -1329,7 +1363,8 @@ def save_snapshot(store, path):
 
 def read_snapshot(path):
     """The items of the snapshot at path, most recently used first, as (key, item)
-    pairs, and its CAS counter; SnapshotError if the file is not a whole snapshot of
+    pairs, its CAS counter and its hash power (Store.restore's arguments);
+    SnapshotError if the file is not a whole snapshot of
     a format this memg reads.  The file is read whole and checked before any item
     is made, so it is never half-loaded, and reading allocates no more than its size:
     every length in it is checked against the bytes that are there."""
@@ -1338,7 +1373,7 @@ def read_snapshot(path):
     end = len(data) - SNAPSHOT_COUNTS.size - SNAPSHOT_CHECKSUM.size  # where the items end
     if end < SNAPSHOT_HEADER.size or not data.startswith(SNAPSHOT_MAGIC):
         raise SnapshotError("not a memg snapshot")
-    version = SNAPSHOT_HEADER.unpack_from(data)[1]
+    _, version, hash_power, _ = SNAPSHOT_HEADER.unpack_from(data)
     if version > SNAPSHOT_VERSION:
         raise SnapshotError("format version %d, newer than this memg reads (%d)"
                             % (version, SNAPSHOT_VERSION))
@@ -1363,7 +1398,7 @@ def read_snapshot(path):
             cas, exptime, atime, flags, state & FETCHED) + view[value_start:position]))
     if len(pairs) != count:
         raise SnapshotError("it holds %d items, not the %d it says" % (len(pairs), count))
-    return pairs, cas_counter
+    return pairs, cas_counter, hash_power
 
 
 # --------------------------------------------------------------------------
@@ -1478,7 +1513,8 @@ def read_auth_file(path, what="the auth file (-Y)"):
 # Counters the service keeps under its lock.  Traffic (bytes read and written, and
 # cmd_meta) is counted by each connection's protocol, and added in when it closes.
 SERVICE_COUNTERS = ("total_connections", "rejected_connections", "listen_disabled_num",
-                    "idle_kicks", "auth_cmds", "auth_errors", "ssl_handshake_errors")
+                    "idle_kicks", "auth_cmds", "auth_errors", "ssl_handshake_errors",
+                    "conn_yields")
 TRAFFIC = ("bytes_read", "bytes_written", "cmd_meta")
 
 
@@ -1691,9 +1727,11 @@ class Service:
             self.crawling = False
 
     def sweep(self):
-        """Reclaim expired items, a slice at a time: engines call this every second."""
+        """Reclaim expired items, a slice at a time, and follow memcached's hash
+        table's growth: engines call this every second."""
         if self.crawler_enabled:
             self.store.sweep()
+        self.store.grow_hash_table()
 
     # -- watchers -----------------------------------------------------------------
 
@@ -1743,7 +1781,7 @@ class Service:
             self.prefix_stats.clear()
             self.traffic_at_reset = self._traffic()
             for name in ("total_connections", "rejected_connections", "listen_disabled_num",
-                         "idle_kicks"):
+                         "idle_kicks", "conn_yields"):
                 self.counters[name] = 0
 
     def _traffic(self):
@@ -1802,7 +1840,12 @@ class Service:
             ("accepting_conns", 1),
             ("listen_disabled_num", counters["listen_disabled_num"]),
             ("threads", self.settings.threads),
-            ("conn_yields", 0),
+            ("conn_yields", counters["conn_yields"]),
+            # memcached's hash table for the same keys (see Store.grow_hash_table),
+            # which never has to move its items to a larger one in the background.
+            ("hash_power_level", store["hash_power_level"]),
+            ("hash_bytes", 2 ** store["hash_power_level"] * struct.calcsize("P")),
+            ("hash_is_expanding", 0),
         ] + [(name, store[name]) for name in (
             "bytes", "curr_items", "total_items", "expired_unfetched", "evicted_unfetched",
             "evictions", "reclaimed", "crawler_reclaimed", "crawler_items_checked")
@@ -2041,9 +2084,10 @@ class Protocol:
     replies are sent, and ``pending`` whether more replies can be made without more
     input: a long reply streamed as the client reads it (a dump, a large
     multi-get), commands held back while the replies before them exceeded
-    OUTPUT_LIMIT, or a watcher's log lines.  ``data_to_send`` makes them, a bounded
-    step at a time, so that an engine can send each step before it asks for the
-    next and serve other clients in between.
+    OUTPUT_LIMIT or after -R commands in a row (see run), or a watcher's log
+    lines.  ``data_to_send`` makes them, a bounded step at a time, so that an
+    engine can send each step before it asks for the next and serve other clients
+    in between.
 
     Why a state machine fed with bytes, as memcached's connection states and h11,
     rather than blocking handlers over a buffer that rewinds: the same handlers
@@ -2079,6 +2123,7 @@ class Protocol:
         self.producer = None           # an iterator of a reply's chunks, if streaming
         self.watcher = None            # once the client sent watch
         self.paused = False            # commands wait: replies before them are over the bound
+        self.yielded = False           # commands wait: this connection had its turn (-R)
         self.pending = False           # more replies can be made without more input
         self.eof = False               # the input has ended
         self.closing = False           # close once the replies are sent
@@ -2235,8 +2280,14 @@ class Protocol:
 
     def run(self):
         """Run the commands whose input is complete, until the input runs out, the
-        replies reach OUTPUT_LIMIT, or a streamed reply or a watcher takes over."""
-        self.paused = False
+        replies reach OUTPUT_LIMIT, or a streamed reply or a watcher takes over; or
+        until it has run -R commands in a row: then it yields (counted in
+        conn_yields), and the commands left wait for data_to_send, so that a client
+        that pipelines many cannot keep the others waiting.  The limit is kept here
+        because only the protocol sees where one command ends and the next begins;
+        how to let the others go first is the engine's (see ``yielded``)."""
+        self.paused = self.yielded = False
+        turn = self.settings.reqs_per_event
         try:
             while not self.closing:
                 if self.block is not None:
@@ -2250,14 +2301,19 @@ class Protocol:
                 if self.out_bytes >= OUTPUT_LIMIT:
                     self.paused = True
                     break
+                if not turn:
+                    self.yielded = True
+                    self.service.count("conn_yields")
+                    break
                 if not self.next_command():
                     break
+                turn -= 1
         except Exception:
             self.internal_error()
         # Is more to come without input (``pending``), and is the conversation over?
         # (Lines that reach a watcher later are announced by its wake.)
         self.pending = pending = bool(
-            self.paused or self.producer is not None
+            self.paused or self.yielded or self.producer is not None
             or (self.watcher is not None and self.watcher.lines))
         if self.eof and not pending:
             self.closing = True          # what is left is an incomplete command
@@ -3844,6 +3900,16 @@ def replies_sender():
     return send, flags
 
 
+def give_way():
+    """Let the other connections' threads run before this one goes on (it yielded,
+    -R): the interpreter's lock and the processor both, where the system can give
+    up the processor; otherwise the lock alone."""
+    if hasattr(os, "sched_yield"):
+        os.sched_yield()
+    else:
+        time.sleep(0)
+
+
 SEND_MAX = 1 << 30
 # How long a TLS watcher's check for its client's end waits for a whole record.
 PEER_CHECK_TIMEOUT = 0.1
@@ -3890,6 +3956,8 @@ class ThreadConnection:
                 received = sock.recv_into(view)
                 self.send(protocol.receive_data(self.buffer[:received]))
                 while protocol.pending and protocol.watcher is None:
+                    if protocol.yielded:
+                        give_way()
                     self.send(protocol.data_to_send())
         except socket.timeout:
             engine.service.count("idle_kicks")
@@ -4444,6 +4512,12 @@ class Server:
         be read whole is never half-loaded: memg says so on stderr, moves it aside
         and starts empty."""
         path = self.settings.memory_file
+        # memcached's -e keeps its cache in FILE and how to read it back in FILE.meta:
+        # memg can read neither, and its snapshot would take FILE's place.
+        if os.path.lexists(path + ".meta"):
+            raise ValueError("%s.meta is memcached's restart metadata: memg cannot read "
+                             "the cache memcached saved in %s, and would write over it "
+                             "(remove both, or give -e another file)" % (path, path))
         folder = os.path.dirname(os.path.abspath(path))
         if not os.access(folder, os.W_OK):
             raise ValueError("cannot write the memory file's folder %s" % folder)
@@ -4510,8 +4584,7 @@ class Server:
 # so that service files written for memcached keep working.
 IGNORED_OPTIONS = {
     "-r": (False, "core dump limits"), "-k": (False, "memory locking"),
-    "-L": (False, "large pages"),
-    "-R": (True, "requests per event"), "-W": (False, "watch commands"),
+    "-L": (False, "large pages"), "-W": (False, "watch commands"),
 }
 # memcached -o options memg accepts and ignores (slab, LRU, hash and extstore tuning).
 IGNORED_EXTENDED = {
@@ -4526,16 +4599,11 @@ IGNORED_EXTENDED = {
     "drop_privileges", "no_drop_privileges", "inline_ascii_response", "lru_segmented",
     "no_lru_segmented", "meta_response_old", "no_inline_ascii_resp", "bind_protocol",
 }
-# memcached options whose feature memg does not have: refused, never silently ignored.
-UNSUPPORTED_OPTIONS = {
-    "-d": (False, "daemon mode: run memg under a service manager instead"),
-}
 
 
 def build_parser():
     """memcached's command line, built from the Settings fields (each with its
-    flags, help and choices), plus -o, -h, -V and the options memg ignores or
-    refuses."""
+    flags, help and choices), plus -o, -h, -V and the options memg ignores."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -4568,11 +4636,9 @@ def build_parser():
     add("-h", "--help", action="help", help="print this help and exit")
     add("-V", "--version", action="version", version="memg %s (memcached protocol %s)"
         % (__version__, VERSION), help="print version and exit")
-    for options, label in ((IGNORED_OPTIONS, "ignored: memg has no %s"),
-                           (UNSUPPORTED_OPTIONS, "not supported: %s")):
-        for flag, (takes_value, what) in options.items():
-            add(flag, dest="option_" + flag[1], help=label % what,
-                **({"metavar": "X"} if takes_value else {"action": "store_true"}))
+    for flag, (takes_value, what) in IGNORED_OPTIONS.items():
+        add(flag, dest="option_" + flag[1], help="ignored: memg has no %s" % what,
+            **({"metavar": "X"} if takes_value else {"action": "store_true"}))
     return parser
 
 
@@ -4581,9 +4647,6 @@ def parse_command_line(argv):
     SystemExit with a one-line message for anything memg cannot honour."""
     args = vars(build_parser().parse_args(argv))
     warnings = []
-    for flag, (_, what) in UNSUPPORTED_OPTIONS.items():
-        if args.pop("option_" + flag[1]):
-            raise SystemExit("memg: %s is not supported (%s)" % (flag, what))
     for flag, (_, what) in IGNORED_OPTIONS.items():
         if args.pop("option_" + flag[1]):
             warnings.append("%s ignored: memg has no %s" % (flag, what))
@@ -4722,9 +4785,9 @@ class StopSignals:
         self.received = False
         self.engine = None
         if hasattr(signal, "pthread_sigmask"):
-            # Before any other thread starts: threads inherit the mask.
+            # Before any other thread starts: threads inherit the mask.  Signals that
+            # come before serve() wait, blocked, for the thread it starts.
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-            threading.Thread(target=self.wait, name="memg-signals", daemon=True).start()
         else:
             for signum in STOP_SIGNALS:
                 signal.signal(signum, self.stop)
@@ -4741,10 +4804,54 @@ class StopSignals:
             engine.request_stop()
 
     def serve(self, engine):
-        """Have the signals stop engine from now on (one that came already, at once)."""
+        """Have the signals stop engine from now on (one that came already, at once).
+        The thread that takes them starts here, after -d's fork: a fork keeps only
+        the thread that calls it."""
         self.engine = engine
+        if hasattr(signal, "pthread_sigmask"):
+            threading.Thread(target=self.wait, name="memg-signals", daemon=True).start()
         if self.received:
             engine.request_stop()
+
+
+def write_pid_file(path, pid):
+    """-P: the process id, written whole under another name first, as memcached
+    does, so that a reader never finds the file empty."""
+    try:
+        with open(path + ".tmp", "w") as pid_file:
+            pid_file.write("%d\n" % pid)
+        os.replace(path + ".tmp", path)
+    except OSError as error:
+        raise SystemExit("memg: cannot write the pid file %s: %s" % (
+            path, error.strerror or error))
+
+
+def daemonize(settings):
+    """-d: go on in a child process, in a session of its own (no terminal to hang
+    up on it), with stdin and stdout on /dev/null, and stderr too unless -v, as
+    memcached's -d; this process exits 0 once the child's pid file (-P) is written,
+    so that what started memg finds both the pid file and the listening sockets as
+    soon as memg returns (clients that come before the child serves wait in the
+    listen queue).  The working folder stays: the files -e, -P and -s name relative
+    to it are written and removed again at the stop.  Call it before any thread
+    starts: a fork keeps only the thread that calls it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child:
+        if settings.pid_file:
+            try:
+                write_pid_file(settings.pid_file, child)
+            except SystemExit:
+                os.kill(child, signal.SIGTERM)   # (a daemon no one could find)
+                raise
+        os._exit(0)
+    os.setsid()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    for stream in (0, 1) if settings.verbose else (0, 1, 2):
+        os.dup2(null, stream)
+    os.close(null)
 
 
 def main(argv=None):
@@ -4770,9 +4877,6 @@ def main(argv=None):
     if settings.user:
         drop_privileges(settings.user)
     raise_open_file_limit(settings.max_connections)
-    if settings.pid_file:
-        with open(settings.pid_file, "w") as pid_file:
-            pid_file.write("%d\n" % os.getpid())
     if beyond_loopback(settings) and not (settings.auth_file or settings.sasl):
         print("memg: warning: listening beyond loopback (%s) with no authentication: "
               "anyone who can reach the port can read and change the cache"
@@ -4781,6 +4885,10 @@ def main(argv=None):
         print("memg: warning: serving UDP beyond loopback (%s): UDP's source addresses "
               "can be forged, so anyone can have memg send replies to a third party"
               % settings.host, file=sys.stderr)
+    if settings.daemonize:
+        daemonize(settings)
+    elif settings.pid_file:
+        write_pid_file(settings.pid_file, os.getpid())
     signals.serve(server.engine)
     if settings.verbose:
         print("memg %s listening on %s (%s engine)" % (__version__, ", ".join(

@@ -24,8 +24,8 @@ import subprocess
 
 import pytest
 
-from conftest import (RawClient, client_hello, parse_stats, start_memcached, start_memg,
-                      tls_refusal)
+from conftest import (RawClient, client_hello, parse_stats, set_many, start_memcached,
+                      start_memg, stats, tls_refusal, wait_for)
 from test_binary import (Op, Status, counter, flush, parse, plain, request, response, store,
                          touching)
 from test_udp import FRAME, DatagramClient, frame, free_udp_port
@@ -311,6 +311,37 @@ def test_evictions_per_class_as_memcached():
         return ({name.split(":")[1] for name in before}, int(before["items:31:evicted"]) > 0,
                 after["items:31:evicted"], after["items:31:evicted_unfetched"])
     assert on_new_servers(["-m", "3"], evicted) == [({"31"}, True, "0", "0")] * 2
+
+
+def test_yields_of_a_pipelining_client_as_memcached():
+    """memcached's t/issue_61.t: six sets in one packet, one command per turn."""
+    def yields(server):
+        with server.connect() as client:
+            sets = b"set foobar 0 0 5\r\nBubba\r\n" * 6
+            assert client.request(sets, b"STORED\r\n" * 6) == b"STORED\r\n" * 6
+            return (stats(client)["conn_yields"],
+                    stats(client, b"settings")["reqs_per_event"])
+    replies = on_new_servers(["-R", "1"], yields)
+    assert replies[0] == replies[1] == ("5", "1")
+
+
+def test_hash_table_growth_as_memcached():
+    """Past one and a half items a bucket, the table doubles, within a second or so."""
+    def growth(server):
+        with server.connect() as client:
+            before = stats(client)
+            set_many(client, [b"k%d" % number for number in range(3 * 2 ** 16 // 2 + 1)], b"")
+            after = {}
+
+            def grown():          # (memcached moves its items to the larger table in
+                after.update(stats(client))                     # the background)
+                return (after["hash_power_level"], after["hash_is_expanding"]) == ("17", "0")
+
+            wait_for(grown, what="the table's growth")
+        return [(numbers["hash_power_level"], numbers["hash_bytes"])
+                for numbers in (before, after)]
+    replies = on_new_servers([], growth)
+    assert replies[0] == replies[1] == [("16", str(2 ** 16 * 8)), ("17", str(2 ** 17 * 8))]
 
 
 # -- -Y: memcached's ASCII authentication ------------------------------------------

@@ -98,7 +98,7 @@ def test_a_value_over_the_limit_is_discarded_as_it_arrives():
 
 
 def test_replies_beyond_the_output_bound_wait_for_the_engine():
-    session = Session()
+    session = Session(reqs_per_event=2000)
     session.send(b"set k 0 0 1000\r\n" + b"x" * 1000 + b"\r\n")
     proto = session.connect()
     requests = b"get k\r\n" * 1000
@@ -112,6 +112,21 @@ def test_replies_beyond_the_output_bound_wait_for_the_engine():
         rest += step
     reply = b"VALUE k 0 1000\r\n" + b"x" * 1000 + b"\r\nEND\r\n"
     assert first + rest == reply * 1000
+
+
+def test_after_reqs_per_event_commands_the_rest_wait_for_the_engine():
+    session = Session(reqs_per_event=2)
+    proto = session.connect()
+    assert proto.receive_data(b"set k 0 0 1\r\nv\r\nmn\r\nget k\r\nmn\r\nm") == (
+        b"STORED\r\nMN\r\n")
+    assert proto.pending and proto.yielded
+    assert proto.data_to_send() == b"VALUE k 0 1\r\nv\r\nEND\r\nMN\r\n"
+    assert proto.pending and proto.yielded            # (the rest of a line waits)
+    assert proto.data_to_send() == b""
+    assert not proto.pending and not proto.yielded
+    assert proto.receive_data(b"n\r\n") == b"MN\r\n"
+    # A yield is a turn given up with input waiting: the last one was not.
+    assert dict(session.server.service.general_stats())["conn_yields"] == 2
 
 
 @pytest.mark.parametrize("line", [b"", b"   ", b"foo", b"g", b"GET k", b"sett k 0 0 1", b"getx k"],

@@ -250,6 +250,41 @@ def test_stats_items_and_slabs_show_memcacheds_classes_while_clients_write():
     assert code == 0 and b"Traceback" not in err
 
 
+# -- -R: commands in a row before a connection yields ------------------------------------
+
+def test_a_pipelining_client_yields_every_reqs_per_event_commands():
+    """memcached's t/issue_61.t, counted exactly: a turn given up with commands
+    waiting is a yield, whatever the engine."""
+    sets = b"set foobar 0 0 5\r\nBubba\r\n" * 6
+    for limit, yields in ((1, 5), (2, 2), (6, 0)):
+        server = start_memg("-R", str(limit))
+        try:
+            with server.connect() as client:
+                assert client.request(sets, b"STORED\r\n" * 6) == b"STORED\r\n" * 6
+                assert stats(client)["conn_yields"] == str(yields)
+                assert stats(client, b"settings")["reqs_per_event"] == str(limit)
+                assert client.request(b"stats reset\r\n") == b"RESET\r\n"
+                assert stats(client)["conn_yields"] == "0"
+        finally:
+            server.stop()
+
+
+def test_a_long_pipeline_is_answered_whole_and_in_order_while_others_are_served():
+    server = start_memg("-R", "1")
+    try:
+        with server.connect() as pipelining, server.connect() as other:
+            requests = b"".join(b"set k%d 0 0 %d\r\n%d\r\nget k%d\r\n" % (
+                number, len(b"%d" % number), number, number) for number in range(3000))
+            expected = b"".join(b"STORED\r\nVALUE k%d 0 %d\r\n%d\r\nEND\r\n" % (
+                number, len(b"%d" % number), number) for number in range(3000))
+            pipelining.send(requests)
+            assert other.request(b"mn\r\n") == b"MN\r\n"
+            assert pipelining.recv_exact(len(expected)) == expected
+            assert int(stats(other)["conn_yields"]) > 3000
+    finally:
+        server.stop()
+
+
 def test_server_never_sends_a_traceback():
     server = start_memg()
     try:

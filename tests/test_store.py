@@ -305,6 +305,22 @@ def test_the_garbage_collector_never_walks_the_items(store):
     assert not any(gc.is_tracked(item) for item in store.items.values())
 
 
+def test_the_hash_table_grows_as_memcacheds_a_power_a_check_and_never_shrinks(store):
+    assert store.snapshot()["hash_power_level"] == 16
+    for number in range(3 * 2 ** 16 // 2):
+        store.store(SET, b"k%d" % number, b"")
+    store.grow_hash_table()
+    assert store.snapshot()["hash_power_level"] == 16         # not more than half over
+    store.store(SET, b"one more", b"")
+    store.grow_hash_table()
+    assert store.snapshot()["hash_power_level"] == 17
+    store.grow_hash_table()
+    assert store.snapshot()["hash_power_level"] == 17
+    store.flush()
+    store.grow_hash_table()
+    assert store.snapshot()["hash_power_level"] == 17
+
+
 # --------------------------------------------------------------------------
 # Retrieval
 # --------------------------------------------------------------------------
