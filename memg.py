@@ -4541,6 +4541,10 @@ class Server:
         except OSError as error:        # (a folder, a file memg may not read: not ours)
             raise ValueError("cannot read the memory file %s: %s" % (
                 path, error.strerror or error))
+        # Read once, as memcached unlinks its metadata once read: a crash before the
+        # next save must not bring back values older than those served since.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         if self.settings.verbose:
             print("memg: restored %d items from %s in %.1f s" % (
                 restored, path, time.monotonic() - started), file=sys.stderr, flush=True)
