@@ -28,6 +28,7 @@ The file reads top to bottom in the order data flows:
 import asyncio
 import base64
 import binascii
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -149,6 +150,15 @@ class Settings:
     enable_shutdown: bool = option(
         False, "-A", "--enable-shutdown", stat="shutdown_command", show=yes_no,
         help='enable the "shutdown" command')
+    growth_factor: float = option(
+        1.25, "-f", "--slab-growth-factor", parse=float, metavar="FACTOR",
+        stat="growth_factor", show="%.2f".__mod__,
+        help="memcached's slab classes (stats items, stats slabs): each class's chunk "
+             "this much larger than the last (default: 1.25)")
+    chunk_size: int = option(
+        48, "-n", "--slab-min-size", parse=int, metavar="BYTES", stat="chunk_size",
+        help="memcached's slab classes: the smallest chunk's room for key, value and "
+             "flags (default: 48)")
     threads: int = option(
         4, "-t", "--threads", parse=int, stat="num_threads",
         help="accepted for compatibility and reported by stats (default: 4)")
@@ -158,6 +168,10 @@ class Settings:
     detail_enabled: bool = option(
         False, stat="detail_enabled", show=yes_no,
         help="stats detail on|off turns this on and off while memg serves")
+    reqs_per_event: int = option(
+        20, "-R", "--max-reqs-per-event", parse=int, metavar="N", stat="reqs_per_event",
+        help="commands a connection runs in a row while others wait their turn (default: "
+             "20)")
     use_cas: bool = option(
         True, "-C", "--disable-cas", stat="cas_enabled", show=yes_no, help="disable CAS")
     backlog: int = option(
@@ -184,6 +198,11 @@ class Settings:
         1 * MB, "-I", "--max-item-size", parse=lambda text: parse_size(text, 1),
         metavar="SIZE", stat="item_size_max",
         help="max item size, as 512k or 2m (default: 1m, min: 1k, max: 1024m)")
+    slab_chunk_max: Optional[int] = option(
+        None, parse=int, extended=True, stat="slab_chunk_max",
+        help="-o slab_chunk_max=BYTES: memcached's largest slab chunk; larger items "
+             "take several (default: half of a 1 MB page, the whole page under "
+             "no_modern up to -I 1m)")
     lru_crawler: bool = option(
         True, extended=True, stat="lru_crawler", show=yes_no,
         help="-o no_lru_crawler: start with the background sweep of expired items off "
@@ -201,9 +220,17 @@ class Settings:
     idle_timeout: int = option(
         0, parse=int, extended=True, stat="idle_timeout",
         help="-o idle_timeout=SECONDS: close clients idle that long (0: never)")
+    watcher_logbuf_size: int = option(
+        256 * KB, parse=lambda text: parse_size(text, KB), extended=True,
+        stat="watcher_logbuf_size",
+        help="-o watcher_logbuf_size=KB: log lines a watcher may fall behind by, in "
+             "kilobytes, before it misses some (default: 256)")
     track_sizes: bool = option(
         False, extended=True, stat="track_sizes", show=yes_no,
         help="-o track_sizes: keep the item size histogram of stats sizes")
+    no_modern: bool = option(
+        False, extended=True,
+        help="-o no_modern: memcached 1.4's defaults where memg has them (slab_chunk_max)")
     ssl_enabled: bool = option(
         False, "-Z", "--enable-ssl", stat="ssl_enabled", show=yes_no,
         help="serve TLS on every TCP listener but those -l names with notls: (needs "
@@ -254,7 +281,13 @@ class Settings:
     user: Optional[str] = option(
         None, "-u", "--user", help="drop root privileges to this user after binding")
     pid_file: Optional[str] = option(
-        None, "-P", "--pidfile", metavar="FILE", help="write the process id to FILE")
+        None, "-P", "--pidfile", metavar="FILE",
+        help="write the process id to FILE (removed when memg stops)")
+    daemonize: bool = option(
+        False, "-d", "--daemon",
+        help="run in the background, in a session of its own, with stdin, stdout and "
+             "stderr on /dev/null (stderr kept with -v); memg returns once it listens "
+             "(needs fork: not on Windows)")
     engine: str = option(
         "threads", "--engine", choices=lambda: sorted(ENGINES),
         help="how connections are served: threads (a thread per connection, the "
@@ -303,6 +336,9 @@ class Settings:
         if self.sasl and not self.sasl_pwdb:
             raise ValueError("-S needs the environment variable MEMCACHED_SASL_PWDB naming "
                              "a file of user:password lines")
+        if self.daemonize and not hasattr(os, "fork"):
+            raise ValueError("-d needs fork(), which this platform does not have: run "
+                             "memg under a service manager instead")
         if self.unix_socket and not hasattr(socket, "AF_UNIX"):
             raise ValueError("Unix sockets (-s) are not available on this platform")
         for name in ("port", "udp_port"):
@@ -314,7 +350,18 @@ class Settings:
         if self.item_size_max > self.memory_limit // 2:
             raise ValueError("item size limit (-I) must be at most half the memory "
                              "limit (-m)")
-        for name in ("max_connections", "threads", "backlog"):
+        if self.growth_factor <= 1:
+            raise ValueError("the slab growth factor (-f) must be greater than 1")
+        if self.chunk_size < 1:
+            raise ValueError("the slab minimum size (-n) must be at least 1")
+        if self.slab_chunk_max is None:
+            # memcached's default; -I over a page brings back half a page
+            whole = self.no_modern and self.item_size_max <= SLAB_PAGE_SIZE
+            self.slab_chunk_max = SLAB_PAGE_SIZE if whole else SLAB_PAGE_SIZE // 2
+        if not CHUNK_STRUCT_SIZE < self.slab_chunk_max <= SLAB_PAGE_SIZE:
+            raise ValueError("slab_chunk_max must be more than %d (a chunk's header) and "
+                             "at most %d (a slab page)" % (CHUNK_STRUCT_SIZE, SLAB_PAGE_SIZE))
+        for name in ("max_connections", "threads", "backlog", "reqs_per_event"):
             if getattr(self, name) < 1:
                 raise ValueError("%s (%s) must be at least 1" % (
                     name.replace("_", " "), self.flag(name)))
@@ -433,6 +480,14 @@ STORE_COUNTERS = (
     "total_items", "evictions", "evicted_nonzero", "reclaimed", "expired_unfetched",
     "evicted_unfetched", "crawler_reclaimed", "crawler_items_checked",
 )
+# Events rare enough that the store also counts them per slab class as they happen
+# (``stats items``), by memcached's name there: the counter above that each adds to.
+CLASS_COUNTERS = {
+    "evicted": "evictions", "evicted_nonzero": "evicted_nonzero",
+    "outofmemory": "store_no_memory", "reclaimed": "reclaimed",
+    "expired_unfetched": "expired_unfetched", "evicted_unfetched": "evicted_unfetched",
+    "crawler_reclaimed": "crawler_reclaimed", "crawler_items_checked": "crawler_items_checked",
+}
 
 
 # An item is one stored value and its metadata, packed into a single bytes object: a
@@ -502,18 +557,94 @@ def item_cost(key, size):
     return len(key) + size + ITEM_OVERHEAD
 
 
-def slab_class(key_length, value_length, flags):
-    """The slab class memg reports an item in (watch's clsid): memg has no slab
-    allocator, and keeps every item in class 1."""
-    return 1
+# -- slab classes: where memcached would keep an item ----------------------------------
+# memg allocates no slabs, but ``stats items`` and ``stats slabs`` show its items in
+# the classes memcached 1.6.18 would store them in (its slabs_init, slabs_clsid and
+# item_make_header), so that dashboards and exporters read the same classes from
+# both.  memcached cuts its classes' chunks from pages of 1 MB.
+SLAB_PAGE_SIZE = 1 * MB
+# memcached's item header (its struct _stritem, on 64 bits) and the header of each
+# chunk of a large item (struct _strchunk).
+ITEM_STRUCT_SIZE = 48
+CHUNK_STRUCT_SIZE = 48
+# memcached's slab class ids run below this (0 is its pool of free pages).
+SLAB_CLASSES = 64
 
 
+class SlabClasses:
+    """memcached's slab classes for -f, -n and slab_chunk_max: class i (from 1)
+    keeps items of up to ``chunk_sizes[i - 1]`` bytes as memcached sizes an item
+    (``item_size``), one to a chunk.  The largest class's chunk is slab_chunk_max;
+    an item larger than that is in the largest class too, but made of chunks: a
+    header chunk of the class its header fits, chunks of the largest class, and
+    one of the class the rest fits."""
+
+    def __init__(self, growth_factor=1.25, chunk_size=48, slab_chunk_max=SLAB_PAGE_SIZE // 2,
+                 use_cas=True, whole_pages=True):
+        """whole_pages: whether memcached mallocs a whole page for a class, as it
+        does unless -o no_modern leaves slab_chunk_max at a page (then it mallocs
+        the chunks that fit in one)."""
+        sizes = []
+        size = ITEM_STRUCT_SIZE + chunk_size
+        # As slabs_init: the classes grow by the factor, 8-byte aligned, until one
+        # more would pass the largest chunk.
+        while len(sizes) < SLAB_CLASSES - 2 and size < slab_chunk_max / growth_factor:
+            size += -size % 8
+            sizes.append(size)
+            size = int(size * growth_factor)
+        self.chunk_sizes = sizes + [slab_chunk_max]
+        self.largest = len(self.chunk_sizes)
+        self.smaller_sizes = sizes               # (what a bisection needs)
+        self.chunk_max = slab_chunk_max
+        self.cas_size = 8 if use_cas else 0
+        self.whole_pages = whole_pages
+
+    def item_size(self, key_length, value_length, flags):
+        """memcached's size of an item (ITEM_ntotal): its header, the key and a NUL,
+        the client flags unless 0, the value and "\r\n", the CAS unique."""
+        return (ITEM_STRUCT_SIZE + key_length + 1 + (4 if flags else 0) + value_length + 2
+                + self.cas_size)
+
+    def slab_class(self, key_length, value_length, flags):
+        """The class memcached keeps such an item in."""
+        return self.class_for(self.item_size(key_length, value_length, flags))
+
+    def class_for(self, size):
+        """The class whose chunks fit size bytes, or the largest (slabs_clsid)."""
+        return bisect.bisect_left(self.smaller_sizes, size) + 1
+
+    def chunks(self, key_length, value_length, flags):
+        """The chunks memcached takes for such an item: (class, how many) pairs."""
+        size = self.item_size(key_length, value_length, flags)
+        if size <= self.chunk_max:
+            return [(self.class_for(size), 1)]
+        header = size - value_length - 2 + CHUNK_STRUCT_SIZE    # with a chunk header
+        full, rest = divmod(value_length + 2, self.chunk_max - CHUNK_STRUCT_SIZE)
+        return [(self.class_for(header), 1)] + ([(self.largest, full)] if full else []) + (
+            [(self.class_for(rest + CHUNK_STRUCT_SIZE), 1)] if rest else [])
+
+    def per_page(self, slab_class):
+        return SLAB_PAGE_SIZE // self.chunk_sizes[slab_class - 1]
+
+    def page_bytes(self, slab_class):
+        """What memcached mallocs for a page of the class."""
+        return (SLAB_PAGE_SIZE if self.whole_pages
+                else self.chunk_sizes[slab_class - 1] * self.per_page(slab_class))
+
+
+# What a walk of the cache finds the items take in memcached's slab classes
+# (Store.slab_usage): items, slab class -> [items, mem_requested (memcached's bytes),
+# last access of the least recently used]; chunks, slab class -> chunks taken; with
+# the classes' counters, and when.
+SlabUsage = collections.namedtuple("SlabUsage", "items chunks counters now")
 # What mg reports of an item as it was before the request (Store.meta_get).
 MetaView = collections.namedtuple("MetaView", "hit_before last_access ttl won token_sent stale")
 # Keys a walk of the whole cache visits under one hold of the store's lock.
 WALK_BATCH = 1000
 # How long a flush keeps what it dropped at hand (see Store.flushed), at least.
 FLUSHED_KEPT = 1.0
+# memcached's hash table: 2**16 buckets at first, 2**32 at most (see grow_hash_table).
+HASH_POWER_DEFAULT, HASH_POWER_MAX = 16, 32
 
 
 class Store:
@@ -525,11 +656,14 @@ class Store:
     """
 
     def __init__(self, memory_limit=64 * MB, item_size_max=1 * MB, evict=True,
-                 use_cas=True, track_sizes=False, clock=time.time):
+                 use_cas=True, track_sizes=False, clock=time.time, slabs=None):
+        """slabs: the SlabClasses that stats report items in (memcached's default
+        classes if None)."""
         self.memory_limit = memory_limit
         self.item_size_max = item_size_max
         self.evict = evict
         self.use_cas = use_cas
+        self.slabs = slabs or SlabClasses(use_cas=use_cas)
         self.clock = clock
         self.started = int(clock())
         self.lock = threading.Lock()
@@ -550,11 +684,15 @@ class Store:
         self.flushed_bytes = 0
         self.flushed_at = 0.0
         self.counters = dict.fromkeys(STORE_COUNTERS, 0)
-        self.evicted_time = 0                    # idle seconds of the last evicted item
+        # slab class -> CLASS_COUNTERS, and evicted_time: the idle seconds of its
+        # last evicted item
+        self.class_counters = collections.defaultdict(
+            lambda: dict.fromkeys(list(CLASS_COUNTERS) + ["evicted_time"], 0))
         self.on_evict = None                     # called as on_evict(key, item, now)
         # Items per 32-byte size class (``stats sizes``), kept only if asked for.
         self.sizes = collections.Counter() if track_sizes else None
         self._sweep_keys = []                    # keys still to visit in this sweep
+        self.hash_power = HASH_POWER_DEFAULT     # see grow_hash_table
 
     # -- time ---------------------------------------------------------------
 
@@ -608,7 +746,7 @@ class Store:
             self._unlink(key, item)
             self.counters["get_expired"] += 1
             if not state & FETCHED:
-                self.counters["expired_unfetched"] += 1
+                self._count(key, item, expired_unfetched=1)
             if watch is not None:
                 watch(key, "expired", None)
             return None
@@ -690,6 +828,19 @@ class Store:
         if self.sizes is not None:
             self.sizes[self.size_class(key, item)] -= 1
 
+    def _count(self, key, item, **events):
+        """Count events of item (key's): CLASS_COUNTERS names and how many, added to
+        its slab class's counters and to the store's.  Returns the class's."""
+        counts = self.class_counters[self._class_of(key, item)]
+        for name, number in events.items():
+            counts[name] += number
+            self.counters[CLASS_COUNTERS[name]] += number
+        return counts
+
+    def _class_of(self, key, item):
+        """The slab class memcached would keep item (key's) in."""
+        return self.slabs.slab_class(len(key), len(item) - VALUE_START, item_fields(item)[3])
+
     def size_class(self, key, item):
         """The 32-byte class ``stats sizes`` counts an item in, by memcached's size."""
         size = len(key) + value_size(item) + ITEM_HEADER_SIZE + (
@@ -733,12 +884,11 @@ class Store:
                 return False
             self._unlink(key, item)
             if dead:
-                self.counters["reclaimed"] += 1
+                self._count(key, item, reclaimed=1, expired_unfetched=not state & FETCHED)
             else:
-                self.counters["evictions"] += 1
-                self.counters["evicted_nonzero"] += exptime != 0
-                self.counters["evicted_unfetched"] += not state & FETCHED
-                self.evicted_time = now - atime
+                counts = self._count(key, item, evicted=1, evicted_nonzero=exptime != 0,
+                                     evicted_unfetched=not state & FETCHED)
+                counts["evicted_time"] = now - atime
                 if self.on_evict is not None:
                     self.on_evict(key, item, now)
         return self.bytes + needed <= self.memory_limit
@@ -859,7 +1009,7 @@ class Store:
             state = STALE | (was.state & WON) if stale else 0
             item = pack_header(new_cas or self._next_cas(), expires, now, flags, state) + value
             if not self._link(key, item, old):
-                counters["store_no_memory"] += 1
+                self._count(key, item, outofmemory=1)
                 if mode == SET and old is not None:
                     self._unlink(key, old)    # as memcached: a failed set leaves no value
                 return NO_MEMORY, None
@@ -926,7 +1076,7 @@ class Store:
                 new = make_item(b"%d" % initial, 0, self.expiry(vivify, now),
                                 new_cas or self._next_cas(), now)
                 if not self._link(key, new):
-                    counters["store_no_memory"] += 1
+                    self._count(key, new, outofmemory=1)
                     return NO_MEMORY, None
                 return STORED, new
             was = unpack_item(item)
@@ -949,7 +1099,7 @@ class Store:
             new = make_item(digits, was.flags, expires, new_cas or self._next_cas(), now,
                             was.state & FETCHED)
             if not self._link(key, new, item):
-                counters["store_no_memory"] += 1
+                self._count(key, new, outofmemory=1)
                 return NO_MEMORY, None
             return STORED, new
 
@@ -1051,13 +1201,16 @@ class Store:
             yield
 
     def _reclaim(self, keys, now):
-        self.counters["crawler_items_checked"] += len(keys)
         for key in keys:
             item = self.items.get(key)
-            if item is not None and self._dead(item, now):
+            if item is None:
+                continue                          # gone since the keys were taken
+            if self._dead(item, now):
                 self._unlink(key, item)
-                self.counters["crawler_reclaimed"] += 1
-                self.counters["expired_unfetched"] += not header(item).state & FETCHED
+                self._count(key, item, crawler_items_checked=1, crawler_reclaimed=1,
+                            expired_unfetched=not header(item).state & FETCHED)
+            else:
+                self._count(key, item, crawler_items_checked=1)
 
     def size_histogram(self):
         """(size, items) for each 32-byte class that has items, or None when sizes
@@ -1067,34 +1220,41 @@ class Store:
                 return None
             return sorted((size, count) for size, count in self.sizes.items() if count)
 
+    def grow_hash_table(self):
+        """Follow memcached's hash table, whose size its ``stats`` show as
+        hash_power_level: it doubles once its items outnumber its buckets by half,
+        checked once a second as memcached does (the engines call this through
+        Service.sweep), and never shrinks.  memg's dict sizes itself; this is what
+        memcached would show for the same keys, and a restart (-e) keeps it."""
+        with self.lock:
+            if (len(self.items) > 3 * 2 ** self.hash_power // 2
+                    and self.hash_power < HASH_POWER_MAX):
+                self.hash_power += 1
+
     def reset_counters(self):
         with self.lock:
             for name in STORE_COUNTERS:
                 self.counters[name] = 0
+            self.class_counters.clear()
 
     def snapshot(self):
         """Counters and sizes for ``stats``, read consistently."""
         with self.lock:
-            now = self.now()
-            oldest = next(iter(self.items.values()), None)
             counters = self.counters
             return dict(counters, curr_items=len(self.items), bytes=self.bytes,
-                        hash_bytes=sys.getsizeof(self.items),
-                        # A dict's table is a power of two at most two-thirds full:
-                        # this is the smallest that holds the items.
-                        hash_power_level=max(3, (len(self.items) * 3 // 2).bit_length()),
                         cmd_get=counters["get_hits"] + counters["get_misses"],
                         cmd_touch=counters["touch_hits"] + counters["touch_misses"],
-                        limit_maxbytes=self.memory_limit, evicted_time=self.evicted_time,
-                        oldest_age=now - header(oldest).atime if oldest else 0)
+                        limit_maxbytes=self.memory_limit, hash_power_level=self.hash_power)
 
-    def walk(self, limit=None, batch=WALK_BATCH):
+    def walk(self, limit=None, batch=WALK_BATCH, dead=False, classes=None):
         """Every live item, most recently used first, as lists of (key, item) pairs,
         a batch at a time (``stats cachedump``, ``lru_crawler metadump``): the lock is
         held for one batch, never for the whole walk, so that other clients wait no
         longer than that.  Only the keys are copied at the start, in one pass of
         C (3 ms for a million items); an item changed since comes as it now is, one
-        gone since is left out.  limit: at most that many of the most recent keys."""
+        gone since is left out.  limit: at most that many of the most recent keys;
+        dead: with the items expired or flushed but not yet dropped; classes: only
+        the items of these slab classes."""
         with self.lock:
             keys = list(itertools.islice(reversed(self.items), limit))
         for start in range(0, len(keys), batch):
@@ -1102,8 +1262,33 @@ class Store:
                 now = self.now()
                 pairs = [(key, item) for key, item in zip(
                     keys[start:start + batch], map(self.items.get, keys[start:start + batch]))
-                    if item is not None and not self._dead(item, now)]
+                    if item is not None and (dead or not self._dead(item, now))
+                    and (classes is None or self._class_of(key, item) in classes)]
             yield pairs
+
+    def slab_usage(self):
+        """What the items take in memcached's slab classes, found by a walk of the
+        cache (every linked item, as curr_items counts them): a SlabUsage."""
+        slabs = self.slabs
+        held, chunks = collections.defaultdict(lambda: [0, 0, 0]), collections.Counter()
+        for batch in self.walk(dead=True):
+            for key, item in batch:
+                _, _, atime, flags, _ = item_fields(item)
+                size = slabs.item_size(len(key), len(item) - VALUE_START, flags)
+                slab_class = slabs.class_for(size)
+                counts = held[slab_class]
+                counts[0] += 1
+                counts[1] += size
+                counts[2] = atime                 # the walk ends at the least recent
+                if size > slabs.chunk_max:        # a large item, in several chunks
+                    for chunk_class, number in slabs.chunks(
+                            len(key), len(item) - VALUE_START, flags):
+                        chunks[chunk_class] += number
+                else:
+                    chunks[slab_class] += 1
+        with self.lock:
+            return SlabUsage(dict(held), chunks, {slab_class: dict(counts) for slab_class, counts
+                                                  in self.class_counters.items()}, self.now())
 
     def _dead(self, item, now):
         """Whether item has expired or been flushed (but is still linked)."""
@@ -1121,13 +1306,15 @@ class Store:
             clock = self.clock
             self.clock = lambda: clock() + seconds
 
-    def restore(self, pairs, cas_counter, batch=WALK_BATCH):
+    def restore(self, pairs, cas_counter, hash_power=0, batch=WALK_BATCH):
         """Link the items of a snapshot: (key, item) pairs, most recently used first,
         as ``walk`` gives them.  They keep that order of use, above the items already
         here; those expired since, and those too large for -I, are left out, and so
         are the least recently used of them beyond the memory limit, as eviction
         would leave them out.  The lock is held a batch at a time.  The CAS counter
-        goes on above every unique restored.  Returns how many were linked."""
+        goes on above every unique restored, and the hash table is as large as the
+        snapshot's was, if that was larger (0: not known).  Returns how many were
+        linked."""
         now = self.now()
         kept, cost, highest = [], 0, cas_counter
         for key, item in pairs:
@@ -1152,6 +1339,8 @@ class Store:
                     linked += self._link(key, item, self.items.get(key))
                 if self.use_cas:
                     self.last_cas = max(self.last_cas, highest)
+        with self.lock:
+            self.hash_power = max(self.hash_power, min(hash_power, HASH_POWER_MAX))
         return linked
 
 
@@ -1160,8 +1349,10 @@ class Store:
 # reads the same on any platform and Python; a later memg reads every earlier
 # version.  It is data only (never pickle: reading a snapshot runs no code).
 #
-#   header    magic b"MEMGSNAP", format version (u16, now 1), reserved (u16, 0),
-#             when it was written (i64, Unix seconds)
+#   header    magic b"MEMGSNAP", format version (u16, now 1), the hash power (u16:
+#             hash_power_level then, see Store.grow_hash_table; 0, not known, in
+#             files of memg before it kept it), when it was written (i64, Unix
+#             seconds)
 #   items     each: key length (u16), value length (u32), client flags (u32), CAS
 #             unique (u64), expiry (i64, Unix seconds; 0 never), last access (i64,
 #             Unix seconds), state (u8: 1 if fetched since stored), then the key and
@@ -1198,7 +1389,8 @@ def save_snapshot(store, path):
                 file.write(data)
                 checksum = zlib.crc32(data, checksum)
 
-            put(SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, int(time.time())))
+            put(SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION,
+                                     store.snapshot()["hash_power_level"], int(time.time())))
             pack = SNAPSHOT_ITEM.pack
             for pairs in store.walk():
                 parts = []
@@ -1229,7 +1421,8 @@ def save_snapshot(store, path):
 
 def read_snapshot(path):
     """The items of the snapshot at path, most recently used first, as (key, item)
-    pairs, and its CAS counter; SnapshotError if the file is not a whole snapshot of
+    pairs, its CAS counter and its hash power (Store.restore's arguments);
+    SnapshotError if the file is not a whole snapshot of
     a format this memg reads.  The file is read whole and checked before any item
     is made, so it is never half-loaded, and reading allocates no more than its size:
     every length in it is checked against the bytes that are there."""
@@ -1238,7 +1431,7 @@ def read_snapshot(path):
     end = len(data) - SNAPSHOT_COUNTS.size - SNAPSHOT_CHECKSUM.size  # where the items end
     if end < SNAPSHOT_HEADER.size or not data.startswith(SNAPSHOT_MAGIC):
         raise SnapshotError("not a memg snapshot")
-    version = SNAPSHOT_HEADER.unpack_from(data)[1]
+    _, version, hash_power, _ = SNAPSHOT_HEADER.unpack_from(data)
     if version > SNAPSHOT_VERSION:
         raise SnapshotError("format version %d, newer than this memg reads (%d)"
                             % (version, SNAPSHOT_VERSION))
@@ -1263,7 +1456,7 @@ def read_snapshot(path):
             cas, exptime, atime, flags, state & FETCHED) + view[value_start:position]))
     if len(pairs) != count:
         raise SnapshotError("it holds %d items, not the %d it says" % (len(pairs), count))
-    return pairs, cas_counter
+    return pairs, cas_counter, hash_power
 
 
 # --------------------------------------------------------------------------
@@ -1274,31 +1467,37 @@ def read_snapshot(path):
 # others (its proxy's and raw command logs) never have anything to say here.
 WATCH_KINDS = {"fetchers", "mutations", "evictions", "connevents", "deletions",
                "proxyreqs", "proxyevents", "proxyuser", "sysevents", "rawcmds"}
-# Log lines a watcher may fall behind by before it misses some.
-WATCH_BACKLOG = 10000
+# Room memcached asks of a watcher's buffer beyond a line (for a "skipped=N" line).
+WATCH_LINE_ROOM = 128
 # Lines made (memcached's workers' lines written), sent and skipped.
 WATCH_COUNTERS = ("log_worker_written", "log_watcher_sent", "log_watcher_skipped")
 
 
 class Watcher:
     """A connection that sent ``watch``: the kinds of event it wants, the lines not
-    yet sent to it, and how to tell its engine that there are some (wake is called
-    when lines arrive for a watcher that had none, from whichever thread emits)."""
+    yet sent to it and their size, the lines it missed since, and how to tell its
+    engine that there are some (wake is called when lines arrive for a watcher that
+    had none, from whichever thread emits)."""
 
-    __slots__ = ("kinds", "lines", "wake")
+    __slots__ = ("kinds", "lines", "size", "skipped", "wake")
 
     def __init__(self, kinds, wake):
         self.kinds = kinds
         self.lines = collections.deque()
+        self.size = 0
+        self.skipped = 0
         self.wake = wake
 
 
 class Watchers:
     """The watchers, and the events they are sent: one line each,
-    "ts=<time> gid=<sequence> type=..." as memcached writes them.  A watcher that
-    falls WATCH_BACKLOG lines behind misses lines (log_watcher_skipped)."""
+    "ts=<time> gid=<sequence> type=..." as memcached writes them.  A watcher whose
+    unsent lines would pass buffer_size bytes (-o watcher_logbuf_size) misses lines
+    (log_watcher_skipped); once it has room again, a "skipped=N" line tells it how
+    many, as memcached's logger does."""
 
-    def __init__(self):
+    def __init__(self, buffer_size=256 * KB):
+        self.buffer_size = buffer_size
         self.lock = threading.Lock()
         self.watchers = []
         self.active = frozenset()        # kinds someone watches: emitters look here first
@@ -1326,15 +1525,24 @@ class Watchers:
             for watcher in self.watchers:
                 if kind not in watcher.kinds:
                     continue
-                if len(watcher.lines) >= WATCH_BACKLOG:
+                if watcher.size + len(line) + WATCH_LINE_ROOM > self.buffer_size:
+                    watcher.skipped += 1
                     self.counters["log_watcher_skipped"] += 1
                     continue
                 if not watcher.lines:
                     woken.append(watcher)
-                watcher.lines.append(line)
+                if watcher.skipped:
+                    self._append(watcher, b"skipped=%d\n" % watcher.skipped)
+                    watcher.skipped = 0
+                self._append(watcher, line)
                 self.counters["log_watcher_sent"] += 1
         for watcher in woken:            # outside the lock: a wake may take the engine's
             watcher.wake()
+
+    @staticmethod
+    def _append(watcher, line):
+        watcher.lines.append(line)
+        watcher.size += len(line)
 
     def snapshot(self):
         """The counters, and how many watchers there are (log_watchers), for stats."""
@@ -1347,10 +1555,9 @@ class Watchers:
                 self.counters[name] = 0
 
     def take(self, watcher):
-        """The lines waiting for watcher, at most WATCH_BACKLOG of them, as bytes."""
+        """The lines waiting for watcher, as bytes."""
         with self.lock:
-            lines = [watcher.lines.popleft()
-                     for _ in range(min(len(watcher.lines), WATCH_BACKLOG))]
+            lines, watcher.lines, watcher.size = watcher.lines, collections.deque(), 0
         return b"".join(lines)
 
 
@@ -1378,8 +1585,20 @@ def read_auth_file(path, what="the auth file (-Y)"):
 # cmd_meta) is counted by each connection's protocol, and added in when it closes.
 SERVICE_COUNTERS = ("total_connections", "rejected_connections", "listen_disabled_num",
                     "idle_kicks", "auth_cmds", "auth_errors", "ssl_handshake_errors",
-                    "ssl_new_sessions", "lru_crawler_starts")
+                    "ssl_new_sessions", "lru_crawler_starts", "conn_yields")
 TRAFFIC = ("bytes_read", "bytes_written", "cmd_meta")
+
+
+# What stats items shows of a slab class's counters, in memcached's order: tail
+# repairs and locked tails never happen in memg, and read 0.
+CLASS_ITEM_STATS = ("evicted", "evicted_nonzero", "evicted_time", "outofmemory",
+                    "tailrepairs", "reclaimed", "expired_unfetched", "evicted_unfetched",
+                    "crawler_reclaimed", "crawler_items_checked", "lrutail_reflocked")
+# What stats slabs shows of a class's commands: memg counts commands for the server
+# (``stats``), not per class (that would cost every get and set), so these read 0,
+# as memcached shows its dead free_chunks_end: parsers that want them find them.
+SLAB_COMMAND_STATS = ("get_hits", "cmd_set", "delete_hits", "incr_hits", "decr_hits",
+                      "cas_hits", "cas_badval", "touch_hits")
 
 
 # memcached's figures of machinery memg does not have, which ``stats`` shows as
@@ -1468,8 +1687,11 @@ class Service:
 
     def __init__(self, settings):
         self.settings = s = settings
+        slabs = SlabClasses(s.growth_factor, s.chunk_size, s.slab_chunk_max, s.use_cas,
+                            whole_pages=not s.no_modern or s.slab_chunk_max != SLAB_PAGE_SIZE)
         self.store = Store(memory_limit=s.memory_limit, item_size_max=s.item_size_max,
-                           evict=s.evict, use_cas=s.use_cas, track_sizes=s.track_sizes)
+                           evict=s.evict, use_cas=s.use_cas, track_sizes=s.track_sizes,
+                           slabs=slabs)
         self.credentials = read_auth_file(s.auth_file) if s.auth_file else None
         self.sasl_credentials = (read_auth_file(s.sasl_pwdb, "the SASL password database")
                                  if s.sasl else None)
@@ -1477,7 +1699,7 @@ class Service:
         # a new one, so that a certificate that will not load leaves this one whole.
         self.tls_context = s.ssl_context or (tls_context(s) if s.ssl_enabled else None)
         self.tls_refreshed = time.monotonic()
-        self.watchers = Watchers()
+        self.watchers = Watchers(s.watcher_logbuf_size)
         self.store.on_evict = self.watch_eviction
         self.started = time.time()
         self.lock = threading.Lock()       # guards what follows
@@ -1594,9 +1816,11 @@ class Service:
             self.crawling = False
 
     def sweep(self):
-        """Reclaim expired items, a slice at a time: engines call this every second."""
+        """Reclaim expired items, a slice at a time, and follow memcached's hash
+        table's growth: engines call this every second."""
         if self.crawler_enabled:
             self.store.sweep()
+        self.store.grow_hash_table()
 
     # -- watchers -----------------------------------------------------------------
 
@@ -1604,18 +1828,20 @@ class Service:
         if "connevents" in self.watchers.active:
             peer = protocol.peer
             where = ("rip=%s rport=%d transport=tcp" % peer[:2] if isinstance(peer, tuple)
-                     else "transport=local")
+                     else "rip=unix rport=0 transport=local")
             self.watchers.emit("connevents", "type=%s %s%s cfd=%s" % (
-                event, where, " reason=normal" if event == "conn_close" else "",
+                event, where,
+                " reason=" + protocol.close_reason if event == "conn_close" else "",
                 protocol.name))
 
     def watch_eviction(self, key, item, now):
         if "evictions" in self.watchers.active:
             ttl, size, item = self.store.ttl(item, now), value_size(item), header(item)
+            clsid = self.store.slabs.slab_class(len(key), size, item.flags)
             self.watchers.emit("evictions", (
                 "type=eviction key=%s fetch=%s ttl=%d la=%d clsid=%d" % (
                     uri(key), "yes" if item.state & FETCHED else "no", ttl,
-                    now - item.atime, slab_class(len(key), size, item.flags))))
+                    now - item.atime, clsid)))
 
     # -- statistics -------------------------------------------------------------
 
@@ -1712,10 +1938,11 @@ class Service:
             ("time_in_listen_disabled_us",
              counters["listen_disabled_num"] * int(ACCEPT_BACKOFF * 1000000)),
             ("threads", settings.threads),
-            ("conn_yields", 0),
+            ("conn_yields", counters["conn_yields"]),
+            # memcached's hash table for the same keys (see Store.grow_hash_table),
+            # which never has to move its items to a larger one in the background.
             ("hash_power_level", store["hash_power_level"]),
-            ("hash_bytes", store["hash_bytes"]),
-            # A dict grows within one call, under the store's lock: never seen growing.
+            ("hash_bytes", 2 ** store["hash_power_level"] * struct.calcsize("P")),
             ("hash_is_expanding", 0),
             # memcached shows its slab mover's figures unless -o no_slab_reassign, which
             # memg ignores: memg has no pages to move.
@@ -1764,37 +1991,36 @@ class Service:
         return [(name, current.get(name, value)) for name, value in self.settings.stats()]
 
     def item_stats(self):
-        """``stats items``: memg has no slab classes, so all items are in class 1."""
-        store = self.store.snapshot()
-        if not store["curr_items"]:
-            return []
-        return [("items:1:" + name, value) for name, value in (
-            ("number", store["curr_items"]),
-            ("age", store["oldest_age"]),
-            ("mem_requested", store["bytes"]),
-            ("evicted", store["evictions"]),
-            ("evicted_nonzero", store["evicted_nonzero"]),
-            ("evicted_time", store["evicted_time"]),
-            ("outofmemory", store["store_no_memory"]),
-            ("reclaimed", store["reclaimed"]),
-            ("expired_unfetched", store["expired_unfetched"]),
-            ("evicted_unfetched", store["evicted_unfetched"]),
-            ("crawler_reclaimed", store["crawler_reclaimed"]),
-            ("crawler_items_checked", store["crawler_items_checked"]),
-        )]
+        """``stats items``: for each slab class with items, memcached's statistics of
+        them, as memcached shows them without its LRU maintainer (memg has one LRU)."""
+        usage = self.store.slab_usage()
+        rows = []
+        for slab_class, (number, requested, atime) in sorted(usage.items.items()):
+            events = usage.counters.get(slab_class, {})
+            rows += [("items:%d:%s" % (slab_class, name), value) for name, value in [
+                ("number", number), ("age", usage.now - atime), ("mem_requested", requested),
+            ] + [(name, events.get(name, 0)) for name in CLASS_ITEM_STATS]]
+        return rows
 
     def slab_stats(self):
-        """``stats slabs``: one pseudo slab class holding every item."""
-        store = self.store.snapshot()
-        used = []
-        if store["curr_items"]:
-            used = [("1:" + name, value) for name, value in [
-                ("chunk_size", store["bytes"] // store["curr_items"]),
-                ("used_chunks", store["curr_items"]),
-            ] + [(name, store[name]) for name in (
-                "get_hits", "cmd_set", "delete_hits", "incr_hits", "decr_hits", "cas_hits",
-                "cas_badval", "touch_hits")]]
-        return used + [("active_slabs", 1 if used else 0), ("total_malloced", store["bytes"])]
+        """``stats slabs``: for each slab class whose chunks the items would take, the
+        pages memcached would hold for them (a class grows a page at a time, as
+        memcached's; memg frees memory as items go, so a class has the pages that
+        its items fill now), then how many classes and what the pages take."""
+        usage = self.store.slab_usage()
+        slabs = self.store.slabs
+        rows, malloced = [], 0
+        for slab_class, used in sorted(usage.chunks.items()):
+            per_page = slabs.per_page(slab_class)
+            pages = -(-used // per_page)
+            malloced += pages * slabs.page_bytes(slab_class)
+            rows += [("%d:%s" % (slab_class, name), value) for name, value in [
+                ("chunk_size", slabs.chunk_sizes[slab_class - 1]),
+                ("chunks_per_page", per_page), ("total_pages", pages),
+                ("total_chunks", pages * per_page), ("used_chunks", used),
+                ("free_chunks", pages * per_page - used), ("free_chunks_end", 0),
+            ] + [(name, 0) for name in SLAB_COMMAND_STATS]]
+        return rows + [("active_slabs", len(usage.chunks)), ("total_malloced", malloced)]
 
     def size_stats(self):
         """``stats sizes``: items per 32-byte size class, with -o track_sizes."""
@@ -1842,8 +2068,6 @@ OUTPUT_LIMIT = 256 * KB
 CACHEDUMP_LIMIT = 2 * MB
 # memcached refuses data lengths beyond INT_MAX - 2 as malformed.
 VALUE_LENGTH_MAX = 2 ** 31 - 3
-# memcached's slab class ids run below this; memg keeps every item in class 1.
-SLAB_CLASSES = 64
 # Meta commands: at most this many tokens, opaque tokens at most this long.
 META_MAX_TOKENS = 19
 META_OPAQUE_MAX = 32
@@ -1988,9 +2212,10 @@ class Protocol:
     replies are sent, and ``pending`` whether more replies can be made without more
     input: a long reply streamed as the client reads it (a dump, a large
     multi-get), commands held back while the replies before them exceeded
-    OUTPUT_LIMIT, or a watcher's log lines.  ``data_to_send`` makes them, a bounded
-    step at a time, so that an engine can send each step before it asks for the
-    next and serve other clients in between.
+    OUTPUT_LIMIT or after -R commands in a row (see run), or a watcher's log
+    lines.  ``data_to_send`` makes them, a bounded step at a time, so that an
+    engine can send each step before it asks for the next and serve other clients
+    in between.
 
     Why a state machine fed with bytes, as memcached's connection states and h11,
     rather than blocking handlers over a buffer that rewinds: the same handlers
@@ -2026,9 +2251,13 @@ class Protocol:
         self.producer = None           # an iterator of a reply's chunks, if streaming
         self.watcher = None            # once the client sent watch
         self.paused = False            # commands wait: replies before them are over the bound
+        self.yielded = False           # commands wait: this connection had its turn (-R)
         self.pending = False           # more replies can be made without more input
         self.eof = False               # the input has ended
         self.closing = False           # close once the replies are sent
+        # Why the connection closed, as memcached's watchers are told: "error" unless
+        # the client ended it (its end of input, quit), it idled out or shut memg down.
+        self.close_reason = "error"
         self.negotiating = service.settings.protocol == "auto"   # until the first byte
         self.authenticated = self.starts_authenticated(service)
         self.out = []                  # replies not yet taken by the engine
@@ -2058,10 +2287,11 @@ class Protocol:
             if self.negotiating:
                 self.negotiate()
         elif self.watcher is not None:       # a watcher only listens, until it leaves
-            self.closing = self.closing or not data
+            if not data:
+                self.closing, self.close_reason = True, "normal"
             return
         else:
-            self.eof = True
+            self.eof, self.close_reason = True, "normal"
         self.run()
 
     def negotiate(self):
@@ -2178,8 +2408,14 @@ class Protocol:
 
     def run(self):
         """Run the commands whose input is complete, until the input runs out, the
-        replies reach OUTPUT_LIMIT, or a streamed reply or a watcher takes over."""
-        self.paused = False
+        replies reach OUTPUT_LIMIT, or a streamed reply or a watcher takes over; or
+        until it has run -R commands in a row: then it yields (counted in
+        conn_yields), and the commands left wait for data_to_send, so that a client
+        that pipelines many cannot keep the others waiting.  The limit is kept here
+        because only the protocol sees where one command ends and the next begins;
+        how to let the others go first is the engine's (see ``yielded``)."""
+        self.paused = self.yielded = False
+        turn = self.settings.reqs_per_event
         try:
             while not self.closing:
                 if self.block is not None:
@@ -2193,14 +2429,19 @@ class Protocol:
                 if self.out_bytes >= OUTPUT_LIMIT:
                     self.paused = True
                     break
+                if not turn:
+                    self.yielded = True
+                    self.service.count("conn_yields")
+                    break
                 if not self.next_command():
                     break
+                turn -= 1
         except Exception:
             self.internal_error()
         # Is more to come without input (``pending``), and is the conversation over?
         # (Lines that reach a watcher later are announced by its wake.)
         self.pending = pending = bool(
-            self.paused or self.producer is not None
+            self.paused or self.yielded or self.producer is not None
             or (self.watcher is not None and self.watcher.lines))
         if self.eof and not pending:
             self.closing = True          # what is left is an incomplete command
@@ -2265,10 +2506,11 @@ class Protocol:
     def watch_fetch(self, key, status, item):
         """A fetchers line for one lookup (see Store._find); the store calls it
         under its lock, as it calls watch_eviction."""
+        size = value_size(item) if item else 0
         self.service.watchers.emit("fetchers", (
             "type=item_get key=%s status=%s clsid=%d cfd=%s size=%d" % (
-                uri(key), status, slab_class(len(key), value_size(item), header(item).flags)
-                if item else 0, self.name, value_size(item) if item else 0)))
+                uri(key), status, self.store.slabs.slab_class(
+                    len(key), size, header(item).flags) if item else 0, self.name, size)))
 
     def watch_store(self, mode, key, outcome, item, value=None, flags=0, exptime=0):
         """A mutations line: item is what was stored.  When nothing was, memcached
@@ -2285,7 +2527,8 @@ class Protocol:
         self.service.watchers.emit("mutations", (
             "type=item_store key=%s status=%s cmd=%s ttl=%d clsid=%d cfd=%s size=%d" % (
                 uri(key), outcome.lower(), mode, max(0, expires - now) if expires > 0 else 0,
-                0 if item is None and value is None else slab_class(len(key), size, flags),
+                0 if item is None and value is None else self.store.slabs.slab_class(
+                    len(key), size, flags),
                 self.name, size)))
 
     def watch_delete(self, command, key):
@@ -2724,7 +2967,8 @@ class TextProtocol(Protocol):
             self.reply(b"EN\r\n")
             return
         now = self.store.now()
-        self.reply(b"ME %s %s\r\n" % (tokens[1], item_description(key, item, now)))
+        self.reply(b"ME %s %s\r\n" % (tokens[1], item_description(
+            key, item, now, self.store.slabs)))
 
     # -- everything else -----------------------------------------------------------
 
@@ -2785,14 +3029,14 @@ class TextProtocol(Protocol):
 
     def quit(self, tokens):
         self.queue(b"")            # memcached's empty response: over UDP, a datagram
-        self.closing = True
+        self.closing, self.close_reason = True, "normal"
 
     def shutdown(self, tokens):
         if not self.settings.enable_shutdown:
             self.reply(b"ERROR: shutdown not enabled\r\n")
         elif len(tokens) == 1 or (len(tokens) == 2 and tokens[1] == b"graceful"):
             self.service.request_shutdown()
-            self.closing = True
+            self.closing, self.close_reason = True, "shutdown"
         else:
             self.reply(b"CLIENT_ERROR invalid shutdown mode\r\n")
 
@@ -2828,25 +3072,25 @@ class TextProtocol(Protocol):
             self.reply(BAD_FORMAT)
         elif slab >= SLAB_CLASSES:
             self.reply(b"CLIENT_ERROR Illegal slab id\r\n")
-        elif slab != 1:
-            self.reply(END)               # memg keeps every item in class 1
         else:
-            self.stream(self.cachedump(limit or None))
+            self.stream(self.cachedump(slab, limit or None))
 
-    def cachedump(self, limit):
-        """``stats cachedump 1 limit``: most recently used first, and as memcached's,
-        no larger than CACHEDUMP_LIMIT."""
-        size = len(END)
-        for batch in self.store.walk(limit):
+    def cachedump(self, slab, limit):
+        """``stats cachedump slab limit``: the class's items, most recently used
+        first, at most limit of them (None: all), and as memcached's, no larger than
+        CACHEDUMP_LIMIT."""
+        size, shown = len(END), 0
+        for batch in self.store.walk(classes={slab}):
             lines = []
             for key, item in batch:
                 line = b"ITEM %s [%d b; %d s]\r\n" % (key, value_size(item),
                                                       header(item).exptime)
                 size += len(line)
-                if size > CACHEDUMP_LIMIT:
+                if size > CACHEDUMP_LIMIT or shown == limit:
                     yield b"".join(lines) + END
                     return
                 lines.append(line)
+                shown += 1
             yield b"".join(lines)
         yield END
 
@@ -2872,10 +3116,9 @@ class TextProtocol(Protocol):
         streamed a batch at a time; one at a time in the server, as memcached's."""
         if self.datagram and tokens[1] == b"metadump":
             return           # as memcached's crawler: no datagram (nor an amplifier)
-        classes = tokens[2].split(b",")
+        classes = [parse_uint32(token) for token in tokens[2].split(b",")]
         everything = tokens[2] in (b"all", b"hash")
-        if not everything and not all(parse_uint32(c) is not None
-                                      and parse_uint32(c) < SLAB_CLASSES for c in classes):
+        if not everything and not all(c is not None and c < SLAB_CLASSES for c in classes):
             self.reply(b"BADCLASS invalid class id\r\n")
         elif tokens[1] == b"metadump" and not self.settings.dump_enabled:
             self.reply(b"ERROR metadump not allowed\r\n")
@@ -2884,7 +3127,7 @@ class TextProtocol(Protocol):
         elif tokens[1] == b"crawl":
             self.stream(self.reclaim())
         else:
-            self.stream(self.metadump(everything or b"1" in classes))
+            self.stream(self.metadump(None if everything else set(classes)))
 
     def reclaim(self):
         """lru_crawler crawl: OK, then every expired item reclaimed, a batch at a
@@ -2896,21 +3139,20 @@ class TextProtocol(Protocol):
         finally:
             self.service.end_crawl()
 
-    def metadump(self, include):
-        """lru_crawler metadump: a line per item (class 1 holds them all)."""
+    def metadump(self, classes):
+        """lru_crawler metadump: a line per item of the slab classes (None: all)."""
         try:
-            if include:
-                for batch in self.store.walk():
-                    now = self.store.now()
-                    yield b"".join(b"key=%s %s\n" % (uri(key).encode(), item_description(
-                        key, item, now, absolute=True)) for key, item in batch)
+            for batch in self.store.walk(classes=classes):
+                now = self.store.now()
+                yield b"".join(b"key=%s %s\n" % (uri(key).encode(), item_description(
+                    key, item, now, self.store.slabs, absolute=True)) for key, item in batch)
             yield END
         finally:
             self.service.end_crawl()
 
     def slabs_reassign(self, tokens):
-        """memg has one class and no pages to move, so slabs reassign and automove
-        answer as memcached does with nothing to do, and change nothing."""
+        """memg has no pages to move, so slabs reassign and automove answer as
+        memcached does with nothing to do, and change nothing."""
         source, target = parse_int32(tokens[2]), parse_int32(tokens[3])
         if source is None or target is None:
             self.reply(BAD_FORMAT)
@@ -3075,17 +3317,19 @@ def value_blocks(with_cas, keys, items):
     return blocks
 
 
-def item_description(key, item, now, absolute=False):
+def item_description(key, item, now, slabs, absolute=False):
     """An item as ``me`` and ``lru_crawler metadump`` describe it: expiry (the time
     left, or with absolute the Unix time; -1 for never), last access (seconds ago,
-    or the Unix time), CAS, whether it was fetched, class and size charged."""
-    cas, exptime, atime, _, state = item_fields(item)
+    or the Unix time), CAS, whether it was fetched, slab class (of slabs, the
+    SlabClasses) and size charged."""
+    cas, exptime, atime, flags, state = item_fields(item)
     if absolute:
         expires, accessed = exptime or -1, atime
     else:
         expires, accessed = -1 if exptime == 0 else exptime - now, now - atime
-    return b"exp=%d la=%d cas=%d fetch=%s cls=1 size=%d" % (
+    return b"exp=%d la=%d cas=%d fetch=%s cls=%d size=%d" % (
         expires, accessed, cas, b"yes" if state & FETCHED else b"no",
+        slabs.slab_class(len(key), value_size(item), flags),
         item_cost(key, value_size(item)))
 
 
@@ -3355,7 +3599,7 @@ class BinaryProtocol(Protocol):
 
     def quit(self, extras, key, _):
         self.succeed()
-        self.closing = True
+        self.closing, self.close_reason = True, "normal"
 
     def stat(self, extras, key, _):
         """A packet per statistic (its name the key, its value the value), then an
@@ -3811,6 +4055,16 @@ def replies_sender():
     return send, flags
 
 
+def give_way():
+    """Let the other connections' threads run before this one goes on (it yielded,
+    -R): the interpreter's lock and the processor both, where the system can give
+    up the processor; otherwise the lock alone."""
+    if hasattr(os, "sched_yield"):
+        os.sched_yield()
+    else:
+        time.sleep(0)
+
+
 SEND_MAX = 1 << 30
 # How long a TLS watcher's check for its client's end waits for a whole record.
 PEER_CHECK_TIMEOUT = 0.1
@@ -3857,9 +4111,12 @@ class ThreadConnection:
                 received = sock.recv_into(view)
                 self.send(protocol.receive_data(self.buffer[:received]))
                 while protocol.pending and protocol.watcher is None:
+                    if protocol.yielded:
+                        give_way()
                     self.send(protocol.data_to_send())
         except socket.timeout:
             engine.service.count("idle_kicks")
+            protocol.close_reason = "idle_timeout"
         except OSError:
             pass             # reset by the peer, or closed by stop(): nothing to say
         finally:
@@ -3868,8 +4125,19 @@ class ThreadConnection:
 
     def close(self):
         self.engine.service.close_connection(self.protocol)
+        if self.tls:
+            self.close_notify()
         self.sock.close()
         self.buffer.close()
+
+    def close_notify(self):
+        """Tell a TLS client the session ends, as memcached's SSL_shutdown does,
+        without waiting for its answer (the socket no longer blocks, so the second
+        half of unwrap fails at once, as it may on a session already broken)."""
+        import ssl
+        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+            self.sock.setblocking(False)
+            self.sock.unwrap()
 
     def handshake(self):
         """TLS: wrap the socket and shake hands, within the idle timeout if there is
@@ -4100,6 +4368,7 @@ class AsyncioConnection(asyncio.BufferedProtocol):
     def kick(self):
         """-o idle_timeout: close this client, idle too long."""
         self.engine.service.count("idle_kicks")
+        self.protocol.close_reason = "idle_timeout"
         self.transport.abort()
 
     def connection_lost(self, error):
@@ -4136,6 +4405,13 @@ class TLSTransport:
         self.transport.close()
 
     def abort(self):
+        """Close at once (what is buffered is dropped), with a close_notify if the
+        session is sound and the socket takes it now: memcached's SSL_shutdown comes
+        with every close, and a client told nothing may write into a reset."""
+        import ssl
+        with contextlib.suppress(ssl.SSLError):
+            self.tls.unwrap()
+        self.flush()
         self.transport.abort()
 
     def is_closing(self):
@@ -4393,6 +4669,12 @@ class Server:
         be read whole is never half-loaded: memg says so on stderr, moves it aside
         and starts empty."""
         path = self.settings.memory_file
+        # memcached's -e keeps its cache in FILE and how to read it back in FILE.meta:
+        # memg can read neither, and its snapshot would take FILE's place.
+        if os.path.lexists(path + ".meta"):
+            raise ValueError("%s.meta is memcached's restart metadata: memg cannot read "
+                             "the cache memcached saved in %s, and would write over it "
+                             "(remove both, or give -e another file)" % (path, path))
         folder = os.path.dirname(os.path.abspath(path))
         if not os.access(folder, os.W_OK):
             raise ValueError("cannot write the memory file's folder %s" % folder)
@@ -4416,6 +4698,10 @@ class Server:
         except OSError as error:        # (a folder, a file memg may not read: not ours)
             raise ValueError("cannot read the memory file %s: %s" % (
                 path, error.strerror or error))
+        # Read once, as memcached unlinks its metadata once read: a crash before the
+        # next save must not bring back values older than those served since.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         if self.settings.verbose:
             print("memg: restored %d items from %s in %.1f s" % (
                 restored, path, time.monotonic() - started), file=sys.stderr, flush=True)
@@ -4459,32 +4745,25 @@ class Server:
 # so that service files written for memcached keep working.
 IGNORED_OPTIONS = {
     "-r": (False, "core dump limits"), "-k": (False, "memory locking"),
-    "-f": (True, "slab growth factor"), "-n": (True, "slab minimum size"),
-    "-L": (False, "large pages"),
-    "-R": (True, "requests per event"), "-W": (False, "watch commands"),
+    "-L": (False, "large pages"), "-W": (False, "watch commands"),
 }
 # memcached -o options memg accepts and ignores (slab, LRU, hash and extstore tuning).
 IGNORED_EXTENDED = {
     "maxconns_fast", "no_maxconns_fast", "hashpower", "tail_repair_time", "hash_algorithm",
     "lru_crawler_sleep", "lru_crawler_tocrawl", "read_buf_mem_limit", "hot_lru_pct",
     "warm_lru_pct", "hot_max_factor", "warm_max_factor", "temporary_ttl",
-    "slab_chunk_max", "watcher_logbuf_size", "worker_logbuf_size",
-    "no_hashexpand", "modern", "no_modern", "sock_cookie_id", "slab_reassign",
+    "worker_logbuf_size",
+    "no_hashexpand", "modern", "sock_cookie_id", "slab_reassign",
     "no_slab_reassign", "slab_automove", "slab_automove_ratio", "slab_automove_window",
     "slab_automove_freeratio", "relaxed_privileges", "no_relaxed_privileges",
     "drop_privileges", "no_drop_privileges", "inline_ascii_response", "lru_segmented",
     "no_lru_segmented", "meta_response_old", "no_inline_ascii_resp", "bind_protocol",
 }
-# memcached options whose feature memg does not have: refused, never silently ignored.
-UNSUPPORTED_OPTIONS = {
-    "-d": (False, "daemon mode: run memg under a service manager instead"),
-}
 
 
 def build_parser():
     """memcached's command line, built from the Settings fields (each with its
-    flags, help and choices), plus -o, -h, -V and the options memg ignores or
-    refuses."""
+    flags, help and choices), plus -o, -h, -V and the options memg ignores."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -4517,11 +4796,9 @@ def build_parser():
     add("-h", "--help", action="help", help="print this help and exit")
     add("-V", "--version", action="version", version="memg %s (memcached protocol %s)"
         % (__version__, VERSION), help="print version and exit")
-    for options, label in ((IGNORED_OPTIONS, "ignored: memg has no %s"),
-                           (UNSUPPORTED_OPTIONS, "not supported: %s")):
-        for flag, (takes_value, what) in options.items():
-            add(flag, dest="option_" + flag[1], help=label % what,
-                **({"metavar": "X"} if takes_value else {"action": "store_true"}))
+    for flag, (takes_value, what) in IGNORED_OPTIONS.items():
+        add(flag, dest="option_" + flag[1], help="ignored: memg has no %s" % what,
+            **({"metavar": "X"} if takes_value else {"action": "store_true"}))
     return parser
 
 
@@ -4530,9 +4807,6 @@ def parse_command_line(argv):
     SystemExit with a one-line message for anything memg cannot honour."""
     args = vars(build_parser().parse_args(argv))
     warnings = []
-    for flag, (_, what) in UNSUPPORTED_OPTIONS.items():
-        if args.pop("option_" + flag[1]):
-            raise SystemExit("memg: %s is not supported (%s)" % (flag, what))
     for flag, (_, what) in IGNORED_OPTIONS.items():
         if args.pop("option_" + flag[1]):
             warnings.append("%s ignored: memg has no %s" % (flag, what))
@@ -4675,9 +4949,9 @@ class StopSignals:
         self.received = False
         self.engine = None
         if hasattr(signal, "pthread_sigmask"):
-            # Before any other thread starts: threads inherit the mask.
+            # Before any other thread starts: threads inherit the mask.  Signals that
+            # come before serve() wait, blocked, for the thread it starts.
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-            threading.Thread(target=self.wait, name="memg-signals", daemon=True).start()
         else:
             for signum in STOP_SIGNALS:
                 signal.signal(signum, self.stop)
@@ -4694,10 +4968,54 @@ class StopSignals:
             engine.request_stop()
 
     def serve(self, engine):
-        """Have the signals stop engine from now on (one that came already, at once)."""
+        """Have the signals stop engine from now on (one that came already, at once).
+        The thread that takes them starts here, after -d's fork: a fork keeps only
+        the thread that calls it."""
         self.engine = engine
+        if hasattr(signal, "pthread_sigmask"):
+            threading.Thread(target=self.wait, name="memg-signals", daemon=True).start()
         if self.received:
             engine.request_stop()
+
+
+def write_pid_file(path, pid):
+    """-P: the process id, written whole under another name first, as memcached
+    does, so that a reader never finds the file empty."""
+    try:
+        with open(path + ".tmp", "w") as pid_file:
+            pid_file.write("%d\n" % pid)
+        os.replace(path + ".tmp", path)
+    except OSError as error:
+        raise SystemExit("memg: cannot write the pid file %s: %s" % (
+            path, error.strerror or error))
+
+
+def daemonize(settings):
+    """-d: go on in a child process, in a session of its own (no terminal to hang
+    up on it), with stdin and stdout on /dev/null, and stderr too unless -v, as
+    memcached's -d; this process exits 0 once the child's pid file (-P) is written,
+    so that what started memg finds both the pid file and the listening sockets as
+    soon as memg returns (clients that come before the child serves wait in the
+    listen queue).  The working folder stays: the files -e, -P and -s name relative
+    to it are written and removed again at the stop.  Call it before any thread
+    starts: a fork keeps only the thread that calls it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child:
+        if settings.pid_file:
+            try:
+                write_pid_file(settings.pid_file, child)
+            except SystemExit:
+                os.kill(child, signal.SIGTERM)   # (a daemon no one could find)
+                raise
+        os._exit(0)
+    os.setsid()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    for stream in (0, 1) if settings.verbose else (0, 1, 2):
+        os.dup2(null, stream)
+    os.close(null)
 
 
 def main(argv=None):
@@ -4723,9 +5041,6 @@ def main(argv=None):
     if settings.user:
         drop_privileges(settings.user)
     raise_open_file_limit(settings.max_connections)
-    if settings.pid_file:
-        with open(settings.pid_file, "w") as pid_file:
-            pid_file.write("%d\n" % os.getpid())
     if beyond_loopback(settings) and not (settings.auth_file or settings.sasl):
         print("memg: warning: listening beyond loopback (%s) with no authentication: "
               "anyone who can reach the port can read and change the cache"
@@ -4734,6 +5049,10 @@ def main(argv=None):
         print("memg: warning: serving UDP beyond loopback (%s): UDP's source addresses "
               "can be forged, so anyone can have memg send replies to a third party"
               % settings.host, file=sys.stderr)
+    if settings.daemonize:
+        daemonize(settings)
+    elif settings.pid_file:
+        write_pid_file(settings.pid_file, os.getpid())
     signals.serve(server.engine)
     if settings.verbose:
         print("memg %s listening on %s (%s engine)" % (__version__, ", ".join(

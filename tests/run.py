@@ -13,11 +13,11 @@ own tests (tests/test_memcached_suite.py); .ci/run does both.
 """
 
 import glob
-import itertools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import venv
 
@@ -33,8 +33,8 @@ PASSES = [
                         "tests/test_engines.py"]),
 ]
 # memcached's own test files mostly wait (on sleeps, on servers starting): in a whole
-# run, their passes run beside the others instead of within them, one engine after
-# the other (some of the files listen on fixed ports).
+# run, their passes (one per engine, side by side) run beside the others instead of
+# within them.
 BESIDE = "tests/test_memcached_suite.py"
 
 # The other Pythons memg supports (README), each in a session of its own beside the
@@ -83,12 +83,16 @@ def python_sessions(args):
 
 
 def run_beside(engines, args, results):
-    """Run BESIDE on each engine in turn, then the other Pythons' sessions; results
-    gets (title, exit code, output) of each."""
-    sessions = [("memcached's own tests, memg serving with the %s engine" % engine, engine,
-                 PYTHON, args + [BESIDE]) for engine in engines]
-    for title, engine, python, session_args in itertools.chain(sessions,
-                                                               python_sessions(args)):
+    """Run BESIDE on each engine, the engines side by side (the suite keeps its
+    fixed-port file to one at a time), while the other Pythons' sessions run one
+    after the other; results gets (title, exit code, output) of each, in order."""
+    suites = []
+    for engine in engines:                  # (to files: a full pipe would stall them)
+        output = tempfile.TemporaryFile()
+        suites.append(("memcached's own tests, memg serving with the %s engine" % engine,
+                       pytest(engine, args + [BESIDE], stdout=output,
+                              stderr=subprocess.STDOUT), output))
+    for title, engine, python, session_args in python_sessions(args):
         if python is None:
             results.append((title, 1, b""))
             continue
@@ -96,6 +100,10 @@ def run_beside(engines, args, results):
                          stderr=subprocess.STDOUT)
         output = process.communicate()[0]
         results.append((title, process.returncode, output))
+    for title, process, output in reversed(suites):
+        process.wait()
+        output.seek(0)
+        results.insert(0, (title, process.returncode, output.read()))
 
 
 def main(args):

@@ -7,9 +7,7 @@ would.
 """
 
 import os
-import signal
 import subprocess
-import time
 
 import pylibmc
 import pytest

@@ -24,8 +24,8 @@ import subprocess
 
 import pytest
 
-from conftest import (RawClient, client_hello, parse_stats, start_memcached, start_memg,
-                      tls_refusal)
+from conftest import (RawClient, client_hello, parse_stats, set_many, start_memcached,
+                      start_memg, stats, tls_refusal, wait_for)
 from test_binary import (Op, Status, counter, flush, parse, plain, request, response, store,
                          touching)
 from test_udp import FRAME, DatagramClient, frame, free_udp_port
@@ -362,6 +362,88 @@ def test_watch_logs_every_lookup_and_store_as_memcached():
                                                  watched_lines)
     assert memg_lines == memcached_lines
     assert b"type=item_get key=f status=flushed clsid=0 size=0" in memg_lines
+
+
+# -- slab classes: stats items and stats slabs ---------------------------------------
+
+# Values of many sizes under keys of several lengths, some with flags, up to large
+# items that memcached stores in chunks (over 512 KB, or 1 MB under no_modern).
+SIZED_ITEMS = b"".join(
+    b"set %s %d 0 %d\r\n%s\r\n" % (b"k" * (1 + n % 40) + b"%d" % n, n % 3, size, b"v" * size)
+    for n, size in enumerate([0, 1, 10, 36, 37, 100, 500, 1000, 5000, 20000, 66560, 66560,
+                              70000, 200000, 450000, 524000, 600000, 700000, 1000000]))
+# memcached counts commands per class, which memg does not (its stats slabs shows 0),
+# and an age may tick over between the two servers.
+_UNCOMPARED = re.compile(rb"STAT (\d+:(get_hits|cmd_set|delete_hits|incr_hits|decr_hits|"
+                         rb"cas_hits|cas_badval|touch_hits)|items:\d+:age) \d+\r\n")
+
+
+@pytest.mark.parametrize("args", [
+    ["-o", "no_lru_maintainer"],            # memcached's statistics of one LRU, as memg's
+    ["-o", "no_lru_maintainer", "-C"],
+    ["-o", "no_lru_maintainer", "-f", "2", "-n", "100", "-o", "slab_chunk_max=65536"],
+    ["-o", "no_modern"],
+    ["-o", "no_modern", "-I", "2m"],
+], ids=" ".join)
+def test_items_in_the_same_slab_classes_as_memcached(args):
+    # (No deletes: memcached keeps a class's pages when its items go, memg frees them.)
+    script = (SIZED_ITEMS + b"stats items\r\nstats slabs\r\n"
+              + b"".join(b"stats cachedump %d 0\r\n" % slab for slab in range(1, 45)))
+
+    def talk(server):
+        with server.connect() as client:
+            return _UNCOMPARED.sub(b"", client.converse(script))
+    memg_reply, memcached_reply = on_new_servers(args, talk)
+    assert memg_reply == memcached_reply
+    assert memg_reply.count(b":chunk_size ") >= 5
+
+
+def test_evictions_per_class_as_memcached():
+    # t/issue_22.t's items in -m 3 fill memcached's pages and memg's memory at
+    # different counts; which class evicts, and stats reset, are the same.
+    value = b"B" * 66560
+    script = b"".join(b"set key%d 0 0 66560\r\n%s\r\n" % (i, value) for i in range(60))
+
+    def evicted(server):
+        with server.connect() as client:
+            client.request(script, b"STORED\r\n" * 60)
+            before = parse_stats(client.request(b"stats items\r\n", b"END\r\n"))
+            assert client.request(b"stats reset\r\n") == b"RESET\r\n"
+            after = parse_stats(client.request(b"stats items\r\n", b"END\r\n"))
+        return ({name.split(":")[1] for name in before}, int(before["items:31:evicted"]) > 0,
+                after["items:31:evicted"], after["items:31:evicted_unfetched"])
+    assert on_new_servers(["-m", "3"], evicted) == [({"31"}, True, "0", "0")] * 2
+
+
+def test_yields_of_a_pipelining_client_as_memcached():
+    """memcached's t/issue_61.t: six sets in one packet, one command per turn."""
+    def yields(server):
+        with server.connect() as client:
+            sets = b"set foobar 0 0 5\r\nBubba\r\n" * 6
+            assert client.request(sets, b"STORED\r\n" * 6) == b"STORED\r\n" * 6
+            return (stats(client)["conn_yields"],
+                    stats(client, b"settings")["reqs_per_event"])
+    replies = on_new_servers(["-R", "1"], yields)
+    assert replies[0] == replies[1] == ("5", "1")
+
+
+def test_hash_table_growth_as_memcached():
+    """Past one and a half items a bucket, the table doubles, within a second or so."""
+    def growth(server):
+        with server.connect() as client:
+            before = stats(client)
+            set_many(client, [b"k%d" % number for number in range(3 * 2 ** 16 // 2 + 1)], b"")
+            after = {}
+
+            def grown():          # (memcached moves its items to the larger table in
+                after.update(stats(client))                     # the background)
+                return (after["hash_power_level"], after["hash_is_expanding"]) == ("17", "0")
+
+            wait_for(grown, what="the table's growth")
+        return [(numbers["hash_power_level"], numbers["hash_bytes"])
+                for numbers in (before, after)]
+    replies = on_new_servers([], growth)
+    assert replies[0] == replies[1] == [("16", str(2 ** 16 * 8)), ("17", str(2 ** 17 * 8))]
 
 
 # -- -Y: memcached's ASCII authentication ------------------------------------------

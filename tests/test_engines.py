@@ -98,17 +98,19 @@ def test_replies_to_pipelined_commands_arrive_in_order(server):
 
 
 def test_replies_to_commands_that_arrived_together_leave_together(server):
-    """Fifty replies in one segment: the engine sends a batch's replies with one
-    write, not one write per reply (as the TCP segments of the server's socket
-    show; a pure ACK of the request may go first, so two at most)."""
+    """A turn's replies (-R's commands in a row, 20) in one segment: the engine
+    sends a batch's replies with one write, not one write per reply (as the TCP
+    segments of the server's socket show; a pure ACK of the request may go first,
+    so two at most)."""
+    turn = server.settings.reqs_per_event
     with RawClient(server.address) as client:
         client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assert client.request(b"set a 0 0 1\r\n1\r\n") == b"STORED\r\n"
         protocol = protocol_of(server, client)
         before = segments_sent(protocol)
-        client.send(b"get a\r\n" * 50)
-        assert client.recv_exact(50 * len(value_reply(b"a", b"1"))) == value_reply(
-            b"a", b"1") * 50
+        client.send(b"get a\r\n" * turn)
+        assert client.recv_exact(turn * len(value_reply(b"a", b"1"))) == value_reply(
+            b"a", b"1") * turn
         assert segments_sent(protocol) - before <= 2
         # Whereas replies to commands that come one at a time leave one at a time.
         before = segments_sent(protocol)

@@ -99,7 +99,7 @@ def test_a_value_over_the_limit_is_discarded_as_it_arrives():
 
 
 def test_replies_beyond_the_output_bound_wait_for_the_engine():
-    session = Session()
+    session = Session(reqs_per_event=2000)
     session.send(b"set k 0 0 1000\r\n" + b"x" * 1000 + b"\r\n")
     proto = session.connect()
     requests = b"get k\r\n" * 1000
@@ -113,6 +113,21 @@ def test_replies_beyond_the_output_bound_wait_for_the_engine():
         rest += step
     reply = b"VALUE k 0 1000\r\n" + b"x" * 1000 + b"\r\nEND\r\n"
     assert first + rest == reply * 1000
+
+
+def test_after_reqs_per_event_commands_the_rest_wait_for_the_engine():
+    session = Session(reqs_per_event=2)
+    proto = session.connect()
+    assert proto.receive_data(b"set k 0 0 1\r\nv\r\nmn\r\nget k\r\nmn\r\nm") == (
+        b"STORED\r\nMN\r\n")
+    assert proto.pending and proto.yielded
+    assert proto.data_to_send() == b"VALUE k 0 1\r\nv\r\nEND\r\nMN\r\n"
+    assert proto.pending and proto.yielded            # (the rest of a line waits)
+    assert proto.data_to_send() == b""
+    assert not proto.pending and not proto.yielded
+    assert proto.receive_data(b"n\r\n") == b"MN\r\n"
+    # A yield is a turn given up with input waiting: the last one was not.
+    assert dict(session.server.service.general_stats())["conn_yields"] == 2
 
 
 @pytest.mark.parametrize("line", [b"", b"   ", b"foo", b"g", b"GET k", b"sett k 0 0 1", b"getx k"],
@@ -1479,18 +1494,83 @@ def test_stats_settings():
     assert list(stats)[:2] == ["maxbytes", "maxconns"]
 
 
+# Items in three slab classes: two of 1 (96-byte chunks), one of 4 (192), one large
+# item of 700,000 bytes in class 39, whose chunks are a header in class 2 (120), a
+# 512 KB chunk and the rest in class 35 (202,152: five to a page).
+ITEMS_IN_CLASSES = (b"set a 0 0 1\r\nx\r\nset b 5 0 10\r\n0123456789\r\n"
+                    b"set c 0 0 100\r\n" + b"c" * 100 + b"\r\n"
+                    b"set big 1 0 700000\r\n" + b"x" * 700000 + b"\r\n")
+
+
 def test_stats_items():
     assert run(b"stats items\r\n") == b"END\r\n"
-    stats = parse_stats(run(b"set a 0 0 1\r\nx\r\nstats items\r\n")[len(b"STORED\r\n"):])
-    assert stats["items:1:number"] == "1"
-    assert stats["items:1:evicted"] == "0"
+    session = Session()
+    session.send(ITEMS_IN_CLASSES)
+    session.advance(3)
+    session.send(b"get a\r\n")
+    assert session.send(b"stats items\r\n") == b"".join(
+        b"STAT items:%d:%s %d\r\n" % (slab, name, value)
+        for slab, number, age, requested in [
+            (1, 2, 3, 48 + 2 + 3 + 8 + 48 + 2 + 4 + 12 + 8), (4, 1, 3, 48 + 2 + 102 + 8),
+            (39, 1, 3, 700066)]
+        for name, value in [
+            (b"number", number), (b"age", age), (b"mem_requested", requested),
+            (b"evicted", 0), (b"evicted_nonzero", 0), (b"evicted_time", 0),
+            (b"outofmemory", 0), (b"tailrepairs", 0), (b"reclaimed", 0),
+            (b"expired_unfetched", 0), (b"evicted_unfetched", 0), (b"crawler_reclaimed", 0),
+            (b"crawler_items_checked", 0), (b"lrutail_reflocked", 0)]) + b"END\r\n"
+
+
+def test_stats_items_count_evictions_per_class_until_a_reset():
+    # t/issue_22.t's items, in memg's memory: 66,560 bytes are class 31's
+    session = Session(memory_limit=2 * MB, item_size_max=1 * MB)
+    value = b"B" * 66560
+    for i in range(40):
+        assert session.send(b"set key%d 0 0 66560\r\n%s\r\n" % (i, value)) == b"STORED\r\n"
+    stats = parse_stats(session.send(b"stats items\r\n"))
+    kept = int(stats["items:31:number"])
+    assert int(stats["items:31:evicted"]) == 40 - kept > 0
+    assert stats["items:31:evicted_unfetched"] == stats["items:31:evicted"]
+    assert session.send(b"stats reset\r\n") == b"RESET\r\n"
+    stats = parse_stats(session.send(b"stats items\r\n"))
+    assert (stats["items:31:number"], stats["items:31:evicted"]) == (str(kept), "0")
+    for i in range(40, 50):
+        session.send(b"set key%d 0 0 66560\r\n%s\r\n" % (i, value))
+    assert parse_stats(session.send(b"stats items\r\n"))["items:31:evicted"] == "10"
 
 
 def test_stats_slabs():
     assert run(b"stats slabs\r\n") == b"STAT active_slabs 0\r\nSTAT total_malloced 0\r\nEND\r\n"
-    stats = parse_stats(run(b"set a 0 0 1\r\nx\r\nstats slabs\r\n")[len(b"STORED\r\n"):])
-    assert stats["1:used_chunks"] == "1"
-    assert stats["active_slabs"] == "1"
+    reply = run(ITEMS_IN_CLASSES + b"stats slabs\r\n")
+    assert reply.startswith(b"STORED\r\n" * 4)
+    # The pages memcached would take for these chunks, one at least per class.
+    assert reply[len(b"STORED\r\n" * 4):] == b"".join(
+        b"STAT %d:%s %d\r\n" % (slab, name, value)
+        for slab, size, used in [(1, 96, 2), (2, 120, 1), (4, 192, 1), (35, 202152, 1),
+                                 (39, 524288, 1)]
+        for name, value in [
+            (b"chunk_size", size), (b"chunks_per_page", MB // size), (b"total_pages", 1),
+            (b"total_chunks", MB // size), (b"used_chunks", used),
+            (b"free_chunks", MB // size - used), (b"free_chunks_end", 0)] + [
+            (name, 0) for name in (b"get_hits", b"cmd_set", b"delete_hits", b"incr_hits",
+                                   b"decr_hits", b"cas_hits", b"cas_badval", b"touch_hits")]
+    ) + b"STAT active_slabs 5\r\nSTAT total_malloced %d\r\nEND\r\n" % (5 * MB)
+
+
+def test_stats_slabs_count_the_pages_items_fill():
+    session = Session()
+    # class 31: 82,792-byte chunks, 12 to a page
+    for i in range(25):
+        session.send(b"set key%d 0 0 66560\r\n%s\r\n" % (i, b"B" * 66560))
+    stats = parse_stats(session.send(b"stats slabs\r\n"))
+    assert (stats["31:total_pages"], stats["31:total_chunks"], stats["31:used_chunks"],
+            stats["31:free_chunks"]) == ("3", "36", "25", "11")
+    assert stats["total_malloced"] == str(3 * MB)
+    for i in range(13):
+        session.send(b"delete key%d\r\n" % i)
+    stats = parse_stats(session.send(b"stats slabs\r\n"))    # memg frees as items go
+    assert (stats["31:total_pages"], stats["31:used_chunks"]) == ("1", "12")
+    assert stats["total_malloced"] == str(MB)
 
 
 def test_stats_sizes():
@@ -1530,11 +1610,13 @@ def test_stats_detail_delimiter_is_a_setting():
 
 
 def test_stats_cachedump():
-    # memg keeps every item in slab class 1, most recently used first.
-    check(b"set a 0 0 1\r\nx\r\nset b 0 0 3\r\nxyz\r\nstats cachedump 1 0\r\n"
-          b"stats cachedump 1 1\r\nstats cachedump 2 0\r\n",
-          b"STORED\r\nSTORED\r\nITEM b [3 b; 0 s]\r\nITEM a [1 b; 0 s]\r\nEND\r\n"
-          b"ITEM b [3 b; 0 s]\r\nEND\r\nEND\r\n")
+    # A class's items, most recently used first.
+    check(b"set a 0 0 1\r\nx\r\nset b 0 0 3\r\nxyz\r\nset c 0 0 100\r\n" + b"c" * 100 +
+          b"\r\nset d 0 0 1\r\nx\r\nstats cachedump 1 0\r\nstats cachedump 1 2\r\n"
+          b"stats cachedump 4 0\r\nstats cachedump 2 0\r\n",
+          b"STORED\r\n" * 4 + b"ITEM d [1 b; 0 s]\r\nITEM b [3 b; 0 s]\r\nITEM a [1 b; 0 s]\r\n"
+          b"END\r\nITEM d [1 b; 0 s]\r\nITEM b [3 b; 0 s]\r\nEND\r\n"
+          b"ITEM c [100 b; 0 s]\r\nEND\r\nEND\r\n")
 
 
 def test_stats_cachedump_disabled():
@@ -1573,12 +1655,16 @@ def test_lru_crawler_crawl_reclaims_expired_items():
 def test_lru_crawler_metadump():
     session = Session()
     now = int(session.clock())
-    session.send(b"set caf\xc3\xa9 0 100 1\r\nx\r\nset b 0 0 2\r\nyy\r\nget b\r\n")
-    assert session.send(b"lru_crawler metadump all\r\n") == (
-        b"key=b exp=-1 la=%d cas=2 fetch=yes cls=1 size=%d\n"
-        b"key=caf%%C3%%A9 exp=%d la=%d cas=1 fetch=no cls=1 size=%d\n"
-        b"END\r\n" % (now, memg.item_cost(b"b", 2), now + 100, now,
-                       memg.item_cost(b"caf\xc3\xa9", 1)))
+    session.send(b"set caf\xc3\xa9 0 100 1\r\nx\r\nset b 0 0 2\r\nyy\r\nget b\r\n"
+                 b"set c 0 0 100\r\n" + b"c" * 100 + b"\r\n")
+    small = (b"key=b exp=-1 la=%d cas=2 fetch=yes cls=1 size=%d\n"
+             b"key=caf%%C3%%A9 exp=%d la=%d cas=1 fetch=no cls=1 size=%d\n" % (
+                 now, memg.item_cost(b"b", 2), now + 100, now, memg.item_cost(b"caf\xc3\xa9", 1)))
+    large = b"key=c exp=-1 la=%d cas=3 fetch=no cls=4 size=%d\n" % (
+        now, memg.item_cost(b"c", 100))
+    assert session.send(b"lru_crawler metadump all\r\n") == large + small + b"END\r\n"
+    assert session.send(b"lru_crawler metadump 1\r\n") == small + b"END\r\n"
+    assert session.send(b"lru_crawler metadump 2,4\r\n") == large + b"END\r\n"
 
 
 def test_lru_crawler_metadump_disabled():

@@ -324,7 +324,7 @@ _REPLY_LINE = re.compile(rb"""(?x)
   | VERSION\ [^\n]+
   | (BADCLASS|NOSPARE|SAME|MEMLIMIT_TOO_SMALL|MEMLIMIT_ADJUST_FAILED)\ [^\n]+
   | (HD|NS|EX|NF|EN)(\ [^ \n]+)*
-  | ME\ [^ \n]+\ exp=-?\d+\ la=\d+\ cas=\d+\ fetch=(yes|no)\ cls=1\ size=\d+
+  | ME\ [^ \n]+\ exp=-?\d+\ la=\d+\ cas=\d+\ fetch=(yes|no)\ cls=\d+\ size=\d+
   | [0-9]+
 """)
 # Headers of replies followed by a data block of the length they state.
@@ -333,7 +333,7 @@ _VA = re.compile(rb"VA (\d+)( [^ \n]+)*\r\n")
 # stats cachedump names keys raw (a binary meta key may hold "\r\n", as in memcached);
 # lru_crawler metadump URI-encodes them and ends its lines with "\n" alone.
 _ITEM = re.compile(rb"ITEM .{1,250}? \[\d+ b; -?\d+ s\]\r\n", re.S)
-_METADUMP = re.compile(rb"key=[^ \n]+ exp=-?\d+ la=\d+ cas=\d+ fetch=(yes|no) cls=1 size=\d+\n")
+_METADUMP = re.compile(rb"key=[^ \n]+ exp=-?\d+ la=\d+ cas=\d+ fetch=(yes|no) cls=\d+ size=\d+\n")
 
 
 def split_replies(output):

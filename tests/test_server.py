@@ -13,7 +13,7 @@ import time
 import bmemcached
 import pytest
 
-from conftest import proc_status, require_tool, set_many, start_memg, stats, wait_for
+from conftest import RawClient, proc_status, require_tool, set_many, start_memg, stats, wait_for
 
 
 # -- conformance ------------------------------------------------------------------
@@ -228,6 +228,83 @@ def test_stats_count_commands_and_bytes(memg):
         assert numbers["limit_maxbytes"] == str(64 * 1024 * 1024)
 
 
+def test_stats_items_and_slabs_show_memcacheds_classes_while_clients_write():
+    server = start_memg("-m", "3")
+    try:
+        with server.connect() as client:
+            # 66,560-byte values fill class 31 (82,792-byte chunks, 12 a page) and
+            # evict; a 700,000-byte value is chunked; small ones fill class 1.
+            set_many(client, (b"big:%d" % i for i in range(60)), b"B" * 66560)
+            set_many(client, [b"huge"], b"H" * 700000)
+            set_many(client, (b"s:%d" % i for i in range(100)), b"s")
+            writer = threading.Thread(target=set_many, args=(
+                server.connect(), (b"w:%d" % i for i in range(2000)), b"w" * 100))
+            writer.start()
+            while writer.is_alive():                 # walked while another client writes
+                stats(client, b"items")
+                stats(client, b"slabs")
+            writer.join()
+            items, slabs, numbers = stats(client, b"items"), stats(client, b"slabs"), stats(client)
+            classes = sorted({int(name.split(":")[1]) for name in items})
+            assert {1, 31} <= set(classes) and classes[-1] == 39      # (and the w: items')
+            assert sum(int(items["items:%d:number" % c]) for c in classes) == int(
+                numbers["curr_items"])
+            assert sum(int(items["items:%d:evicted" % c]) for c in classes) == int(
+                numbers["evictions"]) > 0
+            assert int(items["items:31:evicted"]) > 0
+            dump = client.request(b"stats cachedump 31 0\r\n", b"END\r\n").splitlines()[:-1]
+            assert len(dump) == int(items["items:31:number"])
+            # memcached's size: its 48-byte header, key and NUL, value and CRLF, CAS
+            assert items["items:31:mem_requested"] == str(sum(
+                48 + len(line.split()[1]) + 1 + 66560 + 2 + 8 for line in dump))
+            for c in classes:
+                assert int(slabs["%d:used_chunks" % c]) >= int(items["items:%d:number" % c])
+            pages = sum(int(value) for name, value in slabs.items()
+                        if name.endswith(":total_pages"))
+            assert slabs["total_malloced"] == str(pages * 1024 * 1024)
+            assert int(slabs["31:total_pages"]) == -(-int(slabs["31:used_chunks"]) // 12)
+            assert client.request(b"stats reset\r\n") == b"RESET\r\n"
+            assert stats(client, b"items")["items:31:evicted"] == "0"
+    finally:
+        code, err = server.stop()
+    assert code == 0 and b"Traceback" not in err
+
+
+# -- -R: commands in a row before a connection yields ------------------------------------
+
+def test_a_pipelining_client_yields_every_reqs_per_event_commands():
+    """memcached's t/issue_61.t, counted exactly: a turn given up with commands
+    waiting is a yield, whatever the engine."""
+    sets = b"set foobar 0 0 5\r\nBubba\r\n" * 6
+    for limit, yields in ((1, 5), (2, 2), (6, 0)):
+        server = start_memg("-R", str(limit))
+        try:
+            with server.connect() as client:
+                assert client.request(sets, b"STORED\r\n" * 6) == b"STORED\r\n" * 6
+                assert stats(client)["conn_yields"] == str(yields)
+                assert stats(client, b"settings")["reqs_per_event"] == str(limit)
+                assert client.request(b"stats reset\r\n") == b"RESET\r\n"
+                assert stats(client)["conn_yields"] == "0"
+        finally:
+            server.stop()
+
+
+def test_a_long_pipeline_is_answered_whole_and_in_order_while_others_are_served():
+    server = start_memg("-R", "1")
+    try:
+        with server.connect() as pipelining, server.connect() as other:
+            requests = b"".join(b"set k%d 0 0 %d\r\n%d\r\nget k%d\r\n" % (
+                number, len(b"%d" % number), number, number) for number in range(3000))
+            expected = b"".join(b"STORED\r\nVALUE k%d 0 %d\r\n%d\r\nEND\r\n" % (
+                number, len(b"%d" % number), number) for number in range(3000))
+            pipelining.send(requests)
+            assert other.request(b"mn\r\n") == b"MN\r\n"
+            assert pipelining.recv_exact(len(expected)) == expected
+            assert int(stats(other)["conn_yields"]) > 3000
+    finally:
+        server.stop()
+
+
 def test_server_never_sends_a_traceback():
     server = start_memg()
     try:
@@ -314,6 +391,70 @@ def test_watchers_see_fetches_stores_deletions_evictions_and_connections():
         assert events[12]["fetch"] == "no"
         # cfd: the client's descriptor (stats conns shows the same), on every line.
         assert {event["cfd"] for event in events[1:-1] if "cfd" in event} == {events[0]["cfd"]}
+    finally:
+        code, err = server.stop()
+    assert code == 0 and b"Traceback" not in err
+
+
+def test_a_watcher_that_falls_behind_is_told_how_many_lines_it_missed():
+    """-o watcher_logbuf_size bounds what a watcher may fall behind by; the lines
+    beyond it are missed, and counted in a "skipped=N" line once it has room."""
+    server = start_memg("-o", "watcher_logbuf_size=4")
+    keys = [b"key%05d%s" % (i, b"x" * 150) for i in range(4000)]
+    try:
+        watcher = RawClient(server.address, receive_buffer=4096)
+        watcher.send(b"watch\r\n")
+        assert watcher.recv_exact(4) == b"OK\r\n"
+        with server.connect() as client:
+            for start in range(0, len(keys), 100):   # 4000 item_get lines, none read
+                client.request(b"get " + b" ".join(keys[start:start + 100]) + b"\r\n",
+                               b"END\r\n")
+            watcher.sock.settimeout(5)
+            data, asked = b"", len(keys)
+            while b"key=last " not in data:       # a line for the watcher once it has room
+                client.request(b"get last\r\n", b"END\r\n")
+                asked += 1
+                chunk = watcher.sock.recv(65536)
+                assert chunk
+                data += chunk
+            client.request(b"get final\r\n", b"END\r\n")   # after every line before it
+            while b"key=final " not in data:
+                data += watcher.sock.recv(65536)
+            counted = stats(client)
+        lines = data.decode().splitlines()
+        skipped = sum(int(line[len("skipped="):]) for line in lines if line.startswith("skipped="))
+        seen = sum(" type=item_get " in line for line in lines)
+        assert skipped > 0 and seen + skipped == asked + 1
+        assert int(counted["log_watcher_skipped"]) == skipped
+        watcher.close()
+    finally:
+        code, err = server.stop()
+    assert code == 0 and b"Traceback" not in err
+
+
+def test_watchers_are_told_why_each_connection_closed():
+    """connevents' reason, as memcached's: normal when the client ends it (quit, or
+    its end of input), error when memg closes on a protocol error (an HTTP request),
+    idle_timeout under -o idle_timeout."""
+    server = start_memg("-o", "idle_timeout=1")
+    try:
+        with server.connect() as watcher:
+            watcher.send(b"watch connevents\r\n")
+            assert watcher.recv_exact(4) == b"OK\r\n"
+            reasons = []
+            for ending in (b"quit\r\n", None, b"GET / HTTP/1.1\r\n", b""):
+                with server.connect() as client:
+                    client.request(b"version\r\n")
+                    if ending is None:
+                        client.sock.shutdown(socket.SHUT_WR)
+                    elif ending:
+                        client.send(ending)
+                    assert client.is_closed(timeout=5)
+                    events = client_events(watcher.sock)
+                assert [event["type"] for event in events] == ["conn_new", "conn_close"]
+                assert events[0]["transport"] == "tcp" and events[0]["rip"] == "127.0.0.1"
+                reasons.append(events[1]["reason"])
+        assert reasons == ["normal", "normal", "error", "idle_timeout"]
     finally:
         code, err = server.stop()
     assert code == 0 and b"Traceback" not in err

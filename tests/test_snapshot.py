@@ -124,11 +124,11 @@ def test_loaded_items_join_those_there_as_the_most_recent(tmp_path):
 
 # -- the format ----------------------------------------------------------------------------
 
-def format_1(items, cas_counter, written=1700000000):
+def format_1(items, cas_counter, written=1700000000, hash_power=0):
     """A snapshot of format version 1 made from its description (memg.py, "snapshots"),
     not from memg's code: a later memg must read it as it is.  items: (key, value,
     flags, cas, exptime, atime, fetched), most recently used first."""
-    body = b"MEMGSNAP" + struct.pack(">HHq", 1, 0, written)
+    body = b"MEMGSNAP" + struct.pack(">HHq", 1, hash_power, written)
     for key, value, flags, cas, exptime, atime, fetched in items:
         body += struct.pack(">HIIQqqB", len(key), len(value), flags, cas, exptime, atime,
                             fetched) + key + value
@@ -148,6 +148,10 @@ def test_a_file_of_format_1_reads_as_it_is_described(tmp_path):
                                                         b"r")
     assert memg.unpack_item(store.items[b"older"]) == (3, 0, now - 50, 0, 0, b"")
     assert store.last_cas == 20
+    assert store.hash_power == 16          # (0: a file of a memg that did not keep it)
+    path.write_bytes(format_1([], cas_counter=0, hash_power=20))
+    store.restore(*memg.read_snapshot(str(path)))
+    assert store.hash_power == 20
 
 
 def test_what_memg_writes_is_format_1(tmp_path):
@@ -159,7 +163,7 @@ def test_what_memg_writes_is_format_1(tmp_path):
     assert written == format_1(
         [(key, item.value, item.flags, item.cas, item.exptime, item.atime, item.state)
          for key, item in items], store.last_cas,
-        written=struct.unpack_from(">q", written, 12)[0])
+        written=struct.unpack_from(">q", written, 12)[0], hash_power=16)
 
 
 def a_snapshot(tmp_path):
@@ -302,22 +306,81 @@ def limit_file_size(limit):
     return limit_it
 
 
-def test_a_full_disk_mid_save_leaves_the_previous_snapshot_whole(tmp_path):
+def test_a_full_disk_mid_save_leaves_no_file_and_no_older_snapshot(tmp_path):
+    """The snapshot read at start is gone (as memcached's metadata once read), so a
+    save that fails leaves nothing, not the values of an earlier life."""
     path = str(tmp_path / "cache")
     server = start_memg("-e", path)
     with server.connect() as client:
         set_many(client, [b"first%d" % number for number in range(10)], b"f" * 100)
     assert stopped_by(server, signal.SIGTERM) == (0, b"")
-    previous = open(path, "rb").read()
+    assert os.path.exists(path)
     server = start_memg("-e", path, preexec_fn=limit_file_size(256 * KB))
+    assert not os.path.exists(path)
     with server.connect() as client:
         set_many(client, [b"more%d" % number for number in range(2000)], b"m" * 1000)
+        set_many(client, [b"first0"], b"changed")
     code, err = stopped_by(server, signal.SIGTERM)
     assert code == 1
     assert err.decode().startswith("memg: cannot write %s: " % path)
     assert len(err.splitlines()) == 1, err
-    assert open(path, "rb").read() == previous
-    assert sorted(os.listdir(tmp_path)) == ["cache"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_server_killed_after_a_restart_starts_empty_not_stale(tmp_path):
+    path = str(tmp_path / "cache")
+    server = start_memg("-e", path)
+    with server.connect() as client:
+        set_many(client, [b"key"], b"old")
+    assert stopped_by(server, signal.SIGTERM) == (0, b"")
+    server = start_memg("-e", path)
+    with server.connect() as client:
+        assert client.request(b"get key\r\n", b"END\r\n") == b"VALUE key 0 3\r\nold\r\nEND\r\n"
+        set_many(client, [b"key"], b"new")
+    server.process.kill()
+    server.process.wait()
+    server = start_memg("-e", path)
+    try:
+        with server.connect() as client:
+            assert client.request(b"get key\r\n", b"END\r\n") == b"END\r\n"
+    finally:
+        assert stopped_by(server, signal.SIGTERM) == (0, b"")
+
+
+def test_the_hash_table_is_as_large_after_a_restart_as_before(tmp_path):
+    """memcached's t/restart.t: its items gone, the table that grew for them stays."""
+    path = str(tmp_path / "cache")
+    server = start_memg("-e", path)
+    with server.connect() as client:
+        assert stats(client)["hash_power_level"] == "16"
+        set_many(client, [b"k%d" % number for number in range(3 * 2 ** 16 // 2 + 1)], b"")
+        wait_for(lambda: stats(client)["hash_power_level"] == "17",
+                 what="the table's growth (checked once a second)")
+        assert client.request(b"flush_all\r\n") == b"OK\r\n"
+    assert stopped_by(server, signal.SIGUSR1) == (0, b"")
+    server = start_memg("-e", path)
+    try:
+        with server.connect() as client:
+            numbers = stats(client)
+            assert (numbers["hash_power_level"], numbers["curr_items"]) == ("17", "0")
+            assert numbers["hash_bytes"] == str(2 ** 17 * 8)
+    finally:
+        server.stop()
+
+
+def test_memcacheds_restart_metadata_beside_the_file_is_refused_at_start(tmp_path):
+    """memcached's -e writes FILE and FILE.meta: memg neither reads memcached's cache
+    nor writes over it (and an empty FILE.meta fails memcached's start too)."""
+    path = tmp_path / "cache"
+    path.write_bytes(b"memcached's memory")
+    (tmp_path / "cache.meta").write_bytes(b"")
+    process = subprocess.run([sys.executable, MEMG] + ENGINE_ARGS + [
+        "-p", "-1", "-e", str(path)], capture_output=True, text=True, timeout=10)
+    assert process.returncode != 0
+    assert process.stderr.startswith("memg: %s.meta is memcached's" % path), process.stderr
+    assert len(process.stderr.splitlines()) == 1
+    assert path.read_bytes() == b"memcached's memory"
+    assert sorted(os.listdir(tmp_path)) == ["cache", "cache.meta"]
 
 
 def test_stale_temporary_files_of_a_crashed_save_are_cleared(tmp_path):

@@ -2,7 +2,8 @@
 
 The sections follow memg.py's Store: time, memory accounting and the LRU,
 retrieval, storage (and CAS uniques), delete and invalidate, arithmetic, meta get,
-whole-cache operations; then counters, and threads.
+whole-cache operations, the slab classes stats report items in; then counters, and
+threads.
 """
 
 import gc
@@ -302,6 +303,22 @@ def test_the_garbage_collector_never_walks_the_items(store):
     store.arithmetic(b"n", 1, vivify=0)
     assert not gc.is_tracked(store.items)
     assert not any(gc.is_tracked(item) for item in store.items.values())
+
+
+def test_the_hash_table_grows_as_memcacheds_a_power_a_check_and_never_shrinks(store):
+    assert store.snapshot()["hash_power_level"] == 16
+    for number in range(3 * 2 ** 16 // 2):
+        store.store(SET, b"k%d" % number, b"")
+    store.grow_hash_table()
+    assert store.snapshot()["hash_power_level"] == 16         # not more than half over
+    store.store(SET, b"one more", b"")
+    store.grow_hash_table()
+    assert store.snapshot()["hash_power_level"] == 17
+    store.grow_hash_table()
+    assert store.snapshot()["hash_power_level"] == 17
+    store.flush()
+    store.grow_hash_table()
+    assert store.snapshot()["hash_power_level"] == 17
 
 
 # --------------------------------------------------------------------------
@@ -897,17 +914,6 @@ def test_what_a_flush_dropped_counts_under_the_limit_until_room_is_needed(clock)
     assert store.snapshot()["curr_items"] == 10
 
 
-def test_snapshot_sizes_the_hash_table_as_the_dict_needs(store):
-    empty = store.snapshot()
-    assert empty["hash_power_level"] == 3          # (a dict's smallest table: 8)
-    for i in range(100):
-        store.store(SET, b"k%d" % i, b"v")
-    snap = store.snapshot()
-    power = snap["hash_power_level"]
-    assert (2 ** (power - 1)) * 2 // 3 < 100 <= (2 ** power) * 2 // 3
-    assert snap["hash_bytes"] > empty["hash_bytes"]
-
-
 def test_flush_negative_delay_is_immediate(store):
     store.store(SET, b"k", b"v")
     store.flush(-1)
@@ -1074,6 +1080,155 @@ def test_walk_leaves_out_expired_and_flushed_items(store, clock):
 
 
 # --------------------------------------------------------------------------
+# Slab classes: where memcached would keep each item
+# --------------------------------------------------------------------------
+
+# memcached 1.6.18's classes by default, as memcached -vv lists them.
+MEMCACHED_CHUNK_SIZES = [
+    96, 120, 152, 192, 240, 304, 384, 480, 600, 752, 944, 1184, 1480, 1856, 2320, 2904, 3632,
+    4544, 5680, 7104, 8880, 11104, 13880, 17352, 21696, 27120, 33904, 42384, 52984, 66232,
+    82792, 103496, 129376, 161720, 202152, 252696, 315872, 394840, 524288]
+
+
+@pytest.mark.parametrize("options, sizes", [
+    ({}, MEMCACHED_CHUNK_SIZES),
+    # -f 2 -n 100
+    ({"growth_factor": 2, "chunk_size": 100}, [152, 304, 608, 1216, 2432, 4864, 9728,
+                                               19456, 38912, 77824, 155648, 524288]),
+    # -o slab_chunk_max=4096: the classes stop a factor short of it
+    ({"slab_chunk_max": 4096}, MEMCACHED_CHUNK_SIZES[:16] + [4096]),
+    # -o no_modern: a whole page
+    ({"slab_chunk_max": memg.MB}, MEMCACHED_CHUNK_SIZES[:-1] + [493552, 616944, 771184,
+                                                                memg.MB]),
+    # -f 1.01: 96 * 1.01 rounds back down to 96, up to memcached's 63 classes
+    ({"growth_factor": 1.01}, [96] * 62 + [524288]),
+], ids=["default", "-f 2 -n 100", "slab_chunk_max=4096", "no_modern", "-f 1.01"])
+def test_slab_classes_are_memcacheds(options, sizes):
+    classes = memg.SlabClasses(**options)
+    assert classes.chunk_sizes == sizes
+    assert classes.largest == len(sizes)
+    assert classes.per_page(1) == memg.MB // sizes[0]
+    assert classes.slab_class(1, 1, 0) == 1
+
+
+def test_equal_classes_fill_the_first_of_them():
+    classes = memg.SlabClasses(growth_factor=1.01)
+    assert classes.slab_class(1, 36, 0) == 1
+    assert classes.slab_class(1, 37, 0) == 63                 # over 96: the largest
+
+
+def test_an_item_is_in_the_class_its_memcached_size_fits():
+    classes = memg.SlabClasses()
+    # memcached's size: 48 (header) + key + 1 + value + 2 + 8 (CAS) [+ 4 with flags]
+    assert classes.item_size(1, 10, 0) == 70
+    assert classes.item_size(1, 10, 7) == 74
+    assert memg.SlabClasses(use_cas=False).item_size(1, 10, 0) == 62
+    assert classes.slab_class(1, 36, 0) == 1                 # 96 bytes: fills class 1
+    assert classes.slab_class(1, 37, 0) == 2                 # 97
+    assert classes.slab_class(1, 33, 5) == 2                 # 96 with flags' 4 bytes
+    assert classes.slab_class(1, 36, 0) == 1
+    assert memg.SlabClasses(use_cas=False).slab_class(1, 44, 0) == 1
+    assert classes.slab_class(4, 66560, 0) == 31             # t/issue_22.t's items
+    assert classes.slab_class(250, 2 * memg.MB, 1) == classes.largest
+
+
+def test_a_large_item_takes_chunks_as_in_memcached():
+    classes = memg.SlabClasses()
+    small = classes.chunks(3, 1000, 0)
+    assert small == [(classes.slab_class(3, 1000, 0), 1)]
+    # memcached 1.6.18 with one 700,000-byte value under a 3-byte key, flags 1: a
+    # 112-byte header in class 2, a 512 KB chunk, the rest in class 35
+    assert classes.chunks(3, 700000, 1) == [(2, 1), (39, 1), (35, 1)]
+    room = memg.MB // 2 - memg.CHUNK_STRUCT_SIZE             # data in a largest chunk
+    assert classes.chunks(3, 2 * room - 2, 0) == [(2, 1), (39, 2)]      # no rest
+    assert classes.chunks(3, 2 * room - 1, 0) == [(2, 1), (39, 2), (1, 1)]
+
+
+def two_class_store(clock, evict=True):
+    """A store with room for 3 items of 10 bytes, whose items of 10 and 100 bytes
+    are in slab classes 1 and 4."""
+    store = small_store(clock, evict=evict)
+    assert (store.slabs.slab_class(2, 10, 0), store.slabs.slab_class(2, 100, 0)) == (1, 4)
+    return store
+
+
+def test_evictions_are_counted_in_the_evicted_items_class(clock):
+    store = two_class_store(clock)
+    store.store(SET, b"s0", b"x" * 10, exptime=100)
+    store.get(b"s0")
+    store.store(SET, b"s1", b"x" * 10)
+    store.store(SET, b"s2", b"x" * 10)
+    clock.advance(7)
+    store.store(SET, b"b0", b"x" * 100)          # evicts s0 (read) and s1
+    counts = store.class_counters
+    assert {slab: counts[slab]["evicted"] for slab in counts} == {1: 2}
+    assert counts[1]["evicted_nonzero"] == 1
+    assert counts[1]["evicted_unfetched"] == 1
+    assert counts[1]["evicted_time"] == 7        # s1, idle since it was stored
+    assert store.counters["evictions"] == 2
+    store.store(SET, b"s3", b"x" * 10)           # evicts s2
+    store.store(SET, b"s4", b"x" * 10)           # evicts b0
+    assert {slab: counts[slab]["evicted"] for slab in counts} == {1: 3, 4: 1}
+    assert counts[4]["evicted_time"] == 0
+    store.reset_counters()
+    assert store.slab_usage().counters == {}
+
+
+def test_reclaims_and_refusals_are_counted_per_class(clock):
+    store = two_class_store(clock, evict=False)
+    store.store(SET, b"s0", b"x" * 10, exptime=5)
+    store.store(SET, b"s1", b"x" * 10)
+    store.store(SET, b"s2", b"x" * 10)
+    clock.advance(5)
+    assert store.store(SET, b"s3", b"x" * 10)[0] == STORED      # reclaims s0
+    assert store.store(SET, b"b0", b"x" * 100) == (NO_MEMORY, None)
+    counters = store.slab_usage().counters
+    assert counters[1]["reclaimed"] == counters[1]["expired_unfetched"] == 1
+    assert counters[4]["outofmemory"] == 1
+    assert (store.counters["reclaimed"], store.counters["store_no_memory"]) == (1, 1)
+
+
+def test_the_crawler_counts_what_it_checks_per_class(store, clock):
+    store.store(SET, b"s", b"x" * 10, exptime=5)
+    store.store(SET, b"t", b"x" * 10)
+    store.store(SET, b"b", b"x" * 100, exptime=5)
+    store.get(b"b")
+    clock.advance(5)
+    store.sweep()
+    counters = store.slab_usage().counters
+    assert counters[1]["crawler_items_checked"] == 2
+    assert counters[1]["crawler_reclaimed"] == counters[1]["expired_unfetched"] == 1
+    assert counters[4]["crawler_reclaimed"] == 1
+    assert counters[4]["expired_unfetched"] == 0             # b was read
+
+
+def test_slab_usage_walks_the_items_into_their_classes(store, clock):
+    store.store(SET, b"a", b"x" * 10)
+    clock.advance(3)
+    store.store(SET, b"b", b"x" * 10, flags=1)
+    store.store(SET, b"big", b"x" * 700000, flags=1)
+    store.store(SET, b"gone", b"x" * 100, exptime=1)
+    clock.advance(1)
+    usage = store.slab_usage()
+    slabs = store.slabs
+    # [items, memcached's bytes, last access of the least recently used]
+    assert usage.items == {
+        1: [2, slabs.item_size(1, 10, 0) + slabs.item_size(1, 10, 1), START],
+        4: [1, slabs.item_size(4, 100, 0), START + 3],        # expired, still linked
+        39: [1, 700066, START + 3]}
+    assert usage.chunks == {1: 2, 4: 1, 2: 1, 39: 1, 35: 1}
+    assert usage.now == START + 4
+
+
+def test_walk_keeps_to_the_classes_asked_for(store):
+    store.store(SET, b"a", b"x" * 10)
+    store.store(SET, b"b", b"x" * 100)
+    store.store(SET, b"c", b"x" * 10)
+    assert [key for batch in store.walk(classes={1}) for key, _ in batch] == [b"c", b"a"]
+    assert [key for batch in store.walk(classes={4, 5}) for key, _ in batch] == [b"b"]
+
+
+# --------------------------------------------------------------------------
 # Counters
 # --------------------------------------------------------------------------
 
@@ -1153,7 +1308,6 @@ def test_snapshot(store, clock):
     assert snap["curr_items"] == 2
     assert snap["bytes"] == cost(b"a", b"12345") + cost(b"b", b"")
     assert snap["limit_maxbytes"] == 64 * memg.MB
-    assert snap["oldest_age"] == 4
     assert snap["cmd_set"] == 2
 
 

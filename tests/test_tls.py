@@ -561,6 +561,28 @@ def test_failed_and_stalled_handshakes_are_counted_and_closed(certificates):
         server.stop()
 
 
+def test_a_client_closed_by_the_server_is_told_with_a_close_notify(certificates):
+    """Every close that memg makes (here: an idle client's, and a protocol error's)
+    ends the session with a close_notify, as memcached's SSL_shutdown does: the
+    client reads a clean end, not an EOF in violation of the protocol (after which
+    a client may write into a reset and die of SIGPIPE, as memcached's own
+    t/idle-timeout.t does over TLS)."""
+    server = tls_memg(certificates, "idle_timeout=1")
+    context = certificates.client_context()
+    try:
+        idle, erring = (context.wrap_socket(socket.create_connection(server.address, timeout=5),
+                                            server_hostname=server.address[0],
+                                            suppress_ragged_eofs=False) for _ in range(2))
+        with idle, erring:
+            idle.sendall(b"version\r\n")
+            assert idle.recv(100).startswith(b"VERSION ")
+            erring.sendall(b"GET / HTTP/1.1\r\n")
+            for client in (erring, idle):
+                assert client.recv(100) == b""       # (SSLEOFError without a close_notify)
+    finally:
+        server.stop()
+
+
 # -- what memg refuses to start with --------------------------------------------------------
 
 def refusal(*args):
