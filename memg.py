@@ -213,6 +213,8 @@ class Settings:
     dump_enabled: bool = option(
         True, "-X", "--disable-dumping", stat="dump_enabled", show=yes_no,
         help="disable stats cachedump and lru_crawler metadump")
+    watch_enabled: bool = option(
+        True, "-W", "--disable-watch", help="disable watch commands (live logging)")
     lru_maintainer: bool = option(
         True, extended=True, stat="lru_maintainer_thread", show=yes_no,
         help="-o no_lru_maintainer: accepted; memg has no LRU maintainer thread, and "
@@ -3197,6 +3199,9 @@ class TextProtocol(Protocol):
     def watch(self, tokens):
         """Turn this connection into a watcher of the given kinds of event: from now
         on it is sent log lines, and what it sends is ignored."""
+        if not self.settings.watch_enabled:
+            self.reply(b"CLIENT_ERROR watch commands not allowed\r\n")
+            return
         if self.datagram:
             return                 # as memcached: a UDP request is answered once, or not
         kinds = {token.decode("latin-1") for token in tokens[1:]} or {"fetchers"}
@@ -4745,7 +4750,7 @@ class Server:
 # so that service files written for memcached keep working.
 IGNORED_OPTIONS = {
     "-r": (False, "core dump limits"), "-k": (False, "memory locking"),
-    "-L": (False, "large pages"), "-W": (False, "watch commands"),
+    "-L": (False, "large pages"),
 }
 # memcached -o options memg accepts and ignores (slab, LRU, hash and extstore tuning).
 IGNORED_EXTENDED = {

@@ -221,7 +221,7 @@ def test_bad_command_line_exits_with_one_line(args):
 
 # -- ignored memcached options ---------------------------------------------------
 
-@pytest.mark.parametrize("args", [["-L"], ["-W"]], ids=" ".join)
+@pytest.mark.parametrize("args", [["-L"]], ids=" ".join)
 def test_ignored_option_starts_with_one_warning(launch, args):
     server = launch(*args)
     with connect_admitted(server.address) as client:

@@ -364,6 +364,15 @@ def test_watch_logs_every_lookup_and_store_as_memcached():
     assert b"type=item_get key=f status=flushed clsid=0 size=0" in memg_lines
 
 
+def test_watch_refused_under_W_as_memcached():
+    def refusal(server):
+        with server.connect() as client:
+            return client.request(b"watch mutations\r\n")
+
+    replies = on_new_servers(["-W"], refusal)
+    assert replies[0] == replies[1] == b"CLIENT_ERROR watch commands not allowed\r\n"
+
+
 # -- slab classes: stats items and stats slabs ---------------------------------------
 
 # Values of many sizes under keys of several lengths, some with flags, up to large
