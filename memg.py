@@ -4368,7 +4368,11 @@ class AsyncioConnection(asyncio.BufferedProtocol):
         self.writing_paused = False
         with contextlib.suppress(RuntimeError, AttributeError):
             self.transport.resume_reading()
-        self.after_output()
+        # Not after_output: its protocol.pending does not know of a watcher's lines
+        # that came while writing was paused (their wake found it paused).
+        if not self.scheduled:
+            self.scheduled = True
+            self.engine.loop.call_soon(self.send_more)
 
     def kick(self):
         """-o idle_timeout: close this client, idle too long."""

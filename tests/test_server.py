@@ -2,6 +2,7 @@
 libmemcached's memccapable in both protocols and its load generator memcslap in the
 binary one (with SASL too), memory bounds, abrupt clients, concurrent clients."""
 
+import contextlib
 import os
 import re
 import socket
@@ -458,6 +459,28 @@ def test_watchers_are_told_why_each_connection_closed():
     finally:
         code, err = server.stop()
     assert code == 0 and b"Traceback" not in err
+
+
+def test_a_watcher_that_fell_behind_gets_new_lines_once_it_reads_again():
+    # Its lines back up in the socket, then in memg (it misses some), until it reads
+    # all it was sent; the lines of later events must then come, after a skipped=N.
+    server = start_memg("-o", "watcher_logbuf_size=8")
+    try:
+        with RawClient(server.address, receive_buffer=4096) as watcher, \
+                server.connect() as client:
+            assert watcher.request(b"watch fetchers\r\n") == b"OK\r\n"
+            for _ in range(30):
+                client.request(b"".join(b"get k%06d%s\r\n" % (i, b"x" * 180)
+                                        for i in range(1000)), b"END\r\n" * 1000)
+            watcher.sock.settimeout(1.0)
+            with contextlib.suppress(socket.timeout):
+                while watcher.sock.recv(65536):
+                    pass
+            client.request(b"get marker\r\n", b"END\r\n")
+            lines = read_lines(watcher.sock, 2)
+            assert lines[0].startswith("skipped=") and "key=marker" in lines[1]
+    finally:
+        server.stop()
 
 
 def test_watch_refuses_unknown_kinds_and_stops_with_the_server():
