@@ -1921,7 +1921,8 @@ class Service:
             rows += [("%d:addr" % fd, socket_name(protocol.peer)),
                      ("%d:listen_addr" % fd, socket_name(protocol.local)),
                      ("%d:state" % fd, protocol.state()),
-                     ("%d:secs_since_last_cmd" % fd, int(now - protocol.last_command))]
+                     # whole seconds of a coarse clock, as memcached's current_time
+                     ("%d:secs_since_last_cmd" % fd, int(now) - int(protocol.last_command))]
         return rows
 # --------------------------------------------------------------------------
 # 4. The protocol
