@@ -2049,8 +2049,7 @@ class Service:
             rows += [("%d:addr" % fd, socket_name(protocol.peer)),
                      ("%d:listen_addr" % fd, socket_name(protocol.local)),
                      ("%d:state" % fd, protocol.state()),
-                     # Seconds ticked since, as memcached's clock counts them (a
-                     # command 0.99 s before a tick is a second ago there too).
+                     # whole seconds of a coarse clock, as memcached's current_time
                      ("%d:secs_since_last_cmd" % fd, int(now) - int(protocol.last_command))]
         return rows
 # --------------------------------------------------------------------------

@@ -651,6 +651,8 @@ def os_threads(pid):
 def test_asyncio_serves_many_clients_from_one_thread(launch, event_loop):
     # (The options given here come after the suite's engine options, and win.)
     server = launch("--engine", "asyncio", "--event-loop", event_loop)
+    with server.connect() as first:      # answered: memg serves, its threads all started
+        assert first.request(b"version\r\n").startswith(b"VERSION ")
     idle = os_threads(server.process.pid)
     clients = [server.connect() for _ in range(50)]
     try:
@@ -813,6 +815,8 @@ def test_pid_file(launch, tmp_path):
 def test_the_pid_file_goes_at_a_clean_stop(launch, tmp_path):
     path = tmp_path / "memg.pid"
     server = launch("-P", str(path))
+    # (written once memg listens, as memcached writes it: a client may come first)
+    wait_for(path.exists, what="the pid file")
     assert path.read_text() == "%d\n" % server.process.pid
     assert server.stop()[0] == 0
     assert not path.exists()

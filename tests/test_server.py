@@ -111,9 +111,10 @@ def test_expired_items_are_swept_without_being_touched_and_evict_nothing():
     try:
         with server.connect() as client:
             value = b"v" * 1000
-            set_many(client, (b"short:%d" % i for i in range(5000)), value, exptime=1)
+            # (3 s: under load, 5,000 sets may take longer than one)
+            set_many(client, (b"short:%d" % i for i in range(5000)), value, exptime=3)
             assert int(stats(client)["curr_items"]) == 5000
-            wait_for(lambda: stats(client)["curr_items"] == "0", timeout=10,
+            wait_for(lambda: stats(client)["curr_items"] == "0", timeout=15,
                      what="the background sweep (once a second) to reclaim them")
             assert stats(client)["crawler_reclaimed"] == "5000"
             set_many(client, (b"long:%d" % i for i in range(5000)), value)
