@@ -69,8 +69,9 @@ MB = 1024 * KB
 TOO_MANY = b"ERROR Too many open connections\r\n"
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
 TOO_LARGE_BINARY = failure(Op.SET, Status.TOO_LARGE)
-# Liveness bound for any one reply: generous, so that only a hang or a stall fails.
-PROMPT = 2.0
+# Liveness bound for any one reply: generous, so that only a hang or a stall fails
+# (2 s was passed, at 2.7 s, on a 2-core machine also running memcached's suite).
+PROMPT = 5.0
 # Whether memg serves with a thread per connection (else on one asyncio event loop).
 THREADS = ENGINE_SETTINGS["engine"] == "threads"
 
