@@ -28,6 +28,7 @@ The file reads top to bottom in the order data flows:
 import asyncio
 import base64
 import binascii
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -183,12 +184,58 @@ class Settings:
         1 * MB, "-I", "--max-item-size", parse=lambda text: parse_size(text, 1),
         metavar="SIZE", stat="item_size_max",
         help="max item size, as 512k or 2m (default: 1m, min: 1k, max: 1024m)")
+    lru_crawler: bool = option(
+        True, extended=True, stat="lru_crawler", show=yes_no,
+        help="-o lru_crawler, no_lru_crawler: the LRU crawler, which reclaims expired "
+             "items (lru_crawler crawl and metadump; with the maintainer, runs of its "
+             "own, as memcached schedules them) (default: on)")
+    lru_crawler_sleep: int = option(
+        100, parse=int, extended=True, stat="lru_crawler_sleep",
+        help="-o lru_crawler_sleep=MICROSECONDS: accepted and shown; memg's crawler "
+             "lets other work in after each thousand items instead (default: 100)")
+    lru_crawler_tocrawl: int = option(
+        0, parse=int, extended=True, stat="lru_crawler_tocrawl",
+        help="-o lru_crawler_tocrawl=N: a crawl looks at N items at most of each class "
+             "in each sub-LRU (default: 0, all)")
     flush_enabled: bool = option(
         True, "-F", "--disable-flush-all", stat="flush_enabled", show=yes_no,
         help="disable flush_all")
     dump_enabled: bool = option(
         True, "-X", "--disable-dumping", stat="dump_enabled", show=yes_no,
         help="disable stats cachedump and lru_crawler metadump")
+    lru_maintainer: bool = option(
+        True, extended=True, stat="lru_maintainer_thread", show=yes_no,
+        help="-o lru_maintainer, no_lru_maintainer: the LRU maintainer, which each "
+             "second moves items between the parts of the segmented LRU and reclaims "
+             "expired ones at their tails; without it the LRU is flat (default: on)")
+    lru_segmented: bool = option(
+        True, extended=True, stat="lru_segmented", show=yes_no,
+        help="-o lru_segmented, no_lru_segmented: the segmented LRU (HOT, WARM, COLD): "
+             "an item read twice is kept from eviction longer than one read once or "
+             "never; otherwise a flat LRU, where a read moves an item up; lru mode "
+             "flat|segmented switches while serving (default: on, with the maintainer)")
+    hot_lru_pct: int = option(
+        20, parse=int, extended=True, stat="hot_lru_pct",
+        help="-o hot_lru_pct=N: the share of the LRU's bytes that HOT keeps at most, in "
+             "percent (default: 20)")
+    warm_lru_pct: int = option(
+        40, parse=int, extended=True, stat="warm_lru_pct",
+        help="-o warm_lru_pct=N: WARM's share, in percent (default: 40)")
+    hot_max_factor: float = option(
+        0.2, parse=float, extended=True, stat="hot_max_factor", show=lambda f: "%.2f" % f,
+        help="-o hot_max_factor=F: an item idle F times as long as COLD's least recently "
+             "used one leaves HOT (default: 0.2)")
+    warm_max_factor: float = option(
+        2.0, parse=float, extended=True, stat="warm_max_factor", show=lambda f: "%.2f" % f,
+        help="-o warm_max_factor=F: the same for WARM (default: 2.0)")
+    temp_lru: bool = option(
+        False, stat="temp_lru", show=yes_no,
+        help="the TEMP LRU, of the items whose TTL is at most temporary_ttl, which are "
+             "never evicted (-o temporary_ttl turns it on; lru temp_ttl switches)")
+    temporary_ttl: int = option(
+        61, parse=int, extended=True, stat="temporary_ttl",
+        help="-o temporary_ttl=SECONDS: turn the TEMP LRU on, for items whose TTL is at "
+             "most this (needs the maintainer) (default: off; 61)")
     idle_timeout: int = option(
         0, parse=int, extended=True, stat="idle_timeout",
         help="-o idle_timeout=SECONDS: close clients idle that long (0: never)")
@@ -318,6 +365,24 @@ class Settings:
                              % (self.engine, ", ".join(sorted(ENGINES))))
         if self.single and self.engine != "threads":
             raise ValueError("--single needs the threads engine")
+        # The LRU's settings, checked in memcached's words.  As in memcached, the
+        # segmented LRU is the maintainer's: without it, the LRU is flat.
+        if not self.lru_maintainer:
+            self.lru_segmented = False
+        if self.temp_lru and not self.lru_maintainer:
+            raise ValueError("temporary_ttl requires lru_maintainer to be enabled")
+        for name in ("hot_lru_pct", "warm_lru_pct"):
+            if not 1 <= getattr(self, name) < 80:
+                raise ValueError("%s must be > 1 and < 80" % name)
+        if self.hot_lru_pct + self.warm_lru_pct > 80:
+            raise ValueError("hot_lru_pct + warm_lru_pct cannot be more than 80% combined")
+        for name in ("hot_max_factor", "warm_max_factor"):
+            if not getattr(self, name) > 0:
+                raise ValueError("%s must be > 0" % name)
+        if not 0 <= self.lru_crawler_sleep <= 1000000:
+            raise ValueError("LRU crawler sleep must be between 0 and 1 second")
+        if not 0 <= self.lru_crawler_tocrawl <= 0xFFFFFFFF:
+            raise ValueError("lru_crawler_tocrawl takes a numeric 32bit value")
 
     @staticmethod
     def flag(name):
@@ -414,20 +479,58 @@ APPEND, PREPEND = "append", "prepend"
 
 # Counters the store keeps under its lock; ``stats`` shows them, ``stats reset`` zeroes
 # them.  (cmd_get and cmd_touch are not kept: every get is a hit or a miss, and so is
-# every touch, so ``snapshot`` adds them up.)
+# every touch, so ``snapshot`` adds them up; get_hits are the reads of each sub-LRU,
+# Store.lru_hits.)
 STORE_COUNTERS = (
-    "cmd_set", "cmd_flush",
-    "get_hits", "get_misses", "get_expired", "get_flushed",
-    "delete_misses", "delete_hits", "incr_misses", "incr_hits", "decr_misses", "decr_hits",
-    "cas_misses", "cas_hits", "cas_badval", "touch_hits", "touch_misses",
-    "store_too_large", "store_no_memory",
-    "total_items", "evictions", "evicted_nonzero", "reclaimed", "expired_unfetched",
-    "evicted_unfetched", "crawler_reclaimed", "crawler_items_checked",
+    "cmd_flush", "get_misses", "get_expired", "get_flushed", "delete_misses",
+    "incr_misses", "decr_misses", "cas_misses", "touch_misses", "store_too_large",
+    "total_items",
 )
+# Counters kept per slab class, as memcached keeps them: what the commands did to the
+# items of each class (``stats slabs``; cmd_set by the class of the value sent), and
+# what happened to them at the LRUs' tails (``stats items``).  ``stats`` shows the
+# sums (store_no_memory is outofmemory's).
+CLASS_COUNTERS = (
+    "cmd_set", "delete_hits", "incr_hits", "decr_hits", "cas_hits", "cas_badval",
+    "touch_hits",
+    "evicted", "evicted_nonzero", "outofmemory", "reclaimed", "expired_unfetched",
+    "evicted_unfetched", "crawler_reclaimed", "crawler_items_checked",
+    "moves_to_cold", "moves_to_warm", "moves_within_lru", "direct_reclaims",
+)
+
+# memcached's slab classes: the chunk size of each, with its defaults (-n 48, -f 1.25,
+# chunks of 512 KiB at most).  memg allocates no slabs; an item's class is where
+# memcached would keep it, for the per-class figures of ``stats items`` and ``stats
+# slabs``.  Class ids run below SLAB_CLASSES.
+SLAB_CLASSES = 64
+
+
+def slab_sizes(smallest=96, factor=1.25, largest=512 * KB):
+    sizes = []
+    while smallest < largest / factor:
+        sizes.append(-(-smallest // 8) * 8)
+        smallest = int(sizes[-1] * factor)
+    return sizes + [largest]
+
+
+SLAB_SIZES = slab_sizes()
+# The class of each size, in steps of 8 bytes (the chunk sizes are multiples of 8):
+# a look-up in this costs the set path less than a search of SLAB_SIZES.
+CLASS_OF_EIGHTS = b"\x01" + b"".join(
+    bytes([number]) * ((size - smaller) // 8) for number, (smaller, size) in enumerate(
+        zip([0] + SLAB_SIZES, SLAB_SIZES), 1))
+
+
+def slab_class(key_length, value_length, flags):
+    """The slab class memcached would store an item in (one larger than the largest
+    chunk is chunked, and counted in the largest class)."""
+    size = ITEM_HEADER_SIZE + key_length + value_length + (4 if flags else 0)
+    return CLASS_OF_EIGHTS[size + 7 >> 3] if size <= SLAB_SIZES[-1] else len(SLAB_SIZES)
 
 
 # An item is one stored value and its metadata, packed into a single bytes object: a
-# header (CAS unique, expiry, last access, client flags, state bits), then the value.
+# header (CAS unique, expiry, last access, client flags, state bits and slab class),
+# then the value.
 # A Python object per field would cost more than the value itself: a 100-byte item
 # takes about 250 bytes of memory in all this way (with its key and its dict entry),
 # 450 as an object with a value and two ints (memcached: 197).  It is a plain bytes
@@ -436,13 +539,18 @@ STORE_COUNTERS = (
 # collection walked every item (170 ms for a million items, with every thread
 # stopped).  Items never change; an update links a new one (``make_item``), so a
 # reader that got an item from the store may use it without the lock.
-ITEM_HEADER = struct.Struct("<QqIIB")
+ITEM_HEADER = struct.Struct("<QqIIH")
 # (cas, exptime, atime, flags, state) of an item, and where its value starts.  The
 # hot paths unpack all five into names at once; other code reads ``header(item)``.
 item_fields = ITEM_HEADER.unpack_from
 pack_header = ITEM_HEADER.pack
 VALUE_START = ITEM_HEADER.size
-FETCHED, STALE, WON = 1, 2, 4           # the state bits
+# The state bits.  ACTIVE: read again since it was last moved (memcached's
+# ITEM_ACTIVE), which keeps an item out of the segmented LRU's COLD part.
+FETCHED, STALE, WON, ACTIVE = 1, 2, 4, 8
+# The state's high byte is the item's slab class, which its key, value and flags set
+# once: per-class counts need no size arithmetic on the hot paths.
+CLASS_SHIFT = 8
 ItemHeader = collections.namedtuple("ItemHeader", "cas exptime atime flags state")
 
 
@@ -456,9 +564,20 @@ def value_size(item):
 
 
 def make_item(value, flags, exptime, cas, atime, state=0):
-    """A new item.  exptime: absolute Unix time in whole seconds, 0 never expires,
-    -1 expired; atime: last access (LRU statistics, meta 'l', flush_all's deadline)."""
+    """An item.  exptime: absolute Unix time in whole seconds, 0 never expires, -1
+    expired; atime: last access (LRU statistics, meta 'l', flush_all's deadline);
+    state: its bits and its class (see new_item)."""
     return pack_header(cas, exptime, atime, flags, state) + value
+
+
+def new_item(key, value, flags, exptime, cas, atime, state=0):
+    """A new item for key, its class set from its size."""
+    return make_item(value, flags, exptime, cas, atime,
+                     state | slab_class(len(key), len(value), flags) << CLASS_SHIFT)
+
+
+def item_class(item):
+    return item_fields(item)[4] >> CLASS_SHIFT
 
 
 class ItemView(collections.namedtuple("ItemView", "cas exptime atime flags state value")):
@@ -499,8 +618,41 @@ MetaView = collections.namedtuple("MetaView", "hit_before last_access ttl won to
 WALK_BATCH = 1000
 
 
+# memcached's sub-LRUs.  memcached numbers an LRU by a slab class or-ed with its
+# sub-LRU shifted by SEGMENT_SHIFT (HOT_LRU 0, WARM_LRU 64, COLD_LRU 128, TEMP_LRU
+# 192); memg numbers its per-class counts the same way.
+HOT, WARM, COLD, TEMP = range(4)
+SEGMENT_NAMES = ("hot", "warm", "cold", "temp")
+SEGMENT_SHIFT = 6
+LRU_IDS = 4 << SEGMENT_SHIFT
+# The bytes of an item's header that hold its state bits and its class (the state's
+# low and high bytes).
+STATE_BYTE, CLASS_BYTE = VALUE_START - 2, VALUE_START - 1
+# How many items a look at an LRU's tail considers at most, and how many looks at
+# each a run of the maintainer takes at most (memcached's lru_pull_tail and
+# lru_maintainer_juggle).
+TAIL_TRIES = 5
+JUGGLE_ROUNDS = 500
+# How far from a shared sub-LRU's tail the maintainer looks for each class's tail.
+TAIL_WINDOW = 4096
+
+
 class Store:
-    """The cache: a dict in LRU order, a memory budget, CAS uniques and counters.
+    """The cache: items in memcached's sub-LRUs, a memory budget, CAS uniques and
+    counters.
+
+    Each item is in one of four dicts (key -> item, least recently used first), as
+    memcached links each item into one of its LRUs.  In the segmented LRU
+    (memcached's default) a new item enters HOT; a second read marks it active, and
+    moves it up to WARM if it is in COLD; the maintainer (``juggle``) moves items
+    down from HOT and WARM to COLD past their share (active ones go to WARM's head
+    instead), and memory is made by evicting COLD's tail.  In the flat LRU
+    (memcached's -o no_modern) new items enter COLD and a read moves an item to the
+    head.  Items whose TTL is at most temp_ttl (if set) live in TEMP, never
+    evicted.  memcached keeps these LRUs per slab class, each class with memory of
+    its own; memg's memory is one budget, so its sub-LRUs hold every class, and the
+    classes are counted (``lru_items``, ``lru_bytes``).  A lookup tries the dicts in
+    turn: an item costs one dict entry, with no index beside them.
 
     Every public method takes the one lock, so each command is atomic whatever the
     interpreter (free-threaded CPython included).  Nothing here knows about sockets
@@ -508,16 +660,24 @@ class Store:
     """
 
     def __init__(self, memory_limit=64 * MB, item_size_max=1 * MB, evict=True,
-                 use_cas=True, track_sizes=False, clock=time.time):
+                 use_cas=True, track_sizes=False, clock=time.time, segmented=False,
+                 temp_ttl=None):
         self.memory_limit = memory_limit
         self.item_size_max = item_size_max
         self.evict = evict
         self.use_cas = use_cas
         self.clock = clock
+        self.segmented = segmented               # else flat (lru mode)
+        self.temp_ttl = temp_ttl                 # None: no TEMP LRU (lru temp_ttl)
         self.started = int(clock())
         self.lock = threading.Lock()
-        self.items = {}                          # key -> item, least recently used first
-        self.oldest = {}                         # a batch of the first keys (_lru_key)
+        self.segments = ({}, {}, {}, {})         # HOT, WARM, COLD, TEMP
+        self.tails = [{}, {}, {}, {}]            # a batch of each one's first keys (_tail)
+        # Items, their bytes and the reads that found them, by LRU id.
+        self.lru_items = [0] * LRU_IDS
+        self.lru_bytes = [0] * LRU_IDS
+        self.lru_hits = [0] * LRU_IDS
+        self.classes_used = set()               # classes that have held an item
         self.bytes = 0
         self.last_cas = 0
         # flush_all: once this second has come, items linked at or before it are
@@ -525,11 +685,19 @@ class Store:
         self.flush_deadline = 0
         self.flush_pending = False
         self.counters = dict.fromkeys(STORE_COUNTERS, 0)
-        self.evicted_time = 0                    # idle seconds of the last evicted item
+        self.class_counters = [dict.fromkeys(CLASS_COUNTERS, 0) for _ in range(SLAB_CLASSES)]
+        self.evicted_time = [0] * SLAB_CLASSES   # idle seconds of each class's last eviction
         self.on_evict = None                     # called as on_evict(key, item, now)
         # Items per 32-byte size class (``stats sizes``), kept only if asked for.
         self.sizes = collections.Counter() if track_sizes else None
-        self._sweep_keys = []                    # keys still to visit in this sweep
+
+    @property
+    def items(self):
+        """Every item, key -> item, in a new dict: each sub-LRU's items, least recently
+        used first (HOT's, WARM's, COLD's, then TEMP's), for a look at the whole
+        cache.  (The store's own paths read ``segments``.)"""
+        with self.lock:
+            return {key: item for items in self.segments for key, item in items.items()}
 
     # -- time ---------------------------------------------------------------
 
@@ -562,28 +730,33 @@ class Store:
         self.last_cas += 1
         return self.last_cas
 
-    def _find(self, key, now, bump=False):
-        """The live item under key, or None; drops it if it has expired or been
-        flushed.  With bump, the item as a read leaves it (see _bump)."""
+    def _find(self, key, now):
+        """(segment, item) of the live item under key, or (None, None); drops it if
+        it has expired or been flushed."""
         if self.flush_pending:
             self._apply_flush(now)
-        item = self.items.get(key)
-        if item is None:
-            return None
-        _, exptime, atime, _, state = item_fields(item)
+        # (An empty sub-LRU, often TEMP and in a flat LRU HOT and WARM, is not asked.)
+        hot, warm, cold, temp = self.segments
+        if cold and (item := cold.get(key)) is not None:
+            segment = COLD
+        elif hot and (item := hot.get(key)) is not None:
+            segment = HOT
+        elif warm and (item := warm.get(key)) is not None:
+            segment = WARM
+        elif temp and (item := temp.get(key)) is not None:
+            segment = TEMP
+        else:
+            return None, None
+        exptime = item_fields(item)[1]
         if exptime and exptime <= now:
-            self._unlink(key, item)
+            self._unlink(key, item, segment)
             self.counters["get_expired"] += 1
-            if not state & FETCHED:
-                self.counters["expired_unfetched"] += 1
-            return None
+            return None, None
         if self.flush_deadline and self._flushed(item, now):
-            self._unlink(key, item)
+            self._unlink(key, item, segment)
             self.counters["get_flushed"] += 1
-            return None
-        if bump and not (atime == now and state & FETCHED):
-            return self._bump(key, item, now)
-        return item
+            return None, None
+        return segment, item
 
     def _flushed(self, item, now):
         """Whether a flush hides item: memcached's item_is_flushed.  The items a
@@ -592,53 +765,106 @@ class Store:
         deadline = self.flush_deadline
         return deadline and deadline <= now and header(item).atime <= deadline
 
+    def _dead(self, item, now):
+        """Whether item has expired or been flushed (but is still linked)."""
+        exptime = header(item).exptime
+        return bool(exptime and exptime <= now or self._flushed(item, now))
+
     def _apply_flush(self, now):
         """Drop every item at once when a delayed flush's deadline has come: all
         of them were linked before it."""
         if self.flush_pending and self.flush_deadline <= now:
             self._clear()
 
-    def _bump(self, key, item, now):
-        """Mark item read now and most recently used; returns it as it now is.  As
-        memcached moves an item up its LRU at most once a minute, an item read again
-        within the second it was last read or stored stays where it is: a read then
-        costs no copy."""
+    def _read(self, key, segment, item, now):
+        """A read's hit: counted in the LRU it found the item in, and the item marked
+        read (_bump); returns it as it now is."""
+        self.lru_hits[segment << SEGMENT_SHIFT | item[CLASS_BYTE]] += 1
+        return self._bump(key, segment, item, now)
+
+    def _bump(self, key, segment, item, now):
+        """Mark item read now (memcached's do_item_bump); returns it as it now is.
+        Segmented: a first read marks it fetched, a second active, which moves it up
+        to WARM from COLD (and stamps its last access); an active item is left as
+        it is.  Flat: it is marked fetched and moves to the head of its LRU, at most
+        once a second (memcached: a minute): an item read again within the second it
+        was last read or stored stays where it is, so that such a read costs no
+        copy."""
         cas, exptime, atime, flags, state = item_fields(item)
+        if self.segmented:
+            if state & ACTIVE:
+                return item
+            if not state & FETCHED:
+                item = pack_header(cas, exptime, atime, flags, state | FETCHED) + item[
+                    VALUE_START:]
+                self.segments[segment][key] = item
+            elif segment == COLD:
+                item = pack_header(cas, exptime, now, flags, state) + item[VALUE_START:]
+                self._move(key, item, COLD, WARM)
+                self.class_counters[state >> CLASS_SHIFT]["moves_to_warm"] += 1
+            else:
+                item = pack_header(cas, exptime, now, flags, state | ACTIVE) + item[
+                    VALUE_START:]
+                self.segments[segment][key] = item
+            return item
         if atime == now and state & FETCHED:
             return item
-        item = make_item(item[VALUE_START:], flags, exptime, cas, now, state | FETCHED)
-        self._to_most_recent(key, item)
+        item = pack_header(cas, exptime, now, flags, state | FETCHED) + item[VALUE_START:]
+        self._move(key, item, segment, segment)
         return item
 
-    def _to_most_recent(self, key, item):
-        """Link item (key's, or a changed copy) as the most recently used."""
-        del self.items[key]
-        self.items[key] = item
-        self.oldest.pop(key, None)
+    def _update(self, key, segment, item, now):
+        """memcached's do_item_update, for an add that finds its key: the item's last
+        access is now, and in the flat LRU it moves to the head (at most once a
+        second, as _bump)."""
+        cas, exptime, atime, flags, state = item_fields(item)
+        if atime != now:
+            item = pack_header(cas, exptime, now, flags, state) + item[VALUE_START:]
+            if self.segmented:
+                self.segments[segment][key] = item
+            else:
+                self._move(key, item, segment, segment)
 
-    def _lru_key(self):
-        """The least recently used key.  A dict keeps insertion order, so that is its
-        first key; but reaching it steps over every entry deleted before it since
-        the dict was last resized, as many as there were evictions and bumps.  So
-        the first keys are taken a batch at a time, into ``oldest`` (a key leaves
-        it when it is used or unlinked), for one such walk per batch.  (An
-        OrderedDict would do this alone, at 46 more bytes an item.)"""
-        if not self.oldest:
-            batch = max(64, len(self.items) // 256)
-            self.oldest = collections.OrderedDict.fromkeys(
-                itertools.islice(self.items, batch))
-        return next(iter(self.oldest))
+    def _tail(self, segment, count=1):
+        """The least recently used keys of a segment: the first count of them (fewer
+        if it holds fewer), or its first key alone (or None).  A dict keeps insertion
+        order, so those are its first keys; but reaching them steps over every entry
+        deleted before them since the dict was last resized, as many as there were
+        evictions, moves and bumps.  So the first keys are taken a batch at a time,
+        into ``tails`` (a key leaves it when it is used, moved or unlinked), for one
+        such walk per batch.  (An OrderedDict would do this alone, at 46 more bytes
+        an item.)"""
+        tail = self.tails[segment]
+        items = self.segments[segment]
+        if len(tail) < count and len(items) > len(tail) or not tail:
+            tail = self.tails[segment] = collections.OrderedDict.fromkeys(
+                itertools.islice(items, max(count, 64, len(items) // 256)))
+        if count == 1:
+            return next(iter(tail), None)
+        return list(itertools.islice(tail, count))
 
-    def _relink(self, key, item):
-        """Put a changed copy of a linked item in its place (same size, same LRU
-        position)."""
-        self.items[key] = item
-        return item
+    def _move(self, key, item, segment, target):
+        """Put key's item (the one in segment, or a copy with other header fields) at
+        the head of target."""
+        del self.segments[segment][key]
+        self.tails[segment].pop(key, None)
+        self.segments[target][key] = item
+        if target != segment:
+            cost = item_cost(key, len(item) - VALUE_START)
+            for lru_segment, sign in ((segment, -1), (target, 1)):
+                lru = lru_segment << SEGMENT_SHIFT | item[CLASS_BYTE]
+                self.lru_items[lru] += sign
+                self.lru_bytes[lru] += sign * cost
 
-    def _unlink(self, key, item):
-        del self.items[key]
-        self.oldest.pop(key, None)
-        self.bytes -= item_cost(key, len(item) - VALUE_START)
+    def _unlink(self, key, item, segment):
+        del self.segments[segment][key]
+        self.tails[segment].pop(key, None)
+        # (The counts of _link, taken back.)
+        cost = item_cost(key, len(item) - VALUE_START)
+        lru = segment << SEGMENT_SHIFT | item[CLASS_BYTE]
+        self.lru_items[lru] -= 1
+        self.lru_bytes[lru] -= cost
+        self.bytes -= cost
         if self.sizes is not None:
             self.sizes[self.size_class(key, item)] -= 1
 
@@ -648,59 +874,156 @@ class Store:
             4 if header(item).flags else 0)
         return -(-size // 32) * 32
 
-    def _link(self, key, item, old=None):
-        """Store item under key in place of old; False, with old left as it was,
-        when memory is exhausted."""
+    def _new_segment(self, exptime, now):
+        """Where a new item goes: TEMP if its TTL is at most temp_ttl, else HOT
+        (segmented) or COLD (flat)."""
+        if self.temp_ttl is not None and exptime > 0 and 0 <= exptime - now <= self.temp_ttl:
+            return TEMP
+        return HOT if self.segmented else COLD
+
+    def _link(self, key, item, segment, old=None, old_segment=None):
+        """Link item under key into segment, in place of old (in old_segment);
+        False, with old left as it was, when memory is exhausted."""
         cost = item_cost(key, len(item) - VALUE_START)
         freed = item_cost(key, len(old) - VALUE_START) if old is not None else 0
+        if not self.segmented:
+            self._pull_tail(COLD, self.now())   # as memcached's flat LRU before each allocation
         if self.bytes + cost - freed > self.memory_limit:
+            if old is not None:          # out of reach of the evictions it makes room by
+                del self.segments[old_segment][key]
+                self.tails[old_segment].pop(key, None)
+            made = self._make_room(cost - freed, self.now(), item[CLASS_BYTE])
             if old is not None:
-                self._to_most_recent(key, old)    # evict everything else first
-            if not self._make_room(cost - freed, keep=key):
+                self.segments[old_segment][key] = old
+            if not made:
+                self.class_counters[item[CLASS_BYTE]]["outofmemory"] += 1
                 return False
         if old is not None:
-            self._unlink(key, old)
-        self.items[key] = item
+            self._unlink(key, old, old_segment)
+        self.segments[segment][key] = item
+        # The counts of each LRU and class (inline: this is the set path).
+        lru = segment << SEGMENT_SHIFT | item[CLASS_BYTE]
+        self.lru_items[lru] += 1
+        self.lru_bytes[lru] += cost
         self.bytes += cost
+        if self.lru_items[lru] == 1:
+            self.classes_used.add(item[CLASS_BYTE])
         self.counters["total_items"] += 1
         if self.sizes is not None:
             self.sizes[self.size_class(key, item)] += 1
         return True
 
-    def _make_room(self, needed, keep=None):
-        """Free memory from the LRU tail, never evicting keep: expired items, and
-        live ones too unless eviction is off."""
-        items = self.items
-        now = self.now()
-        while items and self.bytes + needed > self.memory_limit:
-            key = self._lru_key()
-            item = items[key]
-            if key == keep:
-                return False
-            _, exptime, atime, _, state = item_fields(item)
-            dead = exptime and exptime <= now
-            if not dead and not self.evict:
-                return False
-            self._unlink(key, item)
-            if dead:
-                self.counters["reclaimed"] += 1
-            else:
-                self.counters["evictions"] += 1
-                self.counters["evicted_nonzero"] += exptime != 0
-                self.counters["evicted_unfetched"] += not state & FETCHED
-                self.evicted_time = now - atime
-                if self.on_evict is not None:
-                    self.on_evict(key, item, now)
-        return self.bytes + needed <= self.memory_limit
+    def _make_room(self, needed, now, cls=None):
+        """Free memory from the LRUs' tails until needed more bytes fit, as
+        memcached's allocation does: COLD's tail goes, expired items first, then
+        live ones unless eviction is off; with COLD empty, HOT's tail moves down to
+        it, then WARM's (memcached's maintainer keeps WARM to its share, so that
+        COLD always has items; memg's runs once a second).  TEMP is never evicted.
+        Each look at a tail counts as a direct reclaim of cls.  False when nothing
+        more can go."""
+        looks = 0
+        try:
+            while self.bytes + needed > self.memory_limit:
+                looks += 1
+                if self._pull_tail(COLD, now, evict=True):
+                    continue
+                if self.segments[COLD] or not (
+                        self._pull_tail(HOT, now) or self._pull_tail(WARM, now)):
+                    return False                 # a live tail, not to be evicted; or none
+            return True
+        finally:
+            if cls is not None:
+                self.class_counters[cls]["direct_reclaims"] += looks
+
+    def _pull_tail(self, segment, now, limit=0, max_age=0, evict=False, each_class=False):
+        """memcached's lru_pull_tail: look at the items at a segment's tail, reclaiming
+        expired and flushed ones, and act on the first live one: from HOT or WARM, an
+        active item moves to WARM's head, no longer active, and another moves down to
+        COLD if the segment holds over limit bytes or it has been idle over max_age
+        seconds; from COLD, with evict, it is evicted (if eviction is on).  Up to
+        TAIL_TRIES items are looked at.  memcached keeps an LRU per slab class, and its
+        maintainer pulls the tail of each: with each_class, so does this, in memg's
+        shared sub-LRU (where a class's items are in the order of its own LRU), for
+        each class among the TAIL_WINDOW least recently used items.  Otherwise the
+        segment is one LRU (memg's allocations: its memory is one pool).  Returns how
+        many items went or moved."""
+        items = self.segments[segment]
+        classes = sum(map(bool, self.lru_items[segment << SEGMENT_SHIFT:
+                                               segment + 1 << SEGMENT_SHIFT]))
+        looked = {}                              # class (or None) -> items looked at
+        ended = done = 0                         # how many turns are over
+        for key in (list(itertools.islice(items, TAIL_WINDOW)) if each_class
+                    else self._tail(segment, TAIL_TRIES)):
+            item = items.get(key)
+            if item is None:
+                continue                         # (moved by this pull)
+            turn = item[CLASS_BYTE] if each_class else None
+            if looked.get(turn, 0) == TAIL_TRIES:
+                continue
+            looked[turn] = looked.get(turn, 0) + 1
+            cas, exptime, atime, flags, state = item_fields(item)
+            counters = self.class_counters[state >> CLASS_SHIFT]
+            if exptime and exptime <= now or self.flush_deadline and self._flushed(item, now):
+                self._unlink(key, item, segment)
+                counters["reclaimed"] += 1
+                counters["expired_unfetched"] += not state & FETCHED
+                done += 1
+                if looked[turn] < TAIL_TRIES:
+                    continue
+            elif segment == COLD:
+                if evict and self.evict:
+                    self._evict(key, item, now)
+                    done += 1
+            elif segment != TEMP:
+                if state & ACTIVE:
+                    self._move(key, pack_header(cas, exptime, atime, flags, state & ~ACTIVE)
+                               + item[VALUE_START:], segment, WARM)
+                    counters["moves_within_lru" if segment == WARM else "moves_to_warm"] += 1
+                    done += 1
+                elif now - atime > max_age or self._segment_bytes(segment) > limit:
+                    self._move(key, item, segment, COLD)
+                    counters["moves_to_cold"] += 1
+                    done += 1
+            looked[turn] = TAIL_TRIES            # this one's turn is over
+            ended += 1
+            if ended == (classes if each_class else 1):
+                break
+        return done
+
+    def _segment_bytes(self, segment):
+        return sum(self.lru_bytes[segment << SEGMENT_SHIFT:segment + 1 << SEGMENT_SHIFT])
+
+    def _evict(self, key, item, now):
+        _, exptime, atime, _, state = item_fields(item)
+        self._unlink(key, item, COLD)
+        cls = state >> CLASS_SHIFT
+        counters = self.class_counters[cls]
+        counters["evicted"] += 1
+        counters["evicted_nonzero"] += exptime != 0
+        counters["evicted_unfetched"] += not state & FETCHED
+        self.evicted_time[cls] = now - atime
+        if self.on_evict is not None:
+            self.on_evict(key, item, now)
 
     def _clear(self):
-        self.items = {}
-        self.oldest = {}
+        """Drop every item at once (flush_all).  memcached unlinks the items a flush
+        hides as its maintainer or its allocations come upon them at the LRUs' tails,
+        counting each as reclaimed (and expired_unfetched if never read); memg drops
+        them all now, and counts them so."""
+        gone = collections.Counter(item[CLASS_BYTE] << 1 | item[STATE_BYTE] & FETCHED
+                                   for items in self.segments for item in items.values())
+        for kind, count in gone.items():
+            counters = self.class_counters[kind >> 1]
+            counters["reclaimed"] += count
+            counters["expired_unfetched"] += 0 if kind & FETCHED else count
+        self.segments = ({}, {}, {}, {})
+        self.tails = [{}, {}, {}, {}]
+        self.lru_items = [0] * LRU_IDS
+        self.lru_bytes = [0] * LRU_IDS
         self.bytes = 0
         if self.sizes is not None:
             self.sizes.clear()
         self.flush_pending = False
-        self._sweep_keys = []
 
     def too_large(self, key, nbytes, flags=0):
         """Whether a value of nbytes exceeds the item size limit (-I), as memcached
@@ -722,25 +1045,32 @@ class Store:
         try:
             now = int(self.clock())
             items = []
-            for key in keys:
-                items.append(self._find(key, now, bump) if exptime is None
-                             else self._touch(key, exptime, now, bump))
-            missed = items.count(None)
-            hits, misses = ("get_hits", "get_misses") if exptime is None else (
-                "touch_hits", "touch_misses")
-            self.counters[hits] += len(items) - missed
-            self.counters[misses] += missed
+            if exptime is None:
+                for key in keys:
+                    segment, item = self._find(key, now)
+                    if item is not None:
+                        self.lru_hits[segment << SEGMENT_SHIFT | item[CLASS_BYTE]] += 1
+                        if bump:
+                            item = self._bump(key, segment, item, now)
+                    items.append(item)
+                self.counters["get_misses"] += items.count(None)
+            else:
+                for key in keys:
+                    items.append(self._touch(key, exptime, now, bump))
+                self.counters["touch_misses"] += items.count(None)
             return items
         finally:
             self.lock.release()
 
     def _touch(self, key, exptime, now, bump):
         """A gat's or touch's lookup: the item with its new expiry, or None."""
-        item = self._find(key, now)
+        segment, item = self._find(key, now)
         if item is not None:
-            item = self._relink(key, changed_item(item, exptime=self.expiry(exptime, now)))
+            self.class_counters[item[CLASS_BYTE]]["touch_hits"] += 1
+            item = changed_item(item, exptime=self.expiry(exptime, now))
+            self.segments[segment][key] = item
             if bump:
-                item = self._bump(key, item, now)
+                item = self._bump(key, segment, item, now)
         return item
 
     # -- storage --------------------------------------------------------------
@@ -759,8 +1089,9 @@ class Store:
         try:
             now = int(self.clock())
             counters = self.counters
-            counters["cmd_set"] += 1
-            old = self._find(key, now)
+            cls = slab_class(len(key), len(value), flags)
+            self.class_counters[cls]["cmd_set"] += 1
+            segment, old = self._find(key, now)
             stale = False
             if old is None:
                 if mode == CAS:
@@ -773,17 +1104,18 @@ class Store:
                 expires = self.expiry(exptime, now) if exptime else 0
             else:
                 if mode == ADD:
-                    self._bump(key, old, now)
+                    self._update(key, segment, old, now)
                     return NOT_STORED, None
                 if mode == CAS:
                     was = unpack_item(old)
+                    class_counters = self.class_counters[old[CLASS_BYTE]]
                     if cas == was.cas and self.use_cas:    # under -C, cas never matches
-                        counters["cas_hits"] += 1
+                        class_counters["cas_hits"] += 1
                     elif invalidate and cas < was.cas:
-                        counters["cas_hits"] += 1
+                        class_counters["cas_hits"] += 1
                         stale = True
                     else:
-                        counters["cas_badval"] += 1
+                        class_counters["cas_badval"] += 1
                         return EXISTS, None
                     expires = was.exptime if stale else self.expiry(exptime, now)
                 elif mode in (APPEND, PREPEND):
@@ -794,14 +1126,15 @@ class Store:
                         return NOT_STORED, None
                     value = was.value + value if mode == APPEND else value + was.value
                     flags, expires = was.flags, was.exptime
+                    cls = slab_class(len(key), len(value), flags)
                 else:
                     expires = self.expiry(exptime, now) if exptime else 0
             state = STALE | (was.state & WON) if stale else 0
-            item = pack_header(new_cas or self._next_cas(), expires, now, flags, state) + value
-            if not self._link(key, item, old):
-                counters["store_no_memory"] += 1
+            item = pack_header(new_cas or self._next_cas(), expires, now, flags,
+                               state | cls << CLASS_SHIFT) + value
+            if not self._link(key, item, self._new_segment(expires, now), old, segment):
                 if mode == SET and old is not None:
-                    self._unlink(key, old)    # as memcached: a failed set leaves no value
+                    self._unlink(key, old, segment)   # as memcached: a failed set leaves no value
                 return NO_MEMORY, None
             return STORED, item
         finally:
@@ -814,28 +1147,28 @@ class Store:
         with self.lock:
             self.counters["store_too_large"] += 1
             if drop_old:
-                old = self.items.get(key)
+                segment, old = self._find(key, self.now())
                 if old is not None:
-                    self._unlink(key, old)
+                    self._unlink(key, old, segment)
 
     def delete(self, key, cas=None):
         """Remove key: STORED (deleted), NOT_FOUND, or EXISTS when cas (if given)
         does not match."""
         with self.lock:
-            item = self._find(key, self.now())
+            segment, item = self._find(key, self.now())
             if item is None or (cas is not None and cas != header(item).cas):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
-            self._unlink(key, item)
-            self.counters["delete_hits"] += 1
+            self._unlink(key, item, segment)
+            self.class_counters[item[CLASS_BYTE]]["delete_hits"] += 1
             return STORED
 
     def invalidate(self, key, *, cas=None, exptime=None, new_cas=0, drop_value=False):
         """Meta delete's I and x: mark the item stale (new CAS, optionally a new
-        expiry) or empty its value, instead of removing it."""
+        expiry) or empty its value, instead of removing it (it keeps its place)."""
         with self.lock:
             now = self.now()
-            item = self._find(key, now)
+            segment, item = self._find(key, now)
             if item is None or (cas is not None and cas != header(item).cas):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
@@ -843,29 +1176,30 @@ class Store:
             value = b"" if drop_value else was.value
             expires = was.exptime if exptime is None else self.expiry(exptime, now)
             stale = STALE if not drop_value or was.stale else 0
-            new = make_item(value, was.flags, expires, new_cas or self._next_cas(), now, stale)
-            self._link(key, new, item)            # no larger than item: cannot fail
+            new = new_item(key, value, was.flags, expires, new_cas or self._next_cas(), now,
+                           stale)
+            self._link(key, new, segment, item, segment)   # no larger than item: cannot fail
             return STORED
 
     def arithmetic(self, key, delta, *, incr=True, cas=0, vivify=None, initial=0,
                    new_cas=0, exptime=None):
         """incr/decr: returns (outcome, item).  The value must be a decimal 64-bit
         unsigned number; incr wraps at 2**64, decr stops at 0.  A shorter result
-        is padded with spaces to the old length, as memcached does in place.  Meta
-        arithmetic adds a CAS check, creation on a miss (vivify, an exptime, with
-        initial) and a new expiry (exptime)."""
+        is padded with spaces to the old length, as memcached does in place (where
+        the item keeps its place); a longer one is a new item, as in memcached.
+        Meta arithmetic adds a CAS check, creation on a miss (vivify, an exptime,
+        with initial) and a new expiry (exptime)."""
         with self.lock:
             now = self.now()
             counters = self.counters
-            item = self._find(key, now)
+            segment, item = self._find(key, now)
             if item is None:
                 if vivify is None:
                     counters["incr_misses" if incr else "decr_misses"] += 1
                     return NOT_FOUND, None
-                new = make_item(b"%d" % initial, 0, self.expiry(vivify, now),
-                                new_cas or self._next_cas(), now)
-                if not self._link(key, new):
-                    counters["store_no_memory"] += 1
+                expires = self.expiry(vivify, now)
+                new = new_item(key, b"%d" % initial, 0, expires, new_cas or self._next_cas(), now)
+                if not self._link(key, new, self._new_segment(expires, now)):
                     return NO_MEMORY, None
                 return STORED, new
             was = unpack_item(item)
@@ -880,15 +1214,15 @@ class Store:
                 number = (number + delta) & U64
             else:
                 number = max(0, number - delta)
-            counters["incr_hits" if incr else "decr_hits"] += 1
+            self.class_counters[item[CLASS_BYTE]]["incr_hits" if incr else "decr_hits"] += 1
             digits = b"%d" % number
             if len(digits) < len(was.value):
                 digits = digits.ljust(len(was.value))
             expires = was.exptime if exptime is None else self.expiry(exptime, now)
-            new = make_item(digits, was.flags, expires, new_cas or self._next_cas(), now,
-                            was.state & FETCHED)
-            if not self._link(key, new, item):
-                counters["store_no_memory"] += 1
+            new = new_item(key, digits, was.flags, expires, new_cas or self._next_cas(), now,
+                           was.state & FETCHED)
+            place = segment if len(digits) == len(was.value) else self._new_segment(expires, now)
+            if not self._link(key, new, place, item, segment):
                 return NO_MEMORY, None
             return STORED, new
 
@@ -901,21 +1235,27 @@ class Store:
         with self.lock:
             now = self.now()
             counters = self.counters
-            item = self._find(key, now)
+            segment, item = self._find(key, now)
             created = False
             if item is None and vivify is not None:
-                item = make_item(b"", 0, self.expiry(vivify, now), self._next_cas(), now)
-                created = self._link(key, item)
+                expires = self.expiry(vivify, now)
+                segment = self._new_segment(expires, now)
+                item = new_item(key, b"", 0, expires, self._next_cas(), now)
+                created = self._link(key, item, segment)
                 if not created:
                     item = None
             touched = exptime is not None
             if item is None:
                 counters["touch_misses" if touched else "get_misses"] += 1
                 return None
-            counters["touch_hits" if touched else "get_hits"] += 1
+            if touched:
+                self.class_counters[item[CLASS_BYTE]]["touch_hits"] += 1
+            else:
+                self.lru_hits[segment << SEGMENT_SHIFT | item[CLASS_BYTE]] += 1
             was = unpack_item(item)
             if touched:
-                item = self._relink(key, changed_item(item, exptime=self.expiry(exptime, now)))
+                item = changed_item(item, exptime=self.expiry(exptime, now))
+                self.segments[segment][key] = item
             expires, token_sent = header(item).exptime, was.won
             won = created
             if (recache is not None and not created and not token_sent and expires
@@ -924,12 +1264,13 @@ class Store:
             if was.stale and not token_sent:
                 won = True
             if won:
-                item = self._relink(key, changed_item(item, state=was.state | WON))
+                item = changed_item(item, state=was.state | WON)
+                self.segments[segment][key] = item
             view = MetaView(hit_before=was.fetched, last_access=now - was.atime,
                             ttl=self.ttl(item, now), won=won, token_sent=token_sent,
                             stale=was.stale)
             if bump:
-                item = self._bump(key, item, now)
+                item = self._bump(key, segment, item, now)
             return item, view
 
     # -- whole-cache operations -------------------------------------------------------
@@ -958,42 +1299,148 @@ class Store:
         """cache_memlimit: change the budget, evicting down to it if needed."""
         with self.lock:
             self.memory_limit = limit
-            self._make_room(0)
+            self._make_room(0, self.now())
 
-    def sweep(self, budget=10000):
-        """Drop expired items, checking budget keys per call and going on where the
-        last call stopped, so that the lock is never held for long (the engines call
-        this every second).  budget None checks every item now."""
+    def juggle(self, hot_pct, warm_pct, hot_max_factor, warm_max_factor):
+        """One run of memcached's LRU maintainer (lru_maintainer_juggle): TEMP's
+        expired tail is reclaimed; then HOT and WARM move their tails down to COLD
+        (segmented: past hot_pct and warm_pct percent of the bytes of HOT, WARM and
+        COLD, or idle longer than the factor times the idle time of COLD's tail;
+        flat: all of them), active ones going to WARM's head instead, and COLD's
+        expired tail is reclaimed; up to JUGGLE_ROUNDS looks at each, each round
+        under one hold of the lock.  Returns how many rounds did something."""
+        rounds = 0
+        for _ in range(JUGGLE_ROUNDS):
+            with self.lock:
+                if not self._pull_tail(TEMP, self.now(), each_class=True):
+                    break
+            rounds += 1
         with self.lock:
-            now = self.now()
-            self._apply_flush(now)
-            if budget is None or not self._sweep_keys:
-                self._sweep_keys = list(self.items)
-                budget = budget or len(self._sweep_keys)
-            batch = self._sweep_keys[-budget:]
-            del self._sweep_keys[-budget:]
-            self._reclaim(batch, now)
-
-    def crawl(self, batch=WALK_BATCH):
-        """Drop every expired item now (``lru_crawler crawl``), a batch of keys
-        under each hold of the lock; yields after each batch."""
-        with self.lock:
-            keys = list(self.items)
-        for start in range(0, len(keys), batch):
+            hot = warm = (0, 0)
+            if self.segmented:
+                now = self.now()
+                key = self._tail(COLD)
+                cold_age = now - header(self.segments[COLD][key]).atime if key is not None else 0
+                total = sum(map(self._segment_bytes, (HOT, WARM, COLD)))
+                hot = (total * hot_pct // 100, cold_age * hot_max_factor)
+                warm = (total * warm_pct // 100, cold_age * warm_max_factor)
+        for _ in range(JUGGLE_ROUNDS):
             with self.lock:
                 now = self.now()
-                self._apply_flush(now)
-                self._reclaim(keys[start:start + batch], now)
-            yield
+                moved = (self._pull_tail(HOT, now, *hot, each_class=True)
+                         or self._pull_tail(WARM, now, *warm, each_class=True))
+                if self.segmented:
+                    moved += self._pull_tail(COLD, now, each_class=True)
+            if not moved:
+                break
+            rounds += 1
+        return rounds
 
-    def _reclaim(self, keys, now):
-        self.counters["crawler_items_checked"] += len(keys)
-        for key in keys:
-            item = self.items.get(key)
-            if item is not None and self._dead(item, now):
-                self._unlink(key, item)
-                self.counters["crawler_reclaimed"] += 1
-                self.counters["expired_unfetched"] += not header(item).state & FETCHED
+    def crawl(self, classes=None, tocrawl=0, found=None, batch=WALK_BATCH):
+        """Look at items for expiry, as memcached's LRU crawler (``lru_crawler
+        crawl`` and the maintainer's own runs): each segment from its tail, a batch
+        of keys under each hold of the lock, yielding after each batch; only the
+        items of classes (class ids; None: all), and at most tocrawl of a class in
+        each segment (0: all).  Expired and flushed items are reclaimed
+        (crawler_reclaimed); every item looked at is counted (crawler_items_checked).
+        found, a dict, is given how many live items were seen ("seen"), how many of
+        them never expire ("noexp") and how many expire in each minute of the next
+        hour ("minutes"), for the maintainer's schedule.  Yields the size of each
+        batch."""
+        seen = collections.Counter()                 # (segment, class) -> items looked at
+        minutes = [0] * 60
+        for segment in (HOT, WARM, COLD, TEMP):
+            for keys in self._key_batches(segment, batch=batch):
+                with self.lock:
+                    now = self.now()
+                    self._apply_flush(now)
+                    items = self.segments[segment]
+                    for key in keys:
+                        item = items.get(key)
+                        if item is None:
+                            continue                 # gone, or moved since
+                        cls = item[CLASS_BYTE]
+                        if classes is not None and cls not in classes or (
+                                tocrawl and seen[segment, cls] >= tocrawl):
+                            continue
+                        seen[segment, cls] += 1
+                        counters = self.class_counters[cls]
+                        counters["crawler_items_checked"] += 1
+                        _, exptime, _, _, state = item_fields(item)
+                        flushed = self.flush_deadline and self._flushed(item, now)
+                        if exptime and exptime <= now or flushed:
+                            self._unlink(key, item, segment)
+                            counters["crawler_reclaimed"] += 1
+                            counters["expired_unfetched"] += not (flushed or state & FETCHED)
+                        elif found is not None:
+                            found["seen"] = found.get("seen", 0) + 1
+                            if not exptime:
+                                found["noexp"] = found.get("noexp", 0) + 1
+                            elif exptime - now < 3600:
+                                minutes[(exptime - now) // 60] += 1
+                yield len(keys)
+        if found is not None:
+            found["minutes"] = minutes
+
+    def _key_batches(self, segment, newest_first=False, batch=WALK_BATCH):
+        """A segment's keys as they are now, least recently used first (or most),
+        WALK_BATCH at a time: only the keys are copied, in one pass of C (3 ms for a
+        million items), so that a walk holds the lock for a batch at a time."""
+        with self.lock:
+            items = self.segments[segment]
+            keys = list(reversed(items) if newest_first else items)
+        for start in range(0, len(keys), batch):
+            yield keys[start:start + batch]
+
+    def walk(self, segments=(HOT, WARM, COLD, TEMP), batch=WALK_BATCH):
+        """Every live item of the segments given, each segment's most recently used
+        first, as lists of (key, item) pairs, a batch at a time (``stats
+        cachedump``, ``lru_crawler metadump``, snapshots): the lock is held for one
+        batch, never for the whole walk, so that other clients wait no longer than
+        that.  An item changed since the walk began comes as it now is, one gone or
+        moved to another segment since is left out."""
+        for segment in segments:
+            for keys in self._key_batches(segment, newest_first=True, batch=batch):
+                with self.lock:
+                    now = self.now()
+                    items = self.segments[segment]
+                    pairs = [(key, item) for key, item in zip(keys, map(items.get, keys))
+                             if item is not None and not self._dead(item, now)]
+                yield pairs
+
+    def class_stats(self):
+        """For each slab class that has held items, its figures as {name: value}: its
+        items in all and in each sub-LRU (number, number_hot ...), the bytes charged
+        for them (mem_requested), the reads that found them (get_hits, and in each
+        sub-LRU hits_to_hot ...), the idle seconds of the class's least recently used
+        item in HOT, WARM and COLD (age_hot, age_warm, age: found by a walk from each
+        tail that stops once every class is found), and what CLASS_COUNTERS counts."""
+        with self.lock:
+            now = self.now()
+            numbers, sizes, hits = list(self.lru_items), list(self.lru_bytes), list(self.lru_hits)
+            classes = {cls: dict(self.class_counters[cls], evicted_time=self.evicted_time[cls],
+                                 age_hot=0, age_warm=0, age=0)
+                       for cls in self.classes_used}
+        for cls, figures in classes.items():
+            lrus = [segment << SEGMENT_SHIFT | cls for segment in range(4)]
+            for name, lru in zip(SEGMENT_NAMES, lrus):
+                figures["number_" + name] = numbers[lru]
+                figures["hits_to_" + name] = hits[lru]
+            figures.update(number=sum(numbers[lru] for lru in lrus),
+                           mem_requested=sum(sizes[lru] for lru in lrus),
+                           get_hits=sum(hits[lru] for lru in lrus))
+        for segment, age in ((HOT, "age_hot"), (WARM, "age_warm"), (COLD, "age")):
+            wanted = {cls for cls in classes if numbers[segment << SEGMENT_SHIFT | cls]}
+            for keys in self._key_batches(segment):
+                if not wanted:
+                    break
+                with self.lock:
+                    items = self.segments[segment]
+                    for item in filter(None, map(items.get, keys)):
+                        if item[CLASS_BYTE] in wanted:
+                            wanted.discard(item[CLASS_BYTE])
+                            classes[item[CLASS_BYTE]][age] = now - header(item).atime
+        return classes
 
     def size_histogram(self):
         """(size, items) for each 32-byte class that has items, or None when sizes
@@ -1007,40 +1454,25 @@ class Store:
         with self.lock:
             for name in STORE_COUNTERS:
                 self.counters[name] = 0
+            for counters in self.class_counters:
+                for name in CLASS_COUNTERS:
+                    counters[name] = 0
+            self.evicted_time = [0] * SLAB_CLASSES
+            self.lru_hits = [0] * LRU_IDS
 
     def snapshot(self):
-        """Counters and sizes for ``stats``, read consistently."""
+        """Counters and sizes for ``stats``, read consistently (the per-class
+        counters summed)."""
         with self.lock:
-            now = self.now()
-            oldest = next(iter(self.items.values()), None)
-            counters = self.counters
-            return dict(counters, curr_items=len(self.items), bytes=self.bytes,
-                        cmd_get=counters["get_hits"] + counters["get_misses"],
+            counters = dict(self.counters, **{name: sum(
+                counts[name] for counts in self.class_counters) for name in CLASS_COUNTERS})
+            get_hits = sum(self.lru_hits)
+            return dict(counters, curr_items=sum(map(len, self.segments)), bytes=self.bytes,
+                        get_hits=get_hits, store_no_memory=counters["outofmemory"],
+                        evictions=counters.pop("evicted"),
+                        cmd_get=get_hits + counters["get_misses"],
                         cmd_touch=counters["touch_hits"] + counters["touch_misses"],
-                        limit_maxbytes=self.memory_limit, evicted_time=self.evicted_time,
-                        oldest_age=now - header(oldest).atime if oldest else 0)
-
-    def walk(self, limit=None, batch=WALK_BATCH):
-        """Every live item, most recently used first, as lists of (key, item) pairs,
-        a batch at a time (``stats cachedump``, ``lru_crawler metadump``): the lock is
-        held for one batch, never for the whole walk, so that other clients wait no
-        longer than that.  Only the keys are copied at the start, in one pass of
-        C (3 ms for a million items); an item changed since comes as it now is, one
-        gone since is left out.  limit: at most that many of the most recent keys."""
-        with self.lock:
-            keys = list(itertools.islice(reversed(self.items), limit))
-        for start in range(0, len(keys), batch):
-            with self.lock:
-                now = self.now()
-                pairs = [(key, item) for key, item in zip(
-                    keys[start:start + batch], map(self.items.get, keys[start:start + batch]))
-                    if item is not None and not self._dead(item, now)]
-            yield pairs
-
-    def _dead(self, item, now):
-        """Whether item has expired or been flushed (but is still linked)."""
-        exptime = header(item).exptime
-        return bool(exptime and exptime <= now or self._flushed(item, now))
+                        limit_maxbytes=self.memory_limit)
 
     def cas_counter(self):
         with self.lock:
@@ -1055,11 +1487,12 @@ class Store:
 
     def restore(self, pairs, cas_counter, batch=WALK_BATCH):
         """Link the items of a snapshot: (key, item) pairs, most recently used first,
-        as ``walk`` gives them.  They keep that order of use, above the items already
-        here; those expired since, and those too large for -I, are left out, and so
-        are the least recently used of them beyond the memory limit, as eviction
-        would leave them out.  The lock is held a batch at a time.  The CAS counter
-        goes on above every unique restored.  Returns how many were linked."""
+        as ``walk`` gives them.  They keep that order of use, in COLD (none has been
+        read since the restart) or TEMP, above the items already there; those
+        expired since, and those too large for -I, are left out, and so are the
+        least recently used of them beyond the memory limit, as eviction would leave
+        them out.  The lock is held a batch at a time.  The CAS counter goes on
+        above every unique restored.  Returns how many were linked."""
         now = self.now()
         kept, cost, highest = [], 0, cas_counter
         for key, item in pairs:
@@ -1081,7 +1514,11 @@ class Store:
                 for key, item in kept[start:start + batch]:
                     if self._flushed(item, now):         # older than a flush here
                         item = changed_item(item, atime=now)
-                    linked += self._link(key, item, self.items.get(key))
+                    old_segment = next((segment for segment in (HOT, WARM, COLD, TEMP)
+                                        if key in self.segments[segment]), None)
+                    old = self.segments[old_segment][key] if old_segment is not None else None
+                    segment = TEMP if self._new_segment(header(item).exptime, now) == TEMP else COLD
+                    linked += self._link(key, item, segment, old, old_segment)
                 if self.use_cas:
                     self.last_cas = max(self.last_cas, highest)
         return linked
@@ -1192,7 +1629,8 @@ def read_snapshot(path):
         if position > end or not 0 < key_length <= KEY_MAX_LENGTH:
             raise SnapshotError("an item's lengths do not fit")
         pairs.append((data[key_start:value_start], pack_header(
-            cas, exptime, atime, flags, state & FETCHED) + view[value_start:position]))
+            cas, exptime, atime, flags, state & FETCHED | slab_class(
+                key_length, value_length, flags) << CLASS_SHIFT) + view[value_start:position]))
     if len(pairs) != count:
         raise SnapshotError("it holds %d items, not the %d it says" % (len(pairs), count))
     return pairs, cas_counter
@@ -1293,10 +1731,16 @@ def read_auth_file(path, what="the auth file (-Y)"):
     return credentials
 
 
+# How many batches of items (WALK_BATCH each) the maintainer's crawl looks at each
+# second, and the longest it waits between crawls (memcached's MAX_MAINTCRAWL_WAIT).
+AUTOCRAWL_BATCHES = 10
+AUTOCRAWL_MAX_WAIT = 60 * 60
+
 # Counters the service keeps under its lock.  Traffic (bytes read and written, and
 # cmd_meta) is counted by each connection's protocol, and added in when it closes.
 SERVICE_COUNTERS = ("total_connections", "rejected_connections", "listen_disabled_num",
-                    "idle_kicks", "auth_cmds", "auth_errors", "ssl_handshake_errors")
+                    "idle_kicks", "auth_cmds", "auth_errors", "ssl_handshake_errors",
+                    "lru_crawler_starts", "lru_maintainer_juggles")
 TRAFFIC = ("bytes_read", "bytes_written", "cmd_meta")
 
 
@@ -1372,7 +1816,9 @@ class Service:
     def __init__(self, settings):
         self.settings = s = settings
         self.store = Store(memory_limit=s.memory_limit, item_size_max=s.item_size_max,
-                           evict=s.evict, use_cas=s.use_cas, track_sizes=s.track_sizes)
+                           evict=s.evict, use_cas=s.use_cas, track_sizes=s.track_sizes,
+                           segmented=s.lru_segmented,
+                           temp_ttl=s.temporary_ttl if s.temp_lru else None)
         self.credentials = read_auth_file(s.auth_file) if s.auth_file else None
         self.sasl_credentials = (read_auth_file(s.sasl_pwdb, "the SASL password database")
                                  if s.sasl else None)
@@ -1391,8 +1837,16 @@ class Service:
         # reset records where it happened instead of writing to them.
         self.traffic_at_reset = dict.fromkeys(TRAFFIC, 0)
         self.prefix_stats = {}             # stats detail: prefix -> [gets, hits, sets, deletes]
-        self.crawler_enabled = True        # lru_crawler enable|disable
         self.crawling = False              # a crawl or dump runs (others get BUSY)
+        # The maintainer's own crawls (the sweep's): the one under way (its steps),
+        # what it has found, when the next begins (the store's clock) and the wait
+        # after each, which memcached adapts to what they find.
+        self.autocrawl = None
+        self.autocrawl_found = {}
+        self.next_autocrawl = 0
+        self.autocrawl_wait = 0
+        if s.lru_maintainer and s.lru_crawler:
+            self.autocrawl_step()          # the first, as memcached's, as the server starts
         self.listening = []                # (fd, address, "tcp" or "udp") of each socket
         self.on_shutdown = None            # the engine's request_stop (``shutdown``)
 
@@ -1481,14 +1935,16 @@ class Service:
         if self.on_shutdown is not None:
             self.on_shutdown()
 
-    # -- the crawler: memg's background expiry sweep, and the whole-cache walks --
+    # -- the LRU maintainer and the crawler ----------------------------------------
 
     def begin_crawl(self):
-        """Claim the crawler for a crawl or a dump; False if one is running."""
+        """Claim the crawler for a crawl or a dump (a start of it); False if one is
+        running."""
         with self.lock:
             if self.crawling:
                 return False
             self.crawling = True
+            self.counters["lru_crawler_starts"] += 1
             return True
 
     def end_crawl(self):
@@ -1496,9 +1952,58 @@ class Service:
             self.crawling = False
 
     def sweep(self):
-        """Reclaim expired items, a slice at a time: engines call this every second."""
-        if self.crawler_enabled:
-            self.store.sweep()
+        """The background work of a second (the engines call this every second), as
+        memcached's LRU maintainer thread does it: a run of the maintainer over the
+        LRUs (Store.juggle), and the crawls it schedules."""
+        settings = self.settings
+        if not settings.lru_maintainer:
+            return
+        self.store.juggle(settings.hot_lru_pct, settings.warm_lru_pct,
+                          settings.hot_max_factor, settings.warm_max_factor)
+        self.count("lru_maintainer_juggles")
+        if settings.lru_crawler:
+            self.autocrawl_step()
+        elif self.autocrawl is not None:         # lru_crawler disable stops it
+            self.autocrawl.close()
+            self.autocrawl = None
+            self.end_crawl()
+
+    def autocrawl_step(self):
+        """Go on with the maintainer's crawl, AUTOCRAWL_BATCHES batches of items a
+        second, or begin one when it is due and the crawler is free.  As memcached's
+        lru_maintainer_crawler_check, the first begins at once and each finished
+        crawl sets the wait before the next (schedule_autocrawl)."""
+        if self.autocrawl is None:
+            if self.store.now() < self.next_autocrawl or not self.begin_crawl():
+                return
+            self.autocrawl_found = {}
+            self.autocrawl = self.store.crawl(tocrawl=self.settings.lru_crawler_tocrawl,
+                                              found=self.autocrawl_found)
+        for _ in range(AUTOCRAWL_BATCHES):
+            if next(self.autocrawl, None) is None:
+                self.autocrawl = None
+                self.schedule_autocrawl(self.autocrawl_found)
+                self.end_crawl()
+                return
+
+    def schedule_autocrawl(self, found):
+        """memcached's rule for the wait after a crawl: a minute longer (an hour at
+        most) while fewer than 1 % of the items with a TTL seen would have expired
+        by the end of it, a minute shorter while more would; then five seconds."""
+        low_watermark = (found.get("seen", 0) - found.get("noexp", 0)) // 100 + 1
+        available = 0
+        for minute, expiring in enumerate(found.get("minutes", ())):
+            available += expiring
+            if available > low_watermark:
+                if self.autocrawl_wait < minute * 60:
+                    self.autocrawl_wait += 60
+                elif self.autocrawl_wait >= 60:
+                    self.autocrawl_wait -= 60
+                break
+        if not available:
+            self.autocrawl_wait += 60
+        self.autocrawl_wait = min(self.autocrawl_wait, AUTOCRAWL_MAX_WAIT)
+        self.next_autocrawl = self.store.now() + self.autocrawl_wait + 5
 
     # -- watchers -----------------------------------------------------------------
 
@@ -1547,7 +2052,7 @@ class Service:
             self.prefix_stats.clear()
             self.traffic_at_reset = self._traffic()
             for name in ("total_connections", "rejected_connections", "listen_disabled_num",
-                         "idle_kicks"):
+                         "idle_kicks", "lru_crawler_starts", "lru_maintainer_juggles"):
                 self.counters[name] = 0
 
     def _traffic(self):
@@ -1563,10 +2068,16 @@ class Service:
         store = self.store.snapshot()
         with self.lock:
             counters = dict(self.counters)
+            crawling = self.crawling
             live = len(self.connections)
             traffic, at_reset = self._traffic(), self.traffic_at_reset
         since_reset = {name: traffic[name] - at_reset[name] for name in TRAFFIC}
         usage = os.times()
+        # (memg has no reference counts that could lock an item at an LRU's tail, and
+        # reads are never queued for the maintainer: lrutail_reflocked and
+        # lru_bumps_dropped are 0; an item is moved out of COLD at its second read, so
+        # evicted_active is 0 too.)
+        maintained = self.settings.lru_maintainer
         return [
             ("pid", os.getpid()),
             ("uptime", int(now - self.started)),
@@ -1607,10 +2118,20 @@ class Service:
             ("listen_disabled_num", counters["listen_disabled_num"]),
             ("threads", self.settings.threads),
             ("conn_yields", 0),
+        ] + ([
+            ("lru_crawler_running", int(crawling)),
+            ("lru_crawler_starts", counters["lru_crawler_starts"]),
+        ] if self.settings.lru_crawler else []) + ([
+            ("lru_maintainer_juggles", counters["lru_maintainer_juggles"]),
+        ] if maintained else []) + [(name, store[name]) for name in (
+            "bytes", "curr_items", "total_items", "expired_unfetched", "evicted_unfetched")
+        ] + ([("evicted_active", 0)] if maintained else []) + [
+            ("evictions", store["evictions"]),
         ] + [(name, store[name]) for name in (
-            "bytes", "curr_items", "total_items", "expired_unfetched", "evicted_unfetched",
-            "evictions", "reclaimed", "crawler_reclaimed", "crawler_items_checked")
-        ] + [
+            "reclaimed", "crawler_reclaimed", "crawler_items_checked")
+        ] + [("lrutail_reflocked", 0)] + ([(name, store[name]) for name in (
+            "moves_to_cold", "moves_to_warm", "moves_within_lru", "direct_reclaims")
+        ] + [("lru_bumps_dropped", 0)] if maintained else []) + [
             ("log_watcher_skipped", self.watchers.counters["log_watcher_skipped"]),
             ("log_watcher_sent", self.watchers.counters["log_watcher_sent"]),
             ("log_watchers", len(self.watchers.watchers)),
@@ -1626,37 +2147,39 @@ class Service:
         return [(name, current.get(name, value)) for name, value in self.settings.stats()]
 
     def item_stats(self):
-        """``stats items``: memg has no slab classes, so all items are in class 1."""
-        store = self.store.snapshot()
-        if not store["curr_items"]:
-            return []
-        return [("items:1:" + name, value) for name, value in (
-            ("number", store["curr_items"]),
-            ("age", store["oldest_age"]),
-            ("mem_requested", store["bytes"]),
-            ("evicted", store["evictions"]),
-            ("evicted_nonzero", store["evicted_nonzero"]),
-            ("evicted_time", store["evicted_time"]),
-            ("outofmemory", store["store_no_memory"]),
-            ("reclaimed", store["reclaimed"]),
-            ("expired_unfetched", store["expired_unfetched"]),
-            ("evicted_unfetched", store["evicted_unfetched"]),
-            ("crawler_reclaimed", store["crawler_reclaimed"]),
-            ("crawler_items_checked", store["crawler_items_checked"]),
-        )]
+        """``stats items``: memcached's figures for each slab class holding items,
+        those of the sub-LRUs while the maintainer runs (number_temp with the TEMP
+        LRU).  (tailrepairs, lrutail_reflocked and evicted_active: see
+        general_stats.)"""
+        maintained, temp = self.settings.lru_maintainer, self.settings.temp_lru
+        names = ["number"] + ([
+            "number_hot", "number_warm", "number_cold"] + ["number_temp"] * temp + [
+            "age_hot", "age_warm"] if maintained else []) + [
+            "age", "mem_requested", "evicted", "evicted_nonzero", "evicted_time",
+            "outofmemory", "tailrepairs", "reclaimed", "expired_unfetched",
+            "evicted_unfetched"] + ["evicted_active"] * maintained + [
+            "crawler_reclaimed", "crawler_items_checked", "lrutail_reflocked"] + ([
+                "moves_to_cold", "moves_to_warm", "moves_within_lru", "direct_reclaims",
+                "hits_to_hot", "hits_to_warm", "hits_to_cold", "hits_to_temp"]
+                if maintained else [])
+        return [("items:%d:%s" % (cls, name), figures.get(name, 0))
+                for cls, figures in sorted(self.store.class_stats().items())
+                if figures["number"] for name in names]
 
     def slab_stats(self):
-        """``stats slabs``: one pseudo slab class holding every item."""
-        store = self.store.snapshot()
-        used = []
-        if store["curr_items"]:
-            used = [("1:" + name, value) for name, value in [
-                ("chunk_size", store["bytes"] // store["curr_items"]),
-                ("used_chunks", store["curr_items"]),
-            ] + [(name, store[name]) for name in (
-                "get_hits", "cmd_set", "delete_hits", "incr_hits", "decr_hits", "cas_hits",
-                "cas_badval", "touch_hits")]]
-        return used + [("active_slabs", 1 if used else 0), ("total_malloced", store["bytes"])]
+        """``stats slabs``: a block for each slab class that has held items (memcached
+        keeps a class's memory once it has it): its chunk size, the items it holds,
+        and what the commands did to them.  memg allocates no slab pages, so the
+        page and free chunk counts are left out; total_malloced is the bytes
+        charged for the items."""
+        classes = sorted(self.store.class_stats().items())
+        return [("%d:%s" % (cls, name), value) for cls, figures in classes
+                for name, value in [("chunk_size", SLAB_SIZES[cls - 1]),
+                                    ("used_chunks", figures["number"])] + [
+                    (name, figures[name]) for name in (
+                        "get_hits", "cmd_set", "delete_hits", "incr_hits", "decr_hits",
+                        "cas_hits", "cas_badval", "touch_hits")]] + [
+            ("active_slabs", len(classes)), ("total_malloced", self.store.snapshot()["bytes"])]
 
     def size_stats(self):
         """``stats sizes``: items per 32-byte size class, with -o track_sizes."""
@@ -1702,8 +2225,6 @@ OUTPUT_LIMIT = 256 * KB
 CACHEDUMP_LIMIT = 2 * MB
 # memcached refuses data lengths beyond INT_MAX - 2 as malformed.
 VALUE_LENGTH_MAX = 2 ** 31 - 3
-# memcached's slab class ids run below this; memg keeps every item in class 1.
-SLAB_CLASSES = 64
 # Meta commands: at most this many tokens, opaque tokens at most this long.
 META_MAX_TOKENS = 19
 META_OPAQUE_MAX = 32
@@ -2669,82 +3190,102 @@ class TextProtocol(Protocol):
             self.reply(BAD_FORMAT)
         elif slab >= SLAB_CLASSES:
             self.reply(b"CLIENT_ERROR Illegal slab id\r\n")
-        elif slab != 1:
-            self.reply(END)               # memg keeps every item in class 1
         else:
-            self.stream(self.cachedump(limit or None))
+            self.stream(self.cachedump(slab, limit))
 
-    def cachedump(self, limit):
-        """``stats cachedump 1 limit``: most recently used first, and as memcached's,
-        no larger than CACHEDUMP_LIMIT."""
-        size = len(END)
-        for batch in self.store.walk(limit):
+    def cachedump(self, cls, limit):
+        """``stats cachedump class limit``: the class's items in COLD (memcached's
+        dump reads COLD alone: in the segmented LRU, items that have not yet
+        cooled are not there), most recently used first, at most limit of them (0:
+        all), and as memcached's, no larger than CACHEDUMP_LIMIT."""
+        size, shown = len(END), 0
+        for batch in self.store.walk((COLD,)):
             lines = []
             for key, item in batch:
+                if item[CLASS_BYTE] != cls:
+                    continue
                 line = b"ITEM %s [%d b; %d s]\r\n" % (key, value_size(item),
                                                       header(item).exptime)
                 size += len(line)
-                if size > CACHEDUMP_LIMIT:
+                if size > CACHEDUMP_LIMIT or shown == limit > 0:
                     yield b"".join(lines) + END
                     return
                 lines.append(line)
+                shown += 1
             yield b"".join(lines)
         yield END
 
     # -- lru_crawler, slabs, lru ---------------------------------------------------
 
     def crawler_switch(self, tokens):
-        self.service.crawler_enabled = tokens[1] == b"enable"
+        """lru_crawler enable|disable: the crawler's crawls, and the maintainer's
+        (memcached's crawler thread cannot be started twice)."""
+        if tokens[1] == b"enable" and self.settings.lru_crawler:
+            self.reply(b"ERROR failed to start lru crawler thread\r\n")
+            return
+        self.settings.lru_crawler = tokens[1] == b"enable"
         self.reply(OK)
 
     def crawler_tuning(self, tokens):
-        """lru_crawler sleep|tocrawl: checked as memcached does, then ignored (memg's
-        crawler sweeps a slice every second)."""
+        """lru_crawler sleep|tocrawl N, checked as memcached does."""
         number = parse_uint32(tokens[2])
         if number is None:
             self.reply(BAD_FORMAT)
         elif tokens[1] == b"sleep" and number > 1000000:
             self.reply(b"CLIENT_ERROR sleep must be one second or less\r\n")
         else:
+            setattr(self.settings, "lru_crawler_" + tokens[1].decode(), number)
             self.reply(OK)
 
     def crawl(self, tokens):
-        """lru_crawler crawl|metadump <classes>: memg's crawler walks every item,
-        streamed a batch at a time; one at a time in the server, as memcached's."""
-        if self.datagram and tokens[1] == b"metadump":
+        """lru_crawler crawl|metadump all|hash|<class,...>: the crawler looks at the
+        items of those classes, streamed a batch at a time; one crawl at a time in
+        the server, as memcached's.  (hash walks memcached's hash table, which only a
+        dump may: here it is every class.)"""
+        metadump = tokens[1] == b"metadump"
+        if self.datagram and metadump:
             return           # as memcached's crawler: no datagram (nor an amplifier)
-        classes = tokens[2].split(b",")
-        everything = tokens[2] in (b"all", b"hash")
-        if not everything and not all(parse_uint32(c) is not None
-                                      and parse_uint32(c) < SLAB_CLASSES for c in classes):
-            self.reply(b"BADCLASS invalid class id\r\n")
-        elif tokens[1] == b"metadump" and not self.settings.dump_enabled:
+        classes = None
+        if tokens[2] not in (b"all", b"hash"):
+            classes = set(map(parse_uint32, tokens[2].split(b",")))
+        if not self.settings.lru_crawler:
+            self.reply(b"CLIENT_ERROR lru crawler disabled\r\n")
+        elif metadump and not self.settings.dump_enabled:
             self.reply(b"ERROR metadump not allowed\r\n")
+        elif metadump and self.out:
+            # memcached streams a dump from its crawler's thread: the replies of
+            # commands before it, not yet sent, would be lost.
+            self.reply(b"ERROR cannot pipeline other commands before metadump\r\n")
+        elif classes is not None and not all(
+                number is not None and 0 < number < SLAB_CLASSES for number in classes):
+            self.reply(b"BADCLASS invalid class id\r\n")
+        elif tokens[2] == b"hash" and not metadump:
+            self.reply(b"ERROR an unknown error happened\r\n")
         elif not self.service.begin_crawl():
             self.reply(CRAWLER_BUSY)
-        elif tokens[1] == b"crawl":
-            self.stream(self.reclaim())
+        elif metadump:
+            self.stream(self.metadump(classes))
         else:
-            self.stream(self.metadump(everything or b"1" in classes))
+            self.stream(self.reclaim(classes))
 
-    def reclaim(self):
-        """lru_crawler crawl: OK, then every expired item reclaimed, a batch at a
-        time (memcached's crawler too answers before it has crawled)."""
+    def reclaim(self, classes):
+        """lru_crawler crawl: OK, then the expired items of those classes reclaimed, a
+        batch at a time (memcached's crawler too answers before it has crawled)."""
         try:
             yield OK
-            for _ in self.store.crawl():
+            for _ in self.store.crawl(classes, self.settings.lru_crawler_tocrawl):
                 yield b""
         finally:
             self.service.end_crawl()
 
-    def metadump(self, include):
-        """lru_crawler metadump: a line per item (class 1 holds them all)."""
+    def metadump(self, classes):
+        """lru_crawler metadump: a line per item of those classes (None: all)."""
         try:
-            if include:
-                for batch in self.store.walk():
-                    now = self.store.now()
-                    yield b"".join(b"key=%s %s\n" % (uri(key).encode(), item_description(
-                        key, item, now, absolute=True)) for key, item in batch)
+            for batch in self.store.walk():
+                now = self.store.now()
+                yield b"".join(b"key=%s %s\n" % (uri(key).encode(), item_description(
+                    key, item, now, absolute=True)) for key, item in batch
+                    if classes is None or item[CLASS_BYTE] in classes)
             yield END
         finally:
             self.service.end_crawl()
@@ -2774,8 +3315,8 @@ class TextProtocol(Protocol):
             self.reply(OK if level <= 2 else ERROR)
 
     def lru(self, tokens):
-        """lru tune, mode and temp_ttl: memg has one plain LRU, so these check their
-        arguments as memcached does and change nothing."""
+        """lru tune|mode|temp_ttl: the LRU's settings, changed while serving; mode and
+        temp_ttl only while the maintainer runs, as in memcached."""
         self.check_noreply(tokens)
         self.dispatch(tokens, self.LRU)
 
@@ -2789,7 +3330,31 @@ class TextProtocol(Protocol):
         elif hot_factor <= 0 or warm_factor <= 0:
             self.reply(b"ERROR hot/warm age factors must be greater than 0\r\n")
         else:
+            settings = self.settings
+            settings.hot_lru_pct, settings.warm_lru_pct = hot, warm
+            settings.hot_max_factor, settings.warm_max_factor = hot_factor, warm_factor
             self.reply(OK)
+
+    def lru_mode(self, tokens):
+        if not self.settings.lru_maintainer or tokens[2] not in (b"flat", b"segmented"):
+            self.reply(ERROR)
+            return
+        self.settings.lru_segmented = self.store.segmented = tokens[2] == b"segmented"
+        self.reply(OK)
+
+    def lru_temp_ttl(self, tokens):
+        """lru temp_ttl N: items whose TTL is at most N go to the TEMP LRU from now
+        on; a negative N turns it off."""
+        ttl = parse_int32(tokens[2])
+        if not self.settings.lru_maintainer or ttl is None:
+            self.reply(ERROR)
+            return
+        settings = self.settings
+        settings.temp_lru = ttl >= 0
+        if settings.temp_lru:
+            settings.temporary_ttl = ttl
+        self.store.temp_ttl = ttl if settings.temp_lru else None
+        self.reply(OK)
 
     # -- watch: the server's events as log lines ------------------------------------
 
@@ -2841,10 +3406,8 @@ class TextProtocol(Protocol):
     }
     LRU = {
         b"tune": (lru_tune, 6, ANY),
-        b"mode": (lambda self, tokens: self.reply(
-            OK if tokens[2] in (b"flat", b"segmented") else ERROR), 3, ANY),
-        b"temp_ttl": (lambda self, tokens: self.reply(
-            OK if parse_int32(tokens[2]) is not None else ERROR), 3, ANY),
+        b"mode": (lru_mode, 3, ANY),
+        b"temp_ttl": (lru_temp_ttl, 3, ANY),
     }
     COMMANDS = {
         b"get": (retrieve, 2, ANY),
@@ -2925,9 +3488,9 @@ def item_description(key, item, now, absolute=False):
         expires, accessed = exptime or -1, atime
     else:
         expires, accessed = -1 if exptime == 0 else exptime - now, now - atime
-    return b"exp=%d la=%d cas=%d fetch=%s cls=1 size=%d" % (
+    return b"exp=%d la=%d cas=%d fetch=%s cls=%d size=%d" % (
         expires, accessed, cas, b"yes" if state & FETCHED else b"no",
-        item_cost(key, value_size(item)))
+        state >> CLASS_SHIFT, item_cost(key, value_size(item)))
 
 
 # -- the binary protocol -------------------------------------------------------------
@@ -4296,18 +4859,26 @@ IGNORED_OPTIONS = {
     "-L": (False, "large pages"),
     "-R": (True, "requests per event"), "-W": (False, "watch commands"),
 }
-# memcached -o options memg accepts and ignores (slab, LRU, hash and extstore tuning).
+# memcached -o options memg accepts and ignores (slab, hash and extstore tuning).
 IGNORED_EXTENDED = {
     "maxconns_fast", "no_maxconns_fast", "hashpower", "tail_repair_time", "hash_algorithm",
-    "lru_crawler", "no_lru_crawler", "lru_crawler_sleep", "lru_crawler_tocrawl",
-    "read_buf_mem_limit", "lru_maintainer", "no_lru_maintainer", "hot_lru_pct",
-    "warm_lru_pct", "hot_max_factor", "warm_max_factor", "temporary_ttl",
-    "slab_chunk_max", "watcher_logbuf_size", "worker_logbuf_size",
-    "no_hashexpand", "modern", "no_modern", "sock_cookie_id", "slab_reassign",
+    "read_buf_mem_limit", "slab_chunk_max", "watcher_logbuf_size", "worker_logbuf_size",
+    "no_hashexpand", "sock_cookie_id", "slab_reassign",
     "no_slab_reassign", "slab_automove", "slab_automove_ratio", "slab_automove_window",
     "slab_automove_freeratio", "relaxed_privileges", "no_relaxed_privileges",
-    "drop_privileges", "no_drop_privileges", "inline_ascii_response", "lru_segmented",
-    "no_lru_segmented", "meta_response_old", "no_inline_ascii_resp", "bind_protocol",
+    "drop_privileges", "no_drop_privileges", "inline_ascii_response",
+    "meta_response_old", "no_inline_ascii_resp", "bind_protocol",
+}
+# -o options that set more than their own setting, as memcached's do: the LRU
+# maintainer comes with the segmented LRU, a temporary_ttl turns the TEMP LRU on, and
+# no_modern brings back memcached 1.4's defaults (of those memg has: a flat LRU, no
+# maintainer, no crawler).  "no_" before an on/off setting's name turns it off.
+EXTENDED_ALSO = {
+    "lru_maintainer": {"lru_segmented": True},
+    "no_lru_maintainer": {"lru_segmented": False},
+    "temporary_ttl": {"temp_lru": True},
+    "modern": {},
+    "no_modern": {"lru_segmented": False, "lru_maintainer": False, "lru_crawler": False},
 }
 # memcached options whose feature memg does not have: refused, never silently ignored.
 UNSUPPORTED_OPTIONS = {
@@ -4377,8 +4948,16 @@ def parse_command_line(argv):
         for option in filter(None, group.split(",")):
             name, _, text = option.partition("=")
             field = SETTINGS_FIELDS.get(name)
+            negated = SETTINGS_FIELDS.get(name[3:]) if name.startswith("no_") else None
             if field is not None and field.metadata["extended"]:
                 args[name] = True if isinstance(field.default, bool) else text
+                args.update(EXTENDED_ALSO.get(name, {}))
+            elif (negated is not None and negated.metadata["extended"]
+                  and isinstance(negated.default, bool)):
+                args[negated.name] = False
+                args.update(EXTENDED_ALSO.get(name, {}))
+            elif name in EXTENDED_ALSO:
+                args.update(EXTENDED_ALSO[name])
             elif name in IGNORED_EXTENDED or name.startswith("ext_"):
                 warnings.append("-o %s ignored: memg has no such tuning" % name)
             else:

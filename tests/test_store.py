@@ -156,7 +156,7 @@ def test_lru_evicts_least_recently_used(clock):
     assert store.store(SET, b"k3", b"0123456789")[0] == STORED
     assert store.get(b"k0") is None
     assert [value_of(store, b"k%d" % i) is not None for i in (1, 2, 3)] == [True] * 3
-    assert store.counters["evictions"] == 1
+    assert store.snapshot()["evictions"] == 1
     assert store.bytes <= store.memory_limit
 
 
@@ -229,7 +229,7 @@ def test_eviction_counters(clock):
     store.store(SET, b"k3", b"0123456789")      # evicts k0, never fetched
     store.store(SET, b"k4", b"0123456789")      # evicts k2, never fetched
     store.store(SET, b"k5", b"0123456789")      # evicts k1, fetched
-    c = store.counters
+    c = store.snapshot()
     assert (c["evictions"], c["evicted_unfetched"], c["reclaimed"]) == (3, 2, 0)
 
 
@@ -240,7 +240,7 @@ def test_expired_item_at_lru_tail_is_reclaimed(clock):
     store.store(SET, b"k2", b"0123456789")
     clock.advance(5)
     assert store.store(SET, b"k3", b"0123456789")[0] == STORED
-    assert (store.counters["reclaimed"], store.counters["evictions"]) == (1, 0)
+    assert (store.snapshot()["reclaimed"], store.snapshot()["evictions"]) == (1, 0)
     assert value_of(store, b"k1") is not None
 
 
@@ -251,8 +251,8 @@ def test_no_evict_gives_no_memory(clock):
     assert store.store(SET, b"k3", b"0123456789") == (NO_MEMORY, None)
     assert store.get(b"k3") is None
     assert all(store.get(b"k%d" % i) is not None for i in range(3))
-    assert store.counters["evictions"] == 0
-    assert store.counters["store_no_memory"] == 1
+    assert store.snapshot()["evictions"] == 0
+    assert store.snapshot()["store_no_memory"] == 1
 
 
 def test_no_evict_append_beyond_limit(clock):
@@ -270,7 +270,7 @@ def test_no_evict_still_reclaims_expired(clock):
     store.store(SET, b"k2", b"0123456789")
     clock.advance(5)
     assert store.store(SET, b"k3", b"0123456789")[0] == STORED
-    assert store.counters["reclaimed"] == 1
+    assert store.snapshot()["reclaimed"] == 1
 
 
 def test_same_size_overwrite_fits_when_full(clock):
@@ -291,7 +291,7 @@ def test_lowering_memory_limit_evicts(clock):
 
 
 def test_the_garbage_collector_never_walks_the_items(store):
-    """Items are plain bytes and the store's dict holds nothing else, so neither is
+    """Items are plain bytes and the store's dicts hold nothing else, so none is
     tracked: a full collection does not stop every thread to walk the whole cache."""
     for i in range(10):
         store.store(SET, b"k%d" % i, b"v", flags=i)
@@ -300,7 +300,7 @@ def test_the_garbage_collector_never_walks_the_items(store):
     store.meta_get(b"k3", exptime=5, recache=10)
     store.invalidate(b"k4")
     store.arithmetic(b"n", 1, vivify=0)
-    assert not gc.is_tracked(store.items)
+    assert not any(gc.is_tracked(items) for items in store.segments)
     assert not any(gc.is_tracked(item) for item in store.items.values())
 
 
@@ -922,12 +922,18 @@ def test_without_cas_a_past_deadline_hides_only_older_items(clock):
     assert value_of(store, b"new") == b"v"
 
 
-def test_sweep_drops_items_hidden_by_the_deadline_second(store):
+def crawled(store, **options):
+    """Run a crawl to its end; returns the size of each batch it looked at."""
+    return list(store.crawl(**options))
+
+
+def test_crawl_drops_items_hidden_by_the_deadline_second(store):
     store.flush(1)
     store.store(SET, b"k", b"v")
-    store.sweep()
+    crawled(store)
     assert len(store.items) == 0
     assert store.bytes == 0
+
 
 def test_flush_counts(store):
     store.flush()
@@ -935,42 +941,80 @@ def test_flush_counts(store):
     assert store.counters["cmd_flush"] == 2
 
 
-def test_sweep_removes_expired_items(store, clock):
+def test_flush_counts_the_items_it_drops_as_reclaimed(store):
+    # memcached reclaims the items a flush hides when it comes upon them at the LRU
+    # tails; memg drops them at once, and counts them so, in their classes.
+    store.store(SET, b"small", b"v")
+    store.store(SET, b"large", b"v" * 1000)
+    store.store(SET, b"also small", b"w")
+    store.get(b"small")
+    store.flush()
+    classes = store.class_stats()
+    small, large = classes[memg.slab_class(5, 1, 0)], classes[memg.slab_class(5, 1000, 0)]
+    assert (small["reclaimed"], large["reclaimed"]) == (2, 1)
+    assert (small["expired_unfetched"], large["expired_unfetched"]) == (1, 1)
+    assert small["number"] == large["number"] == 0
+
+
+def test_crawl_removes_expired_items(store, clock):
     store.store(SET, b"short", b"v", exptime=5)
     store.store(SET, b"long", b"v", exptime=50)
     store.store(SET, b"forever", b"v")
     clock.advance(5)
-    store.sweep()
+    found = {}
+    crawled(store, found=found)
     assert list(store.items) == [b"long", b"forever"]
     assert store.bytes == cost(b"long", b"v") + cost(b"forever", b"v")
-    assert store.counters["crawler_reclaimed"] == 1
-    assert store.counters["crawler_items_checked"] == 3
-    assert store.counters["expired_unfetched"] == 1
+    c = store.snapshot()
+    assert (c["crawler_reclaimed"], c["crawler_items_checked"], c["expired_unfetched"]) == (
+        1, 3, 1)
+    assert c["reclaimed"] == 0
+    assert (found["seen"], found["noexp"], found["minutes"][0]) == (2, 1, 1)
 
 
-def test_sweep_in_slices(store, clock):
+def test_crawl_in_batches(store, clock):
     for i in range(10):
         store.store(SET, b"k%d" % i, b"v", exptime=1)
     clock.advance(1)
-    store.sweep(budget=4)
+    steps = store.crawl(batch=4)
+    assert next(steps) == 4
+    assert not store.lock.locked()
     assert len(store.items) == 6
-    store.sweep(budget=4)
-    store.sweep(budget=4)
+    assert list(steps) == [4, 2]
     assert len(store.items) == 0
     assert store.bytes == 0
 
 
-def test_sweep_applies_delayed_flush(store, clock):
+def test_crawl_of_some_classes(store, clock):
+    store.store(SET, b"small", b"v", exptime=1)
+    store.store(SET, b"large", b"v" * 1000, exptime=1)
+    clock.advance(1)
+    crawled(store, classes={memg.slab_class(5, 1000, 0)})
+    assert list(store.items) == [b"small"]
+    assert store.snapshot()["crawler_items_checked"] == 1
+
+
+def test_crawl_looks_at_tocrawl_items_of_each_class_at_most(store, clock):
+    for i in range(5):
+        store.store(SET, b"k%d" % i, b"v", exptime=1)
+    store.store(SET, b"large", b"v" * 1000, exptime=1)
+    clock.advance(1)
+    crawled(store, tocrawl=2)
+    assert list(store.items) == [b"k2", b"k3", b"k4"]       # the least recent first
+    assert store.snapshot()["crawler_items_checked"] == 3
+
+
+def test_crawl_applies_delayed_flush(store, clock):
     store.store(SET, b"k", b"v")
     store.flush(10)
     clock.advance(10)
-    store.sweep()
+    crawled(store)
     assert len(store.items) == 0
     assert store.bytes == 0
 
 
-def walked(store, limit=None, batch=memg.WALK_BATCH):
-    return [pair for pairs in store.walk(limit, batch) for pair in pairs]
+def walked(store, batch=memg.WALK_BATCH):
+    return [pair for pairs in store.walk(batch=batch) for pair in pairs]
 
 
 def test_walk_most_recent_first(store):
@@ -980,7 +1024,6 @@ def test_walk_most_recent_first(store):
     store.get(b"a")
     assert [(key, unpack_item(item).value) for key, item in walked(store)] == [
         (b"a", b"1"), (b"c", b"333"), (b"b", b"22")]
-    assert [key for key, _ in walked(store, 2)] == [b"a", b"c"]
 
 
 def test_walk_holds_the_lock_a_batch_at_a_time(store):
@@ -1018,11 +1061,13 @@ def test_get_counters(store):
 
 
 def test_get_expired_counter(store, clock):
+    # As memcached: an expired item a read finds counts in get_expired, never in
+    # expired_unfetched (which counts those reclaimed at the LRU's tails).
     store.store(SET, b"k", b"v", exptime=1)
     clock.advance(1)
     store.get(b"k")
-    c = store.counters
-    assert (c["get_expired"], c["get_misses"], c["expired_unfetched"]) == (1, 1, 1)
+    c = store.snapshot()
+    assert (c["get_expired"], c["get_misses"], c["expired_unfetched"]) == (1, 1, 0)
 
 
 def test_touch_counters(store):
@@ -1039,7 +1084,7 @@ def test_cas_counters(store):
     _, item = store.store(SET, b"k", b"v")
     store.store(CAS, b"k", b"v", cas=unpack_item(item).cas + 100)
     store.store(CAS, b"k", b"v", cas=unpack_item(item).cas)
-    c = store.counters
+    c = store.snapshot()
     assert (c["cas_misses"], c["cas_badval"], c["cas_hits"]) == (1, 1, 1)
 
 
@@ -1052,7 +1097,7 @@ def test_delete_and_arithmetic_counters(store):
     store.arithmetic(b"nope", 1, incr=False)
     store.delete(b"k")
     store.delete(b"k")
-    c = store.counters
+    c = store.snapshot()
     assert (c["incr_hits"], c["incr_misses"], c["decr_hits"], c["decr_misses"]) == (1, 1, 1, 2)
     assert (c["delete_hits"], c["delete_misses"]) == (1, 1)
 
@@ -1062,7 +1107,7 @@ def test_set_and_total_items_counters(store):
     store.store(ADD, b"a", b"v")
     store.store(REPLACE, b"b", b"v")
     store.store(APPEND, b"a", b"v")
-    c = store.counters
+    c = store.snapshot()
     assert c["cmd_set"] == 4
     assert c["total_items"] == 2
 
@@ -1072,7 +1117,8 @@ def test_reset_counters(store):
     store.get(b"k")
     store.get(b"nope")
     store.reset_counters()
-    assert set(store.counters.values()) == {0}
+    assert {value for name, value in store.snapshot().items()
+            if name not in ("curr_items", "bytes", "limit_maxbytes")} == {0}
     assert value_of(store, b"k") == b"v"
 
 
@@ -1084,7 +1130,6 @@ def test_snapshot(store, clock):
     assert snap["curr_items"] == 2
     assert snap["bytes"] == cost(b"a", b"12345") + cost(b"b", b"")
     assert snap["limit_maxbytes"] == 64 * memg.MB
-    assert snap["oldest_age"] == 4
     assert snap["cmd_set"] == 2
 
 
@@ -1136,4 +1181,4 @@ def test_concurrent_cas_retry_loops():
 
     run_threads(8, work)
     assert unpack_item(store.get(b"n")).value == b"800"
-    assert store.counters["cas_hits"] == 800
+    assert store.snapshot()["cas_hits"] == 800
