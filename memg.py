@@ -28,7 +28,6 @@ The file reads top to bottom in the order data flows:
 import asyncio
 import base64
 import binascii
-import bisect
 import collections
 import contextlib
 import dataclasses
@@ -549,8 +548,10 @@ VALUE_START = ITEM_HEADER.size
 # ITEM_ACTIVE), which keeps an item out of the segmented LRU's COLD part.
 FETCHED, STALE, WON, ACTIVE = 1, 2, 4, 8
 # The state's high byte is the item's slab class, which its key, value and flags set
-# once: per-class counts need no size arithmetic on the hot paths.
+# once: per-class counts need no size arithmetic on the hot paths.  STATE_BYTE and
+# CLASS_BYTE are where the state's two bytes are in an item.
 CLASS_SHIFT = 8
+STATE_BYTE, CLASS_BYTE = VALUE_START - 2, VALUE_START - 1
 ItemHeader = collections.namedtuple("ItemHeader", "cas exptime atime flags state")
 
 
@@ -574,10 +575,6 @@ def new_item(key, value, flags, exptime, cas, atime, state=0):
     """A new item for key, its class set from its size."""
     return make_item(value, flags, exptime, cas, atime,
                      state | slab_class(len(key), len(value), flags) << CLASS_SHIFT)
-
-
-def item_class(item):
-    return item_fields(item)[4] >> CLASS_SHIFT
 
 
 class ItemView(collections.namedtuple("ItemView", "cas exptime atime flags state value")):
@@ -625,9 +622,6 @@ HOT, WARM, COLD, TEMP = range(4)
 SEGMENT_NAMES = ("hot", "warm", "cold", "temp")
 SEGMENT_SHIFT = 6
 LRU_IDS = 4 << SEGMENT_SHIFT
-# The bytes of an item's header that hold its state bits and its class (the state's
-# low and high bytes).
-STATE_BYTE, CLASS_BYTE = VALUE_START - 2, VALUE_START - 1
 # How many items a look at an LRU's tail considers at most, and how many looks at
 # each a run of the maintainer takes at most (memcached's lru_pull_tail and
 # lru_maintainer_juggle).
@@ -775,12 +769,6 @@ class Store:
         of them were linked before it."""
         if self.flush_pending and self.flush_deadline <= now:
             self._clear()
-
-    def _read(self, key, segment, item, now):
-        """A read's hit: counted in the LRU it found the item in, and the item marked
-        read (_bump); returns it as it now is."""
-        self.lru_hits[segment << SEGMENT_SHIFT | item[CLASS_BYTE]] += 1
-        return self._bump(key, segment, item, now)
 
     def _bump(self, key, segment, item, now):
         """Mark item read now (memcached's do_item_bump); returns it as it now is.
@@ -1165,7 +1153,8 @@ class Store:
 
     def invalidate(self, key, *, cas=None, exptime=None, new_cas=0, drop_value=False):
         """Meta delete's I and x: mark the item stale (new CAS, optionally a new
-        expiry) or empty its value, instead of removing it (it keeps its place)."""
+        expiry) or empty its value, instead of removing it (it stays in its
+        sub-LRU)."""
         with self.lock:
             now = self.now()
             segment, item = self._find(key, now)
@@ -1185,8 +1174,8 @@ class Store:
                    new_cas=0, exptime=None):
         """incr/decr: returns (outcome, item).  The value must be a decimal 64-bit
         unsigned number; incr wraps at 2**64, decr stops at 0.  A shorter result
-        is padded with spaces to the old length, as memcached does in place (where
-        the item keeps its place); a longer one is a new item, as in memcached.
+        is padded with spaces to the old length, as memcached does in place (the
+        item stays in its sub-LRU); a longer one is a new item, as in memcached.
         Meta arithmetic adds a CAS check, creation on a miss (vivify, an exptime,
         with initial) and a new expiry (exptime)."""
         with self.lock:
@@ -1303,30 +1292,32 @@ class Store:
 
     def juggle(self, hot_pct, warm_pct, hot_max_factor, warm_max_factor):
         """One run of memcached's LRU maintainer (lru_maintainer_juggle): TEMP's
-        expired tail is reclaimed; then HOT and WARM move their tails down to COLD
+        expired tails are reclaimed; then HOT and WARM move their tails down to COLD
         (segmented: past hot_pct and warm_pct percent of the bytes of HOT, WARM and
         COLD, or idle longer than the factor times the idle time of COLD's tail;
         flat: all of them), active ones going to WARM's head instead, and COLD's
-        expired tail is reclaimed; up to JUGGLE_ROUNDS looks at each, each round
-        under one hold of the lock.  Returns how many rounds did something."""
+        expired tails are reclaimed; up to JUGGLE_ROUNDS rounds of looks at each,
+        each round under one hold of the lock.  (memcached's maintainer runs up to a
+        thousand times a second, each run measuring the LRUs anew; memg's runs once
+        a second, and measures them anew each round.)  Returns how many rounds did
+        something."""
         rounds = 0
         for _ in range(JUGGLE_ROUNDS):
             with self.lock:
                 if not self._pull_tail(TEMP, self.now(), each_class=True):
                     break
             rounds += 1
-        with self.lock:
-            hot = warm = (0, 0)
-            if self.segmented:
-                now = self.now()
-                key = self._tail(COLD)
-                cold_age = now - header(self.segments[COLD][key]).atime if key is not None else 0
-                total = sum(map(self._segment_bytes, (HOT, WARM, COLD)))
-                hot = (total * hot_pct // 100, cold_age * hot_max_factor)
-                warm = (total * warm_pct // 100, cold_age * warm_max_factor)
         for _ in range(JUGGLE_ROUNDS):
             with self.lock:
                 now = self.now()
+                hot = warm = (0, 0)
+                if self.segmented:
+                    key = self._tail(COLD)
+                    cold_age = (now - header(self.segments[COLD][key]).atime
+                                if key is not None else 0)
+                    total = sum(map(self._segment_bytes, (HOT, WARM, COLD)))
+                    hot = (total * hot_pct // 100, cold_age * hot_max_factor)
+                    warm = (total * warm_pct // 100, cold_age * warm_max_factor)
                 moved = (self._pull_tail(HOT, now, *hot, each_class=True)
                          or self._pull_tail(WARM, now, *warm, each_class=True))
                 if self.segmented:
@@ -1408,13 +1399,14 @@ class Store:
                              if item is not None and not self._dead(item, now)]
                 yield pairs
 
-    def class_stats(self):
+    def class_stats(self, ages=True):
         """For each slab class that has held items, its figures as {name: value}: its
         items in all and in each sub-LRU (number, number_hot ...), the bytes charged
         for them (mem_requested), the reads that found them (get_hits, and in each
-        sub-LRU hits_to_hot ...), the idle seconds of the class's least recently used
-        item in HOT, WARM and COLD (age_hot, age_warm, age: found by a walk from each
-        tail that stops once every class is found), and what CLASS_COUNTERS counts."""
+        sub-LRU hits_to_hot ...), what CLASS_COUNTERS counts, and with ages, the idle
+        seconds of the class's least recently used item in HOT, WARM and COLD
+        (age_hot, age_warm, age: found by a walk from each tail that stops once
+        every class is found)."""
         with self.lock:
             now = self.now()
             numbers, sizes, hits = list(self.lru_items), list(self.lru_bytes), list(self.lru_hits)
@@ -1429,7 +1421,7 @@ class Store:
             figures.update(number=sum(numbers[lru] for lru in lrus),
                            mem_requested=sum(sizes[lru] for lru in lrus),
                            get_hits=sum(hits[lru] for lru in lrus))
-        for segment, age in ((HOT, "age_hot"), (WARM, "age_warm"), (COLD, "age")):
+        for segment, age in ((HOT, "age_hot"), (WARM, "age_warm"), (COLD, "age")) * ages:
             wanted = {cls for cls in classes if numbers[segment << SEGMENT_SHIFT | cls]}
             for keys in self._key_batches(segment):
                 if not wanted:
@@ -2172,7 +2164,7 @@ class Service:
         and what the commands did to them.  memg allocates no slab pages, so the
         page and free chunk counts are left out; total_malloced is the bytes
         charged for the items."""
-        classes = sorted(self.store.class_stats().items())
+        classes = sorted(self.store.class_stats(ages=False).items())
         return [("%d:%s" % (cls, name), value) for cls, figures in classes
                 for name, value in [("chunk_size", SLAB_SIZES[cls - 1]),
                                     ("used_chunks", figures["number"])] + [

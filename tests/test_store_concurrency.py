@@ -120,7 +120,7 @@ def accounting_problems(store, clock_is_monotonic=True):
     lru_items, lru_bytes = [0] * memg.LRU_IDS, [0] * memg.LRU_IDS
     for segment, segment_items in enumerate(store.segments):
         for key, item in segment_items.items():
-            lru = segment << memg.SEGMENT_SHIFT | memg.item_class(item)
+            lru = segment << memg.SEGMENT_SHIFT | item[memg.CLASS_BYTE]
             lru_items[lru] += 1
             lru_bytes[lru] += memg.item_cost(key, len(item) - memg.VALUE_START)
     if (lru_items, lru_bytes) != (store.lru_items, store.lru_bytes):
