@@ -189,6 +189,11 @@ BAD_COMMAND_LINES = [
     ["-U", "-2"],
     ["-p", "-2"],
     ["-U", "x"],
+    ["-o", "no_modern,temporary_ttl=30"],        # the TEMP LRU needs the maintainer
+    ["-o", "hot_lru_pct=70"],                    # with warm's 40: over 80
+    ["-o", "hot_max_factor=0"],
+    ["-o", "lru_crawler_sleep=2000000"],
+    ["-o", "temporary_ttl"],
 ]
 
 
@@ -228,6 +233,15 @@ def test_ignored_extended_options_start_with_warnings(launch):
     assert "hashpower" in err and "slab_chunk_max" in err
     for line in lines:
         assert "warning" in line.lower() or "ignored" in line.lower()
+
+
+def test_the_lru_options_are_memcacheds_and_start_without_a_warning(launch):
+    server = launch("-o", "no_modern,lru_crawler,lru_crawler_tocrawl=5,hot_lru_pct=10")
+    with connect_admitted(server.address) as client:
+        assert client.request(b"lru_crawler crawl all\r\n") == b"OK\r\n"
+        assert client.request(b"lru mode segmented\r\n") == b"ERROR\r\n"   # no maintainer
+    _, err = server.stop()
+    assert err == b""
 
 
 # -- listening -------------------------------------------------------------------

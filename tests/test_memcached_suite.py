@@ -32,7 +32,9 @@ SOURCE = os.environ.get("MEMG_MEMCACHED_SOURCE") or os.path.join(
 # ssl_*.t files test nothing without it.
 MEMCACHED_TESTS = [(name, False) for name in ["t/00-startup.t", "t/binary.t", "t/issue_50.t",
                                               "t/issue_67.t", "t/udp.t", "t/expirations.t",
-                                              "t/line-lengths.t"]] + [
+                                              "t/line-lengths.t", "t/lru-crawler.t",
+                                              "t/lru-maintainer.t", "t/issue_163.t",
+                                              "t/issue_183.t"]] + [
     (name, True) for name in ["t/ssl_cert_refresh.t", "t/ssl_ports.t", "t/ssl_proto_version.t",
                               "t/ssl_session_resumption.t", "t/ssl_settings.t",
                               "t/ssl_verify_modes.t", "t/binary.t"]]

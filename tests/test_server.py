@@ -125,6 +125,60 @@ def test_expired_items_are_reclaimed_without_being_touched_and_evict_nothing():
         server.stop()
 
 
+# -- the segmented LRU and its maintainer ----------------------------------------------
+
+def test_the_maintainer_cools_hot_items_once_a_second():
+    server = start_memg()
+    try:
+        with server.connect() as client:
+            set_many(client, (b"k%d" % i for i in range(10)), b"v")
+            juggles = int(stats(client)["lru_maintainer_juggles"])
+            wait_for(lambda: int(stats(client, b"items")["items:1:number_cold"]) >= 8,
+                     what="the maintainer to move HOT's surplus down to COLD")
+            figures = stats(client, b"items")
+            assert int(figures["items:1:number_hot"]) <= 2
+            assert int(figures["items:1:moves_to_cold"]) >= 8
+            assert int(stats(client)["lru_maintainer_juggles"]) > juggles
+    finally:
+        server.stop()
+
+
+def test_items_in_the_temp_lru_are_never_evicted():
+    # memcached's t/lru-maintainer.t: a temporary item outlives a cache's worth of
+    # others, never read.
+    server = start_memg("-m", "2", "-o", "temporary_ttl=61")
+    value = b"B" * 66560
+    try:
+        with server.connect() as client:
+            assert client.request(b"set canary 0 30 66560\r\n%s\r\n" % value) == b"STORED\r\n"
+            for i in range(60):
+                assert client.request(b"set k%d 0 3600 66560\r\n%s\r\n" % (i, value)) == (
+                    b"STORED\r\n")
+            figures = stats(client, b"items")
+            assert int(figures["items:31:evicted"]) > 0
+            assert figures["items:31:number_temp"] == "1"
+            assert client.request(b"get canary\r\n", b"END\r\n").startswith(b"VALUE canary")
+    finally:
+        server.stop()
+
+
+def test_lru_temp_ttl_and_mode_take_effect_for_new_items(memg):
+    with memg.connect() as client:
+        assert client.request(b"lru temp_ttl 30\r\nlru mode flat\r\n", b"OK\r\nOK\r\n") == (
+            b"OK\r\nOK\r\n")
+        settings = stats(client, b"settings")
+        assert (settings["temp_lru"], settings["temporary_ttl"], settings["lru_segmented"]) == (
+            "yes", "30", "no")
+        assert client.request(b"set t 0 20 1\r\nx\r\nset f 0 0 1\r\ny\r\n",
+                              b"STORED\r\nSTORED\r\n") == b"STORED\r\nSTORED\r\n"
+        figures = stats(client, b"items")
+        assert (figures["items:1:number_temp"], figures["items:1:number_cold"]) == ("1", "1")
+        assert client.request(b"lru temp_ttl -1\r\nlru mode segmented\r\n",
+                              b"OK\r\nOK\r\n") == b"OK\r\nOK\r\n"
+        assert stats(client, b"settings")["temp_lru"] == "no"
+        assert "items:1:number_temp" not in stats(client, b"items")
+
+
 # -- abrupt and concurrent clients ---------------------------------------------------------
 
 def test_reset_in_the_middle_of_a_value_is_quiet_and_stores_nothing(memg):

@@ -112,10 +112,10 @@ def test_ttl(store, clock):
 # Memory accounting and the LRU
 # --------------------------------------------------------------------------
 
-def small_store(clock, items=3, evict=True):
+def small_store(clock, items=3, evict=True, **options):
     """A store with room for exactly `items` items of key k<digit> and a 10-byte value."""
     return memg.Store(memory_limit=items * cost(b"k0", b"0123456789"), evict=evict,
-                      clock=clock)
+                      clock=clock, **options)
 
 
 def test_bytes_returns_to_zero(store):
@@ -824,6 +824,196 @@ def test_meta_get_counts_gets_and_touches(store):
     c = store.snapshot()
     assert (c["cmd_get"], c["get_hits"], c["get_misses"]) == (2, 1, 1)
     assert (c["cmd_touch"], c["touch_hits"], c["touch_misses"]) == (2, 1, 1)
+
+
+# --------------------------------------------------------------------------
+# The segmented LRU (memcached's HOT, WARM, COLD and TEMP) and its maintainer
+# --------------------------------------------------------------------------
+
+def where(store, key):
+    """The sub-LRU that holds key: HOT, WARM, COLD or TEMP."""
+    return next(name for name, items in zip(("HOT", "WARM", "COLD", "TEMP"), store.segments)
+                if key in items)
+
+
+def juggle(store):
+    """A run of the maintainer with memcached's default tuning."""
+    return store.juggle(20, 40, 0.2, 2.0)
+
+
+@pytest.fixture
+def segmented(clock):
+    return memg.Store(clock=clock, segmented=True)
+
+
+def test_slab_classes_are_memcacheds():
+    # memcached 1.6.18's classes with its defaults, 1 to 39, and its item size:
+    # 48 bytes of header, 8 of CAS, the key and a NUL, the value and CRLF, and 4
+    # bytes for non-zero client flags.
+    assert memg.SLAB_SIZES[:4] == [96, 120, 152, 192]
+    assert memg.SLAB_SIZES[29:31] == [66232, 82792]
+    assert memg.SLAB_SIZES[-1] == 512 * memg.KB and len(memg.SLAB_SIZES) == 39
+    assert memg.slab_class(1, 1, 0) == 1                  # 61 bytes
+    assert memg.slab_class(1, 96 - 59 - 1, 0) == 1        # 96 bytes: the first class, full
+    assert memg.slab_class(1, 96 - 59, 0) == 2
+    assert memg.slab_class(1, 96 - 59 - 4, 5) == 2        # the flags' 4 bytes
+    assert memg.slab_class(3, 66560, 0) == 31             # memcached's t/issue_163.t
+    assert memg.slab_class(10, 600000, 0) == 39           # chunked: the largest class
+
+
+def test_new_items_enter_hot_or_in_a_flat_lru_cold(segmented, store):
+    segmented.store(SET, b"k", b"v")
+    store.store(SET, b"k", b"v")
+    assert (where(segmented, b"k"), where(store, b"k")) == ("HOT", "COLD")
+
+
+def test_items_with_a_short_ttl_enter_temp(clock):
+    store = memg.Store(clock=clock, segmented=True, temp_ttl=61)
+    store.store(SET, b"short", b"v", exptime=61)
+    store.store(SET, b"long", b"v", exptime=62)
+    store.store(SET, b"never", b"v")
+    assert [where(store, key) for key in (b"short", b"long", b"never")] == [
+        "TEMP", "HOT", "HOT"]
+
+
+def test_a_second_read_marks_an_item_active_and_stamps_its_access(segmented, clock):
+    segmented.store(SET, b"k", b"v")
+    clock.advance(5)
+    first = unpack_item(segmented.get(b"k"))
+    assert (first.fetched, first.state & memg.ACTIVE, first.atime) == (True, 0, START)
+    clock.advance(5)
+    second = unpack_item(segmented.get(b"k"))
+    assert (second.state & memg.ACTIVE, second.atime) == (memg.ACTIVE, START + 10)
+    assert where(segmented, b"k") == "HOT"                 # reads move nothing in HOT
+
+
+def test_a_second_read_in_cold_moves_the_item_up_to_warm(segmented, clock):
+    segmented.store(SET, b"k", b"v")
+    clock.advance(2)
+    juggle(segmented)                                      # idle in HOT, COLD empty
+    assert where(segmented, b"k") == "COLD"
+    segmented.get(b"k")
+    assert where(segmented, b"k") == "COLD"
+    segmented.get(b"k")
+    assert where(segmented, b"k") == "WARM"
+    figures = segmented.class_stats()[memg.slab_class(1, 1, 0)]
+    assert (figures["moves_to_cold"], figures["moves_to_warm"]) == (1, 1)
+    assert (figures["hits_to_cold"], figures["get_hits"]) == (2, 2)
+
+
+def test_the_maintainer_keeps_hot_to_its_share(segmented):
+    for i in range(10):
+        segmented.store(SET, b"k%d" % i, b"v")
+    assert juggle(segmented) > 0
+    # 20 % of the bytes stay in HOT: its two most recent items; the rest cooled,
+    # least recently used first.
+    assert [key for key in segmented.items if where(segmented, key) == "HOT"] == [
+        b"k8", b"k9"]
+    assert list(segmented.segments[memg.COLD]) == [b"k%d" % i for i in range(8)]
+    assert segmented.snapshot()["moves_to_cold"] == 8
+
+
+def test_the_maintainer_rescues_active_items_to_warm(segmented):
+    for i in range(5):
+        segmented.store(SET, b"k%d" % i, b"v")
+    segmented.get(b"k0")
+    segmented.get(b"k0")                                   # active
+    juggle(segmented)
+    assert where(segmented, b"k0") == "WARM"
+    assert not unpack_item(segmented.items[b"k0"]).state & memg.ACTIVE
+    segmented.get(b"k0")                                   # active again, in WARM
+    juggle(segmented)
+    assert where(segmented, b"k0") == "WARM"
+    c = segmented.snapshot()
+    assert (c["moves_to_warm"], c["moves_within_lru"]) == (1, 1)
+
+
+def test_items_idle_past_their_share_of_cold_s_age_cool(segmented, clock):
+    # HOT under its share, but idle longer than 0.2 times COLD's tail: it cools.
+    segmented.store(SET, b"old", b"v" * 1000)
+    clock.advance(2)
+    juggle(segmented)                                      # COLD empty: any idle cools
+    segmented.store(SET, b"new", b"v")
+    clock.advance(10)
+    segmented.store(SET, b"newest", b"v")
+    juggle(segmented)                                      # COLD's tail idle 12 s
+    assert where(segmented, b"new") == "COLD"              # idle 10 > 2.4
+    assert where(segmented, b"newest") == "HOT"
+
+
+def test_a_flat_lru_drains_hot_and_warm_into_cold(segmented):
+    for i in range(3):
+        segmented.store(SET, b"k%d" % i, b"v")
+    segmented.get(b"k0")
+    segmented.get(b"k0")
+    segmented.segmented = False                            # lru mode flat
+    segmented.store(SET, b"flat", b"v")
+    assert where(segmented, b"flat") == "COLD"
+    juggle(segmented)
+    assert not segmented.segments[memg.HOT] and not segmented.segments[memg.WARM]
+
+
+def test_eviction_takes_cold_then_cools_hot(clock):
+    store = small_store(clock, segmented=True)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    store.get(b"k1")
+    store.get(b"k1")                                       # active: rescued to WARM
+    clock.advance(1)
+    juggle(store)                                          # k1 to WARM, k0 and k2 cool
+    store.store(SET, b"k3", b"0123456789")                 # evicts COLD's tail, k0
+    assert store.get(b"k0", bump=False) is None
+    store.store(SET, b"k4", b"0123456789")                 # then k2
+    store.store(SET, b"k5", b"0123456789")                 # COLD empty: HOT's tail, k3
+    assert sorted(store.items) == [b"k1", b"k4", b"k5"]
+    figures = store.class_stats()[memg.slab_class(2, 10, 0)]
+    assert (figures["evicted"], figures["evicted_unfetched"]) == (3, 3)
+    assert figures["direct_reclaims"] >= 3
+
+
+def test_temp_items_are_never_evicted(clock):
+    store = small_store(clock, segmented=True, temp_ttl=61)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789", exptime=30)
+    assert store.store(SET, b"k3", b"0123456789") == (NO_MEMORY, None)
+    assert store.store(SET, b"k4", b"0123456789", exptime=30) == (NO_MEMORY, None)
+    assert sorted(store.items) == [b"k0", b"k1", b"k2"]
+    figures = store.class_stats()[memg.slab_class(2, 10, 0)]
+    assert (figures["outofmemory"], figures["number_temp"]) == (2, 3)
+    assert store.snapshot()["store_no_memory"] == 2
+
+
+def test_the_maintainer_reclaims_expired_tails_of_every_class(clock):
+    # memcached's maintainer reclaims at the tail of each class's LRU: in memg's
+    # shared TEMP, a live item of one class holds up none of another's.
+    store = memg.Store(clock=clock, segmented=True, temp_ttl=61)
+    for i in range(20):
+        store.store(SET, b"short%d" % i, b"v", exptime=1)
+        store.store(SET, b"long%d" % i, b"v" * 500, exptime=30)
+    store.get(b"short0")
+    clock.advance(1)
+    juggle(store)
+    assert sorted(store.items) == sorted(b"long%d" % i for i in range(20))
+    small = store.class_stats()[memg.slab_class(7, 1, 0)]
+    assert (small["reclaimed"], small["expired_unfetched"], small["number"]) == (20, 19, 0)
+    assert store.snapshot()["crawler_reclaimed"] == 0
+
+
+def test_class_stats_count_each_class_in_each_sub_lru(segmented, clock):
+    segmented.store(SET, b"a", b"v")
+    segmented.store(SET, b"b", b"v" * 1000)
+    clock.advance(3)
+    juggle(segmented)                                      # both idle: to COLD
+    segmented.store(SET, b"c", b"v")
+    clock.advance(1)
+    classes = segmented.class_stats()
+    small, large = classes[memg.slab_class(1, 1, 0)], classes[memg.slab_class(1, 1000, 0)]
+    assert (small["number"], small["number_hot"], small["number_cold"]) == (2, 1, 1)
+    assert (small["age_hot"], small["age"]) == (1, 4)
+    assert (large["number"], large["number_cold"], large["age"]) == (1, 1, 4)
+    assert small["mem_requested"] == cost(b"a", b"v") + cost(b"c", b"v")
+    segmented.delete(b"b")
+    assert segmented.class_stats()[memg.slab_class(1, 1000, 0)]["number"] == 0
 
 
 # --------------------------------------------------------------------------
