@@ -1830,9 +1830,9 @@ class Service:
         self.traffic_at_reset = dict.fromkeys(TRAFFIC, 0)
         self.prefix_stats = {}             # stats detail: prefix -> [gets, hits, sets, deletes]
         self.crawling = False              # a crawl or dump runs (others get BUSY)
-        # The maintainer's own crawls (the sweep's): the one under way (its steps),
-        # what it has found, when the next begins (the store's clock) and the wait
-        # after each, which memcached adapts to what they find.
+        # The maintainer's own crawls: the one under way (its steps), what it has
+        # found, when the next begins (the store's clock) and the wait after each,
+        # which memcached adapts to what they find.
         self.autocrawl = None
         self.autocrawl_found = {}
         self.next_autocrawl = 0
@@ -3961,7 +3961,8 @@ def answer_datagram(service, datagram, peer=None, fd=-1):
 
 # Each connection's input buffer (threads) and the most an event loop reads at once.
 READ_BUFFER = 64 * KB
-# How often the background sweep reclaims a slice of expired items.
+# How often the engines run the service's background work (Service.sweep: the LRU
+# maintainer, and its crawls).
 SWEEP_INTERVAL = 1.0
 # How long an engine waits before it tries to accept again when the process is out of
 # file descriptors (memcached stops accepting for a while too).
@@ -4321,7 +4322,7 @@ class ThreadConnection:
 class ThreadsEngine(Engine):
     """A thread per connection, blocking in its socket's reads and writes: the
     design card's shape, and the default.  The calling thread accepts, and answers
-    UDP requests (-U); one more thread sweeps expired items every second."""
+    UDP requests (-U); one more thread runs the LRU maintainer every second."""
 
     def __init__(self, service):
         super().__init__(service)
