@@ -869,18 +869,18 @@ class Store:
             return TEMP
         return HOT if self.segmented else COLD
 
-    def _link(self, key, item, segment, old=None, old_segment=None):
-        """Link item under key into segment, in place of old (in old_segment);
-        False, with old left as it was, when memory is exhausted."""
+    def _link(self, key, item, segment, now, old=None, old_segment=None):
+        """Link item under key into segment, in place of old (in old_segment, live
+        now); False, with old left as it was, when memory is exhausted."""
         cost = item_cost(key, len(item) - VALUE_START)
         freed = item_cost(key, len(old) - VALUE_START) if old is not None else 0
         if not self.segmented:
-            self._pull_tail(COLD, self.now())   # as memcached's flat LRU before each allocation
+            self._pull_tail(COLD, now)   # as memcached's flat LRU before each allocation
         if self.bytes + cost - freed > self.memory_limit:
             if old is not None:          # out of reach of the evictions it makes room by
                 del self.segments[old_segment][key]
                 self.tails[old_segment].pop(key, None)
-            made = self._make_room(cost - freed, self.now(), item[CLASS_BYTE])
+            made = self._make_room(cost - freed, now, item[CLASS_BYTE])
             if old is not None:
                 self.segments[old_segment][key] = old
             if not made:
@@ -1120,7 +1120,7 @@ class Store:
             state = STALE | (was.state & WON) if stale else 0
             item = pack_header(new_cas or self._next_cas(), expires, now, flags,
                                state | cls << CLASS_SHIFT) + value
-            if not self._link(key, item, self._new_segment(expires, now), old, segment):
+            if not self._link(key, item, self._new_segment(expires, now), now, old, segment):
                 if mode == SET and old is not None:
                     self._unlink(key, old, segment)   # as memcached: a failed set leaves no value
                 return NO_MEMORY, None
@@ -1167,7 +1167,7 @@ class Store:
             stale = STALE if not drop_value or was.stale else 0
             new = new_item(key, value, was.flags, expires, new_cas or self._next_cas(), now,
                            stale)
-            self._link(key, new, segment, item, segment)   # no larger than item: cannot fail
+            self._link(key, new, segment, now, item, segment)   # no larger: cannot fail
             return STORED
 
     def arithmetic(self, key, delta, *, incr=True, cas=0, vivify=None, initial=0,
@@ -1188,7 +1188,7 @@ class Store:
                     return NOT_FOUND, None
                 expires = self.expiry(vivify, now)
                 new = new_item(key, b"%d" % initial, 0, expires, new_cas or self._next_cas(), now)
-                if not self._link(key, new, self._new_segment(expires, now)):
+                if not self._link(key, new, self._new_segment(expires, now), now):
                     return NO_MEMORY, None
                 return STORED, new
             was = unpack_item(item)
@@ -1211,7 +1211,7 @@ class Store:
             new = new_item(key, digits, was.flags, expires, new_cas or self._next_cas(), now,
                            was.state & FETCHED)
             place = segment if len(digits) == len(was.value) else self._new_segment(expires, now)
-            if not self._link(key, new, place, item, segment):
+            if not self._link(key, new, place, now, item, segment):
                 return NO_MEMORY, None
             return STORED, new
 
@@ -1230,7 +1230,7 @@ class Store:
                 expires = self.expiry(vivify, now)
                 segment = self._new_segment(expires, now)
                 item = new_item(key, b"", 0, expires, self._next_cas(), now)
-                created = self._link(key, item, segment)
+                created = self._link(key, item, segment, now)
                 if not created:
                     item = None
             touched = exptime is not None
@@ -1509,8 +1509,11 @@ class Store:
                     old_segment = next((segment for segment in (HOT, WARM, COLD, TEMP)
                                         if key in self.segments[segment]), None)
                     old = self.segments[old_segment][key] if old_segment is not None else None
+                    if old is not None and self._dead(old, now):
+                        self._unlink(key, old, old_segment)
+                        old = None
                     segment = TEMP if self._new_segment(header(item).exptime, now) == TEMP else COLD
-                    linked += self._link(key, item, segment, old, old_segment)
+                    linked += self._link(key, item, segment, now, old, old_segment)
                 if self.use_cas:
                     self.last_cas = max(self.last_cas, highest)
         return linked
