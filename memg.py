@@ -940,8 +940,7 @@ class Store:
                                                segment + 1 << SEGMENT_SHIFT]))
         looked = {}                              # class (or None) -> items looked at
         ended = done = 0                         # how many turns are over
-        for key in (list(itertools.islice(items, TAIL_WINDOW)) if each_class
-                    else self._tail(segment, TAIL_TRIES)):
+        for key in self._window(segment) if each_class else self._tail(segment, TAIL_TRIES):
             item = items.get(key)
             if item is None:
                 continue                         # (moved by this pull)
@@ -977,6 +976,20 @@ class Store:
             if ended == (classes if each_class else 1):
                 break
         return done
+
+    def _window(self, segment):
+        """The keys of a segment from its tail, up to TAIL_WINDOW of them, copied a
+        growing piece at a time, so that a look that finds every class near the tail
+        copies few.  (Items moved meanwhile shift the rest: a key may be missed, for
+        the next look, or come twice.)"""
+        items = self.segments[segment]
+        start, size = 0, 64
+        while start < TAIL_WINDOW:
+            keys = list(itertools.islice(items, start, start + size))
+            yield from keys
+            if len(keys) < size:
+                return
+            start, size = start + size, size * 4
 
     def _segment_bytes(self, segment):
         return sum(self.lru_bytes[segment << SEGMENT_SHIFT:segment + 1 << SEGMENT_SHIFT])
