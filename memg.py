@@ -520,11 +520,14 @@ CLASS_OF_EIGHTS = b"\x01" + b"".join(
         zip([0] + SLAB_SIZES, SLAB_SIZES), 1))
 
 
+LARGEST_CHUNK, LARGEST_CLASS = SLAB_SIZES[-1], len(SLAB_SIZES)
+
+
 def slab_class(key_length, value_length, flags):
     """The slab class memcached would store an item in (one larger than the largest
     chunk is chunked, and counted in the largest class)."""
     size = ITEM_HEADER_SIZE + key_length + value_length + (4 if flags else 0)
-    return CLASS_OF_EIGHTS[size + 7 >> 3] if size <= SLAB_SIZES[-1] else len(SLAB_SIZES)
+    return CLASS_OF_EIGHTS[size + 7 >> 3] if size <= LARGEST_CHUNK else LARGEST_CLASS
 
 
 # An item is one stored value and its metadata, packed into a single bytes object: a
@@ -1090,7 +1093,9 @@ class Store:
         try:
             now = int(self.clock())
             counters = self.counters
-            cls = slab_class(len(key), len(value), flags)
+            # (slab_class's size and look-up, inline: this is the set path.)
+            size = ITEM_HEADER_SIZE + len(key) + len(value) + (4 if flags else 0)
+            cls = CLASS_OF_EIGHTS[size + 7 >> 3] if size <= LARGEST_CHUNK else LARGEST_CLASS
             self.class_counters[cls]["cmd_set"] += 1
             segment, old = self._find(key, now)
             stale = False
@@ -1133,7 +1138,10 @@ class Store:
             state = STALE | (was.state & WON) if stale else 0
             item = pack_header(new_cas or self._next_cas(), expires, now, flags,
                                state | cls << CLASS_SHIFT) + value
-            if not self._link(key, item, self._new_segment(expires, now), now, old, segment):
+            # (_new_segment, inline while there is no TEMP LRU: the set path.)
+            place = (HOT if self.segmented else COLD) if self.temp_ttl is None else (
+                self._new_segment(expires, now))
+            if not self._link(key, item, place, now, old, segment):
                 if mode == SET and old is not None:
                     self._unlink(key, old, segment)   # as memcached: a failed set leaves no value
                 return NO_MEMORY, None
