@@ -205,8 +205,17 @@ class Settings:
              "no_modern up to -I 1m)")
     lru_crawler: bool = option(
         True, extended=True, stat="lru_crawler", show=yes_no,
-        help="-o no_lru_crawler: start with the background sweep of expired items off "
-             "(lru_crawler enable turns it on)")
+        help="-o lru_crawler, no_lru_crawler: the LRU crawler, which reclaims expired "
+             "items (lru_crawler crawl and metadump; with the maintainer, runs of its "
+             "own, as memcached schedules them) (default: on)")
+    lru_crawler_sleep: int = option(
+        100, parse=int, extended=True, stat="lru_crawler_sleep",
+        help="-o lru_crawler_sleep=MICROSECONDS: accepted and shown; memg's crawler "
+             "lets other work in after each thousand items instead (default: 100)")
+    lru_crawler_tocrawl: int = option(
+        0, parse=int, extended=True, stat="lru_crawler_tocrawl",
+        help="-o lru_crawler_tocrawl=N: a crawl looks at N items at most of each class "
+             "in each sub-LRU (default: 0, all)")
     flush_enabled: bool = option(
         True, "-F", "--disable-flush-all", stat="flush_enabled", show=yes_no,
         help="disable flush_all")
@@ -217,8 +226,37 @@ class Settings:
         True, "-W", "--disable-watch", help="disable watch commands (live logging)")
     lru_maintainer: bool = option(
         True, extended=True, stat="lru_maintainer_thread", show=yes_no,
-        help="-o no_lru_maintainer: accepted; memg has no LRU maintainer thread, and "
-             "shows its statistics (at 0) only when this is on, as memcached does")
+        help="-o lru_maintainer, no_lru_maintainer: the LRU maintainer, which each "
+             "second moves items between the parts of the segmented LRU and reclaims "
+             "expired ones at their tails; without it the LRU is flat (default: on)")
+    lru_segmented: bool = option(
+        True, stat="lru_segmented", show=yes_no,
+        help="the segmented LRU (HOT, WARM, COLD): an item read twice is kept from "
+             "eviction longer than one read once or never; otherwise a flat LRU, where a "
+             "read moves an item up (on with the maintainer; lru mode flat|segmented "
+             "switches while serving)")
+    hot_lru_pct: int = option(
+        20, parse=int, extended=True, stat="hot_lru_pct",
+        help="-o hot_lru_pct=N: the share of the LRU's bytes that HOT keeps at most, in "
+             "percent (default: 20)")
+    warm_lru_pct: int = option(
+        40, parse=int, extended=True, stat="warm_lru_pct",
+        help="-o warm_lru_pct=N: WARM's share, in percent (default: 40)")
+    hot_max_factor: float = option(
+        0.2, parse=float, extended=True, stat="hot_max_factor", show=lambda f: "%.2f" % f,
+        help="-o hot_max_factor=F: an item idle F times as long as COLD's least recently "
+             "used one leaves HOT (default: 0.2)")
+    warm_max_factor: float = option(
+        2.0, parse=float, extended=True, stat="warm_max_factor", show=lambda f: "%.2f" % f,
+        help="-o warm_max_factor=F: the same for WARM (default: 2.0)")
+    temp_lru: bool = option(
+        False, stat="temp_lru", show=yes_no,
+        help="the TEMP LRU, of the items whose TTL is at most temporary_ttl, which are "
+             "never evicted (-o temporary_ttl turns it on; lru temp_ttl switches)")
+    temporary_ttl: int = option(
+        61, parse=int, extended=True, stat="temporary_ttl",
+        help="-o temporary_ttl=SECONDS: turn the TEMP LRU on, for items whose TTL is at "
+             "most this (needs the maintainer) (default: off; 61)")
     idle_timeout: int = option(
         0, parse=int, extended=True, stat="idle_timeout",
         help="-o idle_timeout=SECONDS: close clients idle that long (0: never)")
@@ -376,6 +414,24 @@ class Settings:
                              % (self.engine, ", ".join(sorted(ENGINES))))
         if self.single and self.engine != "threads":
             raise ValueError("--single needs the threads engine")
+        # The LRU's settings, checked in memcached's words.  As in memcached, the
+        # segmented LRU is the maintainer's: without it, the LRU is flat.
+        if not self.lru_maintainer:
+            self.lru_segmented = False
+        if self.temp_lru and not self.lru_maintainer:
+            raise ValueError("temporary_ttl requires lru_maintainer to be enabled")
+        for name in ("hot_lru_pct", "warm_lru_pct"):
+            if not 1 <= getattr(self, name) < 80:
+                raise ValueError("%s must be > 1 and < 80" % name)
+        if self.hot_lru_pct + self.warm_lru_pct > 80:
+            raise ValueError("hot_lru_pct + warm_lru_pct cannot be more than 80% combined")
+        for name in ("hot_max_factor", "warm_max_factor"):
+            if not getattr(self, name) > 0:
+                raise ValueError("%s must be > 0" % name)
+        if not 0 <= self.lru_crawler_sleep <= 1000000:
+            raise ValueError("LRU crawler sleep must be between 0 and 1 second")
+        if not 0 <= self.lru_crawler_tocrawl <= 0xFFFFFFFF:
+            raise ValueError("lru_crawler_tocrawl takes a numeric 32bit value")
 
     @staticmethod
     def flag(name):
@@ -472,28 +528,28 @@ APPEND, PREPEND = "append", "prepend"
 
 # Counters the store keeps under its lock; ``stats`` shows them, ``stats reset`` zeroes
 # them.  (cmd_get and cmd_touch are not kept: every get is a hit or a miss, and so is
-# every touch, so ``snapshot`` adds them up.)
+# every touch, so ``snapshot`` adds them up; get_hits are the reads of each sub-LRU,
+# Store.lru_hits.)
 STORE_COUNTERS = (
-    "cmd_set", "cmd_flush",
-    "get_hits", "get_misses", "get_expired", "get_flushed",
-    "delete_misses", "delete_hits", "incr_misses", "incr_hits", "decr_misses", "decr_hits",
-    "cas_misses", "cas_hits", "cas_badval", "touch_hits", "touch_misses",
-    "store_too_large", "store_no_memory",
-    "total_items", "evictions", "evicted_nonzero", "reclaimed", "expired_unfetched",
-    "evicted_unfetched", "crawler_reclaimed", "crawler_items_checked",
+    "cmd_flush", "get_misses", "get_expired", "get_flushed", "delete_misses",
+    "incr_misses", "decr_misses", "cas_misses", "touch_misses", "store_too_large",
+    "total_items",
 )
-# Events rare enough that the store also counts them per slab class as they happen
-# (``stats items``), by memcached's name there: the counter above that each adds to.
-CLASS_COUNTERS = {
-    "evicted": "evictions", "evicted_nonzero": "evicted_nonzero",
-    "outofmemory": "store_no_memory", "reclaimed": "reclaimed",
-    "expired_unfetched": "expired_unfetched", "evicted_unfetched": "evicted_unfetched",
-    "crawler_reclaimed": "crawler_reclaimed", "crawler_items_checked": "crawler_items_checked",
-}
-
+# Counters kept per slab class, as memcached keeps them: what the commands did to the
+# items of each class (``stats slabs``; cmd_set by the class of the value sent), and
+# what happened to them at the LRUs' tails (``stats items``).  ``stats`` shows the
+# sums (store_no_memory is outofmemory's).
+CLASS_COUNTERS = (
+    "cmd_set", "delete_hits", "incr_hits", "decr_hits", "cas_hits", "cas_badval",
+    "touch_hits",
+    "evicted", "evicted_nonzero", "outofmemory", "reclaimed", "expired_unfetched",
+    "evicted_unfetched", "crawler_reclaimed", "crawler_items_checked",
+    "moves_to_cold", "moves_to_warm", "moves_within_lru", "direct_reclaims",
+)
 
 # An item is one stored value and its metadata, packed into a single bytes object: a
-# header (CAS unique, expiry, last access, client flags, state bits), then the value.
+# header (CAS unique, expiry, last access, client flags, state bits and slab class),
+# then the value.
 # A Python object per field would cost more than the value itself: a 100-byte item
 # takes about 250 bytes of memory in all this way (with its key and its dict entry),
 # 450 as an object with a value and two ints (memcached: 197).  It is a plain bytes
@@ -502,13 +558,20 @@ CLASS_COUNTERS = {
 # collection walked every item (170 ms for a million items, with every thread
 # stopped).  Items never change; an update links a new one (``make_item``), so a
 # reader that got an item from the store may use it without the lock.
-ITEM_HEADER = struct.Struct("<QqIIB")
+ITEM_HEADER = struct.Struct("<QqIIH")
 # (cas, exptime, atime, flags, state) of an item, and where its value starts.  The
 # hot paths unpack all five into names at once; other code reads ``header(item)``.
 item_fields = ITEM_HEADER.unpack_from
 pack_header = ITEM_HEADER.pack
 VALUE_START = ITEM_HEADER.size
-FETCHED, STALE, WON = 1, 2, 4           # the state bits
+# The state bits.  ACTIVE: read again since it was last moved (memcached's
+# ITEM_ACTIVE), which keeps an item out of the segmented LRU's COLD part.
+FETCHED, STALE, WON, ACTIVE = 1, 2, 4, 8
+# The state's high byte is the item's slab class, which its key, value and flags set
+# once: per-class counts need no size arithmetic on the hot paths.  STATE_BYTE and
+# CLASS_BYTE are where the state's two bytes are in an item.
+CLASS_SHIFT = 8
+STATE_BYTE, CLASS_BYTE = VALUE_START - 2, VALUE_START - 1
 ItemHeader = collections.namedtuple("ItemHeader", "cas exptime atime flags state")
 
 
@@ -522,8 +585,9 @@ def value_size(item):
 
 
 def make_item(value, flags, exptime, cas, atime, state=0):
-    """A new item.  exptime: absolute Unix time in whole seconds, 0 never expires,
-    -1 expired; atime: last access (LRU statistics, meta 'l', flush_all's deadline)."""
+    """An item.  exptime: absolute Unix time in whole seconds, 0 never expires, -1
+    expired; atime: last access (LRU statistics, meta 'l', flush_all's deadline);
+    state: its bits and its class (see Store._new_item)."""
     return pack_header(cas, exptime, atime, flags, state) + value
 
 
@@ -571,6 +635,8 @@ ITEM_STRUCT_SIZE = 48
 CHUNK_STRUCT_SIZE = 48
 # memcached's slab class ids run below this (0 is its pool of free pages).
 SLAB_CLASSES = 64
+# The sizes whose class SlabClasses.slab_class looks up in a table, not by bisection.
+CLASS_TABLE_MAX = 1 * MB
 
 
 class SlabClasses:
@@ -598,18 +664,31 @@ class SlabClasses:
         self.largest = len(self.chunk_sizes)
         self.smaller_sizes = sizes               # (what a bisection needs)
         self.chunk_max = slab_chunk_max
-        self.cas_size = 8 if use_cas else 0
         self.whole_pages = whole_pages
+        # What an item's size adds to its key and value: its header, the key's NUL,
+        # the value's "\r\n", the CAS unique.
+        self.overhead = ITEM_STRUCT_SIZE + 1 + 2 + (8 if use_cas else 0)
+        # The class of each size up to table_max, by eighths of it (chunk sizes are
+        # multiples of 8): the set path looks an item's class up here.
+        self.table_max = min(slab_chunk_max, CLASS_TABLE_MAX)
+        table = bytearray()
+        for number, size in enumerate(self.chunk_sizes, 1):
+            if size >= self.table_max:
+                table += bytes([number]) * (self.table_max // 8 + 2 - len(table))
+                break
+            table += bytes([number]) * (size // 8 + 1 - len(table))
+        self.class_of_eights = bytes(table)
 
     def item_size(self, key_length, value_length, flags):
         """memcached's size of an item (ITEM_ntotal): its header, the key and a NUL,
         the client flags unless 0, the value and "\r\n", the CAS unique."""
-        return (ITEM_STRUCT_SIZE + key_length + 1 + (4 if flags else 0) + value_length + 2
-                + self.cas_size)
+        return self.overhead + key_length + value_length + (4 if flags else 0)
 
     def slab_class(self, key_length, value_length, flags):
         """The class memcached keeps such an item in."""
-        return self.class_for(self.item_size(key_length, value_length, flags))
+        size = self.overhead + key_length + value_length + (4 if flags else 0)
+        return self.class_of_eights[size + 7 >> 3] if size <= self.table_max else (
+            self.class_for(size))
 
     def class_for(self, size):
         """The class whose chunks fit size bytes, or the largest (slabs_clsid)."""
@@ -635,10 +714,9 @@ class SlabClasses:
 
 
 # What a walk of the cache finds the items take in memcached's slab classes
-# (Store.slab_usage): items, slab class -> [items, mem_requested (memcached's bytes),
-# last access of the least recently used]; chunks, slab class -> chunks taken; with
-# the classes' counters, and when.
-SlabUsage = collections.namedtuple("SlabUsage", "items chunks counters now")
+# (Store.slab_usage): requested, slab class -> memcached's bytes of its items
+# (mem_requested); chunks, slab class -> chunks taken.
+SlabUsage = collections.namedtuple("SlabUsage", "requested chunks")
 # What mg reports of an item as it was before the request (Store.meta_get).
 MetaView = collections.namedtuple("MetaView", "hit_before last_access ttl won token_sent stale")
 # Keys a walk of the whole cache visits under one hold of the store's lock.
@@ -649,8 +727,38 @@ FLUSHED_KEPT = 1.0
 HASH_POWER_DEFAULT, HASH_POWER_MAX = 16, 32
 
 
+# memcached's sub-LRUs.  memcached numbers an LRU by a slab class or-ed with its
+# sub-LRU shifted by SEGMENT_SHIFT (HOT_LRU 0, WARM_LRU 64, COLD_LRU 128, TEMP_LRU
+# 192); memg numbers its per-class counts the same way.
+HOT, WARM, COLD, TEMP = range(4)
+SEGMENT_NAMES = ("hot", "warm", "cold", "temp")
+SEGMENT_SHIFT = 6
+LRU_IDS = 4 << SEGMENT_SHIFT
+# How many items a look at an LRU's tail considers at most, and how many looks at
+# each a run of the maintainer takes at most (memcached's lru_pull_tail and
+# lru_maintainer_juggle).
+TAIL_TRIES = 5
+JUGGLE_ROUNDS = 500
+# How far from a shared sub-LRU's tail the maintainer looks for each class's tail.
+TAIL_WINDOW = 4096
+
+
 class Store:
-    """The cache: a dict in LRU order, a memory budget, CAS uniques and counters.
+    """The cache: items in memcached's sub-LRUs, a memory budget, CAS uniques and
+    counters.
+
+    Each item is in one of four dicts (key -> item, least recently used first), as
+    memcached links each item into one of its LRUs.  In the segmented LRU
+    (memcached's default) a new item enters HOT; a second read marks it active, and
+    moves it up to WARM if it is in COLD; the maintainer (``juggle``) moves items
+    down from HOT and WARM to COLD past their share (active ones go to WARM's head
+    instead), and memory is made by evicting COLD's tail.  In the flat LRU
+    (memcached's -o no_modern) new items enter COLD and a read moves an item to the
+    head.  Items whose TTL is at most temp_ttl (if set) live in TEMP, never
+    evicted.  memcached keeps these LRUs per slab class, each class with memory of
+    its own; memg's memory is one budget, so its sub-LRUs hold every class, and the
+    classes are counted (``lru_items``, ``lru_bytes``).  A lookup tries the dicts in
+    turn: an item costs one dict entry, with no index beside them.
 
     Every public method takes the one lock, so each command is atomic whatever the
     interpreter (free-threaded CPython included).  Nothing here knows about sockets
@@ -658,8 +766,9 @@ class Store:
     """
 
     def __init__(self, memory_limit=64 * MB, item_size_max=1 * MB, evict=True,
-                 use_cas=True, track_sizes=False, clock=time.time, slabs=None):
-        """slabs: the SlabClasses that stats report items in (memcached's default
+                 use_cas=True, track_sizes=False, clock=time.time, segmented=False,
+                 temp_ttl=None, slabs=None):
+        """slabs: the SlabClasses that items are counted in (memcached's default
         classes if None)."""
         self.memory_limit = memory_limit
         self.item_size_max = item_size_max
@@ -667,34 +776,48 @@ class Store:
         self.use_cas = use_cas
         self.slabs = slabs or SlabClasses(use_cas=use_cas)
         self.clock = clock
+        self.segmented = segmented               # else flat (lru mode)
+        self.temp_ttl = temp_ttl                 # None: no TEMP LRU (lru temp_ttl)
         self.started = int(clock())
         self.lock = threading.Lock()
-        self.items = {}                          # key -> item, least recently used first
-        self.oldest = {}                         # a batch of the first keys (_lru_key)
+        self.segments = ({}, {}, {}, {})         # HOT, WARM, COLD, TEMP
+        self.tails = [{}, {}, {}, {}]            # a batch of each one's first keys (_tail)
+        # Items, their bytes and the reads that found them, by LRU id.
+        self.lru_items = [0] * LRU_IDS
+        self.lru_bytes = [0] * LRU_IDS
+        self.lru_hits = [0] * LRU_IDS
+        self.classes_used = set()               # classes that have held an item
         self.bytes = 0
         self.last_cas = 0
         # flush_all: once this second has come, items linked at or before it are
         # gone (memcached's oldest_live); pending until the store has dropped them.
         self.flush_deadline = 0
         self.flush_pending = False
-        # What the last flush dropped, key -> item: it leaves the cache at once (curr_items
-        # and bytes fall to 0), but stays at hand for FLUSHED_KEPT, until the sweep
-        # after that, or until room is needed, so that a lookup of one of its keys
-        # then counts get_flushed, as memcached's counts an item its flush hid and
-        # has not yet unlinked.  It costs memory until then: flushed_bytes, under -m.
-        self.flushed = {}
+        # What the last flush dropped, its sub-LRUs' dicts: the items leave the cache
+        # at once (curr_items and bytes fall to 0), but stay at hand for FLUSHED_KEPT,
+        # until the second's work after that (release_flushed), or until room is
+        # needed, so that a lookup of one of their keys then counts get_flushed, as
+        # memcached's counts an item its flush hid and has not yet unlinked; those
+        # let go count as reclaimed, as memcached's maintainer counts what it unlinks.
+        # They cost memory until then: flushed_bytes, under -m.
+        self.flushed = ()
         self.flushed_bytes = 0
         self.flushed_at = 0.0
         self.counters = dict.fromkeys(STORE_COUNTERS, 0)
-        # slab class -> CLASS_COUNTERS, and evicted_time: the idle seconds of its
-        # last evicted item
-        self.class_counters = collections.defaultdict(
-            lambda: dict.fromkeys(list(CLASS_COUNTERS) + ["evicted_time"], 0))
+        self.class_counters = [dict.fromkeys(CLASS_COUNTERS, 0) for _ in range(SLAB_CLASSES)]
+        self.evicted_time = [0] * SLAB_CLASSES   # idle seconds of each class's last eviction
         self.on_evict = None                     # called as on_evict(key, item, now)
         # Items per 32-byte size class (``stats sizes``), kept only if asked for.
         self.sizes = collections.Counter() if track_sizes else None
-        self._sweep_keys = []                    # keys still to visit in this sweep
         self.hash_power = HASH_POWER_DEFAULT     # see grow_hash_table
+
+    @property
+    def items(self):
+        """Every item, key -> item, in a new dict: each sub-LRU's items, least recently
+        used first (HOT's, WARM's, COLD's, then TEMP's), for a look at the whole
+        cache.  (The store's own paths read ``segments``.)"""
+        with self.lock:
+            return {key: item for items in self.segments for key, item in items.items()}
 
     # -- time ---------------------------------------------------------------
 
@@ -727,42 +850,45 @@ class Store:
         self.last_cas += 1
         return self.last_cas
 
-    def _find(self, key, now, bump=False, watch=None):
-        """The live item under key, or None; drops it if it has expired or been
-        flushed.  With bump, the item as a read leaves it (see _bump).  watch, if
-        given, is told what the lookup found, as memcached's item_get log line
-        says it: watch(key, status, item), status "found" (with the item),
-        "not_found", "flushed" or "expired" (with None)."""
+    def _find(self, key, now, watch=None):
+        """(segment, item) of the live item under key, or (None, None); drops it if
+        it has expired or been flushed.  watch, if given, is told what the lookup
+        found, as memcached's item_get log line says it: watch(key, status, item),
+        status "found" (with the item), "not_found", "flushed" or "expired" (with
+        None)."""
         if self.flush_pending:
             self._apply_flush(now)
-        item = self.items.get(key)
-        if item is None:
-            flushed = self.flushed and key in self.flushed
-            if flushed:
-                self._forget_flushed(key)
+        # (An empty sub-LRU, often TEMP and in a flat LRU HOT and WARM, is not asked.)
+        hot, warm, cold, temp = self.segments
+        if cold and (item := cold.get(key)) is not None:
+            segment = COLD
+        elif hot and (item := hot.get(key)) is not None:
+            segment = HOT
+        elif warm and (item := warm.get(key)) is not None:
+            segment = WARM
+        elif temp and (item := temp.get(key)) is not None:
+            segment = TEMP
+        else:
+            flushed = bool(self.flushed) and self._forget_flushed(key)
             if watch is not None:
                 watch(key, "flushed" if flushed else "not_found", None)
-            return None
-        _, exptime, atime, _, state = item_fields(item)
+            return None, None
+        exptime = item_fields(item)[1]
         if exptime and exptime <= now:
-            self._unlink(key, item)
+            self._unlink(key, item, segment)
             self.counters["get_expired"] += 1
-            if not state & FETCHED:
-                self._count(key, item, expired_unfetched=1)
             if watch is not None:
                 watch(key, "expired", None)
-            return None
+            return None, None
         if self.flush_deadline and self._flushed(item, now):
-            self._unlink(key, item)
+            self._unlink(key, item, segment)
             self.counters["get_flushed"] += 1
             if watch is not None:
                 watch(key, "flushed", None)
-            return None
-        if bump and not (atime == now and state & FETCHED):
-            item = self._bump(key, item, now)
+            return None, None
         if watch is not None:
             watch(key, "found", item)
-        return item
+        return segment, item
 
     def _flushed(self, item, now):
         """Whether a flush hides item: memcached's item_is_flushed.  The items a
@@ -771,14 +897,45 @@ class Store:
         deadline = self.flush_deadline
         return deadline and deadline <= now and header(item).atime <= deadline
 
-    def _forget_flushed(self, key):
-        """A lookup found key among what the last flush dropped: it counts, once."""
-        self.flushed_bytes -= item_cost(key, len(self.flushed.pop(key)) - VALUE_START)
-        self.counters["get_flushed"] += 1
+    def _dead(self, item, now):
+        """Whether item has expired or been flushed (but is still linked)."""
+        exptime = header(item).exptime
+        return bool(exptime and exptime <= now or self._flushed(item, now))
 
-    def _let_go_flushed(self):
-        self.flushed = {}
-        self.flushed_bytes = 0
+    def _forget_flushed(self, key):
+        """Whether key was among what the last flush dropped; a lookup that finds it
+        there counts get_flushed, once."""
+        for items in self.flushed:
+            item = items.pop(key, None)
+            if item is not None:
+                self.flushed_bytes -= item_cost(key, len(item) - VALUE_START)
+                self.counters["get_flushed"] += 1
+                return True
+        return False
+
+    def _let_go_flushed(self, limit=None):
+        """Let what the last flush dropped go, all of it or (limit) that many of its
+        least recently used items, counted as reclaimed (and expired_unfetched if
+        never read) by class, as memcached's LRU counts the items a flush hid as it
+        unlinks them at its tails."""
+        if limit is None:
+            kept = ()
+            gone = [item[CLASS_BYTE] << 1 | item[STATE_BYTE] & FETCHED
+                    for items in self.flushed for item in items.values()]
+        else:
+            kept, gone = self.flushed, []
+            for items in (kept[COLD], kept[WARM], kept[HOT], kept[TEMP]):
+                for key in list(itertools.islice(items, limit - len(gone))):
+                    item = items.pop(key)
+                    self.flushed_bytes -= item_cost(key, len(item) - VALUE_START)
+                    gone.append(item[CLASS_BYTE] << 1 | item[STATE_BYTE] & FETCHED)
+        for kind, count in collections.Counter(gone).items():
+            counters = self.class_counters[kind >> 1]
+            counters["reclaimed"] += count
+            counters["expired_unfetched"] += 0 if kind & FETCHED else count
+        if not any(kept):
+            self.flushed = ()
+            self.flushed_bytes = 0
 
     def _apply_flush(self, now):
         """Drop every item at once when a delayed flush's deadline has come: all
@@ -786,62 +943,91 @@ class Store:
         if self.flush_pending and self.flush_deadline <= now:
             self._clear()
 
-    def _bump(self, key, item, now):
-        """Mark item read now and most recently used; returns it as it now is.  As
-        memcached moves an item up its LRU at most once a minute, an item read again
-        within the second it was last read or stored stays where it is: a read then
-        costs no copy."""
+    def _bump(self, key, segment, item, now):
+        """Mark item read now (memcached's do_item_bump); returns it as it now is.
+        Segmented: a first read marks it fetched, a second active, which moves it up
+        to WARM from COLD (and stamps its last access); an active item is left as
+        it is.  Flat: it is marked fetched and moves to the head of its LRU, at most
+        once a second (memcached: a minute): an item read again within the second it
+        was last read or stored stays where it is, so that such a read costs no
+        copy."""
         cas, exptime, atime, flags, state = item_fields(item)
+        if self.segmented:
+            if state & ACTIVE:
+                return item
+            if not state & FETCHED:
+                item = pack_header(cas, exptime, atime, flags, state | FETCHED) + item[
+                    VALUE_START:]
+                self.segments[segment][key] = item
+            elif segment == COLD:
+                item = pack_header(cas, exptime, now, flags, state) + item[VALUE_START:]
+                self._move(key, item, COLD, WARM)
+                self.class_counters[state >> CLASS_SHIFT]["moves_to_warm"] += 1
+            else:
+                item = pack_header(cas, exptime, now, flags, state | ACTIVE) + item[
+                    VALUE_START:]
+                self.segments[segment][key] = item
+            return item
         if atime == now and state & FETCHED:
             return item
-        item = make_item(item[VALUE_START:], flags, exptime, cas, now, state | FETCHED)
-        self._to_most_recent(key, item)
+        item = pack_header(cas, exptime, now, flags, state | FETCHED) + item[VALUE_START:]
+        self._move(key, item, segment, segment)
         return item
 
-    def _to_most_recent(self, key, item):
-        """Link item (key's, or a changed copy) as the most recently used."""
-        del self.items[key]
-        self.items[key] = item
-        self.oldest.pop(key, None)
+    def _update(self, key, segment, item, now):
+        """memcached's do_item_update, for an add that finds its key: the item's last
+        access is now, and in the flat LRU it moves to the head (at most once a
+        second, as _bump)."""
+        cas, exptime, atime, flags, state = item_fields(item)
+        if atime != now:
+            item = pack_header(cas, exptime, now, flags, state) + item[VALUE_START:]
+            if self.segmented:
+                self.segments[segment][key] = item
+            else:
+                self._move(key, item, segment, segment)
 
-    def _lru_key(self):
-        """The least recently used key.  A dict keeps insertion order, so that is its
-        first key; but reaching it steps over every entry deleted before it since
-        the dict was last resized, as many as there were evictions and bumps.  So
-        the first keys are taken a batch at a time, into ``oldest`` (a key leaves
-        it when it is used or unlinked), for one such walk per batch.  (An
-        OrderedDict would do this alone, at 46 more bytes an item.)"""
-        if not self.oldest:
-            batch = max(64, len(self.items) // 256)
-            self.oldest = collections.OrderedDict.fromkeys(
-                itertools.islice(self.items, batch))
-        return next(iter(self.oldest))
+    def _tail(self, segment, count=1):
+        """The least recently used keys of a segment: the first count of them (fewer
+        if it holds fewer), or its first key alone (or None).  A dict keeps insertion
+        order, so those are its first keys; but reaching them steps over every entry
+        deleted before them since the dict was last resized, as many as there were
+        evictions, moves and bumps.  So the first keys are taken a batch at a time,
+        into ``tails`` (a key leaves it when it is used, moved or unlinked), for one
+        such walk per batch.  (An OrderedDict would do this alone, at 46 more bytes
+        an item.)"""
+        tail = self.tails[segment]
+        items = self.segments[segment]
+        if len(tail) < count and len(items) > len(tail) or not tail:
+            tail = self.tails[segment] = collections.OrderedDict.fromkeys(
+                itertools.islice(items, max(count, 64, len(items) // 256)))
+        if count == 1:
+            return next(iter(tail), None)
+        return list(itertools.islice(tail, count))
 
-    def _relink(self, key, item):
-        """Put a changed copy of a linked item in its place (same size, same LRU
-        position)."""
-        self.items[key] = item
-        return item
+    def _move(self, key, item, segment, target):
+        """Put key's item (the one in segment, or a copy with other header fields) at
+        the head of target."""
+        del self.segments[segment][key]
+        self.tails[segment].pop(key, None)
+        self.segments[target][key] = item
+        if target != segment:
+            cost = item_cost(key, len(item) - VALUE_START)
+            for lru_segment, sign in ((segment, -1), (target, 1)):
+                lru = lru_segment << SEGMENT_SHIFT | item[CLASS_BYTE]
+                self.lru_items[lru] += sign
+                self.lru_bytes[lru] += sign * cost
 
-    def _unlink(self, key, item):
-        del self.items[key]
-        self.oldest.pop(key, None)
-        self.bytes -= item_cost(key, len(item) - VALUE_START)
+    def _unlink(self, key, item, segment):
+        del self.segments[segment][key]
+        self.tails[segment].pop(key, None)
+        # (The counts of _link, taken back.)
+        cost = item_cost(key, len(item) - VALUE_START)
+        lru = segment << SEGMENT_SHIFT | item[CLASS_BYTE]
+        self.lru_items[lru] -= 1
+        self.lru_bytes[lru] -= cost
+        self.bytes -= cost
         if self.sizes is not None:
             self.sizes[self.size_class(key, item)] -= 1
-
-    def _count(self, key, item, **events):
-        """Count events of item (key's): CLASS_COUNTERS names and how many, added to
-        its slab class's counters and to the store's.  Returns the class's."""
-        counts = self.class_counters[self._class_of(key, item)]
-        for name, number in events.items():
-            counts[name] += number
-            self.counters[CLASS_COUNTERS[name]] += number
-        return counts
-
-    def _class_of(self, key, item):
-        """The slab class memcached would keep item (key's) in."""
-        return self.slabs.slab_class(len(key), len(item) - VALUE_START, item_fields(item)[3])
 
     def size_class(self, key, item):
         """The 32-byte class ``stats sizes`` counts an item in, by memcached's size."""
@@ -849,63 +1035,173 @@ class Store:
             4 if header(item).flags else 0)
         return -(-size // 32) * 32
 
-    def _link(self, key, item, old=None):
-        """Store item under key in place of old; False, with old left as it was,
-        when memory is exhausted."""
+    def _new_item(self, key, value, flags, exptime, cas, atime, state=0):
+        """A new item for key, its class set from its size."""
+        return make_item(value, flags, exptime, cas, atime, state | self.slabs.slab_class(
+            len(key), len(value), flags) << CLASS_SHIFT)
+
+    def _new_segment(self, exptime, now):
+        """Where a new item goes: TEMP if its TTL is at most temp_ttl, else HOT
+        (segmented) or COLD (flat)."""
+        if self.temp_ttl is not None and exptime > 0 and 0 <= exptime - now <= self.temp_ttl:
+            return TEMP
+        return HOT if self.segmented else COLD
+
+    def _link(self, key, item, segment, now, old=None, old_segment=None):
+        """Link item under key into segment, in place of old (in old_segment, live
+        now); False, with old left as it was, when memory is exhausted."""
         cost = item_cost(key, len(item) - VALUE_START)
         freed = item_cost(key, len(old) - VALUE_START) if old is not None else 0
+        if not self.segmented:
+            self._pull_tail(COLD, now)   # as memcached's flat LRU before each allocation
         if self.bytes + self.flushed_bytes + cost - freed > self.memory_limit:
+            if old is not None:          # out of reach of the evictions it makes room by
+                del self.segments[old_segment][key]
+                self.tails[old_segment].pop(key, None)
+            made = self._make_room(cost - freed, now, item[CLASS_BYTE])
             if old is not None:
-                self._to_most_recent(key, old)    # evict everything else first
-            if not self._make_room(cost - freed, keep=key):
+                self.segments[old_segment][key] = old
+            if not made:
+                self.class_counters[item[CLASS_BYTE]]["outofmemory"] += 1
                 return False
         if old is not None:
-            self._unlink(key, old)
-        self.items[key] = item
+            self._unlink(key, old, old_segment)
+        self.segments[segment][key] = item
+        # The counts of each LRU and class (inline: this is the set path).
+        lru = segment << SEGMENT_SHIFT | item[CLASS_BYTE]
+        self.lru_items[lru] += 1
+        self.lru_bytes[lru] += cost
         self.bytes += cost
+        if self.lru_items[lru] == 1:
+            self.classes_used.add(item[CLASS_BYTE])
         self.counters["total_items"] += 1
         if self.sizes is not None:
             self.sizes[self.size_class(key, item)] += 1
         return True
 
-    def _make_room(self, needed, keep=None):
-        """Free memory: what the last flush dropped first, then from the LRU tail,
-        never evicting keep: expired items, and live ones too unless eviction is
-        off."""
-        self._let_go_flushed()
-        items = self.items
-        now = self.now()
-        while items and self.bytes + needed > self.memory_limit:
-            key = self._lru_key()
-            item = items[key]
-            if key == keep:
-                return False
-            _, exptime, atime, _, state = item_fields(item)
-            dead = exptime and exptime <= now
-            if not dead and not self.evict:
-                return False
-            self._unlink(key, item)
-            if dead:
-                self._count(key, item, reclaimed=1, expired_unfetched=not state & FETCHED)
-            else:
-                counts = self._count(key, item, evicted=1, evicted_nonzero=exptime != 0,
-                                     evicted_unfetched=not state & FETCHED)
-                counts["evicted_time"] = now - atime
-                if self.on_evict is not None:
-                    self.on_evict(key, item, now)
-        return self.bytes + needed <= self.memory_limit
+    def _make_room(self, needed, now, cls=None):
+        """Free memory from the LRUs' tails until needed more bytes fit, as
+        memcached's allocation does: COLD's tail goes, expired items first, then
+        live ones unless eviction is off; with COLD empty, HOT's tail moves down to
+        it, then WARM's (memcached's maintainer keeps WARM to its share, so that
+        COLD always has items; memg's runs once a second).  TEMP is never evicted.
+        Each look at a tail counts as a direct reclaim of cls.  What the last flush
+        dropped goes first.  False when nothing more can go."""
+        if self.flushed:
+            self._let_go_flushed()
+        looks = 0
+        try:
+            while self.bytes + needed > self.memory_limit:
+                looks += 1
+                if self._pull_tail(COLD, now, evict=True):
+                    continue
+                if self.segments[COLD] or not (
+                        self._pull_tail(HOT, now) or self._pull_tail(WARM, now)):
+                    return False                 # a live tail, not to be evicted; or none
+            return True
+        finally:
+            if cls is not None:
+                self.class_counters[cls]["direct_reclaims"] += looks
+
+    def _pull_tail(self, segment, now, limit=0, max_age=0, evict=False, each_class=False):
+        """memcached's lru_pull_tail: look at the items at a segment's tail, reclaiming
+        expired and flushed ones, and act on the first live one: from HOT or WARM, an
+        active item moves to WARM's head, no longer active, and another moves down to
+        COLD if the segment holds over limit bytes or it has been idle over max_age
+        seconds; from COLD, with evict, it is evicted (if eviction is on).  Up to
+        TAIL_TRIES items are looked at.  memcached keeps an LRU per slab class, and its
+        maintainer pulls the tail of each: with each_class, so does this, in memg's
+        shared sub-LRU (where a class's items are in the order of its own LRU), for
+        each class among the TAIL_WINDOW least recently used items.  Otherwise the
+        segment is one LRU (memg's allocations: its memory is one pool).  Returns how
+        many items went or moved."""
+        items = self.segments[segment]
+        classes = sum(map(bool, self.lru_items[segment << SEGMENT_SHIFT:
+                                               segment + 1 << SEGMENT_SHIFT]))
+        looked = {}                              # class (or None) -> items looked at
+        ended = done = 0                         # how many turns are over
+        for key in self._window(segment) if each_class else self._tail(segment, TAIL_TRIES):
+            item = items.get(key)
+            if item is None:
+                continue                         # (moved by this pull)
+            turn = item[CLASS_BYTE] if each_class else None
+            if looked.get(turn, 0) == TAIL_TRIES:
+                continue
+            looked[turn] = looked.get(turn, 0) + 1
+            cas, exptime, atime, flags, state = item_fields(item)
+            counters = self.class_counters[state >> CLASS_SHIFT]
+            if exptime and exptime <= now or self.flush_deadline and self._flushed(item, now):
+                self._unlink(key, item, segment)
+                counters["reclaimed"] += 1
+                counters["expired_unfetched"] += not state & FETCHED
+                done += 1
+                if looked[turn] < TAIL_TRIES:
+                    continue
+            elif segment == COLD:
+                if evict and self.evict:
+                    self._evict(key, item, now)
+                    done += 1
+            elif segment != TEMP:
+                if state & ACTIVE:
+                    self._move(key, pack_header(cas, exptime, atime, flags, state & ~ACTIVE)
+                               + item[VALUE_START:], segment, WARM)
+                    counters["moves_within_lru" if segment == WARM else "moves_to_warm"] += 1
+                    done += 1
+                elif now - atime > max_age or self._segment_bytes(segment) > limit:
+                    self._move(key, item, segment, COLD)
+                    counters["moves_to_cold"] += 1
+                    done += 1
+            looked[turn] = TAIL_TRIES            # this one's turn is over
+            ended += 1
+            if ended == (classes if each_class else 1):
+                break
+        return done
+
+    def _window(self, segment):
+        """The keys of a segment from its tail, up to TAIL_WINDOW of them, copied a
+        growing piece at a time, so that a look that finds every class near the tail
+        copies few.  (Items moved meanwhile shift the rest: a key may be missed, for
+        the next look, or come twice.)"""
+        items = self.segments[segment]
+        start, size = 0, 64
+        while start < TAIL_WINDOW:
+            keys = list(itertools.islice(items, start, start + size))
+            yield from keys
+            if len(keys) < size:
+                return
+            start, size = start + size, size * 4
+
+    def _segment_bytes(self, segment):
+        return sum(self.lru_bytes[segment << SEGMENT_SHIFT:segment + 1 << SEGMENT_SHIFT])
+
+    def _evict(self, key, item, now):
+        _, exptime, atime, _, state = item_fields(item)
+        self._unlink(key, item, COLD)
+        cls = state >> CLASS_SHIFT
+        counters = self.class_counters[cls]
+        counters["evicted"] += 1
+        counters["evicted_nonzero"] += exptime != 0
+        counters["evicted_unfetched"] += not state & FETCHED
+        self.evicted_time[cls] = now - atime
+        if self.on_evict is not None:
+            self.on_evict(key, item, now)
 
     def _clear(self):
-        """A flush drops every item (see flushed)."""
-        self.flushed, self.flushed_bytes = self.items, self.bytes
+        """Drop every item at once (flush_all), into ``flushed``.  memcached unlinks
+        the items a flush hides as lookups, its maintainer or its allocations come
+        upon them; memg drops them all now, and counts them as they are found or let
+        go."""
+        self._let_go_flushed()
+        self.flushed, self.flushed_bytes = self.segments, self.bytes
         self.flushed_at = self.clock()
-        self.items = {}
-        self.oldest = {}
+        self.segments = ({}, {}, {}, {})
+        self.tails = [{}, {}, {}, {}]
+        self.lru_items = [0] * LRU_IDS
+        self.lru_bytes = [0] * LRU_IDS
         self.bytes = 0
         if self.sizes is not None:
             self.sizes.clear()
         self.flush_pending = False
-        self._sweep_keys = []
 
     def too_large(self, key, nbytes, flags=0):
         """Whether a value of nbytes exceeds the item size limit (-I), as memcached
@@ -928,14 +1224,19 @@ class Store:
         try:
             now = int(self.clock())
             items = []
-            for key in keys:
-                items.append(self._find(key, now, bump, watch) if exptime is None
-                             else self._touch(key, exptime, now, bump, watch))
-            missed = items.count(None)
-            hits, misses = ("get_hits", "get_misses") if exptime is None else (
-                "touch_hits", "touch_misses")
-            self.counters[hits] += len(items) - missed
-            self.counters[misses] += missed
+            if exptime is None:
+                for key in keys:
+                    segment, item = self._find(key, now, watch)
+                    if item is not None:
+                        self.lru_hits[segment << SEGMENT_SHIFT | item[CLASS_BYTE]] += 1
+                        if bump:
+                            item = self._bump(key, segment, item, now)
+                    items.append(item)
+                self.counters["get_misses"] += items.count(None)
+            else:
+                for key in keys:
+                    items.append(self._touch(key, exptime, now, bump, watch))
+                self.counters["touch_misses"] += items.count(None)
             return items
         finally:
             self.lock.release()
@@ -944,15 +1245,17 @@ class Store:
         """The item under key, or None, neither bumped nor counted as a get (me:
         memcached counts only what its lookup drops, expired or flushed)."""
         with self.lock:
-            return self._find(key, self.now(), watch=watch)
+            return self._find(key, self.now(), watch)[1]
 
     def _touch(self, key, exptime, now, bump, watch):
         """A gat's or touch's lookup: the item with its new expiry, or None."""
-        item = self._find(key, now, watch=watch)
+        segment, item = self._find(key, now, watch)
         if item is not None:
-            item = self._relink(key, changed_item(item, exptime=self.expiry(exptime, now)))
+            self.class_counters[item[CLASS_BYTE]]["touch_hits"] += 1
+            item = changed_item(item, exptime=self.expiry(exptime, now))
+            self.segments[segment][key] = item
             if bump:
-                item = self._bump(key, item, now)
+                item = self._bump(key, segment, item, now)
         return item
 
     # -- storage --------------------------------------------------------------
@@ -971,8 +1274,17 @@ class Store:
         try:
             now = int(self.clock())
             counters = self.counters
-            counters["cmd_set"] += 1
-            old = self._find(key, now, False, watch)
+            # (slab_class's size and look-up, inline: this is the set path.)
+            slabs = self.slabs
+            size = slabs.overhead + len(key) + len(value) + (4 if flags else 0)
+            cls = slabs.class_of_eights[size + 7 >> 3] if size <= slabs.table_max else (
+                slabs.class_for(size))
+            self.class_counters[cls]["cmd_set"] += 1
+            if self.flushed and not self.segmented:
+                # memcached's flat LRU makes the new item (pulling COLD's tail, where
+                # a flush's items are) before it looks the key up.
+                self._let_go_flushed(TAIL_TRIES)
+            segment, old = self._find(key, now, watch)
             stale = False
             if old is None:
                 if mode == CAS:
@@ -985,17 +1297,18 @@ class Store:
                 expires = self.expiry(exptime, now) if exptime else 0
             else:
                 if mode == ADD:
-                    self._bump(key, old, now)
+                    self._update(key, segment, old, now)
                     return NOT_STORED, None
                 if mode == CAS:
                     was = unpack_item(old)
+                    class_counters = self.class_counters[old[CLASS_BYTE]]
                     if cas == was.cas and self.use_cas:    # under -C, cas never matches
-                        counters["cas_hits"] += 1
+                        class_counters["cas_hits"] += 1
                     elif invalidate and cas < was.cas:
-                        counters["cas_hits"] += 1
+                        class_counters["cas_hits"] += 1
                         stale = True
                     else:
-                        counters["cas_badval"] += 1
+                        class_counters["cas_badval"] += 1
                         return EXISTS, None
                     expires = was.exptime if stale else self.expiry(exptime, now)
                 elif mode in (APPEND, PREPEND):
@@ -1006,14 +1319,18 @@ class Store:
                         return NOT_STORED, None
                     value = was.value + value if mode == APPEND else value + was.value
                     flags, expires = was.flags, was.exptime
+                    cls = slabs.slab_class(len(key), len(value), flags)
                 else:
                     expires = self.expiry(exptime, now) if exptime else 0
             state = STALE | (was.state & WON) if stale else 0
-            item = pack_header(new_cas or self._next_cas(), expires, now, flags, state) + value
-            if not self._link(key, item, old):
-                self._count(key, item, outofmemory=1)
+            item = pack_header(new_cas or self._next_cas(), expires, now, flags,
+                               state | cls << CLASS_SHIFT) + value
+            # (_new_segment, inline while there is no TEMP LRU: the set path.)
+            place = (HOT if self.segmented else COLD) if self.temp_ttl is None else (
+                self._new_segment(expires, now))
+            if not self._link(key, item, place, now, old, segment):
                 if mode == SET and old is not None:
-                    self._unlink(key, old)    # as memcached: a failed set leaves no value
+                    self._unlink(key, old, segment)   # as memcached: a failed set leaves no value
                 return NO_MEMORY, None
             return STORED, item
         finally:
@@ -1026,29 +1343,30 @@ class Store:
         with self.lock:
             self.counters["store_too_large"] += 1
             if drop_old:
-                old = self._find(key, self.now(), watch=watch)
+                segment, old = self._find(key, self.now(), watch)
                 if old is not None:
-                    self._unlink(key, old)
+                    self._unlink(key, old, segment)
 
     def delete(self, key, cas=None, watch=None):
         """Remove key: STORED (deleted), NOT_FOUND, or EXISTS when cas (if given)
         does not match."""
         with self.lock:
-            item = self._find(key, self.now(), watch=watch)
+            segment, item = self._find(key, self.now(), watch)
             if item is None or (cas is not None and cas != header(item).cas):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
-            self._unlink(key, item)
-            self.counters["delete_hits"] += 1
+            self._unlink(key, item, segment)
+            self.class_counters[item[CLASS_BYTE]]["delete_hits"] += 1
             return STORED
 
     def invalidate(self, key, *, cas=None, exptime=None, new_cas=0, drop_value=False,
                    watch=None):
         """Meta delete's I and x: mark the item stale (new CAS, optionally a new
-        expiry) or empty its value, instead of removing it."""
+        expiry) or empty its value, instead of removing it (it stays in its
+        sub-LRU)."""
         with self.lock:
             now = self.now()
-            item = self._find(key, now, watch=watch)
+            segment, item = self._find(key, now, watch)
             if item is None or (cas is not None and cas != header(item).cas):
                 self.counters["delete_misses"] += 1
                 return NOT_FOUND if item is None else EXISTS
@@ -1056,29 +1374,30 @@ class Store:
             value = b"" if drop_value else was.value
             expires = was.exptime if exptime is None else self.expiry(exptime, now)
             stale = STALE if not drop_value or was.stale else 0
-            new = make_item(value, was.flags, expires, new_cas or self._next_cas(), now, stale)
-            self._link(key, new, item)            # no larger than item: cannot fail
+            new = self._new_item(key, value, was.flags, expires, new_cas or self._next_cas(), now,
+                           stale)
+            self._link(key, new, segment, now, item, segment)   # no larger: cannot fail
             return STORED
 
     def arithmetic(self, key, delta, *, incr=True, cas=0, vivify=None, initial=0,
                    new_cas=0, exptime=None, watch=None):
         """incr/decr: returns (outcome, item).  The value must be a decimal 64-bit
         unsigned number; incr wraps at 2**64, decr stops at 0.  A shorter result
-        is padded with spaces to the old length, as memcached does in place.  Meta
-        arithmetic adds a CAS check, creation on a miss (vivify, an exptime, with
-        initial) and a new expiry (exptime)."""
+        is padded with spaces to the old length, as memcached does in place (the
+        item stays in its sub-LRU); a longer one is a new item, as in memcached.
+        Meta arithmetic adds a CAS check, creation on a miss (vivify, an exptime,
+        with initial) and a new expiry (exptime)."""
         with self.lock:
             now = self.now()
             counters = self.counters
-            item = self._find(key, now, watch=watch)
+            segment, item = self._find(key, now, watch)
             if item is None:
                 if vivify is None:
                     counters["incr_misses" if incr else "decr_misses"] += 1
                     return NOT_FOUND, None
-                new = make_item(b"%d" % initial, 0, self.expiry(vivify, now),
-                                new_cas or self._next_cas(), now)
-                if not self._link(key, new):
-                    self._count(key, new, outofmemory=1)
+                expires = self.expiry(vivify, now)
+                new = self._new_item(key, b"%d" % initial, 0, expires, new_cas or self._next_cas(), now)
+                if not self._link(key, new, self._new_segment(expires, now), now):
                     return NO_MEMORY, None
                 return STORED, new
             was = unpack_item(item)
@@ -1093,15 +1412,15 @@ class Store:
                 number = (number + delta) & U64
             else:
                 number = max(0, number - delta)
-            counters["incr_hits" if incr else "decr_hits"] += 1
+            self.class_counters[item[CLASS_BYTE]]["incr_hits" if incr else "decr_hits"] += 1
             digits = b"%d" % number
             if len(digits) < len(was.value):
                 digits = digits.ljust(len(was.value))
             expires = was.exptime if exptime is None else self.expiry(exptime, now)
-            new = make_item(digits, was.flags, expires, new_cas or self._next_cas(), now,
-                            was.state & FETCHED)
-            if not self._link(key, new, item):
-                self._count(key, new, outofmemory=1)
+            new = self._new_item(key, digits, was.flags, expires, new_cas or self._next_cas(), now,
+                           was.state & FETCHED)
+            place = segment if len(digits) == len(was.value) else self._new_segment(expires, now)
+            if not self._link(key, new, place, now, item, segment):
                 return NO_MEMORY, None
             return STORED, new
 
@@ -1115,21 +1434,27 @@ class Store:
         with self.lock:
             now = self.now()
             counters = self.counters
-            item = self._find(key, now, watch=watch)
+            segment, item = self._find(key, now, watch)
             created = False
             if item is None and vivify is not None:
-                item = make_item(b"", 0, self.expiry(vivify, now), self._next_cas(), now)
-                created = self._link(key, item)
+                expires = self.expiry(vivify, now)
+                segment = self._new_segment(expires, now)
+                item = self._new_item(key, b"", 0, expires, self._next_cas(), now)
+                created = self._link(key, item, segment, now)
                 if not created:
                     item = None
             touched = exptime is not None
             if item is None:
                 counters["touch_misses" if touched else "get_misses"] += 1
                 return None
-            counters["touch_hits" if touched else "get_hits"] += 1
+            if touched:
+                self.class_counters[item[CLASS_BYTE]]["touch_hits"] += 1
+            else:
+                self.lru_hits[segment << SEGMENT_SHIFT | item[CLASS_BYTE]] += 1
             was = unpack_item(item)
             if touched:
-                item = self._relink(key, changed_item(item, exptime=self.expiry(exptime, now)))
+                item = changed_item(item, exptime=self.expiry(exptime, now))
+                self.segments[segment][key] = item
             expires, token_sent = header(item).exptime, was.won
             won = created
             if (recache is not None and not created and not token_sent and expires
@@ -1138,12 +1463,13 @@ class Store:
             if was.stale and not token_sent:
                 won = True
             if won:
-                item = self._relink(key, changed_item(item, state=was.state | WON))
+                item = changed_item(item, state=was.state | WON)
+                self.segments[segment][key] = item
             view = MetaView(hit_before=was.fetched, last_access=now - was.atime,
                             ttl=self.ttl(item, now), won=won, token_sent=token_sent,
                             stale=was.stale)
             if bump:
-                item = self._bump(key, item, now)
+                item = self._bump(key, segment, item, now)
             return item, view
 
     # -- whole-cache operations -------------------------------------------------------
@@ -1172,47 +1498,168 @@ class Store:
         """cache_memlimit: change the budget, evicting down to it if needed."""
         with self.lock:
             self.memory_limit = limit
-            self._make_room(0)
+            self._make_room(0, self.now())
 
-    def sweep(self, budget=10000):
-        """Drop expired items, checking budget keys per call and going on where the
-        last call stopped, so that the lock is never held for long (the engines call
-        this every second).  budget None checks every item now."""
-        with self.lock:
-            now = self.now()
-            self._apply_flush(now)
-            if self.flushed and self.clock() - self.flushed_at >= FLUSHED_KEPT:
-                self._let_go_flushed()
-            if budget is None or not self._sweep_keys:
-                self._sweep_keys = list(self.items)
-                budget = budget or len(self._sweep_keys)
-            batch = self._sweep_keys[-budget:]
-            del self._sweep_keys[-budget:]
-            self._reclaim(batch, now)
-
-    def crawl(self, batch=WALK_BATCH):
-        """Drop every expired item now (``lru_crawler crawl``), a batch of keys
-        under each hold of the lock; yields after each batch."""
-        with self.lock:
-            keys = list(self.items)
-        for start in range(0, len(keys), batch):
+    def juggle(self, hot_pct, warm_pct, hot_max_factor, warm_max_factor):
+        """One run of memcached's LRU maintainer (lru_maintainer_juggle): TEMP's
+        expired tails are reclaimed; then HOT and WARM move their tails down to COLD
+        (segmented: past hot_pct and warm_pct percent of the bytes of HOT, WARM and
+        COLD, or idle longer than the factor times the idle time of COLD's tail;
+        flat: all of them), active ones going to WARM's head instead, and COLD's
+        expired tails are reclaimed; up to JUGGLE_ROUNDS rounds of looks at each,
+        each round under one hold of the lock.  (memcached's maintainer runs up to a
+        thousand times a second, each run measuring the LRUs anew; memg's runs once
+        a second, and measures them anew each round.)  Returns how many rounds did
+        something."""
+        rounds = 0
+        for _ in range(JUGGLE_ROUNDS):
+            with self.lock:
+                if not self._pull_tail(TEMP, self.now(), each_class=True):
+                    break
+            rounds += 1
+        for _ in range(JUGGLE_ROUNDS):
             with self.lock:
                 now = self.now()
-                self._apply_flush(now)
-                self._reclaim(keys[start:start + batch], now)
-            yield
+                hot = warm = (0, 0)
+                if self.segmented:
+                    key = self._tail(COLD)
+                    cold_age = (now - header(self.segments[COLD][key]).atime
+                                if key is not None else 0)
+                    total = sum(map(self._segment_bytes, (HOT, WARM, COLD)))
+                    hot = (total * hot_pct // 100, cold_age * hot_max_factor)
+                    warm = (total * warm_pct // 100, cold_age * warm_max_factor)
+                moved = (self._pull_tail(HOT, now, *hot, each_class=True)
+                         or self._pull_tail(WARM, now, *warm, each_class=True))
+                if self.segmented:
+                    moved += self._pull_tail(COLD, now, each_class=True)
+            if not moved:
+                break
+            rounds += 1
+        return rounds
 
-    def _reclaim(self, keys, now):
-        for key in keys:
-            item = self.items.get(key)
-            if item is None:
-                continue                          # gone since the keys were taken
-            if self._dead(item, now):
-                self._unlink(key, item)
-                self._count(key, item, crawler_items_checked=1, crawler_reclaimed=1,
-                            expired_unfetched=not header(item).state & FETCHED)
-            else:
-                self._count(key, item, crawler_items_checked=1)
+    def crawl(self, classes=None, tocrawl=0, found=None, batch=WALK_BATCH):
+        """Look at items for expiry, as memcached's LRU crawler (``lru_crawler
+        crawl`` and the maintainer's own runs): each segment from its tail, a batch
+        of keys under each hold of the lock, yielding after each batch; only the
+        items of classes (class ids; None: all), and at most tocrawl of a class in
+        each segment (0: all).  Expired and flushed items are reclaimed
+        (crawler_reclaimed); every item looked at is counted (crawler_items_checked).
+        found, a dict, is given how many live items were seen ("seen"), how many of
+        them never expire ("noexp") and how many expire in each minute of the next
+        hour ("minutes"), for the maintainer's schedule.  Yields the size of each
+        batch."""
+        seen = collections.Counter()                 # (segment, class) -> items looked at
+        minutes = [0] * 60
+        for segment in (HOT, WARM, COLD, TEMP):
+            for keys in self._key_batches(segment, batch=batch):
+                with self.lock:
+                    now = self.now()
+                    self._apply_flush(now)
+                    items = self.segments[segment]
+                    for key in keys:
+                        item = items.get(key)
+                        if item is None:
+                            continue                 # gone, or moved since
+                        cls = item[CLASS_BYTE]
+                        if classes is not None and cls not in classes or (
+                                tocrawl and seen[segment, cls] >= tocrawl):
+                            continue
+                        seen[segment, cls] += 1
+                        counters = self.class_counters[cls]
+                        counters["crawler_items_checked"] += 1
+                        _, exptime, _, _, state = item_fields(item)
+                        flushed = self.flush_deadline and self._flushed(item, now)
+                        if exptime and exptime <= now or flushed:
+                            self._unlink(key, item, segment)
+                            counters["crawler_reclaimed"] += 1
+                            counters["expired_unfetched"] += not (flushed or state & FETCHED)
+                        elif found is not None:
+                            found["seen"] = found.get("seen", 0) + 1
+                            if not exptime:
+                                found["noexp"] = found.get("noexp", 0) + 1
+                            elif exptime - now < 3600:
+                                minutes[(exptime - now) // 60] += 1
+                yield len(keys)
+        if found is not None:
+            found["minutes"] = minutes
+
+    def _key_batches(self, segment, newest_first=False, batch=WALK_BATCH):
+        """A segment's keys as they are now, least recently used first (or most),
+        WALK_BATCH at a time: only the keys are copied, in one pass of C (3 ms for a
+        million items), so that a walk holds the lock for a batch at a time."""
+        with self.lock:
+            items = self.segments[segment]
+            keys = list(reversed(items) if newest_first else items)
+        for start in range(0, len(keys), batch):
+            yield keys[start:start + batch]
+
+    def walk(self, segments=(HOT, WARM, COLD, TEMP), batch=WALK_BATCH, dead=False,
+             classes=None):
+        """Every live item of the segments given, each segment's most recently used
+        first, as lists of (key, item) pairs, a batch at a time (``stats
+        cachedump``, ``lru_crawler metadump``, snapshots): the lock is held for one
+        batch, never for the whole walk, so that other clients wait no longer than
+        that.  An item changed since the walk began comes as it now is, one gone or
+        moved to another segment since is left out.  dead: with the items expired or
+        flushed but not yet dropped; classes: only the items of these slab
+        classes."""
+        for segment in segments:
+            for keys in self._key_batches(segment, newest_first=True, batch=batch):
+                with self.lock:
+                    now = self.now()
+                    items = self.segments[segment]
+                    pairs = [(key, item) for key, item in zip(keys, map(items.get, keys))
+                             if item is not None and (dead or not self._dead(item, now))
+                             and (classes is None or item[CLASS_BYTE] in classes)]
+                yield pairs
+
+    def class_stats(self, ages=True):
+        """For each slab class that has held items, its figures as {name: value}: its
+        items in all and in each sub-LRU (number, number_hot ...), the bytes charged
+        for them (mem_requested), the reads that found them (get_hits, and in each
+        sub-LRU hits_to_hot ...), what CLASS_COUNTERS counts, and with ages, the idle
+        seconds of the class's least recently used item in HOT, WARM and COLD
+        (age_hot, age_warm, age: found by a walk from each tail that stops once
+        every class is found)."""
+        with self.lock:
+            now = self.now()
+            numbers, sizes, hits = list(self.lru_items), list(self.lru_bytes), list(self.lru_hits)
+            classes = {cls: dict(self.class_counters[cls], evicted_time=self.evicted_time[cls],
+                                 age_hot=0, age_warm=0, age=0)
+                       for cls in self.classes_used}
+        for cls, figures in classes.items():
+            lrus = [segment << SEGMENT_SHIFT | cls for segment in range(4)]
+            for name, lru in zip(SEGMENT_NAMES, lrus):
+                figures["number_" + name] = numbers[lru]
+                figures["hits_to_" + name] = hits[lru]
+            figures.update(number=sum(numbers[lru] for lru in lrus),
+                           mem_requested=sum(sizes[lru] for lru in lrus),
+                           get_hits=sum(hits[lru] for lru in lrus))
+        for segment, age in ((HOT, "age_hot"), (WARM, "age_warm"), (COLD, "age")) * ages:
+            wanted = {cls for cls in classes if numbers[segment << SEGMENT_SHIFT | cls]}
+            for keys in self._key_batches(segment):
+                if not wanted:
+                    break
+                with self.lock:
+                    items = self.segments[segment]
+                    for item in filter(None, map(items.get, keys)):
+                        if item[CLASS_BYTE] in wanted:
+                            wanted.discard(item[CLASS_BYTE])
+                            classes[item[CLASS_BYTE]][age] = now - header(item).atime
+        return classes
+
+    def slab_usage(self):
+        """What the items take in memcached's slab classes, found by a walk of the
+        cache (every linked item, as curr_items counts them): a SlabUsage."""
+        slabs = self.slabs
+        requested, chunks = collections.Counter(), collections.Counter()
+        for batch in self.walk(dead=True):
+            for key, item in batch:
+                flags, size = item_fields(item)[3], len(item) - VALUE_START
+                requested[item[CLASS_BYTE]] += slabs.item_size(len(key), size, flags)
+                for chunk_class, number in slabs.chunks(len(key), size, flags):
+                    chunks[chunk_class] += number
+        return SlabUsage(requested, chunks)
 
     def size_histogram(self):
         """(size, items) for each 32-byte class that has items, or None when sizes
@@ -1226,76 +1673,43 @@ class Store:
         """Follow memcached's hash table, whose size its ``stats`` show as
         hash_power_level: it doubles once its items outnumber its buckets by half,
         checked once a second as memcached does (the engines call this through
-        Service.sweep), and never shrinks.  memg's dict sizes itself; this is what
-        memcached would show for the same keys, and a restart (-e) keeps it."""
+        Service.sweep), and never shrinks.  memg's dicts size themselves; this is
+        what memcached would show for the same keys, and a restart (-e) keeps it."""
         with self.lock:
-            if (len(self.items) > 3 * 2 ** self.hash_power // 2
+            if (sum(map(len, self.segments)) > 3 * 2 ** self.hash_power // 2
                     and self.hash_power < HASH_POWER_MAX):
                 self.hash_power += 1
+
+    def release_flushed(self):
+        """Let what the last flush dropped go once it has been kept FLUSHED_KEPT (the
+        engines call this through Service.sweep, every second)."""
+        with self.lock:
+            if self.flushed and self.clock() - self.flushed_at >= FLUSHED_KEPT:
+                self._let_go_flushed()
 
     def reset_counters(self):
         with self.lock:
             for name in STORE_COUNTERS:
                 self.counters[name] = 0
-            self.class_counters.clear()
+            for counters in self.class_counters:
+                for name in CLASS_COUNTERS:
+                    counters[name] = 0
+            self.evicted_time = [0] * SLAB_CLASSES
+            self.lru_hits = [0] * LRU_IDS
 
     def snapshot(self):
-        """Counters and sizes for ``stats``, read consistently."""
+        """Counters and sizes for ``stats``, read consistently (the per-class
+        counters summed)."""
         with self.lock:
-            counters = self.counters
-            return dict(counters, curr_items=len(self.items), bytes=self.bytes,
-                        cmd_get=counters["get_hits"] + counters["get_misses"],
+            counters = dict(self.counters, **{name: sum(
+                counts[name] for counts in self.class_counters) for name in CLASS_COUNTERS})
+            get_hits = sum(self.lru_hits)
+            return dict(counters, curr_items=sum(map(len, self.segments)), bytes=self.bytes,
+                        get_hits=get_hits, store_no_memory=counters["outofmemory"],
+                        evictions=counters.pop("evicted"),
+                        cmd_get=get_hits + counters["get_misses"],
                         cmd_touch=counters["touch_hits"] + counters["touch_misses"],
                         limit_maxbytes=self.memory_limit, hash_power_level=self.hash_power)
-
-    def walk(self, limit=None, batch=WALK_BATCH, dead=False, classes=None):
-        """Every live item, most recently used first, as lists of (key, item) pairs,
-        a batch at a time (``stats cachedump``, ``lru_crawler metadump``): the lock is
-        held for one batch, never for the whole walk, so that other clients wait no
-        longer than that.  Only the keys are copied at the start, in one pass of
-        C (3 ms for a million items); an item changed since comes as it now is, one
-        gone since is left out.  limit: at most that many of the most recent keys;
-        dead: with the items expired or flushed but not yet dropped; classes: only
-        the items of these slab classes."""
-        with self.lock:
-            keys = list(itertools.islice(reversed(self.items), limit))
-        for start in range(0, len(keys), batch):
-            with self.lock:
-                now = self.now()
-                pairs = [(key, item) for key, item in zip(
-                    keys[start:start + batch], map(self.items.get, keys[start:start + batch]))
-                    if item is not None and (dead or not self._dead(item, now))
-                    and (classes is None or self._class_of(key, item) in classes)]
-            yield pairs
-
-    def slab_usage(self):
-        """What the items take in memcached's slab classes, found by a walk of the
-        cache (every linked item, as curr_items counts them): a SlabUsage."""
-        slabs = self.slabs
-        held, chunks = collections.defaultdict(lambda: [0, 0, 0]), collections.Counter()
-        for batch in self.walk(dead=True):
-            for key, item in batch:
-                _, _, atime, flags, _ = item_fields(item)
-                size = slabs.item_size(len(key), len(item) - VALUE_START, flags)
-                slab_class = slabs.class_for(size)
-                counts = held[slab_class]
-                counts[0] += 1
-                counts[1] += size
-                counts[2] = atime                 # the walk ends at the least recent
-                if size > slabs.chunk_max:        # a large item, in several chunks
-                    for chunk_class, number in slabs.chunks(
-                            len(key), len(item) - VALUE_START, flags):
-                        chunks[chunk_class] += number
-                else:
-                    chunks[slab_class] += 1
-        with self.lock:
-            return SlabUsage(dict(held), chunks, {slab_class: dict(counts) for slab_class, counts
-                                                  in self.class_counters.items()}, self.now())
-
-    def _dead(self, item, now):
-        """Whether item has expired or been flushed (but is still linked)."""
-        exptime = header(item).exptime
-        return bool(exptime and exptime <= now or self._flushed(item, now))
 
     def cas_counter(self):
         with self.lock:
@@ -1310,23 +1724,28 @@ class Store:
 
     def restore(self, pairs, cas_counter, hash_power=0, batch=WALK_BATCH):
         """Link the items of a snapshot: (key, item) pairs, most recently used first,
-        as ``walk`` gives them.  They keep that order of use, above the items already
-        here; those expired since, and those too large for -I, are left out, and so
-        are the least recently used of them beyond the memory limit, as eviction
-        would leave them out.  The lock is held a batch at a time.  The CAS counter
-        goes on above every unique restored, and the hash table is as large as the
-        snapshot's was, if that was larger (0: not known).  Returns how many were
-        linked."""
+        as ``walk`` gives them, each item in the class of this store's slabs.  They
+        keep that order of use, in COLD (none has been read since the restart) or
+        TEMP, above the items already there; those expired since, and those too
+        large for -I, are left out, and so are the least recently used of them
+        beyond the memory limit, as eviction would leave them out.  The lock is held
+        a batch at a time.  The CAS counter goes on above every unique restored, and
+        the hash table is as large as the snapshot's was, if that was larger (0: not
+        known).  Returns how many were linked."""
         now = self.now()
         kept, cost, highest = [], 0, cas_counter
         for key, item in pairs:
-            cas, exptime, _, flags, _ = item_fields(item)
+            cas, exptime, atime, flags, state = item_fields(item)
             size = len(item) - VALUE_START
             if exptime and exptime <= now or self.too_large(key, size, flags):
                 continue
             cost += item_cost(key, size)
             if cost > self.memory_limit:
                 break
+            slab_class = self.slabs.slab_class(len(key), size, flags)
+            if item[CLASS_BYTE] != slab_class:           # (a snapshot of other classes)
+                item = pack_header(cas, exptime, atime, flags, state & ~(
+                    0xFF << CLASS_SHIFT) | slab_class << CLASS_SHIFT) + item[VALUE_START:]
             kept.append((key, item))
             highest = max(highest, cas)
         kept.reverse()                           # linked least recently used first
@@ -1338,7 +1757,14 @@ class Store:
                 for key, item in kept[start:start + batch]:
                     if self._flushed(item, now):         # older than a flush here
                         item = changed_item(item, atime=now)
-                    linked += self._link(key, item, self.items.get(key))
+                    old_segment = next((segment for segment in (HOT, WARM, COLD, TEMP)
+                                        if key in self.segments[segment]), None)
+                    old = self.segments[old_segment][key] if old_segment is not None else None
+                    if old is not None and self._dead(old, now):
+                        self._unlink(key, old, old_segment)
+                        old = None
+                    segment = TEMP if self._new_segment(header(item).exptime, now) == TEMP else COLD
+                    linked += self._link(key, item, segment, now, old, old_segment)
                 if self.use_cas:
                     self.last_cas = max(self.last_cas, highest)
         with self.lock:
@@ -1423,9 +1849,9 @@ def save_snapshot(store, path):
 
 def read_snapshot(path):
     """The items of the snapshot at path, most recently used first, as (key, item)
-    pairs, its CAS counter and its hash power (Store.restore's arguments);
-    SnapshotError if the file is not a whole snapshot of
-    a format this memg reads.  The file is read whole and checked before any item
+    pairs (of no slab class yet: Store.restore sets it), its CAS counter and its hash
+    power (Store.restore's arguments); SnapshotError if the file is not a whole
+    snapshot of a format this memg reads.  The file is read whole and checked before any item
     is made, so it is never half-loaded, and reading allocates no more than its size:
     every length in it is checked against the bytes that are there."""
     with open(path, "rb") as file:
@@ -1583,22 +2009,22 @@ def read_auth_file(path, what="the auth file (-Y)"):
     return credentials
 
 
+# How many batches of items (WALK_BATCH each) the maintainer's crawl looks at each
+# second, and the longest it waits between crawls (memcached's MAX_MAINTCRAWL_WAIT).
+AUTOCRAWL_BATCHES = 10
+AUTOCRAWL_MAX_WAIT = 60 * 60
+
 # Counters the service keeps under its lock.  Traffic (bytes read and written, and
 # cmd_meta) is counted by each connection's protocol, and added in when it closes.
 SERVICE_COUNTERS = ("total_connections", "rejected_connections", "listen_disabled_num",
                     "idle_kicks", "auth_cmds", "auth_errors", "ssl_handshake_errors",
-                    "ssl_new_sessions", "lru_crawler_starts", "conn_yields")
+                    "ssl_new_sessions", "lru_crawler_starts", "lru_maintainer_juggles",
+                    "conn_yields")
 TRAFFIC = ("bytes_read", "bytes_written", "cmd_meta")
 
 
-# What stats items shows of a slab class's counters, in memcached's order: tail
-# repairs and locked tails never happen in memg, and read 0.
-CLASS_ITEM_STATS = ("evicted", "evicted_nonzero", "evicted_time", "outofmemory",
-                    "tailrepairs", "reclaimed", "expired_unfetched", "evicted_unfetched",
-                    "crawler_reclaimed", "crawler_items_checked", "lrutail_reflocked")
-# What stats slabs shows of a class's commands: memg counts commands for the server
-# (``stats``), not per class (that would cost every get and set), so these read 0,
-# as memcached shows its dead free_chunks_end: parsers that want them find them.
+# What stats slabs shows of what the commands did to a class's items, in memcached's
+# order.
 SLAB_COMMAND_STATS = ("get_hits", "cmd_set", "delete_hits", "incr_hits", "decr_hits",
                       "cas_hits", "cas_badval", "touch_hits")
 
@@ -1608,10 +2034,10 @@ SLAB_COMMAND_STATS = ("get_hits", "cmd_set", "delete_hits", "incr_hits", "decr_h
 # response objects and read buffers (response_obj_*, read_buf_*: memg's replies and
 # reads are bytes objects of their own); the descriptors it keeps back from -c
 # (reserved_fds: memg keeps none back); its slab pages and their mover
-# (slab_reassign_*, slabs_moved, slab_global_page_pool); its LRU maintainer thread and
-# segmented LRU (lru_maintainer_juggles, evicted_active, moves_*, lru_bumps_dropped:
-# memg's LRU is one list, bumped in the reader's own call); tail items another thread
-# held (lrutail_reflocked: memg's store has one lock); failed allocations
+# (slab_reassign_*, slabs_moved, slab_global_page_pool); items evicted while active
+# and reads queued for its maintainer (evicted_active, lru_bumps_dropped: memg moves an
+# item out of COLD at its second read, in the reader's own call); tail items another
+# thread held (lrutail_reflocked: memg's store has one lock); failed allocations
 # (malloc_fails: memg's fail only as the process does); its NAPI-id thread steering
 # (unexpected_napi_ids, round_robin_fallback).
 def idle_figures(*names):
@@ -1693,7 +2119,8 @@ class Service:
                             whole_pages=not s.no_modern or s.slab_chunk_max != SLAB_PAGE_SIZE)
         self.store = Store(memory_limit=s.memory_limit, item_size_max=s.item_size_max,
                            evict=s.evict, use_cas=s.use_cas, track_sizes=s.track_sizes,
-                           slabs=slabs)
+                           segmented=s.lru_segmented,
+                           temp_ttl=s.temporary_ttl if s.temp_lru else None, slabs=slabs)
         self.credentials = read_auth_file(s.auth_file) if s.auth_file else None
         self.sasl_credentials = (read_auth_file(s.sasl_pwdb, "the SASL password database")
                                  if s.sasl else None)
@@ -1712,8 +2139,16 @@ class Service:
         # reset records where it happened instead of writing to them.
         self.traffic_at_reset = dict.fromkeys(TRAFFIC, 0)
         self.prefix_stats = {}             # stats detail: prefix -> [gets, hits, sets, deletes]
-        self.crawler_enabled = s.lru_crawler     # lru_crawler enable|disable
         self.crawling = False              # a crawl or dump runs (others get BUSY)
+        # The maintainer's own crawls: the one under way (its steps), what it has
+        # found, when the next begins (the store's clock) and the wait after each,
+        # which memcached adapts to what they find.
+        self.autocrawl = None
+        self.autocrawl_found = {}
+        self.next_autocrawl = 0
+        self.autocrawl_wait = 0
+        if s.lru_maintainer and s.lru_crawler:
+            self.autocrawl_step()          # the first, as memcached's, as the server starts
         self.listening = []                # (fd, address, "tcp" or "udp") of each socket
         self.on_shutdown = None            # the engine's request_stop (``shutdown``)
 
@@ -1802,10 +2237,11 @@ class Service:
         if self.on_shutdown is not None:
             self.on_shutdown()
 
-    # -- the crawler: memg's background expiry sweep, and the whole-cache walks --
+    # -- the LRU maintainer and the crawler ----------------------------------------
 
     def begin_crawl(self):
-        """Claim the crawler for a crawl or a dump; False if one is running."""
+        """Claim the crawler for a crawl or a dump (a start of it); False if one is
+        running."""
         with self.lock:
             if self.crawling:
                 return False
@@ -1818,11 +2254,61 @@ class Service:
             self.crawling = False
 
     def sweep(self):
-        """Reclaim expired items, a slice at a time, and follow memcached's hash
-        table's growth: engines call this every second."""
-        if self.crawler_enabled:
-            self.store.sweep()
+        """The background work of a second (the engines call this every second): what
+        a flush dropped is let go after a while, the hash table follows memcached's
+        growth, and, as memcached's LRU maintainer thread does it, a run of the
+        maintainer over the LRUs (Store.juggle), and the crawls it schedules."""
+        settings = self.settings
+        self.store.release_flushed()
         self.store.grow_hash_table()
+        if not settings.lru_maintainer:
+            return
+        self.store.juggle(settings.hot_lru_pct, settings.warm_lru_pct,
+                          settings.hot_max_factor, settings.warm_max_factor)
+        self.count("lru_maintainer_juggles")
+        if settings.lru_crawler:
+            self.autocrawl_step()
+        elif self.autocrawl is not None:         # lru_crawler disable stops it
+            self.autocrawl.close()
+            self.autocrawl = None
+            self.end_crawl()
+
+    def autocrawl_step(self):
+        """Go on with the maintainer's crawl, AUTOCRAWL_BATCHES batches of items a
+        second, or begin one when it is due and the crawler is free.  As memcached's
+        lru_maintainer_crawler_check, the first begins at once and each finished
+        crawl sets the wait before the next (schedule_autocrawl)."""
+        if self.autocrawl is None:
+            if self.store.now() < self.next_autocrawl or not self.begin_crawl():
+                return
+            self.autocrawl_found = {}
+            self.autocrawl = self.store.crawl(tocrawl=self.settings.lru_crawler_tocrawl,
+                                              found=self.autocrawl_found)
+        for _ in range(AUTOCRAWL_BATCHES):
+            if next(self.autocrawl, None) is None:
+                self.autocrawl = None
+                self.schedule_autocrawl(self.autocrawl_found)
+                self.end_crawl()
+                return
+
+    def schedule_autocrawl(self, found):
+        """memcached's rule for the wait after a crawl: a minute longer (an hour at
+        most) while fewer than 1 % of the items with a TTL seen would have expired
+        by the end of it, a minute shorter while more would; then five seconds."""
+        low_watermark = (found.get("seen", 0) - found.get("noexp", 0)) // 100 + 1
+        available = 0
+        for minute, expiring in enumerate(found.get("minutes", ())):
+            available += expiring
+            if available > low_watermark:
+                if self.autocrawl_wait < minute * 60:
+                    self.autocrawl_wait += 60
+                elif self.autocrawl_wait >= 60:
+                    self.autocrawl_wait -= 60
+                break
+        if not available:
+            self.autocrawl_wait += 60
+        self.autocrawl_wait = min(self.autocrawl_wait, AUTOCRAWL_MAX_WAIT)
+        self.next_autocrawl = self.store.now() + self.autocrawl_wait + 5
 
     # -- watchers -----------------------------------------------------------------
 
@@ -1838,8 +2324,7 @@ class Service:
 
     def watch_eviction(self, key, item, now):
         if "evictions" in self.watchers.active:
-            ttl, size, item = self.store.ttl(item, now), value_size(item), header(item)
-            clsid = self.store.slabs.slab_class(len(key), size, item.flags)
+            ttl, clsid, item = self.store.ttl(item, now), item[CLASS_BYTE], header(item)
             self.watchers.emit("evictions", (
                 "type=eviction key=%s fetch=%s ttl=%d la=%d clsid=%d" % (
                     uri(key), "yes" if item.state & FETCHED else "no", ttl,
@@ -1894,12 +2379,17 @@ class Service:
         settings = self.settings
         with self.lock:
             counters = dict(self.counters)
+            crawling = self.crawling
             live = len(self.connections)
             traffic, at_reset = self._traffic(), self.traffic_at_reset
-            crawling = self.crawling
         since_reset = {name: traffic[name] - at_reset[name] for name in TRAFFIC}
         watchers = self.watchers.snapshot()
         usage = os.times()
+        # (memg has no reference counts that could lock an item at an LRU's tail, and
+        # reads are never queued for the maintainer: lrutail_reflocked and
+        # lru_bumps_dropped are 0; an item is moved out of COLD at its second read, so
+        # evicted_active is 0 too.)
+        maintained = settings.lru_maintainer
         return [
             ("pid", os.getpid()),
             ("uptime", int(now - self.started)),
@@ -1952,12 +2442,11 @@ class Service:
                          "slab_reassign_evictions_nomem", "slab_reassign_inline_reclaim",
                          "slab_reassign_busy_items", "slab_reassign_busy_deletes",
                          "slab_reassign_running", "slabs_moved") + ([
-            # The crawls and dumps lru_crawler runs (memg's background sweep is apart).
             ("lru_crawler_running", int(crawling)),
             ("lru_crawler_starts", counters["lru_crawler_starts"]),
-        ] if self.crawler_enabled else []) + (
-            idle_figures("lru_maintainer_juggles") if settings.lru_maintainer else []
-        ) + idle_figures("malloc_fails") + [
+        ] if settings.lru_crawler else []) + ([
+            ("lru_maintainer_juggles", counters["lru_maintainer_juggles"]),
+        ] if maintained else []) + idle_figures("malloc_fails") + [
             # Watched events are made into lines as they happen, none dropped.
             ("log_worker_dropped", 0),
             ("log_worker_written", watchers["log_worker_written"]),
@@ -1974,14 +2463,12 @@ class Service:
         ) + [(name, store[name]) for name in ("bytes", "curr_items", "total_items")
         ] + idle_figures("slab_global_page_pool") + [
             (name, store[name]) for name in ("expired_unfetched", "evicted_unfetched")
-        ] + (idle_figures("evicted_active") if settings.lru_maintainer else []) + [
+        ] + (idle_figures("evicted_active") if maintained else []) + [
             (name, store[name]) for name in (
                 "evictions", "reclaimed", "crawler_reclaimed", "crawler_items_checked")
-        ] + idle_figures("lrutail_reflocked") + ((idle_figures(
-            "moves_to_cold", "moves_to_warm", "moves_within_lru") + [
-            # memg has no background thread to make room: a writer makes its own.
-            ("direct_reclaims", store["evictions"] + store["reclaimed"]),
-        ] + idle_figures("lru_bumps_dropped")) if settings.lru_maintainer else [])
+        ] + idle_figures("lrutail_reflocked") + ([(name, store[name]) for name in (
+            "moves_to_cold", "moves_to_warm", "moves_within_lru", "direct_reclaims")
+        ] + idle_figures("lru_bumps_dropped") if maintained else [])
 
     def settings_stats(self):
         """``stats settings``: the settings as memcached names them, with what is in
@@ -1989,40 +2476,56 @@ class Service:
         bound = {transport: address[1] for _, address, transport in reversed(self.listening)
                  if isinstance(address, tuple)}
         current = {"maxbytes": self.store.memory_limit, "tcpport": bound.get("tcp", 0),
-                   "udpport": bound.get("udp", 0), "lru_crawler": yes_no(self.crawler_enabled)}
+                   "udpport": bound.get("udp", 0)}
         return [(name, current.get(name, value)) for name, value in self.settings.stats()]
 
     def item_stats(self):
-        """``stats items``: for each slab class with items, memcached's statistics of
-        them, as memcached shows them without its LRU maintainer (memg has one LRU)."""
-        usage = self.store.slab_usage()
-        rows = []
-        for slab_class, (number, requested, atime) in sorted(usage.items.items()):
-            events = usage.counters.get(slab_class, {})
-            rows += [("items:%d:%s" % (slab_class, name), value) for name, value in [
-                ("number", number), ("age", usage.now - atime), ("mem_requested", requested),
-            ] + [(name, events.get(name, 0)) for name in CLASS_ITEM_STATS]]
-        return rows
+        """``stats items``: memcached's figures for each slab class holding items,
+        those of the sub-LRUs while the maintainer runs (number_temp with the TEMP
+        LRU); mem_requested is memcached's bytes for the items (found by a walk of
+        the cache).  (tailrepairs, lrutail_reflocked and evicted_active: see
+        general_stats.)"""
+        maintained, temp = self.settings.lru_maintainer, self.settings.temp_lru
+        names = ["number"] + ([
+            "number_hot", "number_warm", "number_cold"] + ["number_temp"] * temp + [
+            "age_hot", "age_warm"] if maintained else []) + [
+            "age", "mem_requested", "evicted", "evicted_nonzero", "evicted_time",
+            "outofmemory", "tailrepairs", "reclaimed", "expired_unfetched",
+            "evicted_unfetched"] + ["evicted_active"] * maintained + [
+            "crawler_reclaimed", "crawler_items_checked", "lrutail_reflocked"] + ([
+                "moves_to_cold", "moves_to_warm", "moves_within_lru", "direct_reclaims",
+                "hits_to_hot", "hits_to_warm", "hits_to_cold", "hits_to_temp"]
+                if maintained else [])
+        requested = self.store.slab_usage().requested
+        return [("items:%d:%s" % (slab_class, name),
+                 requested[slab_class] if name == "mem_requested" else figures.get(name, 0))
+                for slab_class, figures in sorted(self.store.class_stats().items())
+                if figures["number"] for name in names]
 
     def slab_stats(self):
-        """``stats slabs``: for each slab class whose chunks the items would take, the
+        """``stats slabs``: for each slab class whose chunks the items would take, or
+        that has held items (memcached keeps a class's pages when its items go), the
         pages memcached would hold for them (a class grows a page at a time, as
         memcached's; memg frees memory as items go, so a class has the pages that
-        its items fill now), then how many classes and what the pages take."""
+        its items fill now, one at least), and what the commands did to its items;
+        then how many classes and what the pages take."""
         usage = self.store.slab_usage()
+        classes = self.store.class_stats(ages=False)
         slabs = self.store.slabs
         rows, malloced = [], 0
-        for slab_class, used in sorted(usage.chunks.items()):
-            per_page = slabs.per_page(slab_class)
-            pages = -(-used // per_page)
+        shown = sorted(set(usage.chunks) | set(classes))
+        for slab_class in shown:
+            used, per_page = usage.chunks[slab_class], slabs.per_page(slab_class)
+            pages = max(1, -(-used // per_page))
             malloced += pages * slabs.page_bytes(slab_class)
+            figures = classes.get(slab_class, {})
             rows += [("%d:%s" % (slab_class, name), value) for name, value in [
                 ("chunk_size", slabs.chunk_sizes[slab_class - 1]),
                 ("chunks_per_page", per_page), ("total_pages", pages),
                 ("total_chunks", pages * per_page), ("used_chunks", used),
                 ("free_chunks", pages * per_page - used), ("free_chunks_end", 0),
-            ] + [(name, 0) for name in SLAB_COMMAND_STATS]]
-        return rows + [("active_slabs", len(usage.chunks)), ("total_malloced", malloced)]
+            ] + [(name, figures.get(name, 0)) for name in SLAB_COMMAND_STATS]]
+        return rows + [("active_slabs", len(shown)), ("total_malloced", malloced)]
 
     def size_stats(self):
         """``stats sizes``: items per 32-byte size class, with -o track_sizes."""
@@ -2510,8 +3013,7 @@ class Protocol:
         size = value_size(item) if item else 0
         self.service.watchers.emit("fetchers", (
             "type=item_get key=%s status=%s clsid=%d cfd=%s size=%d" % (
-                uri(key), status, self.store.slabs.slab_class(
-                    len(key), size, header(item).flags) if item else 0, self.name, size)))
+                uri(key), status, item[CLASS_BYTE] if item else 0, self.name, size)))
 
     def watch_store(self, mode, key, outcome, item, value=None, flags=0, exptime=0):
         """A mutations line: item is what was stored.  When nothing was, memcached
@@ -2968,8 +3470,7 @@ class TextProtocol(Protocol):
             self.reply(b"EN\r\n")
             return
         now = self.store.now()
-        self.reply(b"ME %s %s\r\n" % (tokens[1], item_description(
-            key, item, now, self.store.slabs)))
+        self.reply(b"ME %s %s\r\n" % (tokens[1], item_description(key, item, now)))
 
     # -- everything else -----------------------------------------------------------
 
@@ -3077,11 +3578,12 @@ class TextProtocol(Protocol):
             self.stream(self.cachedump(slab, limit or None))
 
     def cachedump(self, slab, limit):
-        """``stats cachedump slab limit``: the class's items, most recently used
-        first, at most limit of them (None: all), and as memcached's, no larger than
-        CACHEDUMP_LIMIT."""
+        """``stats cachedump slab limit``: the class's items in COLD (memcached's
+        dump reads COLD alone: in the segmented LRU, items that have not yet cooled
+        are not there), most recently used first, at most limit of them (None:
+        all), and as memcached's, no larger than CACHEDUMP_LIMIT."""
         size, shown = len(END), 0
-        for batch in self.store.walk(classes={slab}):
+        for batch in self.store.walk((COLD,), classes={slab}):
             lines = []
             for key, item in batch:
                 line = b"ITEM %s [%d b; %d s]\r\n" % (key, value_size(item),
@@ -3098,44 +3600,62 @@ class TextProtocol(Protocol):
     # -- lru_crawler, slabs, lru ---------------------------------------------------
 
     def crawler_switch(self, tokens):
-        self.service.crawler_enabled = tokens[1] == b"enable"
+        """lru_crawler enable|disable: the crawler's crawls, and the maintainer's
+        (memcached's crawler thread cannot be started twice)."""
+        if tokens[1] == b"enable" and self.settings.lru_crawler:
+            self.reply(b"ERROR failed to start lru crawler thread\r\n")
+            return
+        self.settings.lru_crawler = tokens[1] == b"enable"
         self.reply(OK)
 
     def crawler_tuning(self, tokens):
-        """lru_crawler sleep|tocrawl: checked as memcached does, then ignored (memg's
-        crawler sweeps a slice every second)."""
+        """lru_crawler sleep|tocrawl N, checked as memcached does."""
         number = parse_uint32(tokens[2])
         if number is None:
             self.reply(BAD_FORMAT)
         elif tokens[1] == b"sleep" and number > 1000000:
             self.reply(b"CLIENT_ERROR sleep must be one second or less\r\n")
         else:
+            setattr(self.settings, "lru_crawler_" + tokens[1].decode(), number)
             self.reply(OK)
 
     def crawl(self, tokens):
-        """lru_crawler crawl|metadump <classes>: memg's crawler walks every item,
-        streamed a batch at a time; one at a time in the server, as memcached's."""
-        if self.datagram and tokens[1] == b"metadump":
+        """lru_crawler crawl|metadump all|hash|<class,...>: the crawler looks at the
+        items of those classes, streamed a batch at a time; one crawl at a time in
+        the server, as memcached's.  (hash walks memcached's hash table, which only a
+        dump may: here it is every class.)"""
+        metadump = tokens[1] == b"metadump"
+        if self.datagram and metadump:
             return           # as memcached's crawler: no datagram (nor an amplifier)
-        classes = [parse_uint32(token) for token in tokens[2].split(b",")]
-        everything = tokens[2] in (b"all", b"hash")
-        if not everything and not all(c is not None and c < SLAB_CLASSES for c in classes):
-            self.reply(b"BADCLASS invalid class id\r\n")
-        elif tokens[1] == b"metadump" and not self.settings.dump_enabled:
+        classes = None
+        if tokens[2] not in (b"all", b"hash"):
+            classes = set(map(parse_uint32, tokens[2].split(b",")))
+        if not self.settings.lru_crawler:
+            self.reply(b"CLIENT_ERROR lru crawler disabled\r\n")
+        elif metadump and not self.settings.dump_enabled:
             self.reply(b"ERROR metadump not allowed\r\n")
+        elif metadump and self.out:
+            # memcached streams a dump from its crawler's thread: the replies of
+            # commands before it, not yet sent, would be lost.
+            self.reply(b"ERROR cannot pipeline other commands before metadump\r\n")
+        elif classes is not None and not all(
+                number is not None and 0 < number < SLAB_CLASSES for number in classes):
+            self.reply(b"BADCLASS invalid class id\r\n")
+        elif tokens[2] == b"hash" and not metadump:
+            self.reply(b"ERROR an unknown error happened\r\n")
         elif not self.service.begin_crawl():
             self.reply(CRAWLER_BUSY)
-        elif tokens[1] == b"crawl":
-            self.stream(self.reclaim())
+        elif metadump:
+            self.stream(self.metadump(classes))
         else:
-            self.stream(self.metadump(None if everything else set(classes)))
+            self.stream(self.reclaim(classes))
 
-    def reclaim(self):
-        """lru_crawler crawl: OK, then every expired item reclaimed, a batch at a
-        time (memcached's crawler too answers before it has crawled)."""
+    def reclaim(self, classes):
+        """lru_crawler crawl: OK, then the expired items of those classes reclaimed, a
+        batch at a time (memcached's crawler too answers before it has crawled)."""
         try:
             yield OK
-            for _ in self.store.crawl():
+            for _ in self.store.crawl(classes, self.settings.lru_crawler_tocrawl):
                 yield b""
         finally:
             self.service.end_crawl()
@@ -3146,7 +3666,7 @@ class TextProtocol(Protocol):
             for batch in self.store.walk(classes=classes):
                 now = self.store.now()
                 yield b"".join(b"key=%s %s\n" % (uri(key).encode(), item_description(
-                    key, item, now, self.store.slabs, absolute=True)) for key, item in batch)
+                    key, item, now, absolute=True)) for key, item in batch)
             yield END
         finally:
             self.service.end_crawl()
@@ -3176,8 +3696,8 @@ class TextProtocol(Protocol):
             self.reply(OK if level <= 2 else ERROR)
 
     def lru(self, tokens):
-        """lru tune, mode and temp_ttl: memg has one plain LRU, so these check their
-        arguments as memcached does and change nothing."""
+        """lru tune|mode|temp_ttl: the LRU's settings, changed while serving; mode and
+        temp_ttl only while the maintainer runs, as in memcached."""
         self.check_noreply(tokens)
         self.dispatch(tokens, self.LRU)
 
@@ -3191,7 +3711,31 @@ class TextProtocol(Protocol):
         elif hot_factor <= 0 or warm_factor <= 0:
             self.reply(b"ERROR hot/warm age factors must be greater than 0\r\n")
         else:
+            settings = self.settings
+            settings.hot_lru_pct, settings.warm_lru_pct = hot, warm
+            settings.hot_max_factor, settings.warm_max_factor = hot_factor, warm_factor
             self.reply(OK)
+
+    def lru_mode(self, tokens):
+        if not self.settings.lru_maintainer or tokens[2] not in (b"flat", b"segmented"):
+            self.reply(ERROR)
+            return
+        self.settings.lru_segmented = self.store.segmented = tokens[2] == b"segmented"
+        self.reply(OK)
+
+    def lru_temp_ttl(self, tokens):
+        """lru temp_ttl N: items whose TTL is at most N go to the TEMP LRU from now
+        on; a negative N turns it off."""
+        ttl = parse_int32(tokens[2])
+        if not self.settings.lru_maintainer or ttl is None:
+            self.reply(ERROR)
+            return
+        settings = self.settings
+        settings.temp_lru = ttl >= 0
+        if settings.temp_lru:
+            settings.temporary_ttl = ttl
+        self.store.temp_ttl = ttl if settings.temp_lru else None
+        self.reply(OK)
 
     # -- watch: the server's events as log lines ------------------------------------
 
@@ -3246,10 +3790,8 @@ class TextProtocol(Protocol):
     }
     LRU = {
         b"tune": (lru_tune, 6, ANY),
-        b"mode": (lambda self, tokens: self.reply(
-            OK if tokens[2] in (b"flat", b"segmented") else ERROR), 3, ANY),
-        b"temp_ttl": (lambda self, tokens: self.reply(
-            OK if parse_int32(tokens[2]) is not None else ERROR), 3, ANY),
+        b"mode": (lru_mode, 3, ANY),
+        b"temp_ttl": (lru_temp_ttl, 3, ANY),
     }
     COMMANDS = {
         b"get": (retrieve, 2, ANY),
@@ -3321,20 +3863,18 @@ def value_blocks(with_cas, keys, items):
     return blocks
 
 
-def item_description(key, item, now, slabs, absolute=False):
+def item_description(key, item, now, absolute=False):
     """An item as ``me`` and ``lru_crawler metadump`` describe it: expiry (the time
     left, or with absolute the Unix time; -1 for never), last access (seconds ago,
-    or the Unix time), CAS, whether it was fetched, slab class (of slabs, the
-    SlabClasses) and size charged."""
-    cas, exptime, atime, flags, state = item_fields(item)
+    or the Unix time), CAS, whether it was fetched, slab class and size charged."""
+    cas, exptime, atime, _, state = item_fields(item)
     if absolute:
         expires, accessed = exptime or -1, atime
     else:
         expires, accessed = -1 if exptime == 0 else exptime - now, now - atime
     return b"exp=%d la=%d cas=%d fetch=%s cls=%d size=%d" % (
         expires, accessed, cas, b"yes" if state & FETCHED else b"no",
-        slabs.slab_class(len(key), value_size(item), flags),
-        item_cost(key, value_size(item)))
+        state >> CLASS_SHIFT, item_cost(key, value_size(item)))
 
 
 # -- the binary protocol -------------------------------------------------------------
@@ -3813,7 +4353,8 @@ def answer_datagram(service, datagram, peer=None, fd=-1):
 
 # Each connection's input buffer (threads) and the most an event loop reads at once.
 READ_BUFFER = 64 * KB
-# How often the background sweep reclaims a slice of expired items.
+# How often the engines run the service's background work (Service.sweep: the LRU
+# maintainer, and its crawls).
 SWEEP_INTERVAL = 1.0
 # How long an engine waits before it tries to accept again when the process is out of
 # file descriptors (memcached stops accepting for a while too).
@@ -4204,7 +4745,7 @@ class ThreadConnection:
 class ThreadsEngine(Engine):
     """A thread per connection, blocking in its socket's reads and writes: the
     design card's shape, and the default.  The calling thread accepts, and answers
-    UDP requests (-U); one more thread sweeps expired items every second."""
+    UDP requests (-U); one more thread runs the LRU maintainer every second."""
 
     def __init__(self, service):
         super().__init__(service)
@@ -4755,17 +5296,26 @@ IGNORED_OPTIONS = {
     "-r": (False, "core dump limits"), "-k": (False, "memory locking"),
     "-L": (False, "large pages"),
 }
-# memcached -o options memg accepts and ignores (slab, LRU, hash and extstore tuning).
+# memcached -o options memg accepts and ignores (slab, hash and extstore tuning).
 IGNORED_EXTENDED = {
     "maxconns_fast", "no_maxconns_fast", "hashpower", "tail_repair_time", "hash_algorithm",
-    "lru_crawler_sleep", "lru_crawler_tocrawl", "read_buf_mem_limit", "hot_lru_pct",
-    "warm_lru_pct", "hot_max_factor", "warm_max_factor", "temporary_ttl",
-    "worker_logbuf_size",
-    "no_hashexpand", "modern", "sock_cookie_id", "slab_reassign",
+    "read_buf_mem_limit", "worker_logbuf_size", "no_hashexpand", "sock_cookie_id",
+    "slab_reassign",
     "no_slab_reassign", "slab_automove", "slab_automove_ratio", "slab_automove_window",
     "slab_automove_freeratio", "relaxed_privileges", "no_relaxed_privileges",
-    "drop_privileges", "no_drop_privileges", "inline_ascii_response", "lru_segmented",
-    "no_lru_segmented", "meta_response_old", "no_inline_ascii_resp", "bind_protocol",
+    "drop_privileges", "no_drop_privileges", "inline_ascii_response",
+    "meta_response_old", "no_inline_ascii_resp", "bind_protocol",
+}
+# -o options that set more than their own setting, as memcached's do: the LRU
+# maintainer comes with the segmented LRU, a temporary_ttl turns the TEMP LRU on, and
+# no_modern brings back memcached 1.4's defaults (of those memg has: a flat LRU, no
+# maintainer, no crawler).  "no_" before the name of a setting on by default turns it off.
+EXTENDED_ALSO = {
+    "lru_maintainer": {"lru_segmented": True},
+    "no_lru_maintainer": {"lru_segmented": False},
+    "temporary_ttl": {"temp_lru": True},
+    "modern": {"no_modern": False},
+    "no_modern": {"lru_segmented": False, "lru_maintainer": False, "lru_crawler": False},
 }
 
 
@@ -4828,9 +5378,13 @@ def parse_command_line(argv):
             negated = SETTINGS_FIELDS.get(name[3:]) if name.startswith("no_") else None
             if field is not None and field.metadata["extended"]:
                 args[name] = True if isinstance(field.default, bool) else text
+                args.update(EXTENDED_ALSO.get(name, {}))
             elif negated is not None and negated.metadata["extended"] and (
                     negated.default is True):
                 args[negated.name] = False            # memcached's -o no_NAME
+                args.update(EXTENDED_ALSO.get(name, {}))
+            elif name in EXTENDED_ALSO:
+                args.update(EXTENDED_ALSO[name])
             elif name in IGNORED_EXTENDED or name.startswith("ext_"):
                 warnings.append("-o %s ignored: memg has no such tuning" % name)
             else:

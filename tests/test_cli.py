@@ -208,6 +208,11 @@ BAD_COMMAND_LINES = [
     ["-n", "0"],
     ["-o", "slab_chunk_max=48"],     # no room beside a chunk's header
     ["-o", "slab_chunk_max=2097152"],    # over a page
+    ["-o", "no_modern,temporary_ttl=30"],        # the TEMP LRU needs the maintainer
+    ["-o", "hot_lru_pct=70"],                    # with warm's 40: over 80
+    ["-o", "hot_max_factor=0"],
+    ["-o", "lru_crawler_sleep=2000000"],
+    ["-o", "temporary_ttl"],
 ]
 
 
@@ -234,7 +239,7 @@ def test_ignored_option_starts_with_one_warning(launch, args):
 
 
 def test_ignored_extended_options_start_with_warnings(launch):
-    server = launch("-o", "hashpower=20,hot_lru_pct=20")
+    server = launch("-o", "hashpower=20,slab_automove=1")
     with connect_admitted(server.address) as client:
         assert client.request(b"get k\r\n") == b"END\r\n"
     _, err = server.stop()
@@ -243,9 +248,18 @@ def test_ignored_extended_options_start_with_warnings(launch):
     lines = err.strip().splitlines()
     # One warning line per ignored option at most, naming what was ignored.
     assert 1 <= len(lines) <= 2, err
-    assert "hashpower" in err and "hot_lru_pct" in err
+    assert "hashpower" in err and "slab_automove" in err
     for line in lines:
         assert "warning" in line.lower() or "ignored" in line.lower()
+
+
+def test_the_lru_options_are_memcacheds_and_start_without_a_warning(launch):
+    server = launch("-o", "no_modern,lru_crawler,lru_crawler_tocrawl=5,hot_lru_pct=10")
+    with connect_admitted(server.address) as client:
+        assert client.request(b"lru_crawler crawl all\r\n") == b"OK\r\n"
+        assert client.request(b"lru mode segmented\r\n") == b"ERROR\r\n"   # no maintainer
+    _, err = server.stop()
+    assert err == b""
 
 
 # -- listening -------------------------------------------------------------------

@@ -21,6 +21,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 
 import pytest
 
@@ -123,6 +124,11 @@ SCRIPTS = [
                     b"lru_crawler crawl 99\r\nlru_crawler sleep 100\r\n"
                     b"lru_crawler sleep 2000000\r\nlru_crawler tocrawl 0\r\n"
                     b"lru_crawler foo\r\nlru_crawler\r\n"),
+    ("lru-crawler-classes", b"lru_crawler crawl 0\r\nlru_crawler crawl 1,64\r\n"
+                            b"lru_crawler crawl 1,x\r\nlru_crawler crawl hash\r\n"),
+    # A dump would be sent by memcached's crawler thread: replies still waiting
+    # before it refuse it.
+    ("metadump-pipelined", b"mg nope v\r\nlru_crawler metadump all\r\n"),
     # -- unknown and malformed lines ------------------------------------------------------
     ("unknown", b"foo\r\nx\r\n\r\n   \r\nSET a 0 0 1\r\ngetx a\r\nsetx\r\nmz\r\n"),
     ("http-get", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
@@ -251,6 +257,172 @@ def on_new_servers(args, talk):
     with the command-line args."""
     with both(lambda start: start(*args)) as servers:
         return [talk(server) for server in servers]
+
+
+# -- the LRU: its settings, the segmented LRU's sub-LRUs, the maintainer, the crawler --
+
+LRU_SETTINGS = ("lru_crawler", "lru_crawler_sleep", "lru_crawler_tocrawl",
+                "lru_maintainer_thread", "lru_segmented", "hot_lru_pct", "warm_lru_pct",
+                "hot_max_factor", "warm_max_factor", "temp_lru", "temporary_ttl")
+# What the LRU's own statistics are while the maintainer and the crawler run.
+LRU_STATS = ("lru_crawler_running", "lru_crawler_starts", "lru_maintainer_juggles",
+             "evicted_active", "moves_to_cold", "moves_to_warm", "moves_within_lru",
+             "direct_reclaims", "lru_bumps_dropped")
+
+
+def through_mn(client, script):
+    """The replies to script, sent on a RawClient and read up to those of a last mn."""
+    return client.request(script + b"mn\r\n", b"MN\r\n")
+
+
+def lru_settings(server):
+    with server.connect() as client:
+        settings = stats(client, b"settings")
+        shown = set(stats(client)) & set(LRU_STATS)
+    return [settings[name] for name in LRU_SETTINGS], shown
+
+
+@pytest.mark.parametrize("options", [
+    [], ["-o", "no_modern"], ["-o", "no_modern,lru_crawler"], ["-o", "no_lru_crawler"],
+    ["-o", "no_lru_maintainer"], ["-o", "no_modern,lru_maintainer"],
+    ["-o", "lru_maintainer,lru_crawler,temporary_ttl=61"],
+    ["-o", "hot_lru_pct=10,warm_lru_pct=30,hot_max_factor=0.5,warm_max_factor=3,"
+           "lru_crawler_sleep=50,lru_crawler_tocrawl=100"],
+], ids=lambda options: " ".join(options) or "default")
+def test_lru_settings_as_memcached(options):
+    settings = on_new_servers(options, lru_settings)
+    assert settings[0] == settings[1]
+
+
+LRU_COMMANDS = (b"lru tune 10 25 0.1 2.5\r\nlru mode flat\r\nlru temp_ttl 30\r\n"
+                b"lru_crawler sleep 10\r\nlru_crawler tocrawl 20\r\n"
+                b"lru_crawler disable\r\nlru temp_ttl -1\r\nlru mode segmented\r\n")
+
+
+@pytest.mark.parametrize("options", [[], ["-o", "no_modern"]],
+                         ids=lambda options: " ".join(options) or "default")
+def test_lru_commands_change_the_settings_as_memcacheds(options):
+    def talk(server):
+        with server.connect() as client:
+            replies = through_mn(client, LRU_COMMANDS)
+        return replies, lru_settings(server)
+    replies = on_new_servers(options, talk)
+    assert replies[0] == replies[1]
+
+
+def test_the_crawler_switched_off_and_on_as_memcacheds():
+    # (memcached stops its crawler's thread without waiting: what comes right after
+    # a disable meets a crawler half stopped.  Here each waits for the settings.)
+    def talk(server):
+        seen = []
+        with server.connect() as client:
+            seen.append(client.request(b"lru_crawler enable\r\n"))
+            seen.append(client.request(b"lru_crawler disable\r\n"))
+            wait_for(lambda: stats(client, b"settings")["lru_crawler"] == "no",
+                     what="the crawler to stop")
+            for line in (b"lru_crawler crawl all\r\n", b"lru_crawler metadump all\r\n",
+                         b"lru_crawler metadump 0\r\n", b"lru_crawler disable\r\n",
+                         b"lru_crawler enable\r\n", b"lru_crawler enable\r\n",
+                         b"lru_crawler metadump 0\r\n"):
+                seen.append(client.request(line))
+            seen.append(set(stats(client)) & set(LRU_STATS))
+        return seen
+    seen = on_new_servers([], talk)
+    assert seen[0] == seen[1]
+
+
+def items_by_class(server, script):
+    """Each class's item counts in ``stats items``, and the names there, after
+    script."""
+    with server.connect() as client:
+        through_mn(client, script)
+        figures = stats(client, b"items")
+    return ({name: value for name, value in figures.items()
+             if name.split(":")[2] in ("number", "number_temp")},
+            sorted(figures))
+
+
+@pytest.mark.parametrize("options", [[], ["-o", "no_modern"], ["-o", "temporary_ttl=61"]],
+                         ids=lambda options: " ".join(options) or "default")
+def test_items_are_counted_in_memcacheds_slab_classes(options):
+    # (Sizes below memcached's chunk limit: a larger item is chunked, and no_modern
+    # has a limit of its own.)
+    script = b"".join(b"set k%d 0 0 %d\r\n%s\r\nset t%d 0 30 %d\r\n%s\r\n" % (
+        size, size, b"x" * size, size, size, b"y" * size) for size in (1, 100, 1000, 100000))
+    replies = on_new_servers(options, lambda server: items_by_class(server, script))
+    assert replies[0] == replies[1]
+    assert len(replies[0][0]) >= 4
+
+
+def until_idle(client):
+    """Wait for a crawl to end (lru_crawler_running 0)."""
+    wait_for(lambda: stats(client)["lru_crawler_running"] == "0", what="the crawl to end")
+
+
+def test_a_crawl_of_one_class_reclaims_as_memcacheds():
+    # No maintainer, no runs of the crawler of its own: only the crawls asked for.
+    script = b"".join(b"set s%d 0 2 1\r\nx\r\nset b%d 0 2 1000\r\n%s\r\n"
+                      b"set l%d 0 100 1000\r\n%s\r\n" % (i, i, b"x" * 1000, i, b"x" * 1000)
+                      for i in range(20)) + b"get s0 s1\r\n"
+    names = ("number", "crawler_reclaimed", "crawler_items_checked", "expired_unfetched",
+             "reclaimed")
+
+    def talk(server):
+        seen = []
+        with server.connect() as client:
+            through_mn(client, script)
+            time.sleep(3.1)                      # all but l* expire
+            for crawl in (b"lru_crawler crawl 12\r\n", b"lru_crawler crawl all\r\n"):
+                seen.append(client.request(crawl))
+                until_idle(client)
+                seen.append({name: value for name, value in stats(client, b"items").items()
+                             if name.split(":")[2] in names})
+                seen.append({name: stats(client)[name] for name in (
+                    "curr_items", "crawler_reclaimed", "crawler_items_checked",
+                    "expired_unfetched", "lru_crawler_starts")})
+        return seen
+    seen = on_new_servers(["-o", "no_modern,lru_crawler"], talk)
+    assert seen[0] == seen[1]
+    assert seen[0][4]["items:12:crawler_reclaimed"] == "20"
+
+
+@pytest.mark.parametrize("options", [[], ["-o", "temporary_ttl=61"]],
+                         ids=lambda options: " ".join(options) or "default")
+def test_the_maintainer_reclaims_expired_items_as_memcacheds(options):
+    # Two classes mixed, in HOT or TEMP: memcached's maintainer reclaims at the tail
+    # of each class's LRUs (one class's live items hold up none of the other's), and
+    # counts them as reclaimed, as memg's does.
+    script = b"".join(b"set s%d 0 2 10\r\n%s\r\nset t%d 0 30 100\r\n%s\r\n" % (
+        i, b"x" * 10, i, b"x" * 100) for i in range(300)) + b"get s0 s1\r\n"
+    names = ("curr_items", "reclaimed", "crawler_reclaimed", "expired_unfetched")
+
+    def talk(server):
+        with server.connect() as client:
+            through_mn(client, script)
+            wait_for(lambda: stats(client)["curr_items"] == "300", timeout=10,
+                     what="the maintainer to reclaim what expired")
+            return {name: stats(client)[name] for name in names}
+    counts = on_new_servers(options, talk)
+    assert counts[0] == counts[1]
+    assert (counts[0]["reclaimed"], counts[0]["expired_unfetched"]) == ("300", "298")
+
+
+def test_a_flush_counts_what_it_drops_as_memcacheds_maintainer():
+    names = ("curr_items", "reclaimed", "expired_unfetched", "get_flushed")
+
+    def talk(server):
+        with server.connect() as client:
+            through_mn(client, b"set a 0 0 1\r\n1\r\nset b 0 0 1\r\n2\r\n"
+                               b"set c 0 0 1000\r\n%s\r\nget a\r\n" % (b"x" * 1000))
+            assert client.request(b"flush_all\r\n") == b"OK\r\n"
+            # (memcached's curr_items counts the items until it has unlinked them,
+            # memg's reclaimed counts them once it lets them go, a second on)
+            wait_for(lambda: [stats(client)[name] for name in ("curr_items", "reclaimed")]
+                     == ["0", "3"], what="the maintainer to reclaim what the flush hid")
+            return {name: stats(client)[name] for name in names}
+    counts = on_new_servers([], talk)
+    assert counts[0] == counts[1]
+    assert (counts[0]["reclaimed"], counts[0]["expired_unfetched"]) == ("3", "2")
 
 
 def test_stats_sizes_with_track_sizes_as_memcached():
@@ -384,10 +556,8 @@ SIZED_ITEMS = b"".join(
     b"set %s %d 0 %d\r\n%s\r\n" % (b"k" * (1 + n % 40) + b"%d" % n, n % 3, size, b"v" * size)
     for n, size in enumerate([0, 1, 10, 36, 37, 100, 500, 1000, 5000, 20000, 66560, 66560,
                               70000, 200000, 450000, 524000, 600000, 700000, 1000000]))
-# memcached counts commands per class, which memg does not (its stats slabs shows 0),
-# and an age may tick over between the two servers.
-_UNCOMPARED = re.compile(rb"STAT (\d+:(get_hits|cmd_set|delete_hits|incr_hits|decr_hits|"
-                         rb"cas_hits|cas_badval|touch_hits)|items:\d+:age) \d+\r\n")
+# (An age may tick over between the two servers.)
+_UNCOMPARED = re.compile(rb"STAT items:\d+:age \d+\r\n")
 
 
 @pytest.mark.parametrize("args", [

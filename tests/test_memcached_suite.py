@@ -12,9 +12,8 @@ $MEMG_MEMCACHED_SOURCE, by default ~/.cache/memg/memcached-1.6.18.
 
 Every file memcached 1.6.18 passes must pass against memg, except those that
 tests/memcached_suite_exceptions.txt names, each with the allocator internal it
-tests that memg does not have, and those that tests/memcached_suite_unfinished.txt
-names, each with the behaviour memg does not have yet: they are expected to fail,
-and the test fails if one passes, so that the lists stay true.  A file that skips itself (its ``plan
+tests that memg does not have: they are expected to fail, and the test fails if
+one passes, so that the list stays true.  A file that skips itself (its ``plan
 skip_all``) is reported as skipped when memcached skips it too, or when it is about
 extstore, which memg does not have; any other skip fails.
 """
@@ -42,8 +41,6 @@ SOURCE = os.environ.get("MEMG_MEMCACHED_SOURCE") or os.path.join(
     "memg", "memcached-" + VERSION)
 EXCEPTIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                "memcached_suite_exceptions.txt")
-UNFINISHED_FILE = os.path.join(os.path.dirname(EXCEPTIONS_FILE),
-                               "memcached_suite_unfinished.txt")
 
 
 def read_exceptions(path):
@@ -54,7 +51,6 @@ def read_exceptions(path):
 
 
 EXCEPTIONS = read_exceptions(EXCEPTIONS_FILE)
-UNFINISHED = read_exceptions(UNFINISHED_FILE)
 
 # Why a file may skip itself, by the reason its plan gives: memcached 1.6.18 skips
 # each of these too (Debian's build runs extstore's files, but memg has no extstore:
@@ -191,13 +187,11 @@ def test_memcached_file(proven, test_file, tls):
     code, output = proven[test_file, tls].result()
     where = "memcached %s's %s against memg (the %s engine%s)" % (
         VERSION, test_file, ENGINE, ", SSL_TEST=1" if tls else "")
-    for listed, path in ((EXCEPTIONS, EXCEPTIONS_FILE), (UNFINISHED, UNFINISHED_FILE)):
-        if test_file in listed:
-            # What memg does not have (or not yet): the file must fail, or the list
-            # is out of date.
-            assert code != 0, "%s passes: take it off %s (%s)" % (
-                where, os.path.basename(path), listed[test_file])
-            pytest.xfail(listed[test_file])
+    if test_file in EXCEPTIONS:
+        # What memg does not have: the file must fail, or the list is out of date.
+        assert code != 0, "%s passes: take it off %s (%s)" % (
+            where, os.path.basename(EXCEPTIONS_FILE), EXCEPTIONS[test_file])
+        pytest.xfail(EXCEPTIONS[test_file])
     if code != 0:
         pytest.fail("%s fails:\n%s" % (where, output), pytrace=False)
     reason = skip_reason(output)
@@ -210,18 +204,14 @@ def test_memcached_file(proven, test_file, tls):
         pytest.skip("%s skips itself (%s): %s" % (test_file, reason, known[0]))
 
 
-@pytest.mark.parametrize("path, listed", [(EXCEPTIONS_FILE, EXCEPTIONS),
-                                           (UNFINISHED_FILE, UNFINISHED)],
-                         ids=["exceptions", "unfinished"])
-def test_the_lists_are_files_of_t_each_with_a_reason_and_in_the_readme(path, listed):
-    with open(path) as lines:
+def test_the_list_is_of_files_of_t_each_with_a_reason_and_in_the_readme():
+    with open(EXCEPTIONS_FILE) as lines:
         lines = [line.rstrip("\n") for line in lines if not line.startswith("#")]
     assert all(re.fullmatch(r"t/[\w-]+\.t: \S.*", line) for line in lines), lines
-    assert len(listed) == len(lines)
-    assert not set(EXCEPTIONS) & set(UNFINISHED)
+    assert len(EXCEPTIONS) == len(lines)
     if CASES:
-        assert set(listed) <= {name for name, _ in CASES}
-    with open(os.path.join(os.path.dirname(path), os.pardir, "README.md")) as readme:
+        assert set(EXCEPTIONS) <= {name for name, _ in CASES}
+    with open(os.path.join(os.path.dirname(EXCEPTIONS_FILE), os.pardir, "README.md")) as readme:
         text = " ".join(readme.read().split())
-    for name, reason in listed.items():
+    for name, reason in EXCEPTIONS.items():
         assert "`%s`: %s" % (name, reason) in text, name

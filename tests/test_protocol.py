@@ -537,11 +537,11 @@ def test_append_beyond_the_size_limit_is_not_stored():
           + b"w" * 100000 + b"\r\nmg k s\r\n", b"STORED\r\nNOT_STORED\r\nHD s1000000\r\n")
 
 
-def small_session(evict):
+def small_session(evict, **settings):
     """Room for three items of key "x" and a 1000-byte value (memg charges each item
     key + value + memg.ITEM_OVERHEAD bytes)."""
     limit = 3 * memg.item_cost(b"x", 1000) + 100
-    return Session(memory_limit=limit, item_size_max=limit // 2, evict=evict)
+    return Session(memory_limit=limit, item_size_max=limit // 2, evict=evict, **settings)
 
 
 def fill(session):
@@ -550,13 +550,28 @@ def fill(session):
     assert session.send(script) == b"STORED\r\n" * 3
 
 
-def test_full_cache_evicts_least_recently_used():
-    session = small_session(evict=True)
+def test_full_flat_cache_evicts_least_recently_used():
+    session = small_session(evict=True, lru_maintainer=False)      # -o no_lru_maintainer
     fill(session)
     assert session.send(b"get a\r\n").startswith(b"VALUE a ")
     assert session.send(b"set d 0 0 1000\r\n" + b"v" * 1000 + b"\r\nget b\r\n") == \
         b"STORED\r\nEND\r\n"
     assert parse_stats(session.send(b"stats\r\n"))["evictions"] == "1"
+
+
+def test_full_segmented_cache_keeps_what_was_read_twice():
+    # The segmented LRU: an item read once is evicted as soon as one never read; one
+    # read twice is active, and moves up to WARM instead of down to COLD.
+    session = small_session(evict=True)
+    fill(session)
+    assert session.send(b"get a\r\nget b\r\nget b\r\n").count(b"VALUE") == 3
+    assert session.send(b"set d 0 0 1000\r\n" + b"v" * 1000 + b"\r\nmn\r\n") == \
+        b"STORED\r\nMN\r\n"
+    assert session.send(b"set e 0 0 1000\r\n" + b"v" * 1000 + b"\r\nmn\r\n") == \
+        b"STORED\r\nMN\r\n"
+    assert session.send(b"get a b c\r\n").count(b"VALUE") == 1          # b
+    stats = parse_stats(session.send(b"stats\r\n"))
+    assert (stats["evictions"], stats["moves_to_warm"]) == ("2", "1")
 
 
 def test_full_cache_without_eviction_refuses():
@@ -820,7 +835,18 @@ def test_mg_touch_does_not_change_cas():
 
 
 def test_mg_hit_before_and_last_access():
+    # Segmented, as memcached: a first read marks the item fetched, a second marks it
+    # active, and only that stamps its last access.
     session = Session()
+    session.send(b"set k 0 0 1\r\nx\r\n")
+    session.advance(5)
+    assert session.send(b"mg k h l\r\n") == b"HD h0 l5\r\n"
+    session.advance(3)
+    assert session.send(b"mg k h l\r\nmg k h l\r\n") == b"HD h1 l8\r\nHD h1 l0\r\n"
+
+
+def test_mg_hit_before_and_last_access_in_a_flat_lru():
+    session = Session(lru_maintainer=False)
     session.send(b"set k 0 0 1\r\nx\r\n")
     session.advance(5)
     assert session.send(b"mg k h l\r\n") == b"HD h0 l5\r\n"
@@ -1287,7 +1313,8 @@ def test_stats_reset_zeroes_every_counter_and_leaves_the_gauges(auth_file):
                 "log_watcher_sent", "cmd_get", "get_misses")
     login = len(b"STORED\r\n")
     before = parse_stats(session.send(AUTH + b"stats\r\n")[login:])
-    assert [before[name] for name in counters] == ["4", "1", "1", "1", "1", "1", "1"]
+    # (two crawls: the maintainer's first, as the server starts, and the one asked for)
+    assert [before[name] for name in counters] == ["4", "1", "2", "1", "1", "1", "1"]
     after = parse_stats(session.send(AUTH + b"stats reset\r\nstats\r\n")[login + 7:])
     assert [after[name] for name in counters] == ["0"] * len(counters)
     assert after["log_watchers"] == "1"
@@ -1504,7 +1531,7 @@ ITEMS_IN_CLASSES = (b"set a 0 0 1\r\nx\r\nset b 5 0 10\r\n0123456789\r\n"
 
 def test_stats_items():
     assert run(b"stats items\r\n") == b"END\r\n"
-    session = Session()
+    session = Session(lru_maintainer=False)          # (one LRU: no sub-LRUs' figures)
     session.send(ITEMS_IN_CLASSES)
     session.advance(3)
     session.send(b"get a\r\n")
@@ -1546,14 +1573,15 @@ def test_stats_slabs():
     # The pages memcached would take for these chunks, one at least per class.
     assert reply[len(b"STORED\r\n" * 4):] == b"".join(
         b"STAT %d:%s %d\r\n" % (slab, name, value)
-        for slab, size, used in [(1, 96, 2), (2, 120, 1), (4, 192, 1), (35, 202152, 1),
-                                 (39, 524288, 1)]
+        for slab, size, used, sets in [(1, 96, 2, 2), (2, 120, 1, 0), (4, 192, 1, 1),
+                                       (35, 202152, 1, 0), (39, 524288, 1, 1)]
         for name, value in [
             (b"chunk_size", size), (b"chunks_per_page", MB // size), (b"total_pages", 1),
             (b"total_chunks", MB // size), (b"used_chunks", used),
-            (b"free_chunks", MB // size - used), (b"free_chunks_end", 0)] + [
-            (name, 0) for name in (b"get_hits", b"cmd_set", b"delete_hits", b"incr_hits",
-                                   b"decr_hits", b"cas_hits", b"cas_badval", b"touch_hits")]
+            (b"free_chunks", MB // size - used), (b"free_chunks_end", 0),
+            (b"get_hits", 0), (b"cmd_set", sets)] + [
+            (name, 0) for name in (b"delete_hits", b"incr_hits", b"decr_hits", b"cas_hits",
+                                   b"cas_badval", b"touch_hits")]
     ) + b"STAT active_slabs 5\r\nSTAT total_malloced %d\r\nEND\r\n" % (5 * MB)
 
 
@@ -1610,13 +1638,24 @@ def test_stats_detail_delimiter_is_a_setting():
 
 
 def test_stats_cachedump():
-    # A class's items, most recently used first.
+    # A class's items in COLD, most recently used first: all of them in a flat LRU.
     check(b"set a 0 0 1\r\nx\r\nset b 0 0 3\r\nxyz\r\nset c 0 0 100\r\n" + b"c" * 100 +
           b"\r\nset d 0 0 1\r\nx\r\nstats cachedump 1 0\r\nstats cachedump 1 2\r\n"
           b"stats cachedump 4 0\r\nstats cachedump 2 0\r\n",
           b"STORED\r\n" * 4 + b"ITEM d [1 b; 0 s]\r\nITEM b [3 b; 0 s]\r\nITEM a [1 b; 0 s]\r\n"
           b"END\r\nITEM d [1 b; 0 s]\r\nITEM b [3 b; 0 s]\r\nEND\r\n"
-          b"ITEM c [100 b; 0 s]\r\nEND\r\nEND\r\n")
+          b"ITEM c [100 b; 0 s]\r\nEND\r\nEND\r\n", lru_maintainer=False)
+
+
+def test_stats_cachedump_lists_cold_items_alone():
+    # As memcached's: in the segmented LRU, new items are in HOT until they cool.
+    session = Session()
+    session.send(b"set a 0 0 1\r\nx\r\nset b 0 0 1\r\ny\r\n")
+    assert session.send(b"stats cachedump 1 0\r\n") == b"END\r\n"
+    session.advance(2)
+    session.server.service.sweep()      # the maintainer: idle in HOT, COLD empty
+    assert session.send(b"stats cachedump 1 0\r\n") == (
+        b"ITEM b [1 b; 0 s]\r\nITEM a [1 b; 0 s]\r\nEND\r\n")
 
 
 def test_stats_cachedump_disabled():

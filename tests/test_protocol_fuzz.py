@@ -15,8 +15,8 @@ Two kinds of test:
    blocks parsed by the length their header states), or of well-formed response
    packets; the same input cut into random pieces, handed over one piece at a
    time, gets the same replies and leaves the same items (unless a text line is
-   longer than memcached reads at once, where its own answer depends on how the
-   bytes arrive); afterwards a fresh connection can still set and get, the
+   longer than memcached reads at once, or a metadump follows other commands,
+   where memcached's own answer depends on how the bytes arrive); afterwards a fresh connection can still set and get, the
    store's byte count is the sum of its items' costs, its size histogram matches
    its items, and ``stats`` agrees with the store.
    Hypothesis generates some inputs, and a seeded random loop always runs
@@ -446,7 +446,10 @@ def fuzz_one(script):
         else:
             split_replies(output)
         check_store(server.store)
-        if len(script) > 1 and (binary or max(map(len, script.split(b"\n"))) <= memg.LINE_LIMIT):
+        # (A metadump refuses to follow replies not yet sent, which depends on how
+        # the bytes arrive, as in memcached.)
+        if len(script) > 1 and (binary or max(map(len, script.split(b"\n"))) <= memg.LINE_LIMIT
+                                and b"metadump" not in script):
             twin = fresh_server()
             assert comparable(converse(twin, script, random_cuts(script)), binary) == \
                 comparable(output, binary)
@@ -996,7 +999,7 @@ class MemgMachine(CacheMachine):
     @invariant()
     def store_is_consistent(self):
         store = self.session.server.store
-        assert store.counters["evictions"] == 0      # the model never evicts
+        assert store.snapshot()["evictions"] == 0    # the model never evicts
         assert store.bytes == sum(memg.item_cost(key, memg.unpack_item(item).size)
                                   for key, item in store.items.items())
 

@@ -106,7 +106,7 @@ def test_six_times_the_memory_limit_stays_bounded_and_newest_items_readable():
         server.stop()
 
 
-def test_expired_items_are_swept_without_being_touched_and_evict_nothing():
+def test_expired_items_are_reclaimed_without_being_touched_and_evict_nothing():
     server = start_memg("-m", "8")
     try:
         with server.connect() as client:
@@ -114,9 +114,12 @@ def test_expired_items_are_swept_without_being_touched_and_evict_nothing():
             # (3 s: under load, 5,000 sets may take longer than one)
             set_many(client, (b"short:%d" % i for i in range(5000)), value, exptime=3)
             assert int(stats(client)["curr_items"]) == 5000
-            wait_for(lambda: stats(client)["curr_items"] == "0", timeout=15,
-                     what="the background sweep (once a second) to reclaim them")
-            assert stats(client)["crawler_reclaimed"] == "5000"
+            wait_for(lambda: stats(client)["curr_items"] == "0", timeout=10,
+                     what="the LRU maintainer (once a second) to reclaim them")
+            # At HOT's tail, as memcached's maintainer does (its crawler's first run
+            # was at the start, its next a minute on).
+            assert (stats(client)["reclaimed"], stats(client)["crawler_reclaimed"]) == (
+                "5000", "0")
             set_many(client, (b"long:%d" % i for i in range(5000)), value)
             assert stats(client)["evictions"] == "0"
             assert stats(client)["curr_items"] == "5000"
@@ -124,24 +127,58 @@ def test_expired_items_are_swept_without_being_touched_and_evict_nothing():
         server.stop()
 
 
-def test_no_lru_crawler_starts_without_the_sweep_until_lru_crawler_enable():
-    server = start_memg("-o", "no_lru_crawler")
+# -- the segmented LRU and its maintainer ----------------------------------------------
+
+def test_the_maintainer_cools_hot_items_once_a_second():
+    server = start_memg()
     try:
         with server.connect() as client:
-            assert stats(client, b"settings")["lru_crawler"] == "no"
-            assert "lru_crawler_starts" not in stats(client)
-            set_many(client, (b"short:%d" % i for i in range(10)), b"v", exptime=1)
-            time.sleep(2.5)              # (two sweeps' time, were there a sweep)
-            assert stats(client)["curr_items"] == "10"
-            assert client.request(b"lru_crawler enable\r\n") == b"OK\r\n"
-            assert stats(client, b"settings")["lru_crawler"] == "yes"
-            wait_for(lambda: stats(client)["curr_items"] == "0", timeout=10,
-                     what="the background sweep, now on, to reclaim them")
-            assert stats(client)["lru_crawler_starts"] == "0"     # (a sweep is no crawl)
-            assert client.request(b"lru_crawler crawl all\r\n") == b"OK\r\n"
-            assert stats(client)["lru_crawler_starts"] == "1"
+            set_many(client, (b"k%d" % i for i in range(10)), b"v")
+            juggles = int(stats(client)["lru_maintainer_juggles"])
+            wait_for(lambda: int(stats(client, b"items")["items:1:number_cold"]) >= 8,
+                     what="the maintainer to move HOT's surplus down to COLD")
+            figures = stats(client, b"items")
+            assert int(figures["items:1:number_hot"]) <= 2
+            assert int(figures["items:1:moves_to_cold"]) >= 8
+            assert int(stats(client)["lru_maintainer_juggles"]) > juggles
     finally:
         server.stop()
+
+
+def test_items_in_the_temp_lru_are_never_evicted():
+    # memcached's t/lru-maintainer.t: a temporary item outlives a cache's worth of
+    # others, never read.
+    server = start_memg("-m", "2", "-o", "temporary_ttl=61")
+    value = b"B" * 66560
+    try:
+        with server.connect() as client:
+            assert client.request(b"set canary 0 30 66560\r\n%s\r\n" % value) == b"STORED\r\n"
+            for i in range(60):
+                assert client.request(b"set k%d 0 3600 66560\r\n%s\r\n" % (i, value)) == (
+                    b"STORED\r\n")
+            figures = stats(client, b"items")
+            assert int(figures["items:31:evicted"]) > 0
+            assert figures["items:31:number_temp"] == "1"
+            assert client.request(b"get canary\r\n", b"END\r\n").startswith(b"VALUE canary")
+    finally:
+        server.stop()
+
+
+def test_lru_temp_ttl_and_mode_take_effect_for_new_items(memg):
+    with memg.connect() as client:
+        assert client.request(b"lru temp_ttl 30\r\nlru mode flat\r\n", b"OK\r\nOK\r\n") == (
+            b"OK\r\nOK\r\n")
+        settings = stats(client, b"settings")
+        assert (settings["temp_lru"], settings["temporary_ttl"], settings["lru_segmented"]) == (
+            "yes", "30", "no")
+        assert client.request(b"set t 0 20 1\r\nx\r\nset f 0 0 1\r\ny\r\n",
+                              b"STORED\r\nSTORED\r\n") == b"STORED\r\nSTORED\r\n"
+        figures = stats(client, b"items")
+        assert (figures["items:1:number_temp"], figures["items:1:number_cold"]) == ("1", "1")
+        assert client.request(b"lru temp_ttl -1\r\nlru mode segmented\r\n",
+                              b"OK\r\nOK\r\n") == b"OK\r\nOK\r\n"
+        assert stats(client, b"settings")["temp_lru"] == "no"
+        assert "items:1:number_temp" not in stats(client, b"items")
 
 
 # -- abrupt and concurrent clients ---------------------------------------------------------
@@ -231,7 +268,7 @@ def test_stats_count_commands_and_bytes(memg):
 
 
 def test_stats_items_and_slabs_show_memcacheds_classes_while_clients_write():
-    server = start_memg("-m", "3")
+    server = start_memg("-m", "3", "-o", "no_lru_maintainer")    # (cachedump: all in COLD)
     try:
         with server.connect() as client:
             # 66,560-byte values fill class 31 (82,792-byte chunks, 12 a page) and

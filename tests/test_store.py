@@ -16,6 +16,9 @@ from conftest import Clock
 from memg import (ADD, APPEND, CAS, EXISTS, NO_MEMORY, NON_NUMERIC, NOT_FOUND,
                   NOT_STORED, PREPEND, REPLACE, SET, STORED, unpack_item)
 
+# memcached's slab classes with its defaults, which a Store counts items in.
+CLASSES = memg.SlabClasses()
+
 START = 1_700_000_000.0
 DAY = 24 * 60 * 60
 
@@ -113,10 +116,10 @@ def test_ttl(store, clock):
 # Memory accounting and the LRU
 # --------------------------------------------------------------------------
 
-def small_store(clock, items=3, evict=True):
+def small_store(clock, items=3, evict=True, **options):
     """A store with room for exactly `items` items of key k<digit> and a 10-byte value."""
     return memg.Store(memory_limit=items * cost(b"k0", b"0123456789"), evict=evict,
-                      clock=clock)
+                      clock=clock, **options)
 
 
 def test_bytes_returns_to_zero(store):
@@ -157,7 +160,7 @@ def test_lru_evicts_least_recently_used(clock):
     assert store.store(SET, b"k3", b"0123456789")[0] == STORED
     assert store.get(b"k0") is None
     assert [value_of(store, b"k%d" % i) is not None for i in (1, 2, 3)] == [True] * 3
-    assert store.counters["evictions"] == 1
+    assert store.snapshot()["evictions"] == 1
     assert store.bytes <= store.memory_limit
 
 
@@ -230,7 +233,7 @@ def test_eviction_counters(clock):
     store.store(SET, b"k3", b"0123456789")      # evicts k0, never fetched
     store.store(SET, b"k4", b"0123456789")      # evicts k2, never fetched
     store.store(SET, b"k5", b"0123456789")      # evicts k1, fetched
-    c = store.counters
+    c = store.snapshot()
     assert (c["evictions"], c["evicted_unfetched"], c["reclaimed"]) == (3, 2, 0)
 
 
@@ -241,7 +244,7 @@ def test_expired_item_at_lru_tail_is_reclaimed(clock):
     store.store(SET, b"k2", b"0123456789")
     clock.advance(5)
     assert store.store(SET, b"k3", b"0123456789")[0] == STORED
-    assert (store.counters["reclaimed"], store.counters["evictions"]) == (1, 0)
+    assert (store.snapshot()["reclaimed"], store.snapshot()["evictions"]) == (1, 0)
     assert value_of(store, b"k1") is not None
 
 
@@ -252,8 +255,8 @@ def test_no_evict_gives_no_memory(clock):
     assert store.store(SET, b"k3", b"0123456789") == (NO_MEMORY, None)
     assert store.get(b"k3") is None
     assert all(store.get(b"k%d" % i) is not None for i in range(3))
-    assert store.counters["evictions"] == 0
-    assert store.counters["store_no_memory"] == 1
+    assert store.snapshot()["evictions"] == 0
+    assert store.snapshot()["store_no_memory"] == 1
 
 
 def test_no_evict_append_beyond_limit(clock):
@@ -271,7 +274,7 @@ def test_no_evict_still_reclaims_expired(clock):
     store.store(SET, b"k2", b"0123456789")
     clock.advance(5)
     assert store.store(SET, b"k3", b"0123456789")[0] == STORED
-    assert store.counters["reclaimed"] == 1
+    assert store.snapshot()["reclaimed"] == 1
 
 
 def test_same_size_overwrite_fits_when_full(clock):
@@ -292,7 +295,7 @@ def test_lowering_memory_limit_evicts(clock):
 
 
 def test_the_garbage_collector_never_walks_the_items(store):
-    """Items are plain bytes and the store's dict holds nothing else, so neither is
+    """Items are plain bytes and the store's dicts hold nothing else, so none is
     tracked: a full collection does not stop every thread to walk the whole cache."""
     for i in range(10):
         store.store(SET, b"k%d" % i, b"v", flags=i)
@@ -301,7 +304,7 @@ def test_the_garbage_collector_never_walks_the_items(store):
     store.meta_get(b"k3", exptime=5, recache=10)
     store.invalidate(b"k4")
     store.arithmetic(b"n", 1, vivify=0)
-    assert not gc.is_tracked(store.items)
+    assert not any(gc.is_tracked(items) for items in store.segments)
     assert not any(gc.is_tracked(item) for item in store.items.values())
 
 
@@ -844,6 +847,194 @@ def test_meta_get_counts_gets_and_touches(store):
 
 
 # --------------------------------------------------------------------------
+# The segmented LRU (memcached's HOT, WARM, COLD and TEMP) and its maintainer
+# --------------------------------------------------------------------------
+
+def where(store, key):
+    """The sub-LRU that holds key: HOT, WARM, COLD or TEMP."""
+    return next(name for name, items in zip(("HOT", "WARM", "COLD", "TEMP"), store.segments)
+                if key in items)
+
+
+def juggle(store):
+    """A run of the maintainer with memcached's default tuning."""
+    return store.juggle(20, 40, 0.2, 2.0)
+
+
+@pytest.fixture
+def segmented(clock):
+    return memg.Store(clock=clock, segmented=True)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"growth_factor": 2, "chunk_size": 100, "slab_chunk_max": 65536}, {"use_cas": False},
+    {"slab_chunk_max": memg.MB, "whole_pages": False}, {"slab_chunk_max": 1001},
+    {"growth_factor": 1.01}], ids=str)
+def test_the_class_table_the_set_path_reads_agrees_with_bisection(options):
+    classes = memg.SlabClasses(**options)
+    sizes = list(range(0, min(70000, classes.table_max), 7)) + list(
+        range(classes.table_max - 100, classes.table_max + 1))
+    assert [classes.class_of_eights[size + 7 >> 3] for size in sizes] == [
+        classes.class_for(size) for size in sizes]
+    assert classes.slab_class(250, 4 * memg.MB, 1) == classes.largest
+
+
+def test_new_items_enter_hot_or_in_a_flat_lru_cold(segmented, store):
+    segmented.store(SET, b"k", b"v")
+    store.store(SET, b"k", b"v")
+    assert (where(segmented, b"k"), where(store, b"k")) == ("HOT", "COLD")
+
+
+def test_items_with_a_short_ttl_enter_temp(clock):
+    store = memg.Store(clock=clock, segmented=True, temp_ttl=61)
+    store.store(SET, b"short", b"v", exptime=61)
+    store.store(SET, b"long", b"v", exptime=62)
+    store.store(SET, b"never", b"v")
+    assert [where(store, key) for key in (b"short", b"long", b"never")] == [
+        "TEMP", "HOT", "HOT"]
+
+
+def test_a_second_read_marks_an_item_active_and_stamps_its_access(segmented, clock):
+    segmented.store(SET, b"k", b"v")
+    clock.advance(5)
+    first = unpack_item(segmented.get(b"k"))
+    assert (first.fetched, first.state & memg.ACTIVE, first.atime) == (True, 0, START)
+    clock.advance(5)
+    second = unpack_item(segmented.get(b"k"))
+    assert (second.state & memg.ACTIVE, second.atime) == (memg.ACTIVE, START + 10)
+    assert where(segmented, b"k") == "HOT"                 # reads move nothing in HOT
+
+
+def test_a_second_read_in_cold_moves_the_item_up_to_warm(segmented, clock):
+    segmented.store(SET, b"k", b"v")
+    clock.advance(2)
+    juggle(segmented)                                      # idle in HOT, COLD empty
+    assert where(segmented, b"k") == "COLD"
+    segmented.get(b"k")
+    assert where(segmented, b"k") == "COLD"
+    segmented.get(b"k")
+    assert where(segmented, b"k") == "WARM"
+    figures = segmented.class_stats()[CLASSES.slab_class(1, 1, 0)]
+    assert (figures["moves_to_cold"], figures["moves_to_warm"]) == (1, 1)
+    assert (figures["hits_to_cold"], figures["get_hits"]) == (2, 2)
+
+
+def test_the_maintainer_keeps_hot_to_its_share(segmented):
+    for i in range(10):
+        segmented.store(SET, b"k%d" % i, b"v")
+    assert juggle(segmented) > 0
+    # 20 % of the bytes stay in HOT: its two most recent items; the rest cooled,
+    # least recently used first.
+    assert [key for key in segmented.items if where(segmented, key) == "HOT"] == [
+        b"k8", b"k9"]
+    assert list(segmented.segments[memg.COLD]) == [b"k%d" % i for i in range(8)]
+    assert segmented.snapshot()["moves_to_cold"] == 8
+
+
+def test_the_maintainer_rescues_active_items_to_warm(segmented):
+    for i in range(5):
+        segmented.store(SET, b"k%d" % i, b"v")
+    segmented.get(b"k0")
+    segmented.get(b"k0")                                   # active
+    juggle(segmented)
+    assert where(segmented, b"k0") == "WARM"
+    assert not unpack_item(segmented.items[b"k0"]).state & memg.ACTIVE
+    segmented.get(b"k0")                                   # active again, in WARM
+    juggle(segmented)
+    assert where(segmented, b"k0") == "WARM"
+    c = segmented.snapshot()
+    assert (c["moves_to_warm"], c["moves_within_lru"]) == (1, 1)
+
+
+def test_items_idle_past_their_share_of_cold_s_age_cool(segmented, clock):
+    # HOT under its share, but idle longer than 0.2 times COLD's tail: it cools.
+    segmented.store(SET, b"old", b"v" * 1000)
+    clock.advance(2)
+    juggle(segmented)                                      # COLD empty: any idle cools
+    segmented.store(SET, b"new", b"v")
+    clock.advance(10)
+    segmented.store(SET, b"newest", b"v")
+    juggle(segmented)                                      # COLD's tail idle 12 s
+    assert where(segmented, b"new") == "COLD"              # idle 10 > 2.4
+    assert where(segmented, b"newest") == "HOT"
+
+
+def test_a_flat_lru_drains_hot_and_warm_into_cold(segmented):
+    for i in range(3):
+        segmented.store(SET, b"k%d" % i, b"v")
+    segmented.get(b"k0")
+    segmented.get(b"k0")
+    segmented.segmented = False                            # lru mode flat
+    segmented.store(SET, b"flat", b"v")
+    assert where(segmented, b"flat") == "COLD"
+    juggle(segmented)
+    assert not segmented.segments[memg.HOT] and not segmented.segments[memg.WARM]
+
+
+def test_eviction_takes_cold_then_cools_hot(clock):
+    store = small_store(clock, segmented=True)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    store.get(b"k1")
+    store.get(b"k1")                                       # active: rescued to WARM
+    clock.advance(1)
+    juggle(store)                                          # k1 to WARM, k0 and k2 cool
+    store.store(SET, b"k3", b"0123456789")                 # evicts COLD's tail, k0
+    assert store.get(b"k0", bump=False) is None
+    store.store(SET, b"k4", b"0123456789")                 # then k2
+    store.store(SET, b"k5", b"0123456789")                 # COLD empty: HOT's tail, k3
+    assert sorted(store.items) == [b"k1", b"k4", b"k5"]
+    figures = store.class_stats()[CLASSES.slab_class(2, 10, 0)]
+    assert (figures["evicted"], figures["evicted_unfetched"]) == (3, 3)
+    assert figures["direct_reclaims"] >= 3
+
+
+def test_temp_items_are_never_evicted(clock):
+    store = small_store(clock, segmented=True, temp_ttl=61)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789", exptime=30)
+    assert store.store(SET, b"k3", b"0123456789") == (NO_MEMORY, None)
+    assert store.store(SET, b"k4", b"0123456789", exptime=30) == (NO_MEMORY, None)
+    assert sorted(store.items) == [b"k0", b"k1", b"k2"]
+    figures = store.class_stats()[CLASSES.slab_class(2, 10, 0)]
+    assert (figures["outofmemory"], figures["number_temp"]) == (2, 3)
+    assert store.snapshot()["store_no_memory"] == 2
+
+
+def test_the_maintainer_reclaims_expired_tails_of_every_class(clock):
+    # memcached's maintainer reclaims at the tail of each class's LRU: in memg's
+    # shared TEMP, a live item of one class holds up none of another's.
+    store = memg.Store(clock=clock, segmented=True, temp_ttl=61)
+    for i in range(20):
+        store.store(SET, b"short%d" % i, b"v", exptime=1)
+        store.store(SET, b"long%d" % i, b"v" * 500, exptime=30)
+    store.get(b"short0")
+    clock.advance(1)
+    juggle(store)
+    assert sorted(store.items) == sorted(b"long%d" % i for i in range(20))
+    small = store.class_stats()[CLASSES.slab_class(7, 1, 0)]
+    assert (small["reclaimed"], small["expired_unfetched"], small["number"]) == (20, 19, 0)
+    assert store.snapshot()["crawler_reclaimed"] == 0
+
+
+def test_class_stats_count_each_class_in_each_sub_lru(segmented, clock):
+    segmented.store(SET, b"a", b"v")
+    segmented.store(SET, b"b", b"v" * 1000)
+    clock.advance(3)
+    juggle(segmented)                                      # both idle: to COLD
+    segmented.store(SET, b"c", b"v")
+    clock.advance(1)
+    classes = segmented.class_stats()
+    small, large = classes[CLASSES.slab_class(1, 1, 0)], classes[CLASSES.slab_class(1, 1000, 0)]
+    assert (small["number"], small["number_hot"], small["number_cold"]) == (2, 1, 1)
+    assert (small["age_hot"], small["age"]) == (1, 4)
+    assert (large["number"], large["number_cold"], large["age"]) == (1, 1, 4)
+    assert small["mem_requested"] == cost(b"a", b"v") + cost(b"c", b"v")
+    segmented.delete(b"b")
+    assert segmented.class_stats()[CLASSES.slab_class(1, 1000, 0)]["number"] == 0
+
+
+# --------------------------------------------------------------------------
 # Whole-cache operations: flush, sweep, dump
 # --------------------------------------------------------------------------
 
@@ -869,15 +1060,15 @@ def test_a_lookup_of_a_flushed_key_counts_get_flushed_once(store):
     assert (c["get_flushed"], c["get_misses"], c["curr_items"], c["bytes"]) == (1, 3, 0, 0)
 
 
-def test_storing_over_a_flushed_key_counts_its_lookup(store):
-    store.store(SET, b"k", b"old")
-    store.flush()
-    assert store.store(SET, b"k", b"new")[0] == STORED    # (memcached's do_store_item
-    assert store.counters["get_flushed"] == 1            # looks it up first)
-    assert value_of(store, b"k") == b"new"
-    assert store.delete(b"k") == STORED
-    assert store.get(b"k") is None
-    assert store.counters["get_flushed"] == 1
+def test_storing_over_a_flushed_key_counts_its_lookup(segmented):
+    segmented.store(SET, b"k", b"old")
+    segmented.flush()
+    assert segmented.store(SET, b"k", b"new")[0] == STORED    # (memcached's do_store_item
+    assert segmented.counters["get_flushed"] == 1            # looks it up first)
+    assert value_of(segmented, b"k") == b"new"
+    assert segmented.delete(b"k") == STORED
+    assert segmented.get(b"k") is None
+    assert segmented.counters["get_flushed"] == 1
 
 
 def test_a_delayed_flush_counts_get_flushed_too(store, clock):
@@ -888,14 +1079,16 @@ def test_a_delayed_flush_counts_get_flushed_too(store, clock):
     assert store.counters["get_flushed"] == 1
 
 
-def test_the_sweep_lets_go_of_what_a_flush_dropped_after_a_while(store, clock):
+def test_what_a_flush_dropped_is_let_go_after_a_while_as_reclaimed(store, clock):
     store.store(SET, b"k", b"v")
     store.flush()
-    store.sweep()
+    store.release_flushed()
     assert store.flushed_bytes == cost(b"k", b"v")
+    assert store.snapshot()["reclaimed"] == 0
     clock.advance(memg.FLUSHED_KEPT)
-    store.sweep()
-    assert (store.flushed, store.flushed_bytes) == ({}, 0)
+    store.release_flushed()
+    assert (store.flushed, store.flushed_bytes) == ((), 0)
+    assert store.snapshot()["reclaimed"] == 1
     assert store.get(b"k") is None
     assert store.counters["get_flushed"] == 0
 
@@ -910,7 +1103,7 @@ def test_what_a_flush_dropped_counts_under_the_limit_until_room_is_needed(clock)
         assert store.store(SET, b"k%02d" % i, b"v" * 100)[0] == STORED
         assert store.bytes + store.flushed_bytes <= store.memory_limit
     assert store.flushed_bytes == 0
-    assert store.counters["evictions"] == 0       # what was flushed went first
+    assert store.snapshot()["evictions"] == 0     # what was flushed went first
     assert store.snapshot()["curr_items"] == 10
 
 
@@ -997,12 +1190,18 @@ def test_without_cas_a_past_deadline_hides_only_older_items(clock):
     assert value_of(store, b"new") == b"v"
 
 
-def test_sweep_drops_items_hidden_by_the_deadline_second(store):
+def crawled(store, **options):
+    """Run a crawl to its end; returns the size of each batch it looked at."""
+    return list(store.crawl(**options))
+
+
+def test_crawl_drops_items_hidden_by_the_deadline_second(store):
     store.flush(1)
     store.store(SET, b"k", b"v")
-    store.sweep()
+    crawled(store)
     assert len(store.items) == 0
     assert store.bytes == 0
+
 
 def test_flush_counts(store):
     store.flush()
@@ -1010,42 +1209,95 @@ def test_flush_counts(store):
     assert store.counters["cmd_flush"] == 2
 
 
-def test_sweep_removes_expired_items(store, clock):
+def test_flush_counts_the_items_it_drops_as_reclaimed(store, clock):
+    # memcached reclaims the items a flush hides when it comes upon them at the LRU
+    # tails; memg drops them at once, and counts them so, in their classes, as it
+    # lets them go (a lookup before counts get_flushed instead).
+    store.store(SET, b"small", b"v")
+    store.store(SET, b"large", b"v" * 1000)
+    store.store(SET, b"also small", b"w")
+    store.store(SET, b"looked up", b"w")
+    store.get(b"small")
+    store.flush()
+    assert store.get(b"looked up") is None
+    clock.advance(memg.FLUSHED_KEPT)
+    store.release_flushed()
+    assert store.counters["get_flushed"] == 1
+    classes = store.class_stats()
+    small, large = classes[CLASSES.slab_class(5, 1, 0)], classes[CLASSES.slab_class(5, 1000, 0)]
+    assert (small["reclaimed"], large["reclaimed"]) == (2, 1)
+    assert (small["expired_unfetched"], large["expired_unfetched"]) == (1, 1)
+    assert small["number"] == large["number"] == 0
+
+
+def test_a_set_after_a_flush_in_a_flat_lru_reclaims_before_it_looks_up(store):
+    # memcached's t/issue_183.t: memcached's flat LRU makes the new item, pulling
+    # COLD's tail where the flushed item is, before it looks the key up.
+    store.store(SET, b"key", b"1")
+    store.flush()
+    assert store.store(SET, b"key", b"1")[0] == STORED
+    assert (store.snapshot()["reclaimed"], store.counters["get_flushed"]) == (1, 0)
+
+
+def test_crawl_removes_expired_items(store, clock):
     store.store(SET, b"short", b"v", exptime=5)
     store.store(SET, b"long", b"v", exptime=50)
     store.store(SET, b"forever", b"v")
     clock.advance(5)
-    store.sweep()
+    found = {}
+    crawled(store, found=found)
     assert list(store.items) == [b"long", b"forever"]
     assert store.bytes == cost(b"long", b"v") + cost(b"forever", b"v")
-    assert store.counters["crawler_reclaimed"] == 1
-    assert store.counters["crawler_items_checked"] == 3
-    assert store.counters["expired_unfetched"] == 1
+    c = store.snapshot()
+    assert (c["crawler_reclaimed"], c["crawler_items_checked"], c["expired_unfetched"]) == (
+        1, 3, 1)
+    assert c["reclaimed"] == 0
+    assert (found["seen"], found["noexp"], found["minutes"][0]) == (2, 1, 1)
 
 
-def test_sweep_in_slices(store, clock):
+def test_crawl_in_batches(store, clock):
     for i in range(10):
         store.store(SET, b"k%d" % i, b"v", exptime=1)
     clock.advance(1)
-    store.sweep(budget=4)
+    steps = store.crawl(batch=4)
+    assert next(steps) == 4
+    assert not store.lock.locked()
     assert len(store.items) == 6
-    store.sweep(budget=4)
-    store.sweep(budget=4)
+    assert list(steps) == [4, 2]
     assert len(store.items) == 0
     assert store.bytes == 0
 
 
-def test_sweep_applies_delayed_flush(store, clock):
+def test_crawl_of_some_classes(store, clock):
+    store.store(SET, b"small", b"v", exptime=1)
+    store.store(SET, b"large", b"v" * 1000, exptime=1)
+    clock.advance(1)
+    crawled(store, classes={CLASSES.slab_class(5, 1000, 0)})
+    assert list(store.items) == [b"small"]
+    assert store.snapshot()["crawler_items_checked"] == 1
+
+
+def test_crawl_looks_at_tocrawl_items_of_each_class_at_most(store, clock):
+    for i in range(5):
+        store.store(SET, b"k%d" % i, b"v", exptime=1)
+    store.store(SET, b"large", b"v" * 1000, exptime=1)
+    clock.advance(1)
+    crawled(store, tocrawl=2)
+    assert list(store.items) == [b"k2", b"k3", b"k4"]       # the least recent first
+    assert store.snapshot()["crawler_items_checked"] == 3
+
+
+def test_crawl_applies_delayed_flush(store, clock):
     store.store(SET, b"k", b"v")
     store.flush(10)
     clock.advance(10)
-    store.sweep()
+    crawled(store)
     assert len(store.items) == 0
     assert store.bytes == 0
 
 
-def walked(store, limit=None, batch=memg.WALK_BATCH):
-    return [pair for pairs in store.walk(limit, batch) for pair in pairs]
+def walked(store, batch=memg.WALK_BATCH):
+    return [pair for pairs in store.walk(batch=batch) for pair in pairs]
 
 
 def test_walk_most_recent_first(store):
@@ -1055,7 +1307,6 @@ def test_walk_most_recent_first(store):
     store.get(b"a")
     assert [(key, unpack_item(item).value) for key, item in walked(store)] == [
         (b"a", b"1"), (b"c", b"333"), (b"b", b"22")]
-    assert [key for key, _ in walked(store, 2)] == [b"a", b"c"]
 
 
 def test_walk_holds_the_lock_a_batch_at_a_time(store):
@@ -1160,18 +1411,22 @@ def test_evictions_are_counted_in_the_evicted_items_class(clock):
     store.store(SET, b"s2", b"x" * 10)
     clock.advance(7)
     store.store(SET, b"b0", b"x" * 100)          # evicts s0 (read) and s1
-    counts = store.class_counters
-    assert {slab: counts[slab]["evicted"] for slab in counts} == {1: 2}
-    assert counts[1]["evicted_nonzero"] == 1
-    assert counts[1]["evicted_unfetched"] == 1
-    assert counts[1]["evicted_time"] == 7        # s1, idle since it was stored
-    assert store.counters["evictions"] == 2
+
+    def evicted():
+        return {slab: figures["evicted"] for slab, figures in store.class_stats().items()
+                if figures["evicted"]}
+    assert evicted() == {1: 2}
+    counts = store.class_stats()[1]
+    assert counts["evicted_nonzero"] == 1
+    assert counts["evicted_unfetched"] == 1
+    assert counts["evicted_time"] == 7           # s1, idle since it was stored
+    assert store.snapshot()["evictions"] == 2
     store.store(SET, b"s3", b"x" * 10)           # evicts s2
     store.store(SET, b"s4", b"x" * 10)           # evicts b0
-    assert {slab: counts[slab]["evicted"] for slab in counts} == {1: 3, 4: 1}
-    assert counts[4]["evicted_time"] == 0
+    assert evicted() == {1: 3, 4: 1}
+    assert store.class_stats()[4]["evicted_time"] == 0
     store.reset_counters()
-    assert store.slab_usage().counters == {}
+    assert evicted() == {}
 
 
 def test_reclaims_and_refusals_are_counted_per_class(clock):
@@ -1182,10 +1437,10 @@ def test_reclaims_and_refusals_are_counted_per_class(clock):
     clock.advance(5)
     assert store.store(SET, b"s3", b"x" * 10)[0] == STORED      # reclaims s0
     assert store.store(SET, b"b0", b"x" * 100) == (NO_MEMORY, None)
-    counters = store.slab_usage().counters
+    counters = store.class_stats()
     assert counters[1]["reclaimed"] == counters[1]["expired_unfetched"] == 1
-    assert counters[4]["outofmemory"] == 1
-    assert (store.counters["reclaimed"], store.counters["store_no_memory"]) == (1, 1)
+    assert store.class_counters[4]["outofmemory"] == 1    # (a class that held nothing)
+    assert (store.snapshot()["reclaimed"], store.snapshot()["store_no_memory"]) == (1, 1)
 
 
 def test_the_crawler_counts_what_it_checks_per_class(store, clock):
@@ -1194,8 +1449,8 @@ def test_the_crawler_counts_what_it_checks_per_class(store, clock):
     store.store(SET, b"b", b"x" * 100, exptime=5)
     store.get(b"b")
     clock.advance(5)
-    store.sweep()
-    counters = store.slab_usage().counters
+    list(store.crawl())
+    counters = store.class_stats()
     assert counters[1]["crawler_items_checked"] == 2
     assert counters[1]["crawler_reclaimed"] == counters[1]["expired_unfetched"] == 1
     assert counters[4]["crawler_reclaimed"] == 1
@@ -1211,13 +1466,11 @@ def test_slab_usage_walks_the_items_into_their_classes(store, clock):
     clock.advance(1)
     usage = store.slab_usage()
     slabs = store.slabs
-    # [items, memcached's bytes, last access of the least recently used]
-    assert usage.items == {
-        1: [2, slabs.item_size(1, 10, 0) + slabs.item_size(1, 10, 1), START],
-        4: [1, slabs.item_size(4, 100, 0), START + 3],        # expired, still linked
-        39: [1, 700066, START + 3]}
+    assert usage.requested == {                              # memcached's bytes
+        1: slabs.item_size(1, 10, 0) + slabs.item_size(1, 10, 1),
+        4: slabs.item_size(4, 100, 0),                       # expired, still linked
+        39: 700066}
     assert usage.chunks == {1: 2, 4: 1, 2: 1, 39: 1, 35: 1}
-    assert usage.now == START + 4
 
 
 def test_walk_keeps_to_the_classes_asked_for(store):
@@ -1242,11 +1495,13 @@ def test_get_counters(store):
 
 
 def test_get_expired_counter(store, clock):
+    # As memcached: an expired item a read finds counts in get_expired, never in
+    # expired_unfetched (which counts those reclaimed at the LRU's tails).
     store.store(SET, b"k", b"v", exptime=1)
     clock.advance(1)
     store.get(b"k")
-    c = store.counters
-    assert (c["get_expired"], c["get_misses"], c["expired_unfetched"]) == (1, 1, 1)
+    c = store.snapshot()
+    assert (c["get_expired"], c["get_misses"], c["expired_unfetched"]) == (1, 1, 0)
 
 
 def test_touch_counters(store):
@@ -1263,7 +1518,7 @@ def test_cas_counters(store):
     _, item = store.store(SET, b"k", b"v")
     store.store(CAS, b"k", b"v", cas=unpack_item(item).cas + 100)
     store.store(CAS, b"k", b"v", cas=unpack_item(item).cas)
-    c = store.counters
+    c = store.snapshot()
     assert (c["cas_misses"], c["cas_badval"], c["cas_hits"]) == (1, 1, 1)
 
 
@@ -1276,7 +1531,7 @@ def test_delete_and_arithmetic_counters(store):
     store.arithmetic(b"nope", 1, incr=False)
     store.delete(b"k")
     store.delete(b"k")
-    c = store.counters
+    c = store.snapshot()
     assert (c["incr_hits"], c["incr_misses"], c["decr_hits"], c["decr_misses"]) == (1, 1, 1, 2)
     assert (c["delete_hits"], c["delete_misses"]) == (1, 1)
 
@@ -1286,7 +1541,7 @@ def test_set_and_total_items_counters(store):
     store.store(ADD, b"a", b"v")
     store.store(REPLACE, b"b", b"v")
     store.store(APPEND, b"a", b"v")
-    c = store.counters
+    c = store.snapshot()
     assert c["cmd_set"] == 4
     assert c["total_items"] == 2
 
@@ -1296,7 +1551,8 @@ def test_reset_counters(store):
     store.get(b"k")
     store.get(b"nope")
     store.reset_counters()
-    assert set(store.counters.values()) == {0}
+    assert {value for name, value in store.snapshot().items()
+            if name not in ("curr_items", "bytes", "limit_maxbytes", "hash_power_level")} == {0}
     assert value_of(store, b"k") == b"v"
 
 
@@ -1359,4 +1615,4 @@ def test_concurrent_cas_retry_loops():
 
     run_threads(8, work)
     assert unpack_item(store.get(b"n")).value == b"800"
-    assert store.counters["cas_hits"] == 800
+    assert store.snapshot()["cas_hits"] == 800

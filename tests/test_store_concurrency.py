@@ -7,16 +7,18 @@ every microsecond (sys.setswitchinterval) and check invariants that a missing or
 misplaced lock would break:
 
 - a mixed workload (every kind of command, a memory limit a dozen items big, a
-  fake clock that keeps items expiring, a sweeper, flushes) leaves the books
-  right at every moment a monitor looks: the byte count equals the cost of the
-  items, the size histogram matches them, the LRU order matches their last use,
-  CAS uniques are distinct, no counter is negative, and the memory limit holds;
+  fake clock that keeps items expiring, a crawler, flushes; in a flat LRU, and in
+  a segmented one with a TEMP LRU and its maintainer) leaves the books right at
+  every moment a monitor looks: the byte count equals the cost of the items, the
+  counts of each sub-LRU and class match them, the size histogram matches them, a
+  flat LRU's order matches their last use, CAS uniques are distinct, no counter is
+  negative, and the memory limit holds;
 - every value read was written whole by some thread;
 - the statistics count exactly what the threads saw;
 - appends, prepends, incrs and decrs from many threads all land;
 - of threads racing on one CAS unique, exactly one wins;
 - nothing stored before a flush can be read after it;
-- an expired item is never returned, while a sweeper runs.
+- an expired item is never returned, while a crawler runs.
 """
 
 import collections
@@ -99,7 +101,7 @@ def tick(clock, seconds_per_millisecond=1):
 def accounting_problems(store, clock_is_monotonic=True):
     """What is wrong with the store's books, recomputed from its items.  The caller
     holds store.lock, so the store is between two commands."""
-    items = store.items
+    items = {key: item for segment in store.segments for key, item in segment.items()}
     # (Each item's header only: unpacking whole items would copy every value.)
     headers = [memg.item_fields(item) for item in items.values()]
     problems = []
@@ -107,7 +109,7 @@ def accounting_problems(store, clock_is_monotonic=True):
     if store.bytes != cost:
         problems.append("bytes %d but the items cost %d" % (store.bytes, cost))
     flushed = sum(memg.item_cost(key, len(item) - memg.VALUE_START)
-                  for key, item in store.flushed.items())
+                  for segment in store.flushed for key, item in segment.items())
     if store.flushed_bytes != flushed:
         problems.append("flushed_bytes %d but what a flush dropped costs %d" % (
             store.flushed_bytes, flushed))
@@ -119,15 +121,26 @@ def accounting_problems(store, clock_is_monotonic=True):
         kept = {size: count for size, count in store.sizes.items() if count}
         if kept != sizes:
             problems.append("size histogram %r, items %r" % (kept, dict(sizes)))
+    if len(items) != sum(map(len, store.segments)):
+        problems.append("a key in two sub-LRUs")
+    lru_items, lru_bytes = [0] * memg.LRU_IDS, [0] * memg.LRU_IDS
+    for segment, segment_items in enumerate(store.segments):
+        for key, item in segment_items.items():
+            lru = segment << memg.SEGMENT_SHIFT | item[memg.CLASS_BYTE]
+            lru_items[lru] += 1
+            lru_bytes[lru] += memg.item_cost(key, len(item) - memg.VALUE_START)
+    if (lru_items, lru_bytes) != (store.lru_items, store.lru_bytes):
+        problems.append("LRU counts do not match the items")
     uniques = [cas for cas, _, _, _, _ in headers]
     if len(set(uniques)) != len(uniques) or max(uniques, default=0) > store.last_cas:
         problems.append("CAS uniques %r, last %d" % (uniques, store.last_cas))
-    # memg's LRU is the dict's own order; it agrees with recency if the last access
-    # times never decrease from the least to the most recently used end.
-    atimes = [atime for _, _, atime, _, _ in headers]
-    if clock_is_monotonic and atimes != sorted(atimes):
+    # A flat LRU is COLD's dict order; it agrees with recency if the last access times
+    # never decrease from the least to the most recently used end.
+    atimes = [memg.header(item).atime for item in store.segments[memg.COLD].values()]
+    if not store.segmented and clock_is_monotonic and atimes != sorted(atimes):
         problems.append("LRU order has access times %r" % atimes)
-    negative = {name: n for name, n in store.counters.items() if n < 0}
+    negative = {name: n for counters in [store.counters] + store.class_counters
+                for name, n in counters.items() if n < 0}
     if negative:
         problems.append("negative counters %r" % negative)
     return problems
@@ -346,27 +359,40 @@ def watch_memory(store, report):
     return run
 
 
-def sweep_continually(store, budget=5):
+def crawl_continually(store, batch=5):
     def run(finished):
         while not finished.is_set():
-            store.sweep(budget)
+            for _ in store.crawl(batch=batch):
+                pass
     return run
 
 
-@pytest.fixture(scope="module")
-def hammered():
+def juggle_continually(store):
+    """The LRU maintainer, running as fast as it can."""
+    def run(finished):
+        while not finished.is_set():
+            store.juggle(20, 40, 0.2, 2.0)
+    return run
+
+
+@pytest.fixture(scope="module", params=["flat", "segmented"])
+def hammered(request):
     """A tiny store after WORKERS threads ran OPS_PER_WORKER random commands each,
-    with the clock racing, a sweeper, and two monitors; and what they saw.  An
-    exception in any thread (a KeyError from a store whose dict and books disagree,
-    say) makes every test that uses this fixture an error."""
+    with the clock racing, a crawler, two monitors and, in a segmented LRU (with a
+    TEMP LRU for the shortest TTLs), the maintainer; and what they saw.  An exception
+    in any thread (a KeyError from a store whose dicts and books disagree, say) makes
+    every test that uses this fixture an error."""
     clock = Clock(START)
+    segmented = request.param == "segmented"
     store = memg.Store(memory_limit=MEMORY_LIMITS[0], item_size_max=ITEM_SIZE_MAX,
-                       track_sizes=True, clock=clock)
+                       track_sizes=True, clock=clock, segmented=segmented,
+                       temp_ttl=2 if segmented else None)
     report = HammerReport()
     workers = [Hammer(store, writer, report) for writer in range(WORKERS)]
-    run_concurrently(workers, [tick(clock), sweep_continually(store),
+    run_concurrently(workers, [tick(clock), crawl_continually(store),
                                audit_continually(store, report),
-                               watch_memory(store, report)])
+                               watch_memory(store, report)]
+                     + [juggle_continually(store)] * segmented)
     # Merged here rather than by the threads: Counter.update is not atomic.
     for worker in workers:
         report.tallies.update(worker.tallies)
@@ -376,10 +402,12 @@ def hammered():
 def test_the_hammer_evicts_expires_flushes_and_is_watched(hammered):
     """The run did what the other hammer tests rely on (each can be 0 by mistake)."""
     store, report = hammered
-    counters = store.counters
+    counters = store.snapshot()
     assert counters["evictions"] > 100
     assert counters["get_expired"] + counters["reclaimed"] + counters["crawler_reclaimed"] > 10
     assert counters["cmd_flush"] > 10
+    if store.segmented:
+        assert counters["moves_to_cold"] > 100 and counters["moves_to_warm"] > 10
     assert report.tallies["get", "hit"] > 1000
     assert report.audits > 50 and report.snapshots > 50
 
@@ -388,7 +416,8 @@ def test_the_books_agree_with_the_items_at_every_audit(hammered):
     store, report = hammered
     assert report.inconsistent == []
     assert audit(store) == []
-    store.sweep(None)
+    for _ in store.crawl():
+        pass
     assert audit(store) == []
 
 
@@ -476,7 +505,8 @@ def test_concurrent_incr_and_decr_net_out_exactly():
     run_concurrently([lambda i=i: count(i) for i in range(THREADS)])
     net = sum(delta if thread % 2 == 0 else -delta for thread, delta in deltas.items())
     assert int(unpack_item(store.get(b"n")).value) == start + net * times
-    assert store.counters["incr_hits"] == store.counters["decr_hits"] == THREADS // 2 * times
+    counters = store.snapshot()
+    assert counters["incr_hits"] == counters["decr_hits"] == THREADS // 2 * times
 
 
 # --------------------------------------------------------------------------
@@ -591,7 +621,7 @@ def test_nothing_stored_before_a_flush_is_readable_after_it():
 
 
 # --------------------------------------------------------------------------
-# Expiry under concurrent reads and sweeps
+# Expiry under concurrent reads and crawls
 # --------------------------------------------------------------------------
 
 class WitnessClock(Clock):
@@ -612,7 +642,7 @@ class WitnessClock(Clock):
 def test_an_expired_item_is_never_returned():
     """Writers store items with absolute expiry times a few (fast) seconds ahead,
     written into the value, or none (0); readers use get and meta get while the
-    clock races and a sweeper runs.  No read may return an item whose time had come
+    clock races and a crawler runs.  No read may return an item whose time had come
     at the moment of the read."""
     ops = 15000
     keys = [b"e%d" % i for i in range(16)]
@@ -643,12 +673,13 @@ def test_an_expired_item_is_never_returned():
 
     workers = [lambda s=s: write(s) for s in range(3)] + [
         lambda s=s: read(s) for s in range(3, 7)]
-    run_concurrently(workers, [tick(clock), sweep_continually(store, budget=4)])
+    run_concurrently(workers, [tick(clock), crawl_continually(store, batch=4)])
     assert expired_reads == []
     assert len(live_reads) > 1000
-    counters = store.counters
+    counters = store.snapshot()
     assert counters["get_expired"] > 0 and counters["crawler_reclaimed"] > 0
-    store.sweep(None)
+    for _ in store.crawl():
+        pass
     now = store.now()
     expiries = {key: unpack_item(item).exptime for key, item in store.items.items()}
     assert [key for key, exptime in expiries.items() if exptime and exptime <= now] == []
