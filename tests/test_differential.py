@@ -305,6 +305,9 @@ def test_lru_commands_change_the_settings_as_memcacheds(options):
     def talk(server):
         with server.connect() as client:
             replies = through_mn(client, LRU_COMMANDS)
+            # (memcached's crawler thread turns the setting off a moment after its OK)
+            wait_for(lambda: stats(client, b"settings")["lru_crawler"] == "no",
+                     what="the crawler to stop")
         return replies, lru_settings(server)
     replies = on_new_servers(options, talk)
     assert replies[0] == replies[1]
