@@ -854,9 +854,6 @@ class Store:
         self.lru_hits = [0] * LRU_IDS
         self.classes_used = set()               # classes that have held an item
         self.bytes = 0                           # what the items take (item_cost)
-        # What the sub-LRUs' dict tables take, in all and each (_reindex), the part of
-        # it charged under -m (INDEX_ALLOWANCE), and how many insertions each table has
-        # room for before it is full.
         # The index (see _reindex): how many more insertions each sub-LRU's table
         # has room for, what the four take and the part of that charged under -m.
         self.index_room = [0, 0, 0, 0]
@@ -5010,6 +5007,7 @@ class AsyncioConnection(asyncio.BufferedProtocol):
         self.protocol = engine.new_protocol(sock, address, self.wake)
         self.transport = None
         self.writing_paused = False
+        self.input_held = False          # reading stopped while -R's commands wait
         self.scheduled = False           # a send_more waits in the loop
 
     def connection_made(self, transport):
@@ -5037,6 +5035,7 @@ class AsyncioConnection(asyncio.BufferedProtocol):
 
     def after_output(self):
         protocol = self.protocol
+        self.hold_input(protocol.yielded)
         if protocol.pending:
             if not self.writing_paused and not self.scheduled:
                 self.scheduled = True
@@ -5058,13 +5057,26 @@ class AsyncioConnection(asyncio.BufferedProtocol):
         with contextlib.suppress(RuntimeError):      # the loop has closed
             self.engine.loop.call_soon_threadsafe(self.send_more)
 
+    def hold_input(self, held):
+        """Read no more while commands already read wait for their turn (the
+        protocol yielded after -R of them): the loop would otherwise go on reading
+        whatever a client pipelines, faster than the commands run, into memory
+        (a client writing six times -m of small sets took 270 MB)."""
+        if held != self.input_held and not self.writing_paused:
+            with contextlib.suppress(RuntimeError, AttributeError):
+                if held:
+                    self.transport.pause_reading()
+                else:
+                    self.transport.resume_reading()
+            self.input_held = held
+
     def pause_writing(self):
         self.writing_paused = True
         with contextlib.suppress(RuntimeError, AttributeError):
             self.transport.pause_reading()
 
     def resume_writing(self):
-        self.writing_paused = False
+        self.writing_paused = self.input_held = False
         with contextlib.suppress(RuntimeError, AttributeError):
             self.transport.resume_reading()
         # Not after_output: its protocol.pending does not know of a watcher's lines

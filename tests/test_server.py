@@ -97,9 +97,7 @@ def test_six_times_the_memory_limit_written_grows_resident_memory_by_at_most_the
             baseline = proc_status(pid, "VmRSS")
             count = 6 * limit // value_size
             keys = [b"key:%07d" % i for i in range(count)]
-            # (Batches of 100 KB or so: what the server buffers of a larger one, 700 KB
-            # on the asyncio engine, would count against an -m this small.)
-            set_many(client, keys, value, batch=min(1000, 1000000 // value_size))
+            set_many(client, keys, value, batch=min(5000, 1000000 // value_size))
             grown = proc_status(pid, "VmRSS") - baseline
             numbers = stats(client)
             assert int(numbers["evictions"]) > 0
