@@ -2,7 +2,7 @@
 """Side-by-side benchmark: memg on each of its engines against Debian's memcached,
 same load, one run.
 
-    python3 tests/bench.py [--rounds 3] [--seconds 5] [--quick] [--floor]
+    python3 tests/bench.py [--rounds 3] [--seconds 5] [--quick] [--floor] [--memory]
                            [--extra "LABEL=COMMAND" ...] [--chart PATH]
                            [--json PATH] [--memg-args "..."]
 
@@ -51,6 +51,16 @@ RSS per item
     300,000 sets of distinct keys (``key:N``) with 100-byte values, sent pipelined
     over one connection in batches whose STORED replies are all read, divided by
     the item count: bytes per item.  One measurement per server.
+items held in -m 64, and resident growth / -m (V-byte values, K-byte keys)
+    What a server holds in the memory it is given, and what that memory really is.
+    Fresh servers with -m 64 (not the floors, which keep everything), one for each
+    V of 1, 100, 1000, 10,000 and 500,000 and each K of 10 and 250: keys of K
+    bytes (``kkk...0000000042``), all distinct, with V-byte values are written as
+    pipelined noreply sets until six times -m has been written, counting each item
+    as memcached does (key, value and its 48-byte header): 6.8 million items of one
+    byte with 10-byte keys, 805 of 500 KB.  Then the items the server holds
+    (curr_items, after a round trip), and the growth of its resident memory (VmRSS)
+    from start-up, divided by -m.  One measurement per server.
 
 The targets are the project's, per engine, for memg's ratio to memcached in the
 same run (TARGETS).  The threads engine's are "no lower than today's": its ratios in
@@ -82,8 +92,10 @@ Not collected by pytest (no test_ prefix), and not a timed test: the default run
 (four servers) takes about seven minutes on two cores, --floor (seven) about twelve;
 each server more adds some 100 s (a 5 s turn at each of 15 memcaslap runs, 5
 test.py runs, one fill).
---quick runs each figure once, briefly, to try the script out; its figures are not
-worth comparing.
+--quick runs each figure once, briefly, to try the script out (the -m rows with
+-m 8); its figures are not worth comparing.
+--memory measures the memory figures alone (RSS per item and the -m rows): about
+twelve minutes for the four servers, most of it memg's on the 1-byte rows.
 """
 
 import argparse
@@ -114,6 +126,7 @@ MEMCACHED = "/usr/bin/memcached"
 MEMCASLAP = "/usr/bin/memcaslap"
 REFERENCE = "memcached"     # the server the others are divided by
 
+MB = 1024 * 1024
 MEMORY_MB = 1024
 MAX_CONNECTIONS = 1100      # -c for both: 1000 memcaslap connections and spare
 FILE_LIMIT = 4096           # open files for us and our children (memcaslap, servers)
@@ -121,6 +134,11 @@ CONNECTIONS = (1, 16, 200, 1000)
 MULTI_GET_KEYS = 20
 VALUE_SIZE = 100
 MEMORY_ITEMS = 300000
+LIMIT_MB = 64               # -m of the memory-limit rows
+LIMIT_WRITTEN = 6           # written in each: six times -m
+LIMIT_VALUES = (1, 100, 1000, 10000, 500000)
+LIMIT_KEYS = (10, 250)
+MEMCACHED_ITEM_HEADER = 48  # what memcached adds to an item's key and value
 TEST_PY_N = 10000
 TEST_PY_ROUNDS = 5
 STARTUP_TIMEOUT = 15.0
@@ -168,6 +186,13 @@ TARGETS = {
     "test_py_10k": {UVLOOP: 1.10},
     "rss_per_item": {UVLOOP: 1.3, STDLIB: 1.3, THREADS: 1.3},
 }
+# Items held in -m, with 1-byte and with 100-byte values: memg's, on every engine,
+# at least this share of memcached's.
+TARGETS.update({"items_%d_%d" % (value, key): dict.fromkeys((THREADS, UVLOOP, STDLIB), share)
+                for value, share in ((1, 0.6), (100, 0.75)) for key in LIMIT_KEYS})
+# Bounds on a memg engine's own figure (not its ratio): -m is a promise.
+BOUNDS = {"resident_%d_%d" % (value, key): dict.fromkeys((THREADS, UVLOOP, STDLIB), 1.15)
+          for value in LIMIT_VALUES for key in LIMIT_KEYS}
 
 
 class BenchError(Exception):
@@ -204,11 +229,12 @@ def install_bench_extra():
 # Servers
 # --------------------------------------------------------------------------
 
-def server_list(memg_args, floor=False, extras=()):
+def server_list(memg_args, floor=False, extras=(), memory_mb=MEMORY_MB):
     """The servers to compare, as (label, command without -p PORT) entries: memg on
-    each engine (each followed by its floor if asked), the extras, memcached.  A
-    variant of memg is one more entry here, and one more column in the table."""
-    common = ["-m", str(MEMORY_MB), "-c", str(MAX_CONNECTIONS)]
+    each engine (each followed by its floor if asked), the extras, memcached, all
+    with -m memory_mb.  A variant of memg is one more entry here, and one more
+    column in the table."""
+    common = ["-m", str(memory_mb), "-c", str(MAX_CONNECTIONS)]
     servers = []
     for name, flags in ENGINES:
         servers.append(("memg " + name, [sys.executable, MEMG] + flags + common + memg_args))
@@ -485,6 +511,43 @@ def memory_per_item(label, command, items, stderr_seen):
             "bytes_per_item": (after - before) / items}
 
 
+def write_distinct(server, count, key_size, value_size):
+    """Store count distinct keys of key_size bytes with value_size-byte values, as
+    pipelined noreply sets in batches of about a megabyte, then wait for a round
+    trip: the server has read them all."""
+    prefix, value = b"k" * (key_size - 10), b"x" * value_size
+    batch = max(1, min(5000, MB // (key_size + value_size + 32)))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        for start in range(0, count, batch):
+            sock.sendall(b"".join(
+                b"set %s%010d 0 0 %d noreply\r\n%s\r\n" % (prefix, key, value_size, value)
+                for key in range(start, min(start + batch, count))))
+        sock.sendall(b"version\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise BenchError("%s closed the connection while filling" % server.label)
+            reply += chunk
+        if not reply.startswith(b"VERSION "):
+            raise BenchError("%s answered the sets with %r" % (server.label, reply[:200]))
+
+
+def memory_limit_run(label, command, megabytes, key_size, value_size, stderr_seen):
+    """A fresh server with -m megabytes after six times that was written: the items
+    it holds, and its resident memory's growth from start-up over -m."""
+    limit = megabytes * MB
+    count = LIMIT_WRITTEN * limit // (key_size + value_size + MEMCACHED_ITEM_HEADER)
+    with Servers([(label, command)], stderr_seen) as (server,):
+        before = server.rss_bytes()
+        write_distinct(server, count, key_size, value_size)
+        time.sleep(0.5)             # (memcached's background threads: see memory_per_item)
+        after = server.rss_bytes()
+        held = int(server.stats()["curr_items"])
+    return {"written": count, "items": held, "rss_before": before, "rss_after": after,
+            "resident_over_limit": (after - before) / limit}
+
+
 # --------------------------------------------------------------------------
 # The figures
 # --------------------------------------------------------------------------
@@ -496,6 +559,7 @@ class Figure:
     def __init__(self, key, title, unit, summary, higher_is_better=True):
         self.key, self.title, self.unit, self.summary = key, title, unit, summary
         self.targets = TARGETS.get(key, {})     # label -> target for its ratio
+        self.bounds = BOUNDS.get(key, {})       # label -> the most its figure may be
         self.higher_is_better = higher_is_better
         self.runs = {}          # label -> list of run records
         self.values = {}        # label -> the figure
@@ -523,13 +587,30 @@ class Figure:
                                        self.targets[label],
                                        "met" if self.met(label) else "not met")
 
+    def within(self, label):
+        """Whether label's figure is within its bound; None without either."""
+        bound, value = self.bounds.get(label), self.values.get(label)
+        if bound is None or value is None:
+            return None
+        return value <= bound
+
+    def value_text(self, label):
+        """A table cell: the figure, with its bound and whether it holds."""
+        text = number(self.values.get(label), self.unit)
+        if label in self.bounds and text:
+            text += " (<= %.2f: %s)" % (self.bounds[label],
+                                        "met" if self.within(label) else "not met")
+        return text
+
     def as_json(self):
         others = [label for label in self.values if label != REFERENCE]
         return {"title": self.title, "unit": self.unit, "summary": self.summary,
                 "targets": self.targets, "higher_is_better": self.higher_is_better,
                 "values": self.values, "runs": self.runs,
                 "ratios": {label: self.ratio(label) for label in others},
-                "met": {label: self.met(label) for label in self.targets}}
+                "met": {label: self.met(label) for label in self.targets},
+                "bounds": self.bounds,
+                "within": {label: self.within(label) for label in self.bounds}}
 
 
 def say(text):
@@ -598,6 +679,40 @@ def memory_figure(entries, items, stderr_seen):
     return figure
 
 
+def memory_limit_figures(entries, megabytes, stderr_seen):
+    """Items held and resident growth / -m, for every value and key size, memg's
+    engines (and the extras) beside memcached; the floors keep everything, so they
+    have no such figures."""
+    figures = []
+    for key_size in LIMIT_KEYS:
+        for value_size in LIMIT_VALUES:
+            sizes = "%s values, %d B keys" % (size_text(value_size), key_size)
+            held = Figure("items_%d_%d" % (value_size, key_size), "items held in -m %d, %s"
+                          % (megabytes, sizes), "items", "fresh server, once")
+            resident = Figure("resident_%d_%d" % (value_size, key_size),
+                              "resident growth / -m, %s" % sizes, "x -m", "fresh server, once",
+                              higher_is_better=False)
+            say("-m %d, six times written: %s" % (megabytes, sizes))
+            for label, command in entries:
+                if label.startswith("floor "):
+                    continue
+                run = memory_limit_run(label, command, megabytes, key_size, value_size,
+                                       stderr_seen)
+                held.runs[label], resident.runs[label] = [run], [run]
+                held.values[label] = run["items"]
+                resident.values[label] = run["resident_over_limit"]
+                say("  %-22s %9d items of %d written, resident +%.1f MB: %.3f x -m" % (
+                    label, run["items"], run["written"],
+                    (run["rss_after"] - run["rss_before"]) / MB, run["resident_over_limit"]))
+            figures += [held, resident]
+    return figures
+
+
+def size_text(size):
+    """1 B, 100 B, 1 KB, 10 KB, 500 KB: sizes as the project's issues name them."""
+    return "%d KB" % (size // 1000) if size >= 1000 else "%d B" % size
+
+
 # --------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------
@@ -644,15 +759,15 @@ def number(value, unit):
         return "{:,.0f}".format(value)
     if unit == "s":
         return "%.3f" % value
-    if unit == "bytes/item":
-        return "%.0f" % value
+    if unit in ("bytes/item", "items"):
+        return "{:,.0f}".format(value)
     return "%.2f" % value
 
 
 def table(figures, labels):
     """The markdown table: a column per server, then a column per other server of
     its ratio to memcached; a memg engine's ratio comes with its target for the
-    figure and whether it is met."""
+    figure and whether it is met, and its figure with its bound where it has one."""
     others = [label for label in labels if label != REFERENCE]
     compare = REFERENCE in labels
     header = ["figure", "unit", "summary"] + labels
@@ -661,7 +776,7 @@ def table(figures, labels):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for figure in figures:
         row = [figure.title, figure.unit, figure.summary]
-        row += [number(figure.values.get(label), figure.unit) for label in labels]
+        row += [figure.value_text(label) for label in labels]
         if compare:
             row += [figure.ratio_text(label) for label in others]
         lines.append("| " + " | ".join(row) + " |")
@@ -740,14 +855,22 @@ def report(figures, labels, entries, info, settings, stderr_seen):
     print("memcached: %s" % (info["memcached"] or "not installed: memg alone"))
     for label, command in entries:
         print("  %s: %s -p PORT" % (label, " ".join(shlex.quote(part) for part in command)))
-    print("rounds: %d, memcaslap runs of %d s%s" % (
-        settings["rounds"], settings["seconds"], ", --quick" if settings["quick"] else ""))
+    if settings["memory_only"]:
+        print("memory figures only%s" % (", --quick" if settings["quick"] else ""))
+    else:
+        print("rounds: %d, memcaslap runs of %d s%s" % (
+            settings["rounds"], settings["seconds"], ", --quick" if settings["quick"] else ""))
     print()
     print(table(figures, labels))
     print()
-    print("Throughput: memcaslap's TPS (-T 2, -w 1k, -X 100, 9:1 get:set); multi-get counts "
-          "each key fetched as an op.  CPU per op: the server's utime+stime over its "
-          "cmd_get+cmd_set.")
+    if not settings["memory_only"]:
+        print("Throughput: memcaslap's TPS (-T 2, -w 1k, -X 100, 9:1 get:set); multi-get "
+              "counts each key fetched as an op.  CPU per op: the server's utime+stime over "
+              "its cmd_get+cmd_set.")
+    print("The -m rows: fresh servers with -m %d after six times that was written in "
+          "distinct keys (each item counted as memcached counts it); resident growth is "
+          "from start-up.  A memg engine's growth shows its bound: -m is a promise."
+          % settings["limit_mb"])
     if REFERENCE in labels:
         print("Ratios are to memcached; a memg engine's ratio shows the project's target "
               "for it and whether it is met.  The threads engine's throughput targets "
@@ -777,7 +900,11 @@ def parse_args():
     parser.add_argument("--seconds", type=int, default=5,
                         help="length of each memcaslap run (default 5)")
     parser.add_argument("--quick", action="store_true",
-                        help="one round of 2 s runs and 50,000 items: to try the script")
+                        help="one round of 2 s runs, 50,000 items and -m 8: to try the "
+                             "script")
+    parser.add_argument("--memory", action="store_true",
+                        help="measure the memory figures alone: RSS per item, and items "
+                             "held and resident growth in -m 64 at each size")
     parser.add_argument("--chart", default=os.path.join(ROOT, "tests", "bench.png"),
                         help="where to write the throughput chart (default tests/bench.png)")
     parser.add_argument("--json", help="also write the raw figures to this file")
@@ -796,6 +923,7 @@ def parse_args():
     if args.quick:
         args.rounds, args.seconds = 1, 2
     args.items = 50000 if args.quick else MEMORY_ITEMS
+    args.limit_mb = 8 if args.quick else LIMIT_MB
     return args
 
 
@@ -804,7 +932,7 @@ def main():
     if not in_bench_venv():
         enter_bench_venv()          # does not return
     install_bench_extra()
-    if not os.path.exists(MEMCASLAP):
+    if not args.memory and not os.path.exists(MEMCASLAP):
         sys.exit("bench: %s is missing: apt-get install libmemcached-tools" % MEMCASLAP)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     started = time.monotonic()
@@ -815,23 +943,31 @@ def main():
     if REFERENCE not in labels:
         say("bench: %s is not installed: measuring memg alone" % MEMCACHED)
     stderr_seen = {}
-    with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="memcaslap-") as config:
-        config.write(MEMCASLAP_CONFIG)
-        config.flush()
-        with Servers(entries, stderr_seen) as running:
-            loads = throughput_figures(running, args.rounds, args.seconds, config.name)
-            test_py = test_py_figure(running, args.rounds)
+    loads, test_py = [], []
+    if not args.memory:
+        with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="memcaslap-") as config:
+            config.write(MEMCASLAP_CONFIG)
+            config.flush()
+            with Servers(entries, stderr_seen) as running:
+                loads = throughput_figures(running, args.rounds, args.seconds, config.name)
+                test_py = [test_py_figure(running, args.rounds)]
     memory = memory_figure(entries, args.items, stderr_seen)
-    # The rows with a target first, in the order of the project's issue.
-    figures = loads[:4] + [test_py, memory] + loads[4:]
-    chart(args.chart, figures, labels, info)
+    limited = memory_limit_figures(
+        server_list(shlex.split(args.memg_args), extras=args.extra, memory_mb=args.limit_mb),
+        args.limit_mb, stderr_seen)
+    # The rows with a target first, in the order of the project's issues.
+    figures = loads[:4] + test_py + [memory] + loads[4:] + limited
+    if loads:
+        chart(args.chart, figures, labels, info)
     settings = {"rounds": args.rounds, "seconds": args.seconds, "quick": args.quick,
                 "floor": args.floor, "extras": [label for label, _ in args.extra],
-                "memory_items": args.items, "memg_args": args.memg_args,
+                "memory_only": args.memory, "memory_items": args.items,
+                "limit_mb": args.limit_mb, "memg_args": args.memg_args,
                 "elapsed_seconds": round(time.monotonic() - started, 1)}
     report(figures, labels, entries, info, settings, stderr_seen)
-    print()
-    print("chart: %s" % args.chart)
+    if loads:
+        print()
+        print("chart: %s" % args.chart)
     if args.json:
         with open(args.json, "w") as output:
             json.dump({"machine": info, "settings": settings,

@@ -539,7 +539,7 @@ def test_append_beyond_the_size_limit_is_not_stored():
 
 def small_session(evict, **settings):
     """Room for three items of key "x" and a 1000-byte value (memg charges each item
-    key + value + memg.ITEM_OVERHEAD bytes)."""
+    memg.item_cost)."""
     limit = 3 * memg.item_cost(b"x", 1000) + 100
     return Session(memory_limit=limit, item_size_max=limit // 2, evict=evict, **settings)
 

@@ -7,6 +7,8 @@ threads.
 """
 
 import gc
+import random
+import sys
 import threading
 
 import pytest
@@ -34,7 +36,7 @@ def store(clock):
 
 
 def cost(key, value):
-    return len(key) + len(value) + memg.ITEM_OVERHEAD
+    return memg.item_cost(key, len(value))
 
 
 def value_of(store, key):
@@ -153,6 +155,70 @@ def test_memory_limit_never_exceeded(clock):
         assert store.bytes == sum(cost(k, unpack_item(it).value) for k, it in store.items.items())
 
 
+def index_of(store):
+    """What the store's four dicts' tables really take."""
+    return sum(sys.getsizeof(items) - memg.EMPTY_DICT for items in store.segments)
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_the_index_is_charged_as_the_tables_it_has_under_any_mix(clock, segmented):
+    """Every insertion takes an entry of a dict's table (a new item, a move between
+    sub-LRUs or within one): the store makes each table a new one before CPython
+    would, so that what it charges is the tables there are."""
+    store = memg.Store(memory_limit=1500 * cost(b"key:0000", b"v" * 50) + memg.INDEX_ALLOWANCE,
+                       clock=clock, segmented=segmented)
+    choices = random.Random(18)
+    for i in range(30000):
+        key = b"key:%04d" % choices.randrange(4000)
+        step = choices.randrange(10)
+        if step < 5:
+            store.store(SET, key, b"v" * (i % 100))
+            assert store.bytes + store.index_charge <= store.memory_limit
+        elif step < 8:
+            store.get(key)
+            clock.advance(0.25)              # reads in a later second move the item
+        elif step < 9:
+            store.delete(key)
+        else:
+            store.store(APPEND, key, b"a")
+        if i % 1000 == 999:
+            store.juggle(20, 40, 0.2, 2.0)   # the maintainer's moves, HOT and WARM to COLD
+        assert store.index_bytes == index_of(store)
+    numbers = store.snapshot()
+    assert numbers["evictions"] > 0 and numbers["get_hits"] > 1000 and store.index_charge > 0
+
+
+def test_replacing_the_least_recently_used_item_of_a_full_store_keeps_the_index_charged(clock):
+    """A larger value for the oldest key of a full store takes that key out of the
+    LRU first (so that everything else is evicted before it), puts it back, then
+    replaces it: two entries of the table for one store."""
+    store = small_store(clock)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    assert store.store(SET, b"k0", b"0123456789" + MORE)[0] == STORED
+    assert store.index_bytes == index_of(store)
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_under_churn_with_memory_short_the_index_is_about_half_what_cpython_makes(
+        clock, segmented):
+    """Storing new keys into a full cache evicts as many: CPython's own dict would
+    make itself a table for three times its keys, the store's are for a quarter
+    more."""
+    limit = 4 * memg.MB
+    store = memg.Store(memory_limit=limit, clock=clock, segmented=segmented)
+    plain = {}                               # as many keys, as CPython keeps them
+    for i in range(150000):
+        key = b"key:%07d" % i
+        store.store(SET, key, b"v" * 100)
+        plain[key] = None
+        while len(plain) > sum(map(len, store.segments)):
+            del plain[next(iter(plain))]
+    assert store.snapshot()["evictions"] > 120000
+    assert index_of(store) <= 0.6 * (sys.getsizeof(plain) - memg.EMPTY_DICT)
+    assert store.bytes + store.index_charge <= limit
+
+
 def test_lru_evicts_least_recently_used(clock):
     store = small_store(clock)
     for i in range(3):
@@ -209,14 +275,18 @@ def test_overwrite_moves_to_most_recent(clock):
     assert value_of(store, b"k0") == b"9876543210"
 
 
+# 16 bytes more: an item's object takes a block of a multiple of 16 bytes.
+MORE = b"abcdefghijklmnop"
+
+
 @pytest.mark.parametrize("mode, value", [
-    (SET, b"0123456789abc"), (APPEND, b"0123456789abc"), (PREPEND, b"abc0123456789"),
+    (SET, b"0123456789" + MORE), (APPEND, b"0123456789" + MORE), (PREPEND, MORE + b"0123456789"),
 ])
 def test_growing_the_least_recently_used_item_when_full(clock, mode, value):
     store = small_store(clock)
     for i in range(3):
         store.store(SET, b"k%d" % i, b"0123456789")
-    data = b"abc" if mode != SET else value
+    data = MORE if mode != SET else value
     assert store.store(mode, b"k0", data)[0] == STORED
     assert value_of(store, b"k0") == value
     assert store.get(b"k1") is None
@@ -263,8 +333,17 @@ def test_no_evict_append_beyond_limit(clock):
     store = small_store(clock, evict=False)
     for i in range(3):
         store.store(SET, b"k%d" % i, b"0123456789")
-    assert store.store(APPEND, b"k0", b"x")[0] == NO_MEMORY
+    assert store.store(APPEND, b"k0", MORE)[0] == NO_MEMORY
     assert value_of(store, b"k0") == b"0123456789"
+
+
+def test_growing_within_the_block_an_item_takes_costs_nothing(clock):
+    store = small_store(clock, evict=False)
+    for i in range(3):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    assert cost(b"k0", b"0123456789x") == cost(b"k0", b"0123456789")
+    assert store.store(APPEND, b"k0", b"x")[0] == STORED
+    assert store.bytes == store.memory_limit
 
 
 def test_no_evict_still_reclaims_expired(clock):
@@ -1266,6 +1345,21 @@ def test_crawl_in_batches(store, clock):
     assert list(steps) == [4, 2]
     assert len(store.items) == 0
     assert store.bytes == 0
+
+
+def test_a_crawl_under_way_keeps_no_evicted_key_alive(clock):
+    """A crawl goes on from a position, not from a list of the keys it has yet to
+    look at, which would keep every key evicted meanwhile alive."""
+    store = small_store(clock)
+    key = b"k%d" % 0                       # an object of its own, to count references to
+    for k in (key, b"k1", b"k2"):
+        store.store(SET, k, b"0123456789")
+    crawl = store.crawl(batch=1)
+    assert next(crawl) == 1                # under way: two keys left to look at
+    for i in range(3, 6):
+        store.store(SET, b"k%d" % i, b"0123456789")
+    assert store.get(key) is None
+    assert sys.getrefcount(key) == 2       # ours, and getrefcount's argument
 
 
 def test_crawl_of_some_classes(store, clock):

@@ -113,9 +113,12 @@ def accounting_problems(store, clock_is_monotonic=True):
     if store.flushed_bytes != flushed:
         problems.append("flushed_bytes %d but what a flush dropped costs %d" % (
             store.flushed_bytes, flushed))
-    if not 0 <= store.bytes + store.flushed_bytes <= store.memory_limit:
-        problems.append("bytes %d and flushed_bytes %d outside 0..%d" % (
-            store.bytes, store.flushed_bytes, store.memory_limit))
+    if not 0 <= store.bytes + store.flushed_bytes + store.index_charge <= store.memory_limit:
+        problems.append("bytes %d, flushed_bytes %d and index_charge %d outside 0..%d" % (
+            store.bytes, store.flushed_bytes, store.index_charge, store.memory_limit))
+    tables = sum(sys.getsizeof(segment) - memg.EMPTY_DICT for segment in store.segments)
+    if store.index_bytes != tables:
+        problems.append("index_bytes %d but the tables take %d" % (store.index_bytes, tables))
     if store.sizes is not None:
         sizes = collections.Counter(store.size_class(k, i) for k, i in items.items())
         kept = {size: count for size, count in store.sizes.items() if count}
@@ -191,9 +194,9 @@ WORKERS = 8
 OPS_PER_WORKER = 12000
 PIECE_KEYS = [b"p%d" % i for i in range(20)]
 NUMBER_KEYS = [b"n%d" % i for i in range(4)]
-# A dozen or so items (of about 150 bytes) fit: almost every store evicts
+# Ten or fifteen items (of about 150 bytes) fit: almost every store evicts
 # something.  The limit moves between the two, through set_memory_limit.
-MEMORY_LIMITS = (12 * (memg.ITEM_OVERHEAD + 150), 18 * (memg.ITEM_OVERHEAD + 150))
+MEMORY_LIMITS = (10 * memg.item_cost(b"p10", 150), 15 * memg.item_cost(b"p10", 150))
 ITEM_SIZE_MAX = 2048
 EXPTIMES = (0, 0, 1, 2, 3)                  # relative seconds on a clock that races
 
