@@ -6,12 +6,16 @@ extra into it (uvloop among them), and runs pytest there in passes, one per engi
 (see conftest.ENGINE): every suite with memg serving from threads, the default;
 the suites that serve over sockets again on the asyncio engine (uvloop); and the
 differential and hostile suites once more on the standard library's event loop.
-memcached's own tests run beside those passes, for the threads and asyncio engines.
+memcached's own tests run beside those passes, for the threads and asyncio engines,
+and so do the passes after the first and the other Pythons' sessions, two at a time:
+most tests wait (on sleeps, on servers starting), so that one after the other, two
+cores were mostly idle.
 The system tools the suite drives (Debian's memcached, libmemcached-tools, sasl2-bin
 and perl's prove) must be installed, and memcached 1.6.18's source unpacked for its
 own tests (tests/test_memcached_suite.py); .ci/run does both.
 """
 
+import concurrent.futures
 import glob
 import os
 import shutil
@@ -36,6 +40,9 @@ PASSES = [
 # run, their passes (one per engine, side by side) run beside the others instead of
 # within them.
 BESIDE = "tests/test_memcached_suite.py"
+# How many of the other sessions (the passes after the first, the other Pythons') run
+# at once beside the first pass.
+STREAMS = 2
 
 # The other Pythons memg supports (README), each in a session of its own beside the
 # passes, with nothing but pytest and Hypothesis: the suites that need no client
@@ -82,28 +89,35 @@ def python_sessions(args):
         yield ("Python %s, the threads engine" % version, "threads", session, args + files)
 
 
-def run_beside(engines, args, results):
+def run_session(title, engine, python, args):
+    """(title, exit code, output) of one pytest session (python None: one this
+    machine cannot run, which fails)."""
+    if python is None:
+        return title, 1, b""
+    process = pytest(engine, args, python, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = process.communicate()[0]
+    return title, process.returncode, output
+
+
+def run_beside(engines, sessions, args, results):
     """Run BESIDE on each engine, the engines side by side (the suite keeps its
-    fixed-port file to one at a time), while the other Pythons' sessions run one
-    after the other; results gets (title, exit code, output) of each, in order."""
+    fixed-port file to one at a time), while sessions, (title, engine, python,
+    pytest args) each, then the other Pythons' run STREAMS at a time; results gets
+    (title, exit code, output) of each, in that order."""
     suites = []
     for engine in engines:                  # (to files: a full pipe would stall them)
         output = tempfile.TemporaryFile()
         suites.append(("memcached's own tests, memg serving with the %s engine" % engine,
                        pytest(engine, args + [BESIDE], stdout=output,
                               stderr=subprocess.STDOUT), output))
-    for title, engine, python, session_args in python_sessions(args):
-        if python is None:
-            results.append((title, 1, b""))
-            continue
-        process = pytest(engine, session_args, python, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
-        output = process.communicate()[0]
-        results.append((title, process.returncode, output))
-    for title, process, output in reversed(suites):
+    with concurrent.futures.ThreadPoolExecutor(STREAMS) as streams:
+        done = [streams.submit(run_session, *session)
+                for session in sessions + list(python_sessions(args))]
+    for title, process, output in suites:
         process.wait()
         output.seek(0)
-        results.insert(0, (title, process.returncode, output.read()))
+        results.append((title, process.returncode, output.read()))
+    results += [future.result() for future in done]
 
 
 def main(args):
@@ -114,16 +128,20 @@ def main(args):
     chosen = any(not arg.startswith("-") for arg in args)      # files or tests named
     beside = [] if chosen else [engine for engine, files in PASSES
                                 if files is None or BESIDE in files]
+    passes = [("memg serving with the %s engine" % engine, engine, PYTHON, args + (
+        ["--ignore=" + BESIDE] if engine in beside else []) + (
+        [] if files is None or chosen else files)) for engine, files in PASSES]
+    # (files or tests named: every pass here, one after the other; else the first here,
+    # the others beside it)
+    here, later = (passes, []) if chosen else (passes[:1], passes[1:])
     results = []
-    thread = threading.Thread(target=run_beside, args=(beside, args, results))
+    thread = threading.Thread(target=run_beside, args=(beside, later, args, results))
     if not chosen:
         thread.start()
     failed = 0
-    for engine, files in PASSES:
-        print("== memg serving with the %s engine ==" % engine, flush=True)
-        selected = [] if files is None or chosen else files
-        ignored = ["--ignore=" + BESIDE] if engine in beside else []
-        failed |= pytest(engine, args + ignored + selected).wait()
+    for title, engine, python, session_args in here:
+        print("== %s ==" % title, flush=True)
+        failed |= pytest(engine, session_args, python).wait()
     if not chosen:
         thread.join()
     for title, code, output in results:
