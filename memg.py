@@ -628,14 +628,13 @@ SMALL_OBJECT_MAX = 512
 POOL_SIZE, POOL_HEADER = (16 if sys.version_info >= (3, 10) else 4) * KB, 48
 MMAP_THRESHOLD = 1 * MB
 EMPTY_DICT = sys.getsizeof({})          # the dict object alone, without a table
-# The part of the tables not charged: what memcached's hash table takes for as many
-# keys (a pointer a bucket, 2 ** Store.hash_power buckets: 512 KiB at first), which
-# memcached keeps outside -m, so that the same -m holds as much in both; and a small
-# cache's tables do not hang on CPython's sizing of small tables.
-HASH_BUCKET_SIZE = struct.calcsize("P")
+# The part of the tables not charged: that of a small cache, so that what fits in one
+# does not hang on CPython's sizing of small tables.  (memcached does not charge its
+# hash table at all: 512 KiB from the start.)
+INDEX_ALLOWANCE = 64 * KB
 # The least room a sub-LRU's table is made with (Store._reindex): a small one that
 # items pass through (COLD under churn) is then remade every few hundred insertions,
-# not every few.  Four such tables take 37 KiB, within memcached's first table.
+# not every few.  Four such tables take 37 KiB, within INDEX_ALLOWANCE.
 INDEX_ROOM = 256
 
 
@@ -1143,12 +1142,7 @@ class Store:
             del items[placeholder]
         self.index_room[segment] = slots * 2 // 3 - held - 1 - len(aside)
         self.index_bytes = sum(sys.getsizeof(items) - EMPTY_DICT for items in self.segments)
-        self._charge_index()
-
-    def _charge_index(self):
-        """Charge the index beyond memcached's hash table for as many keys (see
-        HASH_BUCKET_SIZE)."""
-        self.index_charge = max(0, self.index_bytes - (HASH_BUCKET_SIZE << self.hash_power))
+        self.index_charge = max(0, self.index_bytes - INDEX_ALLOWANCE)
 
     def _unlink(self, key, item, segment):
         del self.segments[segment][key]
@@ -1841,7 +1835,6 @@ class Store:
             if (sum(map(len, self.segments)) > 3 * 2 ** self.hash_power // 2
                     and self.hash_power < HASH_POWER_MAX):
                 self.hash_power += 1
-                self._charge_index()
 
     def release_flushed(self):
         """Let what the last flush dropped go once it has been kept FLUSHED_KEPT (the
@@ -1932,7 +1925,6 @@ class Store:
                     self.last_cas = max(self.last_cas, highest)
         with self.lock:
             self.hash_power = max(self.hash_power, min(hash_power, HASH_POWER_MAX))
-            self._charge_index()
         return linked
 
 
@@ -2598,7 +2590,7 @@ class Service:
             # memcached's hash table for the same keys (see Store.grow_hash_table),
             # which never has to move its items to a larger one in the background.
             ("hash_power_level", store["hash_power_level"]),
-            ("hash_bytes", HASH_BUCKET_SIZE << store["hash_power_level"]),
+            ("hash_bytes", 2 ** store["hash_power_level"] * struct.calcsize("P")),
             ("hash_is_expanding", 0),
             # memcached shows its slab mover's figures unless -o no_slab_reassign, which
             # memg ignores: memg has no pages to move.
