@@ -628,13 +628,14 @@ SMALL_OBJECT_MAX = 512
 POOL_SIZE, POOL_HEADER = (16 if sys.version_info >= (3, 10) else 4) * KB, 48
 MMAP_THRESHOLD = 1 * MB
 EMPTY_DICT = sys.getsizeof({})          # the dict object alone, without a table
-# The part of the tables not charged: that of a small cache, so that what fits in one
-# does not hang on CPython's sizing of small tables.  (memcached does not charge its
-# hash table at all: 512 KiB from the start.)
-INDEX_ALLOWANCE = 64 * KB
+# The part of the tables not charged: what memcached's hash table takes for as many
+# keys (a pointer a bucket, 2 ** Store.hash_power buckets: 512 KiB at first), which
+# memcached keeps outside -m, so that the same -m holds as much in both; and a small
+# cache's tables do not hang on CPython's sizing of small tables.
+HASH_BUCKET_SIZE = struct.calcsize("P")
 # The least room a sub-LRU's table is made with (Store._reindex): a small one that
 # items pass through (COLD under churn) is then remade every few hundred insertions,
-# not every few.  Four such tables take 37 KiB, within INDEX_ALLOWANCE.
+# not every few.  Four such tables take 37 KiB, within memcached's first table.
 INDEX_ROOM = 256
 
 
@@ -1102,18 +1103,21 @@ class Store:
         cache stores, or that reads and the maintainer move items out of) fills its
         table however many items it holds.  CPython then makes a table for three
         times the keys: 60 to 120 bytes an item.  When memory is short, the table is
-        made for a quarter more keys instead (37 to 75 bytes an item), by CPython
+        made for an eighth more keys instead (34 to 68 bytes an item; with a quarter
+        more, a cache of 100-byte values in -m 64 whose items had filled the memory
+        beside a table of 2^19 slots made one of 2^20, and evicted a sixth of its
+        items for the 10 MB more it took), by CPython
         still: it remakes a full table for the keys it holds as it resizes it, at the
         least power of two of slots for three times them, so it is given a number of
         keys that makes the size wanted: the newest keys are set aside meanwhile (or,
         for a small one, keys of no client added), then put back in their order.
-        That takes 30 ms for 270,000 to 410,000 items, once every 80,000 to 290,000
+        That takes 30 ms for 270,000 to 410,000 items, once every 35,000 to 290,000
         insertions (100-byte and 1-byte values in -m 64); a copy of the dict would
         touch every item (50 to 70 ms).  An empty dict gets its first table here, so
         that every table is charged before the items take it."""
         items = self.segments[segment]
         used = len(items)
-        spare = used if self.bytes * 2 < self.memory_limit else used // 4
+        spare = used if self.bytes * 2 < self.memory_limit else used // 8
         wanted = used + 1 + max(spare, INDEX_ROOM)
         # The least table whose usable two thirds hold wanted, and the keys CPython
         # makes one of that size for: from a sixth of its slots to a third.
@@ -1142,7 +1146,12 @@ class Store:
             del items[placeholder]
         self.index_room[segment] = slots * 2 // 3 - held - 1 - len(aside)
         self.index_bytes = sum(sys.getsizeof(items) - EMPTY_DICT for items in self.segments)
-        self.index_charge = max(0, self.index_bytes - INDEX_ALLOWANCE)
+        self._charge_index()
+
+    def _charge_index(self):
+        """Charge the index beyond memcached's hash table for as many keys (see
+        HASH_BUCKET_SIZE)."""
+        self.index_charge = max(0, self.index_bytes - (HASH_BUCKET_SIZE << self.hash_power))
 
     def _unlink(self, key, item, segment):
         del self.segments[segment][key]
@@ -1835,6 +1844,7 @@ class Store:
             if (sum(map(len, self.segments)) > 3 * 2 ** self.hash_power // 2
                     and self.hash_power < HASH_POWER_MAX):
                 self.hash_power += 1
+                self._charge_index()
 
     def release_flushed(self):
         """Let what the last flush dropped go once it has been kept FLUSHED_KEPT (the
@@ -1925,6 +1935,7 @@ class Store:
                     self.last_cas = max(self.last_cas, highest)
         with self.lock:
             self.hash_power = max(self.hash_power, min(hash_power, HASH_POWER_MAX))
+            self._charge_index()
         return linked
 
 
@@ -2590,7 +2601,7 @@ class Service:
             # memcached's hash table for the same keys (see Store.grow_hash_table),
             # which never has to move its items to a larger one in the background.
             ("hash_power_level", store["hash_power_level"]),
-            ("hash_bytes", 2 ** store["hash_power_level"] * struct.calcsize("P")),
+            ("hash_bytes", HASH_BUCKET_SIZE << store["hash_power_level"]),
             ("hash_is_expanding", 0),
             # memcached shows its slab mover's figures unless -o no_slab_reassign, which
             # memg ignores: memg has no pages to move.

@@ -165,8 +165,9 @@ def test_the_index_is_charged_as_the_tables_it_has_under_any_mix(clock, segmente
     """Every insertion takes an entry of a dict's table (a new item, a move between
     sub-LRUs or within one): the store makes each table a new one before CPython
     would, so that what it charges is the tables there are."""
-    store = memg.Store(memory_limit=1500 * cost(b"key:0000", b"v" * 50) + memg.INDEX_ALLOWANCE,
-                       clock=clock, segmented=segmented)
+    store = memg.Store(memory_limit=1500 * cost(b"key:0000", b"v" * 50), clock=clock,
+                       segmented=segmented)
+    store.hash_power = 0        # (charged beyond memcached's table: here, all of it)
     choices = random.Random(18)
     for i in range(30000):
         key = b"key:%04d" % choices.randrange(4000)
@@ -188,6 +189,18 @@ def test_the_index_is_charged_as_the_tables_it_has_under_any_mix(clock, segmente
     assert numbers["evictions"] > 0 and numbers["get_hits"] > 1000 and store.index_charge > 0
 
 
+def test_the_index_is_charged_beyond_memcacheds_hash_table_for_as_many_keys(clock):
+    store = memg.Store(clock=clock)
+    for i in range(100000):
+        store.store(SET, b"key:%07d" % i, b"v")
+    charged = store.index_charge
+    assert charged == store.index_bytes - (memg.HASH_BUCKET_SIZE << 16) > 0
+    store.grow_hash_table()                  # memcached's table doubles: 2 ** 17 buckets
+    store.grow_hash_table()                  # (not again for 100,000 keys)
+    assert store.snapshot()["hash_power_level"] == 17
+    assert store.index_charge == charged - (memg.HASH_BUCKET_SIZE << 16)
+
+
 def test_replacing_the_least_recently_used_item_of_a_full_store_keeps_the_index_charged(clock):
     """A larger value for the oldest key of a full store takes that key out of the
     LRU first (so that everything else is evicted before it), puts it back, then
@@ -207,6 +220,7 @@ def test_under_churn_with_memory_short_the_index_is_about_half_what_cpython_make
     more."""
     limit = 4 * memg.MB
     store = memg.Store(memory_limit=limit, clock=clock, segmented=segmented)
+    store.hash_power = 0        # (charged beyond memcached's table: here, all of it)
     plain = {}                               # as many keys, as CPython keeps them
     for i in range(150000):
         key = b"key:%07d" % i

@@ -98,6 +98,14 @@ def tick(clock, seconds_per_millisecond=1):
 # Invariants
 # --------------------------------------------------------------------------
 
+def over_the_limit(store):
+    """Whether the store holds more than its limit while it could evict (the caller
+    holds store.lock): it may be over only when a lower limit (set_memory_limit)
+    found nothing left to evict but the TEMP LRU's items, which are never evicted."""
+    return store.bytes + store.flushed_bytes + store.index_charge > store.memory_limit and any(
+        store.segments[segment] for segment in (memg.HOT, memg.WARM, memg.COLD))
+
+
 def accounting_problems(store, clock_is_monotonic=True):
     """What is wrong with the store's books, recomputed from its items.  The caller
     holds store.lock, so the store is between two commands."""
@@ -113,7 +121,7 @@ def accounting_problems(store, clock_is_monotonic=True):
     if store.flushed_bytes != flushed:
         problems.append("flushed_bytes %d but what a flush dropped costs %d" % (
             store.flushed_bytes, flushed))
-    if not 0 <= store.bytes + store.flushed_bytes + store.index_charge <= store.memory_limit:
+    if store.bytes + store.flushed_bytes + store.index_charge < 0 or over_the_limit(store):
         problems.append("bytes %d, flushed_bytes %d and index_charge %d outside 0..%d" % (
             store.bytes, store.flushed_bytes, store.index_charge, store.memory_limit))
     tables = sum(sys.getsizeof(segment) - memg.EMPTY_DICT for segment in store.segments)
@@ -357,7 +365,10 @@ def watch_memory(store, report):
         while not finished.is_set():
             snapshot = store.snapshot()
             if snapshot["bytes"] > snapshot["limit_maxbytes"]:
-                report.over_limit.append((snapshot["bytes"], snapshot["limit_maxbytes"]))
+                with store.lock:
+                    if over_the_limit(store):    # (still: see over_the_limit)
+                        report.over_limit.append((snapshot["bytes"],
+                                                  snapshot["limit_maxbytes"]))
             report.snapshots += 1
     return run
 
